@@ -1,0 +1,26 @@
+"""Shared test configuration: markers that skip with a visible reason."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from hypothesis import settings
+
+settings.register_profile("transferkit", deadline=None, max_examples=40, derandomize=True)
+settings.load_profile("transferkit")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    no_cuda = pytest.mark.skip(reason="needs a CUDA device; none is visible on this machine")
+    missing = [name for name in ("torchvision", "timm") if importlib.util.find_spec(name) is None]
+    no_vision = pytest.mark.skip(
+        reason=f"needs the 'vision' extra ({', '.join(missing)} not installed); "
+        "run `make test` which uses .venv-vision"
+    )
+    for item in items:
+        if "cuda" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_cuda)
+        if "vision" in item.keywords and missing:
+            item.add_marker(no_vision)

@@ -1,0 +1,180 @@
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections import OrderedDict, namedtuple
+
+import numpy as np
+import pytest
+import torch
+
+import transferkit as tk
+
+Pair = namedtuple("Pair", ["x", "y"])
+
+
+@dataclasses.dataclass
+class Batch:
+    images: torch.Tensor
+    labels: torch.Tensor
+    ids: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenBatch:
+    images: torch.Tensor
+    note: str = "keep"
+
+
+def test_resolve_device_auto_and_none_pick_an_available_backend() -> None:
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available() and torch.backends.mps.is_available():
+        expected = "mps"
+    assert tk.resolve_device("auto").type == expected
+    assert tk.resolve_device(None).type == expected
+
+
+def test_resolve_device_accepts_strings_and_devices() -> None:
+    assert tk.resolve_device("cpu") == torch.device("cpu")
+    assert tk.resolve_device(torch.device("cpu")) == torch.device("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_resolve_device_refuses_unavailable_cuda() -> None:
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        tk.resolve_device("cuda")
+
+
+@pytest.mark.parametrize("bad", ["gpu0", "tpu", ""])
+def test_resolve_device_rejects_unknown_strings(bad: str) -> None:
+    with pytest.raises(ValueError, match="device"):
+        tk.resolve_device(bad)
+
+
+def test_resolve_device_rejects_wrong_type() -> None:
+    with pytest.raises(TypeError, match="device"):
+        tk.resolve_device(0)  # type: ignore[arg-type]
+
+
+def test_to_device_moves_nested_structures_and_keeps_types() -> None:
+    batch = {
+        "pair": Pair(torch.zeros(2), torch.ones(2)),
+        "list": [torch.zeros(1), "text", 3],
+        "ordered": OrderedDict(a=torch.zeros(1)),
+        "dc": Batch(torch.zeros(2, 3), torch.tensor([1, 2]), ["a", "b"]),
+        "frozen": FrozenBatch(torch.zeros(1)),
+        "none": None,
+        "array": np.zeros(2),
+    }
+    moved = tk.to_device(batch, "cpu")
+    assert isinstance(moved["pair"], Pair)
+    assert isinstance(moved["ordered"], OrderedDict)
+    assert isinstance(moved["dc"], Batch)
+    assert isinstance(moved["frozen"], FrozenBatch)
+    assert moved["frozen"].note == "keep"
+    assert moved["list"][1:] == ["text", 3]
+    assert moved["dc"].ids == ["a", "b"]
+    assert moved["none"] is None
+    assert moved["array"] is batch["array"]
+    assert torch.equal(moved["dc"].labels, torch.tensor([1, 2]))
+
+
+def test_to_device_does_not_mutate_input() -> None:
+    inner = [torch.zeros(1)]
+    batch = {"a": inner}
+    moved = tk.to_device(batch, "cpu")
+    assert moved is not batch
+    assert batch["a"] is inner
+
+
+def test_to_device_converts_dtype_free_values_untouched() -> None:
+    assert tk.to_device("hello", "cpu") == "hello"
+    assert tk.to_device(5, "cpu") == 5
+
+
+@pytest.mark.cuda
+def test_to_device_moves_pinned_batch_to_cuda_non_blocking() -> None:
+    batch = {"x": torch.randn(4, 3).pin_memory(), "y": [torch.arange(4)]}
+    moved = tk.to_device(batch, "cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    assert moved["x"].is_cuda and moved["y"][0].is_cuda
+    assert torch.equal(moved["x"].cpu(), batch["x"])
+
+
+def test_autocast_disabled_is_a_noop() -> None:
+    layer = torch.nn.Linear(4, 2)
+    with tk.autocast("cpu", dtype=torch.bfloat16, enabled=False) as dtype:
+        out = layer(torch.randn(3, 4))
+    assert dtype is None
+    assert out.dtype == torch.float32
+
+
+def test_autocast_cpu_without_dtype_stays_fp32() -> None:
+    with tk.autocast("cpu") as dtype:
+        out = torch.nn.Linear(4, 2)(torch.randn(3, 4))
+    assert dtype is None
+    assert out.dtype == torch.float32
+
+
+def test_autocast_cpu_bf16_when_asked() -> None:
+    with tk.autocast("cpu", dtype=torch.bfloat16) as dtype:
+        out = torch.nn.Linear(4, 2)(torch.randn(3, 4))
+    assert dtype == torch.bfloat16
+    assert out.dtype == torch.bfloat16
+
+
+def test_autocast_rejects_fp32_dtype() -> None:
+    with pytest.raises(ValueError, match="dtype"), tk.autocast("cpu", dtype=torch.float32):
+        pass
+
+
+@pytest.mark.cuda
+def test_autocast_cuda_picks_bf16_when_supported() -> None:
+    expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    with tk.autocast("cuda") as dtype:
+        out = torch.nn.Linear(4, 2).cuda()(torch.randn(3, 4, device="cuda"))
+    assert dtype == expected
+    assert out.dtype == expected
+
+
+def test_seed_everything_reproduces_all_generators() -> None:
+    def draw() -> tuple[float, float, torch.Tensor]:
+        return random.random(), float(np.random.rand()), torch.rand(3)  # noqa: NPY002
+
+    tk.seed_everything(123)
+    first = draw()
+    tk.seed_everything(123)
+    second = draw()
+    tk.seed_everything(124)
+    third = draw()
+    assert first[0] == second[0] and first[1] == second[1]
+    assert torch.equal(first[2], second[2])
+    assert not torch.equal(first[2], third[2])
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "0", True])
+def test_seed_everything_rejects_bad_seeds(bad: object) -> None:
+    with pytest.raises(ValueError, match="seed"):
+        tk.seed_everything(bad)  # type: ignore[arg-type]
+
+
+def test_seed_everything_deterministic_flag_sets_torch_mode() -> None:
+    try:
+        tk.seed_everything(0, deterministic=True)
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_dataloader_kwargs_cpu_has_no_pinning_or_workers() -> None:
+    kwargs = tk.dataloader_kwargs("cpu")
+    assert kwargs == {"pin_memory": False, "num_workers": 0, "persistent_workers": False}
+    loader = torch.utils.data.DataLoader(torch.arange(4), batch_size=2, **kwargs)
+    assert len(list(loader)) == 2
+
+
+@pytest.mark.cuda
+def test_dataloader_kwargs_cuda_pins_memory() -> None:
+    kwargs = tk.dataloader_kwargs("cuda")
+    assert kwargs["pin_memory"] is True
+    assert kwargs["num_workers"] >= 1

@@ -1,0 +1,31 @@
+"""transferkit: transfer-learning primitives for PyTorch.
+
+Compose the pieces into your own training loop::
+
+    import transferkit as tk
+
+The public names below are the contract described in the documentation; submodules
+(``tk.kernels``, ``tk.losses``, ``tk.datasets``, ...) hold the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from . import datasets, models
+from .device import autocast, dataloader_kwargs, resolve_device, seed_everything, to_device
+
+__version__ = "0.1.0"
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__all__ = [
+    "__version__",
+    "autocast",
+    "dataloader_kwargs",
+    "datasets",
+    "models",
+    "resolve_device",
+    "seed_everything",
+    "to_device",
+]

@@ -1,0 +1,201 @@
+"""Shared argument checks used by every public function.
+
+Every check raises a ``ValueError`` or ``TypeError`` whose message starts with the
+argument's name, says what was expected and what was received, so that users can fix
+the call without reading the source.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Iterable, Sequence
+from typing import TypeVar
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "check_features",
+    "check_finite",
+    "check_in_range",
+    "check_labels",
+    "check_option",
+    "check_pair",
+    "check_positive",
+    "check_tensor",
+    "did_you_mean",
+]
+
+T = TypeVar("T", bound=str)
+
+
+def did_you_mean(name: str, candidates: Iterable[str], *, n: int = 3) -> str:
+    """Return a ``"; did you mean 'a' or 'b'?"`` suffix, or ``""`` when nothing is close.
+
+    Examples:
+        >>> did_you_mean("layer5", ["layer1", "layer4", "fc"])
+        "; did you mean 'layer4' or 'layer1'?"
+    """
+    matches = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.6)
+    if not matches:
+        return ""
+    return "; did you mean " + " or ".join(repr(m) for m in matches) + "?"
+
+
+def check_option(value: object, name: str, options: Sequence[T]) -> T:
+    """Check that ``value`` is one of the string ``options`` and return it.
+
+    Examples:
+        >>> check_option("biased", "estimator", ("biased", "unbiased"))
+        'biased'
+    """
+    if not isinstance(value, str) or value not in options:
+        choices = ", ".join(repr(o) for o in options)
+        hint = did_you_mean(value, options) if isinstance(value, str) else ""
+        raise ValueError(f"{name}: expected one of {choices}, got {value!r}{hint}")
+    return value  # type: ignore[return-value]
+
+
+def check_positive(
+    value: object, name: str, *, strict: bool = True, integer: bool = False
+) -> float:
+    """Check that ``value`` is a finite (strictly) positive number; return it as a float.
+
+    Examples:
+        >>> check_positive(2, "temperature")
+        2.0
+    """
+    allowed: tuple[type, ...] = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, allowed):
+        kind = "an integer" if integer else "a number"
+        raise TypeError(f"{name}: expected {kind}, got {type(value).__name__}")
+    number = float(value)  # type: ignore[arg-type]
+    if not math.isfinite(number) or number < 0 or (strict and number == 0):
+        bound = "> 0" if strict else ">= 0"
+        raise ValueError(f"{name}: expected a finite value {bound}, got {value!r}")
+    return number
+
+
+def check_in_range(value: object, name: str, low: float, high: float) -> float:
+    """Check that ``value`` is a number in the closed interval ``[low, high]``.
+
+    Examples:
+        >>> check_in_range(0.5, "dropout", 0.0, 1.0)
+        0.5
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    if not (low <= float(value) <= high):
+        raise ValueError(f"{name}: expected a value in [{low}, {high}], got {value!r}")
+    return float(value)
+
+
+def check_finite(x: Tensor, name: str) -> None:
+    """Raise ``ValueError`` if the floating tensor ``x`` holds NaN or infinity.
+
+    Examples:
+        >>> check_finite(torch.zeros(2), "source")
+    """
+    if x.is_floating_point() and x.numel() > 0 and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{name}: expected finite values, found {bad} NaN/inf entries")
+
+
+def check_tensor(
+    x: object,
+    name: str,
+    *,
+    ndim: int | Sequence[int] | None = None,
+    floating: bool = False,
+    finite: bool = True,
+    min_samples: int = 0,
+) -> Tensor:
+    """Check that ``x`` is a tensor with the expected rank and values; return it.
+
+    Args:
+        x: the value to check.
+        name: the argument's name, used in error messages.
+        ndim: allowed number of dimensions (an int or several).
+        floating: require a floating-point dtype.
+        finite: reject NaN/inf (floating tensors only).
+        min_samples: minimum size of the first dimension.
+
+    Examples:
+        >>> check_tensor(torch.zeros(3, 2), "source", ndim=2).shape
+        torch.Size([3, 2])
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if x.dim() not in allowed:
+            want = " or ".join(f"{d}-D" for d in allowed)
+            raise ValueError(f"{name}: expected a {want} tensor, got shape {tuple(x.shape)}")
+    if floating and not x.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
+    if min_samples and (x.dim() == 0 or x.shape[0] < min_samples):
+        got = 0 if x.dim() == 0 else x.shape[0]
+        raise ValueError(f"{name}: expected at least {min_samples} samples, got {got}")
+    if finite:
+        check_finite(x, name)
+    return x
+
+
+def check_features(x: object, name: str, *, min_samples: int = 1) -> Tensor:
+    """Check a ``(N, D)`` floating, finite feature matrix with ``N >= min_samples``.
+
+    Examples:
+        >>> check_features(torch.randn(4, 3), "target").shape
+        torch.Size([4, 3])
+    """
+    tensor = check_tensor(x, name, ndim=2, floating=True, min_samples=min_samples)
+    if tensor.shape[1] == 0:
+        raise ValueError(f"{name}: expected at least one feature column, got shape (N, 0)")
+    return tensor
+
+
+def check_pair(a: Tensor, b: Tensor, names: tuple[str, str], *, same_dim: bool = True) -> None:
+    """Check that two tensors share device and dtype (and feature dimension).
+
+    Examples:
+        >>> check_pair(torch.zeros(2, 3), torch.zeros(5, 3), ("source", "target"))
+    """
+    first, second = names
+    if a.device != b.device:
+        raise ValueError(
+            f"{first} and {second}: expected tensors on the same device, "
+            f"got {a.device} and {b.device}"
+        )
+    if a.dtype != b.dtype:
+        raise TypeError(
+            f"{first} and {second}: expected the same dtype, got {a.dtype} and {b.dtype}; "
+            "cast one of them (e.g. .float())"
+        )
+    if same_dim and a.shape[1:] != b.shape[1:]:
+        raise ValueError(
+            f"{first} and {second}: expected the same feature shape, got "
+            f"{tuple(a.shape[1:])} and {tuple(b.shape[1:])}"
+        )
+
+
+def check_labels(
+    y: object, name: str, *, num_samples: int | None = None, num_classes: int | None = None
+) -> Tensor:
+    """Check a ``(N,)`` integer label tensor, optionally its length and range.
+
+    Examples:
+        >>> check_labels(torch.tensor([0, 2, 1]), "labels", num_classes=3).tolist()
+        [0, 2, 1]
+    """
+    labels = check_tensor(y, name, ndim=1, finite=False)
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"{name}: expected an integer tensor, got dtype {labels.dtype}")
+    if num_samples is not None and labels.shape[0] != num_samples:
+        raise ValueError(f"{name}: expected {num_samples} labels, got {labels.shape[0]}")
+    if labels.numel() > 0:
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or (num_classes is not None and high >= num_classes):
+            limit = f"[0, {num_classes - 1}]" if num_classes is not None else ">= 0"
+            raise ValueError(f"{name}: expected class indices in {limit}, got [{low}, {high}]")
+    return labels
