@@ -15,6 +15,14 @@ import logging
 from . import datasets, models
 from .device import autocast, dataloader_kwargs, resolve_device, seed_everything, to_device
 
+# [exports:kernels-losses]
+# [exports:freezing-heads]
+# [exports:features]
+# [exports:adversarial]
+# [exports:sklearn]
+# [exports:selection-metrics]
+# [exports:distributed]
+
 __version__ = "0.1.0"
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -28,4 +36,11 @@ __all__ = [
     "resolve_device",
     "seed_everything",
     "to_device",
+    # [all:kernels-losses]
+    # [all:freezing-heads]
+    # [all:features]
+    # [all:adversarial]
+    # [all:sklearn]
+    # [all:selection-metrics]
+    # [all:distributed]
 ]
