@@ -12,13 +12,21 @@ from __future__ import annotations
 
 import logging
 
-from . import datasets, models
+from . import datasets, distributed, models
 from .device import autocast, dataloader_kwargs, resolve_device, seed_everything, to_device
 
 # [exports:kernels-losses]
 # [exports:freezing-heads]
 # [exports:features]
 # [exports:adversarial]
+from .adversarial import (
+    ConditionalDomainAdversarialLoss,
+    DomainAdversarialLoss,
+    DomainDiscriminator,
+    GradientReversal,
+    WarmStartSchedule,
+    grad_reverse,
+)
 # [exports:sklearn]
 # [exports:selection-metrics]
 # [exports:distributed]
@@ -32,6 +40,7 @@ __all__ = [
     "autocast",
     "dataloader_kwargs",
     "datasets",
+    "distributed",
     "models",
     "resolve_device",
     "seed_everything",
@@ -40,6 +49,12 @@ __all__ = [
     # [all:freezing-heads]
     # [all:features]
     # [all:adversarial]
+    "ConditionalDomainAdversarialLoss",
+    "DomainAdversarialLoss",
+    "DomainDiscriminator",
+    "GradientReversal",
+    "WarmStartSchedule",
+    "grad_reverse",
     # [all:sklearn]
     # [all:selection-metrics]
     # [all:distributed]
