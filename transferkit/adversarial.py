@@ -420,8 +420,11 @@ def _domain_bce(
         source, target = logits[:num_source], logits[num_source:]
         w_s = None if source_weights is None else source_weights.to(logits.dtype)
         w_t = None if target_weights is None else target_weights.to(logits.dtype)
-        loss_s = F.binary_cross_entropy_with_logits(source, torch.ones_like(source), weight=w_s)
-        loss_t = F.binary_cross_entropy_with_logits(target, torch.zeros_like(target), weight=w_t)
+        # softplus(-z) = -log sigmoid(z), softplus(z) = -log(1 - sigmoid(z)): the BCE with
+        # logits, written out so that the weights may carry gradients too.
+        bce_s, bce_t = F.softplus(-source), F.softplus(target)
+        loss_s = (bce_s if w_s is None else w_s * bce_s).mean()
+        loss_t = (bce_t if w_t is None else w_t * bce_t).mean()
         loss = 0.5 * (loss_s + loss_t)
         with torch.no_grad():
             accuracy = 0.5 * ((source > 0).float().mean() + (target <= 0).float().mean())

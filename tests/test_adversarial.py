@@ -1,0 +1,589 @@
+from __future__ import annotations
+
+import io
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import transferkit as tk
+from transferkit.adversarial import RANDOMIZE_ABOVE
+
+# --------------------------------------------------------------------------- helpers
+
+
+def reference_schedule(step: int, max_steps: int, alpha: float, lo: float, hi: float) -> float:
+    """The DANN schedule written out from the paper, rescaled to reach hi at p = 1."""
+    p = min(step / max_steps, 1.0)
+    ramp = 2.0 / (1.0 + math.exp(-alpha * p)) - 1.0
+    at_end = 2.0 / (1.0 + math.exp(-alpha)) - 1.0
+    return lo + (hi - lo) * ramp / at_end
+
+
+def numpy_domain_bce(z_s: np.ndarray, z_t: np.ndarray, w_s=None, w_t=None) -> float:
+    """Balanced binary cross-entropy, source label 1 and target label 0, in NumPy."""
+    w_s = np.ones_like(z_s) if w_s is None else w_s
+    w_t = np.ones_like(z_t) if w_t is None else w_t
+    loss_s = np.mean(w_s * np.logaddexp(0.0, -z_s))  # -log sigmoid(z)
+    loss_t = np.mean(w_t * np.logaddexp(0.0, z_t))  # -log(1 - sigmoid(z))
+    return float(0.5 * (loss_s + loss_t))
+
+
+def linear_discriminator(in_features: int, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(in_features, 1)
+
+
+# --------------------------------------------------------------------------- reversal
+
+
+def test_grad_reverse_forward_is_identity_and_keeps_dtype() -> None:
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        x = torch.randn(4, 5).to(dtype)
+        out = tk.grad_reverse(x, coeff=3.0)
+        assert out.dtype == dtype
+        assert torch.equal(out, x)
+
+
+@pytest.mark.parametrize("coeff", [0.0, 0.3, 1.0, 2.5])
+def test_grad_reverse_backward_is_exactly_minus_coeff_times_grad(coeff: float) -> None:
+    x = torch.randn(6, 3, requires_grad=True)
+    upstream = torch.randn(6, 3)
+    tk.grad_reverse(x, coeff).backward(upstream)
+    assert torch.equal(x.grad, -coeff * upstream)
+
+
+def test_gradient_reversal_module_uses_schedule_value_in_backward() -> None:
+    schedule = tk.WarmStartSchedule(max_steps=20, alpha=10.0)
+    grl = tk.GradientReversal(schedule)
+    for _ in range(7):
+        schedule.step()
+    assert grl.coeff == schedule.value
+    x = torch.randn(5, 2, requires_grad=True)
+    upstream = torch.randn(5, 2)
+    grl(x).backward(upstream)
+    assert torch.equal(x.grad, -schedule.value * upstream)
+    assert 0.0 < schedule.value < 1.0
+
+
+def test_grad_reverse_under_cpu_autocast_keeps_reversal() -> None:
+    layer = nn.Linear(4, 3)
+    x = torch.randn(8, 4, requires_grad=True)
+    with tk.autocast("cpu", dtype=torch.bfloat16):
+        hidden = layer(x)
+        reversed_ = tk.grad_reverse(hidden, 2.0)
+    assert reversed_.dtype == torch.bfloat16
+    upstream = torch.randn(8, 3, dtype=torch.bfloat16)
+    reversed_.backward(upstream)
+    x_ref = x.detach().clone().requires_grad_(True)
+    with tk.autocast("cpu", dtype=torch.bfloat16):
+        plain = layer(x_ref)
+    plain.backward(upstream)
+    assert torch.equal(x.grad, -2.0 * x_ref.grad)
+
+
+def test_grad_reverse_supports_double_backward() -> None:
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad((tk.grad_reverse(x, 0.7) ** 2).sum(), x, create_graph=True)
+    torch.testing.assert_close(grad, -0.7 * 2.0 * x)
+    # grad = -0.7 * 2 * grad_reverse(x): differentiating it crosses the reversal once more
+    (second,) = torch.autograd.grad(grad.sum(), x)
+    torch.testing.assert_close(second, torch.full_like(x, (-0.7) * 2.0 * (-0.7)))
+
+
+def undo_reversal(x: torch.Tensor, coeff: float) -> torch.Tensor:
+    """Pre-reverse by 1/coeff so that the loss's own reversal gives the true gradient.
+
+    gradcheck compares analytic and numeric gradients; a GRL deliberately breaks that
+    equality, so composing with an inverse reversal checks everything else exactly.
+    """
+    return tk.grad_reverse(x, 1.0 / coeff)
+
+
+def test_grad_reverse_traces_with_torch_compile_fullgraph() -> None:
+    def step(x: torch.Tensor) -> torch.Tensor:
+        return (tk.grad_reverse(x * 2.0, 0.5) ** 2).sum()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    x = torch.randn(5, requires_grad=True)
+    compiled(x).backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    step(x_ref).backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(x.grad, -0.5 * 2.0 * 2.0 * (2.0 * x.detach()))
+
+
+@pytest.mark.parametrize(
+    ("call", "error"),
+    [
+        (lambda: tk.grad_reverse(torch.ones(2), -1.0), ValueError),
+        (lambda: tk.grad_reverse(torch.ones(2), float("nan")), ValueError),
+        (lambda: tk.grad_reverse(torch.ones(2, dtype=torch.int64), 1.0), TypeError),
+        (lambda: tk.grad_reverse([1.0, 2.0], 1.0), TypeError),
+        (lambda: tk.GradientReversal("linear"), TypeError),
+        (lambda: tk.GradientReversal(-0.5), ValueError),
+    ],
+)
+def test_reversal_rejects_bad_arguments(call, error) -> None:
+    with pytest.raises(error):
+        call()
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+@pytest.mark.parametrize(
+    ("alpha", "lo", "hi"), [(10.0, 0.0, 1.0), (1.0, 0.0, 1.0), (5.0, 0.1, 2.0)]
+)
+def test_warm_start_schedule_matches_paper_formula(alpha: float, lo: float, hi: float) -> None:
+    max_steps = 200
+    schedule = tk.WarmStartSchedule(max_steps, alpha=alpha, lo=lo, hi=hi)
+    seen = {}
+    for step in range(0, 2 * max_steps + 1):
+        seen[step] = schedule.value
+        schedule.step()
+    assert seen[0] == lo
+    assert seen[max_steps // 2] == pytest.approx(
+        reference_schedule(max_steps // 2, max_steps, alpha, lo, hi), rel=1e-12
+    )
+    assert seen[37] == pytest.approx(reference_schedule(37, max_steps, alpha, lo, hi), rel=1e-12)
+    assert seen[max_steps] == hi
+    assert seen[max_steps + 1] == hi
+    assert seen[2 * max_steps] == hi
+
+
+def test_warm_start_schedule_with_alpha_one_reaches_hi_not_046() -> None:
+    schedule = tk.WarmStartSchedule(10, alpha=1.0)
+    for _ in range(9):
+        schedule.step()
+    assert schedule.value == pytest.approx(reference_schedule(9, 10, 1.0, 0.0, 1.0))
+    schedule.step()
+    unscaled = 2.0 / (1.0 + math.exp(-1.0)) - 1.0
+    assert unscaled == pytest.approx(0.462, abs=1e-3)
+    assert schedule.value == 1.0
+
+
+@given(
+    max_steps=st.integers(1, 500),
+    alpha=st.floats(0.01, 50.0),
+    lo=st.floats(-5.0, 5.0),
+    width=st.floats(0.0, 10.0),
+)
+def test_warm_start_schedule_is_monotone_and_within_bounds(
+    max_steps: int, alpha: float, lo: float, width: float
+) -> None:
+    hi = lo + width
+    schedule = tk.WarmStartSchedule(max_steps, alpha=alpha, lo=lo, hi=hi)
+    values = []
+    for _ in range(max_steps + 3):
+        values.append(schedule.value)
+        schedule.step()
+    assert all(lo <= v <= hi for v in values)
+    assert all(b >= a for a, b in itertools.pairwise(values))
+    assert values[0] == lo
+    assert values[max_steps] == hi
+
+
+def test_warm_start_schedule_state_dict_resumes_the_ramp() -> None:
+    schedule = tk.WarmStartSchedule(100, alpha=10.0, lo=0.0, hi=0.5)
+    for _ in range(37):
+        schedule.step()
+    buffer = io.BytesIO()
+    torch.save(schedule.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = tk.WarmStartSchedule(100)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert resumed.step_count == 37
+    assert resumed.value == schedule.value
+    resumed.step()
+    schedule.step()
+    assert resumed.value == schedule.value
+
+
+def test_gradient_reversal_state_dict_carries_schedule_step() -> None:
+    criterion = tk.DomainAdversarialLoss(
+        tk.DomainDiscriminator(4, hidden=8), grl=tk.GradientReversal(tk.WarmStartSchedule(50))
+    )
+    for _ in range(12):
+        criterion.grl.schedule.step()
+    buffer = io.BytesIO()
+    torch.save(criterion.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = tk.DomainAdversarialLoss(
+        tk.DomainDiscriminator(4, hidden=8), grl=tk.GradientReversal(tk.WarmStartSchedule(50))
+    )
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    assert fresh.grl.schedule.step_count == 12
+    assert fresh.grl.coeff == criterion.grl.coeff
+
+
+def test_gradient_reversal_state_dict_refuses_schedule_into_fixed_coeff() -> None:
+    scheduled = tk.GradientReversal(tk.WarmStartSchedule(10))
+    with pytest.raises(ValueError, match="schedule"):
+        tk.GradientReversal(1.0).load_state_dict(scheduled.state_dict())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"max_steps": 0}, ValueError),
+        ({"max_steps": 2.5}, TypeError),
+        ({"max_steps": 10, "alpha": 0.0}, ValueError),
+        ({"max_steps": 10, "lo": 1.0, "hi": 0.5}, ValueError),
+        ({"max_steps": 10, "hi": float("inf")}, ValueError),
+    ],
+)
+def test_warm_start_schedule_rejects_bad_arguments(kwargs, error) -> None:
+    with pytest.raises(error):
+        tk.WarmStartSchedule(**kwargs)
+
+
+# --------------------------------------------------------------------------- discriminator
+
+
+def test_discriminator_is_linear_bn_relu_dropout_blocks_with_one_logit() -> None:
+    disc = tk.DomainDiscriminator(12, hidden=16, depth=3, dropout=0.5)
+    kinds = [type(m).__name__ for m in disc.layers]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Dropout"] * 3 + ["Linear"]
+    assert disc.layers[-1].out_features == 1
+    assert not any(isinstance(m, (nn.Sigmoid, nn.Softmax)) for m in disc.modules())
+    assert disc(torch.randn(5, 12)).shape == (5,)
+
+
+def test_discriminator_gives_nonzero_gradient_to_its_input() -> None:
+    criterion = tk.DomainAdversarialLoss(tk.DomainDiscriminator(6, hidden=8))
+    source = torch.randn(10, 6, requires_grad=True)
+    criterion(source, torch.randn(10, 6) + 1.0).backward()
+    assert source.grad.abs().sum() > 0
+
+
+def test_discriminator_learns_to_separate_clearly_different_real_domains() -> None:
+    tk.seed_everything(0)
+    task = tk.datasets.digits("invert", size=8, seed=0).flat()
+    criterion = tk.DomainAdversarialLoss(
+        tk.DomainDiscriminator(64, hidden=64), grl=tk.GradientReversal(0.0)
+    )
+    optimizer = torch.optim.Adam(criterion.parameters(), lr=1e-3)
+    source = tk.datasets.infinite(tk.datasets.make_loader(task.source_x, batch_size=32))
+    target = tk.datasets.infinite(tk.datasets.make_loader(task.target_x, batch_size=48, seed=1))
+    for _ in range(60):
+        optimizer.zero_grad()
+        criterion(next(source)[0], next(target)[0]).backward()
+        optimizer.step()
+    assert criterion.domain_accuracy > 0.95
+    criterion.eval()
+    with torch.no_grad():
+        held_out = criterion.discriminator(torch.cat([task.source_test_x, task.target_test_x]))
+    truth = torch.cat([torch.ones(len(task.source_test_x)), torch.zeros(len(task.target_test_x))])
+    accuracy = float(((held_out > 0).float() == truth).float().mean())
+    assert accuracy > 0.95
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"in_features": 0}, ValueError),
+        ({"in_features": 4, "depth": -1}, ValueError),
+        ({"in_features": 4, "dropout": 1.0}, ValueError),
+        ({"in_features": 4, "hidden": 3.5}, TypeError),
+    ],
+)
+def test_discriminator_rejects_bad_arguments(kwargs, error) -> None:
+    with pytest.raises(error):
+        tk.DomainDiscriminator(**kwargs)
+
+
+# --------------------------------------------------------------------------- DANN loss
+
+
+def test_domain_adversarial_loss_matches_numpy_reference_with_unequal_batches_and_weights() -> None:
+    disc = linear_discriminator(5)
+    criterion = tk.DomainAdversarialLoss(disc)
+    source, target = torch.randn(7, 5), torch.randn(4, 5) + 0.5
+    w_s, w_t = torch.rand(7) * 2, torch.rand(4) * 2
+    loss = criterion(source, target, source_weights=w_s, target_weights=w_t)
+    with torch.no_grad():
+        z_s, z_t = disc(source).squeeze(1).numpy(), disc(target).squeeze(1).numpy()
+    expected = numpy_domain_bce(
+        z_s.astype(np.float64), z_t.astype(np.float64), w_s.numpy(), w_t.numpy()
+    )
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    accuracy = 0.5 * (np.mean(z_s > 0) + np.mean(z_t <= 0))
+    assert criterion.domain_accuracy == pytest.approx(accuracy)
+
+
+def test_domain_adversarial_loss_reverses_feature_gradient_but_not_discriminator_gradient() -> None:
+    disc = linear_discriminator(3)
+    coeff = 0.4
+    criterion = tk.DomainAdversarialLoss(disc, grl=tk.GradientReversal(coeff))
+    source = torch.randn(6, 3, requires_grad=True)
+    target = torch.randn(5, 3, requires_grad=True)
+    criterion(source, target).backward()
+    grad_disc = disc.weight.grad.clone()
+
+    reference = linear_discriminator(3)
+    src, tgt = source.detach().clone().requires_grad_(), target.detach().clone().requires_grad_()
+    z_s, z_t = reference(src).squeeze(1), reference(tgt).squeeze(1)
+    plain = 0.5 * (nn.functional.softplus(-z_s).mean() + nn.functional.softplus(z_t).mean())
+    plain.backward()
+    torch.testing.assert_close(source.grad, -coeff * src.grad)
+    torch.testing.assert_close(target.grad, -coeff * tgt.grad)
+    torch.testing.assert_close(grad_disc, reference.weight.grad)
+
+
+def test_domain_adversarial_loss_averages_each_domain_separately() -> None:
+    criterion = tk.DomainAdversarialLoss(tk.DomainDiscriminator(4, hidden=8)).eval()
+    source, target = torch.randn(5, 4), torch.randn(3, 4)
+    once = criterion(source, target)
+    twice = criterion(torch.cat([source, source, source]), target)
+    torch.testing.assert_close(once, twice)
+
+
+def test_domain_accuracy_is_nan_before_any_call() -> None:
+    criterion = tk.DomainAdversarialLoss(tk.DomainDiscriminator(4, hidden=8))
+    assert math.isnan(criterion.domain_accuracy)
+    criterion(torch.randn(3, 4), torch.randn(2, 4))
+    assert isinstance(criterion.domain_accuracy, float)
+
+
+def test_domain_adversarial_loss_gradcheck_float64() -> None:
+    torch.manual_seed(0)
+    criterion = tk.DomainAdversarialLoss(
+        tk.DomainDiscriminator(3, hidden=5, dropout=0.0), grl=tk.GradientReversal(0.7)
+    ).double()
+    source = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda s, t, w: criterion(undo_reversal(s, 0.7), undo_reversal(t, 0.7), source_weights=w),
+        (source, target, weights),
+    )
+
+
+def test_domain_adversarial_loss_under_bf16_autocast_is_fp32_and_close() -> None:
+    torch.manual_seed(0)
+    criterion = tk.DomainAdversarialLoss(tk.DomainDiscriminator(16, hidden=32)).eval()
+    source, target = torch.randn(32, 16), torch.randn(24, 16) + 0.3
+    exact = criterion(source, target)
+    with tk.autocast("cpu", dtype=torch.bfloat16):
+        mixed = criterion(source, target)
+    assert mixed.dtype == torch.float32
+    assert float(mixed) == pytest.approx(float(exact), rel=0.01)
+
+
+BAD_DANN_CALLS = [
+    ("source", lambda: (torch.randn(4), torch.randn(3, 4)), {}, ValueError),
+    ("target", lambda: (torch.randn(4, 4), torch.randn(3, 5)), {}, ValueError),
+    ("source", lambda: (torch.full((4, 4), float("nan")), torch.randn(3, 4)), {}, ValueError),
+    ("target", lambda: (torch.randn(4, 4), torch.zeros(0, 4)), {}, ValueError),
+    ("source", lambda: (torch.ones(4, 4, dtype=torch.int64), torch.randn(3, 4)), {}, TypeError),
+    ("dtype", lambda: (torch.randn(4, 4), torch.randn(3, 4).double()), {}, TypeError),
+    ("source_weights", lambda: (torch.randn(4, 4), torch.randn(3, 4)), {"n": 3}, ValueError),
+    ("source_weights", lambda: (torch.randn(4, 4), torch.randn(3, 4)), {"neg": 1}, ValueError),
+]
+
+
+@pytest.mark.parametrize(("name", "make", "opts", "error"), BAD_DANN_CALLS)
+def test_domain_adversarial_loss_rejects_bad_input(name, make, opts, error) -> None:
+    criterion = tk.DomainAdversarialLoss(tk.DomainDiscriminator(4, hidden=8))
+    source, target = make()
+    kwargs = {}
+    if "n" in opts:
+        kwargs["source_weights"] = torch.ones(opts["n"])
+    if "neg" in opts:
+        kwargs["source_weights"] = -torch.ones(4)
+    with pytest.raises(error, match=name):
+        criterion(source, target, **kwargs)
+
+
+def test_domain_adversarial_loss_rejects_non_module_and_wrong_grl() -> None:
+    with pytest.raises(TypeError, match="discriminator"):
+        tk.DomainAdversarialLoss(lambda x: x)
+    with pytest.raises(TypeError, match="grl"):
+        tk.DomainAdversarialLoss(nn.Linear(3, 1), grl=tk.WarmStartSchedule(10))
+
+
+def test_domain_adversarial_loss_rejects_discriminator_with_several_outputs() -> None:
+    criterion = tk.DomainAdversarialLoss(nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="one logit"):
+        criterion(torch.randn(4, 3), torch.randn(4, 3))
+
+
+# --------------------------------------------------------------------------- CDAN
+
+
+def numpy_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(shifted)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_cdan_multilinear_map_is_flattened_outer_product() -> None:
+    criterion = tk.ConditionalDomainAdversarialLoss(nn.Linear(12, 1), num_classes=3, features_dim=4)
+    features, probs = torch.randn(5, 4), torch.rand(5, 3)
+    mapped = criterion.multilinear_map(features, probs).numpy()
+    expected = np.einsum("nc,nf->ncf", probs.numpy(), features.numpy()).reshape(5, 12)
+    np.testing.assert_allclose(mapped, expected, rtol=1e-6)
+
+
+def test_cdan_randomized_map_matches_numpy_and_its_matrices_are_buffers() -> None:
+    criterion = tk.ConditionalDomainAdversarialLoss(
+        nn.Linear(64, 1), num_classes=3, features_dim=4, randomized=True, randomized_dim=64
+    )
+    buffers = dict(criterion.named_buffers())
+    assert set(buffers) >= {"random_features", "random_classes"}
+    assert {"random_features", "random_classes"} <= set(criterion.state_dict())
+    features, probs = torch.randn(5, 4), torch.rand(5, 3)
+    mapped = criterion.multilinear_map(features, probs).numpy()
+    r_f, r_g = criterion.random_features.numpy(), criterion.random_classes.numpy()
+    expected = (features.numpy() @ r_f) * (probs.numpy() @ r_g) / math.sqrt(64)
+    np.testing.assert_allclose(mapped, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_cdan_randomizes_automatically_only_above_threshold() -> None:
+    small = tk.ConditionalDomainAdversarialLoss(nn.Linear(1, 1), num_classes=4, features_dim=1024)
+    large = tk.ConditionalDomainAdversarialLoss(nn.Linear(1, 1), num_classes=5, features_dim=1024)
+    assert 4 * 1024 <= RANDOMIZE_ABOVE < 5 * 1024
+    assert not small.randomized and small.random_features is None
+    assert large.randomized and large.random_features.shape == (1024, 1024)
+    with pytest.raises(ValueError, match="num_classes"):
+        tk.ConditionalDomainAdversarialLoss(nn.Linear(1, 1), randomized=True)
+
+
+def test_cdan_state_dict_round_trips_random_matrices() -> None:
+    def make(seed: int) -> tk.ConditionalDomainAdversarialLoss:
+        torch.manual_seed(seed)
+        return tk.ConditionalDomainAdversarialLoss(
+            tk.DomainDiscriminator(32, hidden=8),
+            num_classes=3,
+            features_dim=6,
+            randomized=True,
+            randomized_dim=32,
+            seed=seed,
+        ).eval()
+
+    saved, other = make(0), make(1)
+    assert not torch.equal(saved.random_features, other.random_features)
+    buffer = io.BytesIO()
+    torch.save(saved.state_dict(), buffer)
+    buffer.seek(0)
+    other.load_state_dict(torch.load(buffer, weights_only=True))
+    assert torch.equal(saved.random_features, other.random_features)
+    assert torch.equal(saved.random_classes, other.random_classes)
+    args = (torch.randn(4, 3), torch.randn(4, 6), torch.randn(5, 3), torch.randn(5, 6))
+    torch.testing.assert_close(saved(*args), other(*args))
+
+
+def test_cdan_entropy_conditioning_matches_numpy_reference() -> None:
+    disc = linear_discriminator(4 * 3)
+    criterion = tk.ConditionalDomainAdversarialLoss(
+        disc, num_classes=3, features_dim=4, entropy_conditioning=True
+    )
+    g_s, f_s, g_t, f_t = (
+        torch.randn(6, 3) * 2,
+        torch.randn(6, 4),
+        torch.randn(4, 3),
+        torch.randn(4, 4),
+    )
+    loss = criterion(g_s, f_s, g_t, f_t)
+
+    weight, bias = disc.weight.detach().numpy()[0], float(disc.bias.detach())
+
+    def domain(g: torch.Tensor, f: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        p = numpy_softmax(g.numpy().astype(np.float64))
+        h = np.einsum("nc,nf->ncf", p, f.numpy()).reshape(len(p), -1)
+        entropy = -(p * np.log(p)).sum(axis=1)
+        w = 1.0 + np.exp(-entropy)
+        return h @ weight + bias, w / w.mean()
+
+    z_s, w_s = domain(g_s, f_s)
+    z_t, w_t = domain(g_t, f_t)
+    assert float(loss) == pytest.approx(numpy_domain_bce(z_s, z_t, w_s, w_t), rel=1e-5)
+
+
+def test_cdan_passes_gradient_through_features_only() -> None:
+    criterion = tk.ConditionalDomainAdversarialLoss(
+        tk.DomainDiscriminator(8, hidden=8), num_classes=2, features_dim=4
+    )
+    g_s = torch.randn(5, 2, requires_grad=True)
+    f_s = torch.randn(5, 4, requires_grad=True)
+    criterion(g_s, f_s, torch.randn(3, 2), torch.randn(3, 4)).backward()
+    assert g_s.grad is None
+    assert f_s.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("randomized", [False, True])
+def test_cdan_gradcheck_float64(randomized: bool) -> None:
+    torch.manual_seed(0)
+    criterion = tk.ConditionalDomainAdversarialLoss(
+        tk.DomainDiscriminator(8 if randomized else 6, hidden=5, dropout=0.0),
+        num_classes=2,
+        features_dim=3,
+        entropy_conditioning=True,
+        randomized=randomized,
+        randomized_dim=8,
+        grl=tk.GradientReversal(0.5),
+    ).double()
+    g_s, g_t = torch.randn(4, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+    f_s = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    f_t = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda a, b: criterion(g_s, undo_reversal(a, 0.5), g_t, undo_reversal(b, 0.5)), (f_s, f_t)
+    )
+
+
+def test_cdan_under_bf16_autocast_is_fp32_and_close() -> None:
+    torch.manual_seed(0)
+    criterion = tk.ConditionalDomainAdversarialLoss(
+        tk.DomainDiscriminator(40, hidden=32),
+        num_classes=4,
+        features_dim=10,
+        entropy_conditioning=True,
+    ).eval()
+    args = (torch.randn(16, 4), torch.randn(16, 10), torch.randn(12, 4), torch.randn(12, 10))
+    exact = criterion(*args)
+    with tk.autocast("cpu", dtype=torch.bfloat16):
+        mixed = criterion(*args)
+    assert mixed.dtype == torch.float32
+    assert float(mixed) == pytest.approx(float(exact), rel=0.01)
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ((torch.randn(4, 3), torch.randn(5, 6), torch.randn(3, 3), torch.randn(3, 6)), "source"),
+        ((torch.randn(4, 2), torch.randn(4, 6), torch.randn(3, 2), torch.randn(3, 6)), "logits"),
+        ((torch.randn(4, 3), torch.randn(4, 5), torch.randn(3, 3), torch.randn(3, 5)), "features"),
+        ((torch.randn(4, 3), torch.randn(4, 6), torch.randn(3, 3), torch.randn(3)), "target"),
+    ],
+)
+def test_cdan_rejects_inconsistent_input(args, match) -> None:
+    criterion = tk.ConditionalDomainAdversarialLoss(nn.Linear(18, 1), num_classes=3, features_dim=6)
+    with pytest.raises(ValueError, match=match):
+        criterion(*args)
+
+
+@pytest.mark.cuda
+def test_losses_run_on_cuda_with_unequal_batches() -> None:
+    device = torch.device("cuda")
+    dann = tk.DomainAdversarialLoss(tk.DomainDiscriminator(8, hidden=16)).to(device)
+    loss = dann(torch.randn(6, 8, device=device), torch.randn(4, 8, device=device))
+    loss.backward()
+    cdan = tk.ConditionalDomainAdversarialLoss(
+        tk.DomainDiscriminator(64, hidden=16),
+        num_classes=4,
+        features_dim=8,
+        randomized=True,
+        randomized_dim=64,
+        entropy_conditioning=True,
+    ).to(device)
+    args = [torch.randn(n, d, device=device) for n, d in ((6, 4), (6, 8), (4, 4), (4, 8))]
+    with tk.autocast(device):
+        out = cdan(*args)
+    assert out.dtype == torch.float32 and out.device.type == "cuda"
+    out.backward()
