@@ -1,0 +1,1063 @@
+"""What comes out of a network: multi-layer features, batched extraction and a disk cache.
+
+* :class:`FeatureExtractor` wraps any ``nn.Module`` and returns the outputs of several
+  named layers from ONE forward pass, pooled to ``(N, D)`` if asked. Forward hooks are
+  attached only while a forward call runs and are removed in a ``finally`` block, so the
+  user's model never keeps a hook, even when the forward raises.
+* :func:`extract_features` runs an extractor over a tensor, an array, a ``Dataset`` or a
+  ``DataLoader`` in eval mode under ``torch.inference_mode`` and returns NumPy arrays,
+  optionally cached on disk (resumable, reused only when the model and data match).
+* :func:`masked_mean` pools token sequences while ignoring padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler, Subset
+from tqdm.auto import tqdm
+
+from ._validation import check_option, check_positive, check_tensor, did_you_mean
+from .device import autocast, dataloader_kwargs, resolve_device, to_device
+
+__all__ = ["FeatureExtractor", "extract_features", "masked_mean"]
+
+logger = logging.getLogger(__name__)
+
+PoolName = Literal["avg", "max", "avgmax", "token"]
+_POOLS: tuple[PoolName, ...] = ("avg", "max", "avgmax", "token")
+_FORMAT = "transferkit-features"
+_VERSION = 1
+_HEADER = "header.json"
+_HEADER_INTERVAL_S = 1.0
+_FULL_HASH_ELEMENTS = 1 << 24
+
+
+class _StopForward(Exception):
+    """Raised from a hook once every requested layer has run (early stop)."""
+
+
+# --------------------------------------------------------------------------- pooling
+
+
+def masked_mean(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """Mean over the tokens of ``hidden`` that ``attention_mask`` marks as real.
+
+    Padding tokens (mask 0) do not count, so a sentence gets the same embedding whatever
+    the padded length of its batch. Rows whose mask is all zeros give zeros. Computed in
+    float32 (or float64 for float64 input) even under autocast.
+
+    Args:
+        hidden: token features, e.g. a transformer's ``last_hidden_state``.
+        attention_mask: 1 for real tokens, 0 for padding (int, bool or float).
+
+    Returns:
+        The pooled features.
+
+    Shape:
+        - hidden: ``(N, T, D)``; attention_mask: ``(N, T)``.
+        - Output: ``(N, D)``.
+
+    Raises:
+        ValueError: if the shapes do not match.
+
+    Examples:
+        >>> hidden = torch.tensor([[[1.0], [3.0], [100.0]]])
+        >>> masked_mean(hidden, torch.tensor([[1, 1, 0]]))
+        tensor([[2.]])
+    """
+    check_tensor(hidden, "hidden", ndim=3, finite=False)
+    check_tensor(attention_mask, "attention_mask", ndim=2, finite=False)
+    if attention_mask.shape != hidden.shape[:2]:
+        raise ValueError(
+            f"attention_mask: expected shape {tuple(hidden.shape[:2])} to match hidden "
+            f"(N, T), got {tuple(attention_mask.shape)}"
+        )
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    weights = attention_mask.to(device=hidden.device, dtype=dtype).unsqueeze(-1)
+    total = (hidden.to(dtype) * weights).sum(dim=1)
+    return total / weights.sum(dim=1).clamp_min(1.0)
+
+
+def _masked_max(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    keep = attention_mask.to(device=hidden.device).bool().unsqueeze(-1)
+    values = hidden.masked_fill(~keep, float("-inf")).amax(dim=1)
+    return values.masked_fill(~keep.any(dim=1), 0.0)
+
+
+def _pool(x: Tensor, mode: PoolName | None, mask: Tensor | None, layer: str) -> Tensor:
+    """Pool ``x`` to ``(N, D)``; always returns a tensor that no later op can modify."""
+    if mode is None or x.dim() <= 2:
+        return x.clone()
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    if x.dim() == 3:  # token sequence (N, T, D)
+        if mode == "token":
+            return x[:, 0].clone()
+        use_mask = mask is not None and mask.dim() == 2 and mask.shape == x.shape[:2]
+        avg = masked_mean(x, mask) if use_mask and mask is not None else x.mean(1, dtype=dtype)
+        peak = _masked_max(x, mask) if use_mask and mask is not None else x.amax(1)
+    else:  # feature map (N, C, H, W) or (N, C, D, H, W)
+        if mode == "token":
+            raise ValueError(
+                f"pool: 'token' takes the first token of a (N, T, D) sequence, but layer "
+                f"{layer!r} returned a {x.dim()}-D map of shape {tuple(x.shape)}; "
+                "use 'avg', 'max', 'avgmax' or None"
+            )
+        dims = tuple(range(2, x.dim()))
+        avg = x.mean(dims, dtype=dtype) if mode != "max" else x
+        peak = x.amax(dims) if mode != "avg" else x
+    if mode == "avg":
+        return avg
+    if mode == "max":
+        return peak
+    return torch.cat([avg, peak.to(avg.dtype)], dim=1)
+
+
+def _first_tensor(obj: Any) -> Tensor | None:
+    """The first tensor inside a tensor, tuple/list, mapping (HF ``ModelOutput``) or dataclass."""
+    if isinstance(obj, Tensor):
+        return obj
+    values: Any
+    if isinstance(obj, Mapping):
+        values = obj.values()
+    elif isinstance(obj, (list, tuple)):
+        values = obj
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        values = (getattr(obj, f.name) for f in dataclasses.fields(obj))
+    else:
+        return None
+    for value in values:
+        found = _first_tensor(value)
+        if found is not None:
+            return found
+    return None
+
+
+def _check_layers(model: nn.Module, layers: object) -> tuple[str, ...] | None:
+    if layers is None:
+        return None
+    if isinstance(layers, str):
+        names = [layers]
+    elif isinstance(layers, Sequence):
+        names = list(layers)
+    else:
+        raise TypeError(
+            f"layers: expected a module name, a list of names or None, got {type(layers).__name__}"
+        )
+    if not names:
+        raise ValueError("layers: expected at least one name; pass None for the model output")
+    modules = dict(model.named_modules(remove_duplicate=False))
+    modules.pop("", None)
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"layers: expected module names (str), got {type(name).__name__}")
+        if name not in modules:
+            depth = name.count(".")
+            peers = [n for n in modules if n.count(".") == depth]
+            hint = did_you_mean(name, peers) or did_you_mean(name, modules)
+            if not hint:
+                top = ", ".join(repr(n) for n, _ in model.named_children())
+                hint = f"; its top-level modules are {top} (see model.named_modules())"
+            raise ValueError(f"layers: {name!r} is not a module of {type(model).__name__}{hint}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"layers: each name may appear once, got {repeated} several times")
+    return tuple(names)
+
+
+# --------------------------------------------------------------------------- extractor
+
+
+class FeatureExtractor(nn.Module):
+    """Outputs of several named layers of any ``nn.Module`` from ONE forward pass.
+
+    Layers are the names of ``model.named_modules()`` (``"layer3"``, ``"blocks.5"``,
+    ``"encoder.layer.11"``). Forward hooks are attached at the start of each call and
+    removed in a ``finally`` block, so no hook outlives a call, whether it returns or
+    raises; the user's model is never modified. A module that returns a tuple, list,
+    mapping or HF ``ModelOutput`` contributes its first tensor (e.g. the hidden states of
+    a transformer block, ``last_hidden_state`` of a HF model). A module called several
+    times in one pass contributes its last call.
+
+    Pooling (``pool``) turns each output into ``(N, D)``:
+
+    * feature maps ``(N, C, H, W)`` (or ``(N, C, D, H, W)``): ``"avg"``, ``"max"`` or
+      ``"avgmax"`` (both, concatenated) over the spatial dimensions;
+    * token sequences ``(N, T, D)``: ``"avg"`` (mean over tokens; when the forward call
+      gets an ``attention_mask`` keyword, padding is ignored, see :func:`masked_mean`),
+      ``"max"``, ``"avgmax"``, or ``"token"`` (the first, e.g. CLS, token);
+    * ``(N, D)`` outputs are returned as they are; ``pool=None`` keeps every shape.
+
+    Averages are computed in float32 even under autocast. Captured tensors are copies, so
+    later in-place operations (``ReLU(inplace=True)``) cannot change them.
+
+    Args:
+        model: any network.
+        layers: ``None`` (the model's output), one name (returns a tensor) or a list of
+            names (returns a dict in the order given).
+        pool: ``"avg"``, ``"max"``, ``"avgmax"``, ``"token"`` or ``None``.
+        early_stop: stop the forward pass once every requested layer has run, skipping
+            the rest of the network. The first call runs the whole network and records
+            how many times each layer runs; later calls stop after as many calls, so
+            use it only when the control flow does not depend on the data.
+
+    Shape:
+        - Input: whatever ``model`` takes (positional and keyword arguments).
+        - Output: ``(N, D)`` per layer when pooled.
+
+    Raises:
+        ValueError: for unknown layer names (with close matches), an empty or repeated
+            list, or an unknown pooling mode.
+
+    Examples:
+        >>> import transferkit as tk
+        >>> net = tk.models.SmallCNN(num_classes=10)
+        >>> with tk.FeatureExtractor(net, ["features", "neck"]) as extractor:
+        ...     out = extractor(torch.zeros(2, 1, 16, 16))
+        >>> {name: tuple(t.shape) for name, t in out.items()}
+        {'features': (2, 64), 'neck': (2, 128)}
+        >>> tk.FeatureExtractor(net, "nek")
+        Traceback (most recent call last):
+        ...
+        ValueError: layers: 'nek' is not a module of SmallCNN; did you mean 'neck'?
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: str | Sequence[str] | None = None,
+        pool: PoolName | None = "avg",
+        *,
+        early_stop: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if pool is not None:
+            check_option(pool, "pool", _POOLS)
+        self.model = model
+        self.layers = _check_layers(model, layers)
+        self.pool: PoolName | None = pool
+        self.early_stop = bool(early_stop)
+        self._single = layers is None or isinstance(layers, str)
+        self._closed = False
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._captured: dict[str, Tensor] = {}
+        self._calls: dict[str, int] = {}
+        self._calls_needed: dict[str, int] | None = None
+        self._mask: Tensor | None = None
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """Names of the outputs, in order (``("output",)`` when ``layers`` is None)."""
+        return ("output",) if self.layers is None else self.layers
+
+    def extra_repr(self) -> str:
+        """Layers and pooling, shown in ``repr``."""
+        return f"layers={self.layers}, pool={self.pool!r}, early_stop={self.early_stop}"
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor | dict[str, Tensor]:
+        """Run ``model(*args, **kwargs)`` once and return the requested outputs."""
+        if self._closed:
+            raise RuntimeError("FeatureExtractor: it was closed; create a new one")
+        mask = kwargs.get("attention_mask")
+        self._mask = mask if isinstance(mask, Tensor) else None
+        try:
+            if self.layers is None:
+                output = _first_tensor(self.model(*args, **kwargs))
+                if output is None:
+                    raise ValueError("model: its output holds no tensor to extract")
+                return _pool(output, self.pool, self._mask, "output")
+            self._attach(self.layers)
+            stopped = False
+            try:
+                self.model(*args, **kwargs)
+            except _StopForward:
+                stopped = True
+            missing = [name for name in self.layers if name not in self._captured]
+            if missing:
+                raise ValueError(
+                    f"layers: {missing} did not run during the forward pass; "
+                    "are they used by the model's forward()?"
+                )
+            if self.early_stop and not stopped and self._calls_needed is None:
+                self._calls_needed = dict(self._calls)
+            captured = {name: self._captured[name] for name in self.layers}
+        finally:
+            self._detach()
+            self._captured, self._calls, self._mask = {}, {}, None
+        return captured[self.layers[0]] if self._single else captured
+
+    def _attach(self, layers: tuple[str, ...]) -> None:
+        self._detach()
+        for name in layers:
+            module = self.model.get_submodule(name)
+            self._handles.append(module.register_forward_hook(self._make_hook(name)))
+
+    def _detach(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    def _make_hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            tensor = _first_tensor(output)
+            if tensor is None:
+                raise ValueError(
+                    f"layers: {name!r} returned {type(output).__name__}, which holds no tensor"
+                )
+            self._captured[name] = _pool(tensor, self.pool, self._mask, name)
+            self._calls[name] = self._calls.get(name, 0) + 1
+            needed = self._calls_needed
+            if needed is not None and all(self._calls.get(k, 0) >= v for k, v in needed.items()):
+                raise _StopForward
+
+        return hook
+
+    def close(self) -> None:
+        """Remove every hook (none is left between calls) and refuse further calls."""
+        self._detach()
+        self._closed = True
+
+    def __enter__(self) -> FeatureExtractor:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def _tensor_bytes(t: Tensor) -> bytes:
+    flat = t.detach().contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return b""
+    if flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)
+    return bytes(flat.view(torch.uint8).cpu().numpy().tobytes())
+
+
+def _digest_tensor(h: Any, t: Tensor) -> None:
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    if t.is_quantized or t.is_sparse:
+        h.update(repr(t).encode())
+        return
+    if t.numel() <= _FULL_HASH_ELEMENTS:
+        h.update(_tensor_bytes(t))
+        return
+    # Large tensors: a strided sample plus exact float64 sums, which change whenever any
+    # element does (barring exact cancellation), at a fraction of the cost of full bytes.
+    flat = t.detach().reshape(-1)
+    stride = max(1, flat.numel() // _FULL_HASH_ELEMENTS)
+    h.update(_tensor_bytes(flat[::stride]))
+    if not t.is_complex() and t.dtype != torch.bool:
+        h.update(repr(float(flat.sum(dtype=torch.float64))).encode())
+        h.update(repr(float(flat.abs().sum(dtype=torch.float64))).encode())
+
+
+def _model_fingerprint(model: nn.Module) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(type(model).__qualname__.encode())
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        if isinstance(tensor, Tensor):
+            _digest_tensor(h, tensor)
+    return h.hexdigest()
+
+
+def _digest_item(h: Any, item: Any) -> None:
+    if isinstance(item, Tensor):
+        _digest_tensor(h, item)
+    elif isinstance(item, np.ndarray) and item.dtype != object:
+        _digest_tensor(h, torch.from_numpy(np.ascontiguousarray(item)))
+    elif isinstance(item, Mapping):
+        for key in item:
+            h.update(repr(key).encode())
+            _digest_item(h, item[key])
+    elif isinstance(item, (list, tuple)):
+        for value in item:
+            _digest_item(h, value)
+    else:
+        h.update(repr(item).encode())
+
+
+# --------------------------------------------------------------------------- data sources
+
+
+@dataclasses.dataclass
+class _Source:
+    """Batches of the data, possibly starting after the rows already done."""
+
+    num_rows: int | None
+    batches: Callable[[int], Iterator[Any]]
+    fingerprint: Callable[[], str]
+    batch_size: int | None
+    cacheable: str | None = None  # None when cacheable, else why not
+
+
+def _rows_of(value: Any) -> int:
+    tensor = _first_tensor(value)
+    if tensor is None or tensor.dim() == 0:
+        raise ValueError("data: a batch holds no tensor with a sample dimension")
+    return int(tensor.shape[0])
+
+
+def _in_memory_source(data: Tensor | Mapping[str, Tensor], batch_size: int) -> _Source:
+    columns = {"": data} if isinstance(data, Tensor) else dict(data)
+    lengths = {int(c.shape[0]) if c.dim() else 0 for c in columns.values()}
+    if len(lengths) != 1:
+        raise ValueError(f"data: every tensor must have the same length, got {sorted(lengths)}")
+    num_rows = lengths.pop()
+    if num_rows == 0:
+        raise ValueError("data: expected at least 1 sample, got 0")
+
+    def batches(start: int) -> Iterator[Any]:
+        for i in range(start, num_rows, batch_size):
+            if isinstance(data, Tensor):
+                yield data[i : i + batch_size]
+            else:
+                yield {key: value[i : i + batch_size] for key, value in columns.items()}
+
+    def fingerprint() -> str:
+        h = hashlib.blake2b(digest_size=16)
+        picks = torch.linspace(0, num_rows - 1, steps=min(num_rows, 64)).long()
+        for key, value in columns.items():
+            h.update(key.encode())
+            _digest_tensor(h, value[picks])
+            if value.is_floating_point() or not (value.is_complex() or value.dtype == torch.bool):
+                h.update(repr(float(value.sum(dtype=torch.float64))).encode())
+        return h.hexdigest()
+
+    return _Source(num_rows, batches, fingerprint, batch_size)
+
+
+def _loader_rows(loader: DataLoader[Any]) -> int | None:
+    dataset = loader.dataset
+    if isinstance(dataset, IterableDataset) or loader.batch_size is None:
+        return None
+    try:
+        size = len(dataset)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+    return len(loader) * loader.batch_size if loader.drop_last else size
+
+
+def _loader_source(loader: DataLoader[Any]) -> _Source:
+    num_rows = _loader_rows(loader)
+    reason: str | None = None
+    if isinstance(loader.dataset, IterableDataset) or num_rows is None:
+        reason = "needs a DataLoader over a map-style Dataset with a batch_size"
+    elif not isinstance(loader.sampler, SequentialSampler):
+        kind = type(loader.sampler).__name__
+        reason = (
+            f"the DataLoader's sampler is {kind}, so the order of the samples may change "
+            "between runs and cached rows would not line up; pass shuffle=False (or the "
+            "Dataset itself)"
+        )
+
+    def batches(start: int) -> Iterator[Any]:
+        if start == 0:
+            yield from loader
+            return
+        dataset: Dataset[Any] = loader.dataset
+        rest = Subset(dataset, range(start, len(dataset)))  # type: ignore[arg-type]
+        yield from DataLoader(
+            rest,
+            batch_size=loader.batch_size,
+            shuffle=False,
+            num_workers=loader.num_workers,
+            collate_fn=loader.collate_fn,
+            pin_memory=loader.pin_memory,
+            drop_last=loader.drop_last,
+            timeout=loader.timeout,
+            worker_init_fn=loader.worker_init_fn,
+        )
+
+    def fingerprint() -> str:
+        h = hashlib.blake2b(digest_size=16)
+        dataset = loader.dataset
+        h.update(type(dataset).__qualname__.encode())
+        size = len(dataset)  # type: ignore[arg-type]
+        h.update(str(size).encode())
+        for index in sorted({int(i) for i in np.linspace(0, size - 1, num=min(size, 8))}):
+            _digest_item(h, dataset[index])
+        return h.hexdigest()
+
+    return _Source(num_rows, batches, fingerprint, loader.batch_size, reason)
+
+
+def _make_source(data: object, batch_size: int, device: torch.device) -> _Source:
+    if isinstance(data, np.ndarray):
+        if data.dtype == object:
+            raise TypeError("data: expected a numeric array, got dtype object")
+        array = data if data.flags.writeable else data.copy()
+        data = torch.from_numpy(np.ascontiguousarray(array))
+    if isinstance(data, Tensor):
+        check_tensor(data, "data", min_samples=1)
+        return _in_memory_source(data, batch_size)
+    if isinstance(data, Mapping):
+        if not data or not all(isinstance(v, Tensor) for v in data.values()):
+            raise TypeError("data: a mapping must hold tensors, e.g. input_ids, attention_mask")
+        return _in_memory_source(dict(data), batch_size)
+    if isinstance(data, DataLoader):
+        return _loader_source(data)
+    if isinstance(data, Dataset):
+        if not isinstance(data, IterableDataset) and len(data) == 0:  # type: ignore[arg-type]
+            raise ValueError("data: expected at least 1 sample, got an empty Dataset")
+        kwargs = dataloader_kwargs(device)
+        kwargs.update(persistent_workers=False)
+        if not kwargs.get("num_workers"):
+            kwargs.pop("prefetch_factor", None)
+        return _loader_source(DataLoader(data, batch_size=batch_size, shuffle=False, **kwargs))
+    raise TypeError(
+        "data: expected a Tensor, ndarray, dict of tensors, Dataset or DataLoader, "
+        f"got {type(data).__name__}"
+    )
+
+
+def _split_batch(batch: Any) -> tuple[Any, Any]:
+    """``(inputs, labels)``; labels are None when the batch carries none."""
+    if isinstance(batch, Tensor):
+        return batch, None
+    if isinstance(batch, Mapping):
+        inputs = dict(batch)
+        labels = inputs.pop("labels", inputs.pop("label", None))
+        return inputs, labels
+    if isinstance(batch, (list, tuple)) and batch:
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    raise TypeError(
+        "data: expected batches that are a Tensor, a dict of tensors or an (inputs, labels) "
+        f"pair, got {type(batch).__name__}"
+    )
+
+
+def _cast_floating(obj: Any, dtype: torch.dtype | None) -> Any:
+    if dtype is None:
+        return obj
+    if isinstance(obj, Tensor):
+        return obj.to(dtype) if obj.is_floating_point() and obj.dtype != dtype else obj
+    if isinstance(obj, Mapping):
+        return {key: _cast_floating(value, dtype) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cast_floating(value, dtype) for value in obj)
+    return obj
+
+
+def _to_numpy(t: Tensor) -> np.ndarray:
+    t = t.detach()
+    if t.dtype in (torch.float16, torch.bfloat16):
+        t = t.float()
+    return np.asarray(t.cpu().numpy())
+
+
+def _labels_to_numpy(labels: Any) -> np.ndarray:
+    if isinstance(labels, Tensor):
+        return _to_numpy(labels)
+    return np.asarray(labels)
+
+
+# --------------------------------------------------------------------------- sinks
+
+
+class _MemorySink:
+    """Rows gathered in preallocated arrays (or lists when the length is unknown)."""
+
+    def __init__(self, num_rows: int | None) -> None:
+        self.num_rows = num_rows
+        self.arrays: list[np.ndarray] | None = None
+        self.labels: np.ndarray | None = None
+        self.parts: list[list[np.ndarray]] = []
+        self.label_parts: list[np.ndarray] = []
+
+    def write(self, start: int, outputs: list[np.ndarray], labels: np.ndarray | None) -> None:
+        if self.num_rows is None:
+            if not self.parts:
+                self.parts = [[] for _ in outputs]
+            for part, out in zip(self.parts, outputs, strict=True):
+                part.append(out)
+            if labels is not None:
+                self.label_parts.append(labels)
+            return
+        stop = start + outputs[0].shape[0]
+        if stop > self.num_rows:
+            raise ValueError(f"data: yielded more than the {self.num_rows} samples it declares")
+        if self.arrays is None:
+            self.arrays = [np.empty((self.num_rows, *o.shape[1:]), o.dtype) for o in outputs]
+            if labels is not None:
+                self.labels = np.empty((self.num_rows, *labels.shape[1:]), labels.dtype)
+        for array, out in zip(self.arrays, outputs, strict=True):
+            array[start:stop] = out
+        if self.labels is not None and labels is not None:
+            self.labels[start:stop] = labels
+
+    def result(self, rows: int) -> tuple[list[np.ndarray], np.ndarray | None]:
+        if self.num_rows is None:
+            arrays = [np.concatenate(part) for part in self.parts]
+            labels = np.concatenate(self.label_parts) if self.label_parts else None
+            return arrays, labels
+        if rows != self.num_rows or self.arrays is None:
+            raise ValueError(f"data: yielded {rows} samples, expected {self.num_rows}")
+        return self.arrays, self.labels
+
+
+def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _data_offset(path: Path) -> int:
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        if version == (1, 0):
+            np.lib.format.read_array_header_1_0(handle)
+        else:
+            np.lib.format.read_array_header_2_0(handle)
+        return handle.tell()
+
+
+def _file_checksum(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        handle.seek(_data_offset(path))
+        while chunk := handle.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class _CacheSink:
+    """Rows written straight into preallocated ``.npy`` files plus a JSON header.
+
+    The ``.npy`` files are created with ``np.lib.format.open_memmap`` (valid headers, full
+    size) and filled with positioned writes rather than through a mapping, so resident
+    memory does not grow with the number of rows; they are read back memory-mapped. The
+    header, rewritten atomically, records how many rows are complete: data beyond it is
+    never trusted, so an interrupted run resumes from there.
+    """
+
+    def __init__(
+        self, directory: Path, names: Sequence[str], key: dict[str, Any], batch_size: int | None
+    ) -> None:
+        self.directory = directory
+        self.names = list(names)
+        self.key = key
+        self.batch_size = batch_size
+        self.header: dict[str, Any] | None = None
+        self.handles: list[Any] = []
+        self.offsets: list[int] = []
+        self.row_bytes: list[int] = []
+        self.dtypes: list[np.dtype[Any]] = []
+        self.last_save = 0.0
+        self.rows_done = 0
+
+    @property
+    def header_path(self) -> Path:
+        return self.directory / _HEADER
+
+    def _corrupt(self, what: str, err: object) -> ValueError:
+        return ValueError(
+            f"cache: {what} is corrupted or truncated ({err}); delete {self.directory} "
+            "to recompute the features"
+        )
+
+    def open(self) -> int:
+        """Check an existing cache; return the rows already done (0 for a fresh start)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if not self.header_path.exists():
+            return 0
+        try:
+            header = json.loads(self.header_path.read_text(encoding="utf-8"))
+            if header.get("format") != _FORMAT or header.get("version") != _VERSION:
+                raise ValueError(f"not a {_FORMAT} v{_VERSION} header")
+            files = dict(header["files"])
+            if header["labels"] is not None:
+                files["labels"] = header["labels"]
+            rows_done = int(header["rows_done"])
+            num_rows = int(header["num_rows"])
+            stored_key = dict(header["fingerprint"])
+            layers = list(header["layers"])
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise self._corrupt(str(self.header_path), err) from err
+        if stored_key != self.key:
+            changed = sorted(k for k in self.key if stored_key.get(k) != self.key[k])
+            files = {k: v for k, v in files.items() if isinstance(v, Mapping)}
+            logger.warning(
+                "cache: %s was computed with a different %s; recomputing it",
+                self.directory,
+                "/".join(changed) or "format",
+            )
+            self._discard(files)
+            return 0
+        if (
+            not 0 <= rows_done <= num_rows
+            or layers != self.names
+            or layers != list(header["files"])
+        ):
+            raise self._corrupt(str(self.header_path), "inconsistent row counts or layers")
+        for entry in files.values():
+            self._check_file(entry, complete=bool(header.get("complete")))
+        self.header = header
+        self.rows_done = rows_done
+        return rows_done
+
+    def _check_file(self, entry: dict[str, Any], *, complete: bool) -> None:
+        try:
+            path = self.directory / str(entry["file"])
+            shape, dtype = list(entry["shape"]), str(entry["dtype"])
+        except (KeyError, TypeError) as err:
+            raise self._corrupt(str(self.header_path), err) from err
+        if not path.exists():
+            raise ValueError(f"cache: {path} is missing; delete {self.directory} to recompute")
+        try:
+            array = np.load(path, mmap_mode="r")
+        except (ValueError, OSError, EOFError) as err:
+            raise self._corrupt(str(path), err) from err
+        if list(array.shape) != shape or str(array.dtype) != dtype:
+            raise self._corrupt(str(path), f"shape {array.shape} / {array.dtype} != header")
+        del array
+        if complete and _file_checksum(path) != entry.get("checksum"):
+            raise self._corrupt(str(path), "checksum mismatch")
+
+    def _discard(self, files: Mapping[str, Any]) -> None:
+        self.header_path.unlink(missing_ok=True)
+        for entry in files.values():
+            (self.directory / str(entry.get("file", ""))).unlink(missing_ok=True)
+
+    def _create(self, outputs: list[np.ndarray], labels: np.ndarray | None) -> None:
+        num_rows = int(self.key["num_rows"])
+
+        def allocate(file: str, sample: np.ndarray) -> dict[str, Any]:
+            shape = (num_rows, *sample.shape[1:])
+            tmp = self.directory / f".{file}.{os.getpid()}.tmp"
+            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=sample.dtype, shape=shape)
+            del array
+            os.replace(tmp, self.directory / file)
+            return {"file": file, "shape": list(shape), "dtype": str(sample.dtype)}
+
+        files = {
+            name: allocate(f"features_{index}.npy", sample)
+            for index, (name, sample) in enumerate(zip(self.names, outputs, strict=True))
+        }
+        self.header = {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "fingerprint": self.key,
+            "layers": self.names,
+            "files": files,
+            "labels": allocate("labels.npy", labels) if labels is not None else None,
+            "num_rows": num_rows,
+            "batch_size": self.batch_size,
+            "rows_done": 0,
+            "complete": False,
+        }
+        _write_json_atomic(self.header_path, self.header)
+
+    def _entries(self) -> list[dict[str, Any]]:
+        if self.header is None:
+            return []
+        entries = [self.header["files"][name] for name in self.names]
+        return entries + ([self.header["labels"]] if self.header["labels"] else [])
+
+    def _open_handles(self) -> None:
+        for entry in self._entries():
+            path = self.directory / entry["file"]
+            dtype = np.dtype(entry["dtype"])
+            self.handles.append(open(path, "r+b"))  # noqa: SIM115 - closed in close()
+            self.offsets.append(_data_offset(path))
+            self.row_bytes.append(int(np.prod(entry["shape"][1:], dtype=np.int64)) * dtype.itemsize)
+            self.dtypes.append(dtype)
+
+    def write(self, start: int, outputs: list[np.ndarray], labels: np.ndarray | None) -> None:
+        if self.header is None:
+            self._create(outputs, labels)
+        if not self.handles:
+            self._open_handles()
+        columns = [*outputs, labels] if labels is not None else outputs
+        if len(columns) != len(self.handles):
+            raise ValueError("data: some batches carry labels and others do not")
+        for handle, offset, row_bytes, dtype, column in zip(
+            self.handles, self.offsets, self.row_bytes, self.dtypes, columns, strict=True
+        ):
+            block = np.ascontiguousarray(column, dtype=dtype)
+            if block.nbytes != row_bytes * block.shape[0]:
+                raise ValueError("cache: a batch's feature shape differs from the cached shape")
+            handle.seek(offset + start * row_bytes)
+            handle.write(block.reshape(-1).view(np.uint8).data)
+        self.rows_done = start + outputs[0].shape[0]
+        if time.monotonic() - self.last_save >= _HEADER_INTERVAL_S:
+            self.save()
+
+    def save(self, *, complete: bool = False) -> None:
+        """Flush the rows written so far, then record them in the header."""
+        if self.header is None:
+            return
+        for handle in self.handles:
+            handle.flush()
+            if complete:
+                os.fsync(handle.fileno())
+        self.header["rows_done"] = self.rows_done
+        if complete:
+            for entry in self._entries():
+                entry["checksum"] = _file_checksum(self.directory / entry["file"])
+            self.header["complete"] = True
+        _write_json_atomic(self.header_path, self.header)
+        self.last_save = time.monotonic()
+
+    def close(self) -> None:
+        while self.handles:
+            self.handles.pop().close()
+        self.offsets, self.row_bytes, self.dtypes = [], [], []
+
+    def result(self) -> tuple[list[np.ndarray], np.ndarray | None]:
+        loaded = [np.load(self.directory / e["file"], mmap_mode="c") for e in self._entries()]
+        arrays, labels = loaded[: len(self.names)], loaded[len(self.names) :]
+        return arrays, (labels[0] if labels else None)
+
+
+# --------------------------------------------------------------------------- extraction
+
+
+def _choose_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    devices = {t.device for t in [*model.parameters(), *model.buffers()]}
+    if device is None or (isinstance(device, str) and device == "auto"):
+        if len(devices) > 1:  # spread over devices: feed the first one, move nothing
+            return next(model.parameters()).device
+        if len(devices) == 1 and next(iter(devices)).type != "cpu":
+            return next(iter(devices))
+    return resolve_device(device)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    if a.type != b.type:
+        return False
+    if a.type == "cuda":
+        current = torch.cuda.current_device()
+        return (a.index if a.index is not None else current) == (
+            b.index if b.index is not None else current
+        )
+    return True
+
+
+def _amp_dtype(amp: object) -> tuple[bool, torch.dtype | None]:
+    if isinstance(amp, bool):
+        return amp, None
+    if isinstance(amp, torch.dtype) and amp in (torch.float16, torch.bfloat16):
+        return True, amp
+    raise TypeError(f"amp: expected a bool, torch.float16 or torch.bfloat16, got {amp!r}")
+
+
+def _call(extractor: FeatureExtractor, inputs: Any) -> list[Tensor]:
+    if isinstance(inputs, Mapping):
+        out = extractor(**inputs)
+    elif isinstance(inputs, (list, tuple)):
+        out = extractor(*inputs)
+    else:
+        out = extractor(inputs)
+    return list(out.values()) if isinstance(out, dict) else [out]
+
+
+def extract_features(
+    model_or_extractor: nn.Module,
+    data: Any,
+    *,
+    layers: str | Sequence[str] | None = None,
+    batch_size: int = 256,
+    device: str | torch.device | None = "auto",
+    amp: bool | torch.dtype = False,
+    cache: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    pool: PoolName | None = "avg",
+    early_stop: bool = False,
+) -> Any:
+    """Features of every sample of ``data``, as NumPy arrays, in one pass per batch.
+
+    The model runs in eval mode (each module's train/eval flag is restored afterwards)
+    under ``torch.inference_mode`` and, with ``amp``, under :func:`transferkit.autocast`.
+    Floating inputs are cast to the model's parameter dtype (so float64 arrays work) and
+    moved with :func:`transferkit.to_device`. Features come back as float32 for
+    half-precision outputs, else in the model's dtype.
+
+    Data: a ``Tensor`` or ``ndarray`` of inputs (batched by ``batch_size``); a dict of
+    tensors such as a tokenizer's output (``input_ids``, ``attention_mask``: passed as
+    keyword arguments, and the mask makes ``pool="avg"`` ignore padding); a ``Dataset`` or
+    a ``DataLoader`` (its own batch size is used) whose batches are inputs, ``(inputs,
+    labels)`` pairs (further items are ignored) or dicts (a ``"labels"``/``"label"`` key is
+    taken out as labels).
+
+    Cache: with ``cache=directory`` each output is stored as ``features_<i>.npy`` (plus
+    ``labels.npy``) next to a ``header.json`` that records shapes, dtypes, layer names, a
+    fingerprint of the model's weights, the data (length and sampled values) and the
+    settings, and how many rows are complete. A complete cache whose fingerprint matches
+    is returned memory-mapped (copy-on-write) without running the model; an incomplete one
+    is resumed from the last recorded row; a mismatching one is recomputed with a
+    warning. Shuffling DataLoaders cannot be cached.
+
+    Args:
+        model_or_extractor: a network, or a :class:`FeatureExtractor` (then ``layers`` and
+            ``pool`` come from it).
+        data: see above.
+        layers: module names (see :class:`FeatureExtractor`); ``None``: the model output.
+        batch_size: samples per forward pass for tensors, arrays and Datasets.
+        device: where to run; ``"auto"`` keeps a model that already sits on an accelerator
+            there, else picks one with :func:`transferkit.resolve_device`. A model moved
+            for the extraction is moved back afterwards.
+        amp: ``True`` for autocast with the device's default dtype (a no-op on CPU), or
+            ``torch.bfloat16`` / ``torch.float16``.
+        cache: a directory for the disk cache, or ``None``.
+        progress: show a tqdm progress bar.
+        pool: pooling of each output (see :class:`FeatureExtractor`).
+        early_stop: skip the layers after the deepest requested one.
+
+    Returns:
+        An ``(N, ...)`` array (``layers`` is ``None`` or one name), or a dict of arrays in
+        the order of ``layers``; a ``(features, labels)`` tuple when batches carry labels.
+
+    Raises:
+        TypeError: for unsupported data, batch or argument types.
+        ValueError: for invalid arguments, a shuffling DataLoader with ``cache``, or a
+            corrupted or truncated cache.
+
+    Examples:
+        >>> import transferkit as tk
+        >>> net = tk.models.SmallCNN(num_classes=10)
+        >>> x, y = torch.randn(10, 1, 16, 16), torch.arange(10)
+        >>> feats = tk.extract_features(net, x, layers=["features", "neck"], progress=False)
+        >>> {name: f.shape for name, f in feats.items()}
+        {'features': (10, 64), 'neck': (10, 128)}
+        >>> loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y))
+        >>> f, labels = tk.extract_features(net, loader, layers="neck", progress=False)
+        >>> f.shape, labels.tolist()[:3]
+        ((10, 128), [0, 1, 2])
+    """
+    check_positive(batch_size, "batch_size", integer=True)
+    amp_enabled, amp_dtype = _amp_dtype(amp)
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress: expected a bool, got {type(progress).__name__}")
+    if isinstance(model_or_extractor, FeatureExtractor):
+        if layers is not None:
+            raise ValueError("layers: give layers to the FeatureExtractor, not to both")
+        extractor, owned = model_or_extractor, False
+    elif isinstance(model_or_extractor, nn.Module):
+        extractor = FeatureExtractor(model_or_extractor, layers, pool, early_stop=early_stop)
+        owned = True
+    else:
+        raise TypeError(
+            "model_or_extractor: expected an nn.Module or FeatureExtractor, "
+            f"got {type(model_or_extractor).__name__}"
+        )
+    if cache is not None and not isinstance(cache, (str, os.PathLike)):
+        raise TypeError(f"cache: expected a directory path or None, got {type(cache).__name__}")
+    model = extractor.model
+    target = _choose_device(model, device)
+    source = _make_source(data, batch_size, target)
+    names = list(extractor.output_names)
+
+    sink: _CacheSink | _MemorySink
+    start = 0
+    if cache is not None:
+        if source.cacheable is not None:
+            raise ValueError(f"cache: {source.cacheable}")
+        key = {
+            "model": _model_fingerprint(model),
+            "model_class": type(model).__qualname__,
+            "layers": list(extractor.layers) if extractor.layers is not None else None,
+            "pool": extractor.pool,
+            "amp": str(amp_dtype) if amp_enabled else None,
+            "data": source.fingerprint(),
+            "num_rows": source.num_rows,
+        }
+        sink = _CacheSink(Path(cache), names, key, source.batch_size)
+        start = sink.open()
+        if sink.header is not None and sink.header.get("complete"):
+            logger.info("cache: reusing %s", cache)
+            return _finish(extractor, sink.result(), owned)
+        if start:
+            logger.info("cache: resuming %s after %d rows", cache, start)
+    else:
+        sink = _MemorySink(source.num_rows)
+
+    devices = {t.device for t in [*model.parameters(), *model.buffers()]}
+    original = next(iter(devices)) if len(devices) == 1 else None
+    moved = original is not None and not _same_device(original, target)
+    param_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    modes = [(module, module.training) for module in model.modules()]
+    rows = start
+    bar = tqdm(
+        total=source.num_rows,
+        initial=start,
+        disable=not progress,
+        unit="sample",
+        desc="extract_features",
+        leave=False,
+    )
+    try:
+        if moved:
+            model.to(target)
+        model.eval()
+        has_labels: bool | None = None
+        with torch.inference_mode(), autocast(target, dtype=amp_dtype, enabled=amp_enabled):
+            for batch in source.batches(start):
+                inputs, labels = _split_batch(batch)
+                if has_labels is None:
+                    has_labels = labels is not None
+                elif has_labels != (labels is not None):
+                    raise ValueError("data: some batches carry labels and others do not")
+                count = _rows_of(inputs)
+                inputs = to_device(_cast_floating(inputs, param_dtype), target)
+                outputs = [_to_numpy(t) for t in _call(extractor, inputs)]
+                label_array = _labels_to_numpy(labels) if labels is not None else None
+                for name, out in zip(names, outputs, strict=True):
+                    if out.ndim == 0 or out.shape[0] != count:
+                        raise ValueError(
+                            f"layers: {name!r} gave shape {out.shape} for a batch of {count}; "
+                            "its first dimension must be the batch"
+                        )
+                sink.write(rows, outputs, label_array)
+                rows += count
+                bar.update(count)
+        if isinstance(sink, _CacheSink):
+            if rows != source.num_rows:
+                raise ValueError(f"data: yielded {rows} samples, expected {source.num_rows}")
+            sink.save(complete=True)
+            result = sink.result()
+        else:
+            result = sink.result(rows)
+    except BaseException:
+        if isinstance(sink, _CacheSink):
+            sink.save()
+        raise
+    finally:
+        bar.close()
+        if isinstance(sink, _CacheSink):
+            sink.close()
+        for module, training in modes:
+            module.training = training
+        if moved and original is not None:
+            model.to(original)
+    return _finish(extractor, result, owned)
+
+
+def _finish(
+    extractor: FeatureExtractor, result: tuple[list[np.ndarray], np.ndarray | None], owned: bool
+) -> Any:
+    arrays, labels = result
+    if owned:
+        extractor.close()
+    features: Any = (
+        arrays[0] if extractor._single else dict(zip(extractor.output_names, arrays, strict=True))
+    )
+    return features if labels is None else (features, labels)
