@@ -18,6 +18,7 @@ from .device import autocast, dataloader_kwargs, resolve_device, seed_everything
 # [exports:kernels-losses]
 # [exports:freezing-heads]
 # [exports:features]
+from .features import FeatureExtractor, extract_features
 # [exports:adversarial]
 from .adversarial import (
     ConditionalDomainAdversarialLoss,
@@ -48,6 +49,8 @@ __all__ = [
     # [all:kernels-losses]
     # [all:freezing-heads]
     # [all:features]
+    "FeatureExtractor",
+    "extract_features",
     # [all:adversarial]
     "ConditionalDomainAdversarialLoss",
     "DomainAdversarialLoss",
