@@ -1,0 +1,1070 @@
+"""What trains: freezing policies, BatchNorm handling, parameter groups, gradual unfreezing.
+
+Freezing a pretrained backbone goes wrong in a few well-known ways, and every function
+here is built to rule them out:
+
+* BatchNorm running statistics keep moving in "frozen" layers after ``model.train()``.
+  :func:`freeze` with ``bn="eval"`` (the default) keeps frozen BatchNorm layers in eval
+  mode whatever ``train()``/``eval()`` calls follow; ``bn="frozen"`` replaces them by
+  :class:`FrozenBatchNorm`, whose statistics and affine terms are buffers.
+* Frozen parameters still move through momentum or weight decay. :func:`freeze` sets
+  ``requires_grad=False`` *and* clears ``.grad``: every torch optimizer skips parameters
+  whose gradient is ``None``, so nothing moves even if they were handed to an optimizer.
+  :func:`param_groups` never hands them over in the first place.
+* Parameters unfrozen after the optimizer was built never train.
+  :class:`GradualUnfreezing` adds them to the live optimizer as new parameter groups.
+* A resumed run silently freezes a different set. :meth:`GradualUnfreezing.load_state_dict`
+  re-applies the stage's freezing.
+* Layer-wise learning-rate decay ignored by schedulers: :func:`param_groups` writes the
+  decay into real per-group ``lr`` values, which every torch scheduler scales.
+* DDP "unused parameters" errors: freeze *before* wrapping with
+  ``DistributedDataParallel``; :func:`freeze` refuses a DDP-wrapped model with a message
+  that says so.
+
+Parameter names are the qualified names of ``model.named_parameters()``. A glob pattern
+selects a parameter when it matches its name, or the name of a module that holds it:
+``"fc"`` and ``"fc*"`` both select ``fc.weight`` and ``fc.bias``, ``"*.bias"`` every bias.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from fnmatch import fnmatchcase
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
+
+from ._validation import check_in_range, check_option, check_positive, did_you_mean
+
+__all__ = [
+    "FrozenBatchNorm",
+    "GradualUnfreezing",
+    "freeze",
+    "param_groups",
+    "trainable_summary",
+    "unfreeze",
+]
+
+logger = logging.getLogger(__name__)
+
+BNPolicy = Literal["eval", "train", "frozen"]
+_BN_POLICIES: tuple[BNPolicy, ...] = ("eval", "train", "frozen")
+_POLICY_ATTR = "_transferkit_bn_policy"
+_REPLACEABLE_BN: tuple[type[_BatchNorm], ...] = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+)
+_INPUT_DIMS: dict[type[nn.Module], tuple[int, ...]] = {
+    nn.BatchNorm1d: (2, 3),
+    nn.BatchNorm2d: (4,),
+    nn.BatchNorm3d: (5,),
+}
+_NORM_TYPES: tuple[type[nn.Module], ...] = tuple(
+    t
+    for t in (_NormBase, nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None))
+    if isinstance(t, type)
+)
+
+
+# --------------------------------------------------------------------------- FrozenBatchNorm
+
+
+class FrozenBatchNorm(nn.Module):
+    """BatchNorm with fixed statistics and affine terms, all stored as buffers.
+
+    A drop-in replacement for ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm`` that always
+    normalises with the running statistics, whatever the module's mode. Its state-dict
+    keys are those of the layer it replaces (``weight``, ``bias``, ``running_mean``,
+    ``running_var``, ``num_batches_tracked``), so checkpoints load either way. It has no
+    parameters, so no optimizer, weight decay or DDP gradient bucket ever sees it.
+
+    Args:
+        num_features: number of channels ``C``.
+        eps: added to the variance for numerical stability.
+        affine: whether ``weight``/``bias`` exist (as buffers).
+        track_running_stats: whether ``running_mean``/``running_var`` exist; without them
+            the layer normalises with batch statistics (as the original would in eval mode).
+        bn_class: the BatchNorm class it replaces; :meth:`to_batchnorm` restores it and
+            the forward pass checks the input rank it expects.
+
+    Shape:
+        - Input: ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)`` or ``(N, C, D, H, W)``, as the
+          replaced class accepts.
+        - Output: same shape as the input.
+
+    Examples:
+        >>> import torch
+        >>> bn = nn.BatchNorm2d(3)
+        >>> frozen = FrozenBatchNorm.from_batchnorm(bn).train()
+        >>> frozen(torch.randn(2, 3, 4, 4)).shape
+        torch.Size([2, 3, 4, 4])
+        >>> sorted(frozen.state_dict()) == sorted(bn.state_dict())
+        True
+        >>> len(list(frozen.parameters()))
+        0
+    """
+
+    weight: Tensor | None
+    bias: Tensor | None
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    num_batches_tracked: Tensor | None
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        *,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        bn_class: type[_BatchNorm] = nn.BatchNorm2d,
+        momentum: float | None = 0.1,
+    ) -> None:
+        super().__init__()
+        check_positive(num_features, "num_features", integer=True)
+        check_positive(eps, "eps")
+        if not (isinstance(bn_class, type) and issubclass(bn_class, _BatchNorm)):
+            raise TypeError(f"bn_class: expected a BatchNorm class, got {bn_class!r}")
+        self.num_features = int(num_features)
+        self.eps = float(eps)
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.bn_class = bn_class
+        self.momentum = momentum
+        self.register_buffer("weight", torch.ones(num_features) if affine else None)
+        self.register_buffer("bias", torch.zeros(num_features) if affine else None)
+        stats = track_running_stats
+        self.register_buffer("running_mean", torch.zeros(num_features) if stats else None)
+        self.register_buffer("running_var", torch.ones(num_features) if stats else None)
+        self.register_buffer(
+            "num_batches_tracked", torch.tensor(0, dtype=torch.long) if stats else None
+        )
+
+    @classmethod
+    def from_batchnorm(cls, bn: _BatchNorm) -> FrozenBatchNorm:
+        """Build a frozen copy of ``bn`` (values copied, detached, same device and dtype).
+
+        Examples:
+            >>> FrozenBatchNorm.from_batchnorm(nn.BatchNorm1d(4))
+            FrozenBatchNorm(4, eps=1e-05, bn_class=BatchNorm1d)
+        """
+        if not isinstance(bn, _BatchNorm):
+            raise TypeError(f"bn: expected a BatchNorm module, got {type(bn).__name__}")
+        frozen = cls(
+            bn.num_features,
+            bn.eps,
+            affine=bn.affine,
+            track_running_stats=bn.track_running_stats and bn.running_mean is not None,
+            bn_class=type(bn),
+            momentum=bn.momentum,
+        )
+        with torch.no_grad():
+            for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+                source = getattr(bn, name, None)
+                if source is not None and getattr(frozen, name) is not None:
+                    setattr(frozen, name, source.detach().clone())
+        frozen.training = bn.training
+        return frozen
+
+    def to_batchnorm(self) -> _BatchNorm:
+        """Return a trainable BatchNorm of the original class holding the same values.
+
+        Examples:
+            >>> frozen = FrozenBatchNorm(4, bn_class=nn.BatchNorm1d)
+            >>> type(frozen.to_batchnorm()).__name__
+            'BatchNorm1d'
+        """
+        bn = self.bn_class(
+            self.num_features,
+            eps=self.eps,
+            momentum=self.momentum,
+            affine=self.affine,
+            track_running_stats=self.track_running_stats,
+        )
+        reference = next(iter(t for t in self.buffers() if t.is_floating_point()), None)
+        if reference is not None:
+            bn = bn.to(device=reference.device, dtype=reference.dtype)
+        with torch.no_grad():
+            for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+                source = getattr(self, name)
+                target = getattr(bn, name, None)
+                if source is not None and target is not None:
+                    target.copy_(source)
+        bn.train(self.training)
+        return bn
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalise ``x`` with the stored statistics."""
+        allowed = _INPUT_DIMS.get(self.bn_class)
+        if (allowed is None and x.dim() < 2) or (allowed is not None and x.dim() not in allowed):
+            want = " or ".join(f"{d}-D" for d in allowed) if allowed else "at least 2-D"
+            raise ValueError(
+                f"input: {self.bn_class.__name__} expects a {want} tensor, got shape "
+                f"{tuple(x.shape)}"
+            )
+        return F.batch_norm(
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            training=self.running_mean is None,
+            momentum=0.0,
+            eps=self.eps,
+        )
+
+    def extra_repr(self) -> str:
+        """``num_features, eps, bn_class``."""
+        return f"{self.num_features}, eps={self.eps}, bn_class={self.bn_class.__name__}"
+
+
+# --------------------------------------------------------------------------- BN "eval" policy
+
+
+def _keep_eval(module: nn.Module, args: Any) -> None:
+    """Forward pre-hook: a BatchNorm under the "eval" policy always runs in eval mode."""
+    if module.training:
+        module.training = False
+
+
+class _EvalOnlyTrain:
+    """Instance-level ``train``: a frozen BatchNorm ignores ``model.train()``.
+
+    Stored in the module instance's ``__dict__`` (never on the class), so only the layers
+    that :func:`freeze` selected are affected; it survives ``copy.deepcopy`` and pickling.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, mode: bool = True) -> nn.Module:
+        self.module.training = False
+        return self.module
+
+
+def _bn_policy(module: nn.Module) -> str:
+    if isinstance(module, FrozenBatchNorm):
+        return "frozen"
+    return "eval" if vars(module).get(_POLICY_ATTR) == "eval" else "train"
+
+
+def _set_eval_policy(module: nn.Module) -> None:
+    if vars(module).get(_POLICY_ATTR) != "eval":
+        vars(module)[_POLICY_ATTR] = "eval"
+        vars(module)["train"] = _EvalOnlyTrain(module)
+        module.register_forward_pre_hook(_keep_eval)
+    module.training = False
+
+
+def _clear_eval_policy(module: nn.Module, training: bool) -> None:
+    if vars(module).pop(_POLICY_ATTR, None) is not None:
+        vars(module).pop("train", None)
+        hooks = module._forward_pre_hooks
+        for key in [k for k, hook in hooks.items() if hook is _keep_eval]:
+            del hooks[key]
+    module.training = training
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def _unwrap(model: object, caller: str) -> nn.Module:
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise TypeError(
+            f"model: {caller} cannot change what a DistributedDataParallel model trains: DDP "
+            "registers its parameters when it is built, so freezing afterwards makes it wait "
+            "for gradients that never come ('unused parameters'). Call "
+            f"{caller}(model.module, ...) and wrap again, or {caller} before wrapping."
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if isinstance(model, nn.DataParallel):
+        return _unwrap(model.module, caller)
+    inner = getattr(model, "_orig_mod", None)  # torch.compile wrapper
+    return _unwrap(inner, caller) if isinstance(inner, nn.Module) else model
+
+
+def _as_patterns(value: str | Sequence[str] | None, name: str) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
+        if not value:
+            raise ValueError(f"{name}: expected at least one pattern, got an empty list")
+        return list(value)
+    raise TypeError(f"{name}: expected a glob pattern or a list of them, got {value!r}")
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return fnmatchcase(name, pattern) or fnmatchcase(name, pattern + ".*")
+
+
+def _is_bn_like(module: nn.Module) -> bool:
+    return isinstance(module, (_BatchNorm, FrozenBatchNorm))
+
+
+def _bn_class(module: nn.Module) -> type[nn.Module]:
+    return module.bn_class if isinstance(module, FrozenBatchNorm) else type(module)
+
+
+def _entries(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Parameter | None]]:
+    """``(qualified name, owner module, parameter)`` for every parameter.
+
+    FrozenBatchNorm layers contribute their ``weight``/``bias`` names with ``None`` so that
+    patterns can select them for :func:`unfreeze`.
+    """
+    seen: set[int] = set()
+    for prefix, module in model.named_modules():
+        for leaf, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            yield (f"{prefix}.{leaf}" if prefix else leaf), module, param
+        if isinstance(module, FrozenBatchNorm) and module.affine:
+            for leaf in ("weight", "bias"):
+                yield (f"{prefix}.{leaf}" if prefix else leaf), module, None
+
+
+def _until_prefixes(model: nn.Module, until: str) -> list[str]:
+    """Names frozen by ``until``: every child before it in definition order, and itself."""
+    if not isinstance(until, str) or not until:
+        raise TypeError(f"until: expected a module name such as 'layer3', got {until!r}")
+    prefixes: list[str] = []
+    module, path = model, ""
+    for part in until.split("."):
+        children = dict(module.named_children())
+        if part not in children:
+            known = [name for name, _ in model.named_modules() if name]
+            raise ValueError(
+                f"until: {until!r} is not a module of {type(model).__name__}"
+                f"{did_you_mean(until, known)}"
+            )
+        # parameters held directly by a module on the path (ViT cls_token, pos_embed) come
+        # before its children
+        prefixes += [
+            f"{path}.{n}" if path else n for n, _ in module.named_parameters(recurse=False)
+        ]
+        for name in children:
+            if name == part:
+                break
+            prefixes.append(f"{path}.{name}" if path else name)
+        path = f"{path}.{part}" if path else part
+        module = children[part]
+    prefixes.append(path)
+    return prefixes
+
+
+class _Selection:
+    """The parameters (and BatchNorm layers) that a freeze/unfreeze call targets."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        include: str | Sequence[str] | None,
+        exclude: str | Sequence[str] | None,
+        until: str | None,
+        types: type[nn.Module] | tuple[type[nn.Module], ...] | None,
+    ) -> None:
+        self.include = _as_patterns(include, "include")
+        self.exclude = _as_patterns(exclude, "exclude") or []
+        self.until = None if until is None else _until_prefixes(model, until)
+        if types is not None:
+            as_tuple = types if isinstance(types, tuple) else (types,)
+            if not as_tuple or not all(
+                isinstance(t, type) and issubclass(t, nn.Module) for t in as_tuple
+            ):
+                raise TypeError(f"types: expected nn.Module classes, got {types!r}")
+            present = any(
+                issubclass(_bn_class(m), as_tuple) or isinstance(m, as_tuple)
+                for m in model.modules()
+            )
+            if not present:
+                wanted = ", ".join(t.__name__ for t in as_tuple)
+                raise ValueError(f"types: {type(model).__name__} has no module of type {wanted}")
+            self.types: tuple[type[nn.Module], ...] | None = as_tuple
+        else:
+            self.types = None
+        entries = list(_entries(model))
+        entry_names = [name for name, _, _ in entries]
+        modules = [name for name, _ in model.named_modules() if name]
+        for label, patterns in (("include", self.include or []), ("exclude", self.exclude)):
+            for pattern in patterns:
+                if not any(_matches(name, pattern) for name in entry_names):
+                    hint = did_you_mean(pattern, modules + entry_names) or (
+                        f"; top-level modules are {[n for n, _ in model.named_children()]}"
+                    )
+                    raise ValueError(
+                        f"{label}: pattern {pattern!r} matches no parameter of "
+                        f"{type(model).__name__}{hint}"
+                    )
+        self.entries = [(n, m, p) for n, m, p in entries if self.selects(n, m)]
+        self.batchnorms = [
+            (name, m)
+            for name, m in model.named_modules()
+            if _is_bn_like(m)
+            and all(
+                self.selects(f"{name}.{leaf}" if name else leaf, m) for leaf in ("weight", "bias")
+            )
+        ]
+
+    def selects(self, name: str, module: nn.Module) -> bool:
+        if self.include is not None and not any(_matches(name, p) for p in self.include):
+            return False
+        if self.until is not None and not any(
+            name == p or name.startswith(p + ".") for p in self.until
+        ):
+            return False
+        if self.types is not None and not (
+            isinstance(module, self.types) or issubclass(_bn_class(module), self.types)
+        ):
+            return False
+        return not any(_matches(name, p) for p in self.exclude)
+
+
+def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, new)
+
+
+# --------------------------------------------------------------------------- freeze / unfreeze
+
+
+def freeze(
+    model: nn.Module,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    *,
+    until: str | None = None,
+    types: type[nn.Module] | tuple[type[nn.Module], ...] | None = None,
+    bn: BNPolicy = "eval",
+) -> list[str]:
+    """Freeze the selected parameters and apply a BatchNorm policy to frozen BN layers.
+
+    A parameter is selected when it matches ``include`` (default: every parameter), lies in
+    the ``until`` range, belongs to a module of one of ``types``, and matches no ``exclude``
+    pattern. Selected parameters get ``requires_grad=False`` and their ``.grad`` is cleared,
+    so an optimizer that already holds them skips them (no momentum, no weight decay).
+
+    A BatchNorm layer whose ``weight`` and ``bias`` names are both selected (also when it
+    has no affine terms) is handled by ``bn``:
+
+    * ``"eval"``: it stays in eval mode, so its running statistics never change, even after
+      ``model.train()``: the layer ignores ``train()`` calls and a forward pre-hook re-checks
+      the mode (per instance; no class is patched). :func:`unfreeze` removes both.
+    * ``"train"``: it keeps the model's mode; its statistics follow the new data.
+    * ``"frozen"``: it is replaced by a :class:`FrozenBatchNorm` (BatchNorm1d/2d/3d and
+      SyncBatchNorm; subclasses such as timm's ``BatchNormAct2d`` get the ``"eval"`` policy
+      instead, since replacing them would drop their extra behaviour).
+
+    Freeze *before* wrapping the model in ``DistributedDataParallel``: DDP registers the
+    parameters that need gradients when it is built.
+
+    Args:
+        model: the network (a ``DataParallel`` or ``torch.compile`` wrapper is unwrapped).
+        include: glob pattern(s) on qualified parameter or module names.
+        exclude: glob pattern(s) of parameters to leave alone, e.g. the new head ``"fc*"``.
+        until: a module name; every child module defined before it (in definition order)
+            and the module itself are selected. A dotted name (``"layer3.1"``) walks into
+            the children of ``layer3``. Parameters held directly by a module on that path
+            (e.g. a ViT's ``cls_token``) count as coming first.
+        types: module class(es); only parameters held directly by such modules are
+            selected, e.g. ``types=nn.BatchNorm2d``.
+        bn: the BatchNorm policy, ``"eval"``, ``"train"`` or ``"frozen"``.
+
+    Returns:
+        The qualified names of the parameters that were trainable and are now frozen, in
+        model order (already-frozen parameters are not repeated).
+
+    Raises:
+        TypeError: ``model`` is not a module, is wrapped in DDP, or an argument has the
+            wrong type.
+        ValueError: a pattern matches no parameter (the message suggests close names),
+            ``until`` names no module, or the combined selection is empty.
+
+    Examples:
+        >>> import transferkit as tk
+        >>> net = tk.models.SmallCNN(num_classes=3)
+        >>> frozen = tk.freeze(net, exclude="fc")
+        >>> frozen[:2], [n for n, p in net.named_parameters() if p.requires_grad]
+        (['features.0.weight', 'features.0.bias'], ['fc.weight', 'fc.bias'])
+        >>> net.train().features[1].training  # frozen BatchNorm stays in eval mode
+        False
+        >>> tk.freeze(net, include="featurs")
+        Traceback (most recent call last):
+        ...
+        ValueError: include: pattern 'featurs' matches no parameter of SmallCNN; did you ...
+    """
+    model = _unwrap(model, "freeze")
+    bn = check_option(bn, "bn", _BN_POLICIES)
+    selection = _Selection(model, include, exclude, until, types)
+    if not selection.entries and not selection.batchnorms:
+        raise ValueError(
+            "freeze: the policy selects no parameter (include/exclude/until/types leave "
+            "nothing); check the patterns against trainable_summary(model)"
+        )
+    changed: list[str] = []
+    for name, _, param in selection.entries:
+        if param is None:
+            continue
+        if param.requires_grad:
+            changed.append(name)
+        param.requires_grad_(False)
+        param.grad = None
+    replaced = 0
+    for name, module in selection.batchnorms:
+        if isinstance(module, FrozenBatchNorm):
+            continue
+        if bn == "train":
+            _clear_eval_policy(module, model.training)
+        elif bn == "frozen" and type(module) in _REPLACEABLE_BN:
+            assert isinstance(module, _BatchNorm)
+            _clear_eval_policy(module, module.training)
+            _replace_module(model, name, FrozenBatchNorm.from_batchnorm(module))
+            replaced += 1
+        else:
+            if bn == "frozen":
+                logger.warning(
+                    "freeze: %s (%s) is a BatchNorm subclass; keeping it in eval mode "
+                    "instead of replacing it by FrozenBatchNorm",
+                    name,
+                    type(module).__name__,
+                )
+            _set_eval_policy(module)
+    logger.info(
+        "froze %d parameter tensors (%d BatchNorm layers, bn=%r, %d replaced)",
+        len(changed),
+        len(selection.batchnorms),
+        bn,
+        replaced,
+    )
+    return changed
+
+
+def unfreeze(
+    model: nn.Module,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    *,
+    until: str | None = None,
+    types: type[nn.Module] | tuple[type[nn.Module], ...] | None = None,
+) -> list[str]:
+    """Make the selected parameters trainable again and restore their BatchNorm layers.
+
+    The selection works as in :func:`freeze`. Selected BatchNorm layers lose the
+    ``"eval"`` policy (they follow the model's mode again) and :class:`FrozenBatchNorm`
+    layers become trainable BatchNorm layers of their original class, holding the same
+    values. Their new ``weight``/``bias`` parameters are new tensor objects: add them to
+    the optimizer (:class:`GradualUnfreezing` does).
+
+    Args:
+        model: the network (``DataParallel``/``torch.compile`` wrappers are unwrapped).
+        include: glob pattern(s) on qualified parameter or module names (default: all).
+        exclude: glob pattern(s) to leave frozen.
+        until: a module name, as in :func:`freeze`.
+        types: module class(es), as in :func:`freeze`.
+
+    Returns:
+        The qualified names of the parameters that were frozen and are now trainable.
+
+    Raises:
+        TypeError: ``model`` is not a module or is wrapped in DDP.
+        ValueError: a pattern matches no parameter, or ``until`` names no module.
+
+    Examples:
+        >>> import transferkit as tk
+        >>> net = tk.models.SmallCNN(num_classes=3)
+        >>> _ = tk.freeze(net, bn="frozen")
+        >>> tk.unfreeze(net, include="features.1")
+        ['features.1.weight', 'features.1.bias']
+        >>> type(net.features[1]).__name__, net.features[1].weight.requires_grad
+        ('BatchNorm2d', True)
+    """
+    model = _unwrap(model, "unfreeze")
+    selection = _Selection(model, include, exclude, until, types)
+    changed: list[str] = []
+    for name, _, param in selection.entries:
+        if param is None:
+            continue
+        if not param.requires_grad:
+            changed.append(name)
+        param.requires_grad_(True)
+    for name, module in selection.batchnorms:
+        if isinstance(module, FrozenBatchNorm):
+            restored = module.to_batchnorm()
+            restored.train(model.training)
+            _replace_module(model, name, restored)
+            changed += [f"{name}.{leaf}" for leaf, _ in restored.named_parameters()]
+        else:
+            _clear_eval_policy(module, model.training)
+    order = {name: i for i, (name, _, _) in enumerate(_entries(model))}
+    changed.sort(key=lambda n: order.get(n, len(order)))
+    logger.info("unfroze %d parameter tensors", len(changed))
+    return changed
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+def _has_state(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+
+
+def _numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _should_split(module: nn.Module, name: str, head: str | None) -> bool:
+    if head is not None and head.startswith(name + "."):
+        return True
+    if isinstance(module, _CONTAINERS):
+        return True
+    total = _numel(module)
+    for inner in module.modules():
+        if inner is not module and isinstance(inner, _CONTAINERS):
+            stateful = sum(1 for child in inner.children() if _has_state(child))
+            if stateful >= 2 and 2 * _numel(inner) > total:
+                return True
+    return False
+
+
+def _head_name(model: nn.Module) -> str | None:
+    from .heads import find_head
+
+    try:
+        return find_head(model)[0]
+    except (TypeError, ValueError):
+        return None
+
+
+def _blocks(model: nn.Module) -> list[tuple[str, nn.Module, list[tuple[str, nn.Parameter]]]]:
+    """Split ``model`` into blocks in definition order: ``(name, module, named params)``.
+
+    Containers (``Sequential``/``ModuleList``) are split into their items, a module that
+    holds the head is split, and so is a module whose bulk lies in a container of repeated
+    blocks (HF ``bert.encoder.layer``). Parameters held directly by a split module form a
+    block of their own (named after it, ``"(root)"`` for the model).
+    """
+    head = _head_name(model)
+    blocks: list[tuple[str, nn.Module, list[tuple[str, nn.Parameter]]]] = []
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        own = [
+            (f"{prefix}.{n}" if prefix else n, p) for n, p in module.named_parameters(recurse=False)
+        ]
+        if own or (not prefix and any(True for _ in module.buffers(recurse=False))):
+            blocks.append((prefix or "(root)", module, own))
+        for name, child in module.named_children():
+            full = f"{prefix}.{name}" if prefix else name
+            if not _has_state(child):
+                continue
+            if _should_split(child, full, head):
+                visit(child, full)
+            else:
+                blocks.append((full, child, list(child.named_parameters(prefix=full))))
+
+    if any(True for _ in model.children()):
+        visit(model, "")
+    else:
+        blocks.append(("(root)", model, list(model.named_parameters())))
+    return blocks
+
+
+def _depths(names: Sequence[str], head: str | None) -> list[int]:
+    """Depth of each block from the top: head blocks 0, the block below 1, and so on."""
+    is_head = [head is not None and (n == head or n.startswith(head + ".")) for n in names]
+    if not any(is_head):
+        is_head = [i == len(names) - 1 for i in range(len(names))]
+    depths = [0] * len(names)
+    depth = 0
+    for i in reversed(range(len(names))):
+        if not is_head[i]:
+            depth += 1
+            depths[i] = depth
+    return depths
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def trainable_summary(model: nn.Module) -> str:
+    """A table of the model's blocks, their parameter counts and what trains.
+
+    Blocks are those :func:`param_groups` uses: top-level modules, split into their items
+    when they are containers or hold the head. The ``bn`` column counts BatchNorm layers by
+    policy (``eval``, ``frozen``, ``train``, see :func:`freeze`).
+
+    Args:
+        model: the network.
+
+    Returns:
+        The table as a string (print it).
+
+    Examples:
+        >>> import transferkit as tk
+        >>> net = tk.models.MLP(4, 2, hidden=(8,))
+        >>> _ = tk.freeze(net, exclude="fc")
+        >>> print(tk.trainable_summary(net))
+        block       type    params  trainable  bn
+        ----------  ------  ------  ---------  --
+        features.0  Linear      40          0  -
+        fc          Linear      18         18  -
+        ----------  ------  ------  ---------  --
+        total                   58         18
+        trainable share: 31.0%
+    """
+    model = _unwrap(model, "trainable_summary")
+    rows: list[tuple[str, ...]] = []
+    total = trainable = 0
+    for name, module, params in _blocks(model):
+        count = sum(p.numel() for _, p in params)
+        train = sum(p.numel() for _, p in params if p.requires_grad)
+        total += count
+        trainable += train
+        policies: dict[str, int] = {}
+        for inner in module.modules() if name != "(root)" else [module]:
+            if _is_bn_like(inner):
+                policy = _bn_policy(inner)
+                policies[policy] = policies.get(policy, 0) + 1
+        bn = ", ".join(f"{n} {p}" if n > 1 else p for p, n in sorted(policies.items())) or "-"
+        rows.append((name, type(module).__name__, f"{count:,}", f"{train:,}", bn))
+    share = f"{100.0 * trainable / total:.1f}%" if total else "-"
+    header = ("block", "type", "params", "trainable", "bn")
+    footer = ("total", "", f"{total:,}", f"{trainable:,}", "")
+    widths = [max(len(r[i]) for r in [header, *rows, footer]) for i in range(5)]
+    right = (False, False, True, True, False)
+
+    def fmt(row: Sequence[str]) -> str:
+        cells = [
+            c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right, strict=True)
+        ]
+        return "  ".join(cells).rstrip()
+
+    rule = fmt(["-" * w for w in widths])
+    lines = [fmt(header), rule, *(fmt(r) for r in rows), rule, fmt(footer)]
+    return "\n".join([*lines, f"trainable share: {share}"])
+
+
+# --------------------------------------------------------------------------- param groups
+
+
+def _no_decay_tokens(no_decay: str | Sequence[str]) -> list[str]:
+    tokens = [no_decay] if isinstance(no_decay, str) else list(no_decay)
+    if not all(isinstance(t, str) and t for t in tokens):
+        raise TypeError(f"no_decay: expected name patterns (strings), got {no_decay!r}")
+    return tokens
+
+
+def _is_no_decay(name: str, module: nn.Module, tokens: Sequence[str]) -> bool:
+    parts = name.lower().split(".")
+    for token in tokens:
+        if any(c in token for c in "*?["):
+            if fnmatchcase(name, token):
+                return True
+        elif any(token.lower() in part for part in parts) or (
+            token.lower() == "norm" and isinstance(module, _NORM_TYPES)
+        ):
+            return True
+    return False
+
+
+def _owners(model: nn.Module) -> dict[int, nn.Module]:
+    owners: dict[int, nn.Module] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owners.setdefault(id(param), module)
+    return owners
+
+
+def _split_decay(
+    named: Iterable[tuple[str, nn.Parameter]],
+    owners: Mapping[int, nn.Module],
+    tokens: Sequence[str],
+) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    decay: list[nn.Parameter] = []
+    plain: list[nn.Parameter] = []
+    for name, param in named:
+        owner = owners.get(id(param), nn.Module())
+        (plain if _is_no_decay(name, owner, tokens) else decay).append(param)
+    return decay, plain
+
+
+def param_groups(
+    model: nn.Module,
+    lr: float,
+    *,
+    layer_decay: float | None = None,
+    weight_decay: float = 0.0,
+    no_decay: str | Sequence[str] = ("bias", "norm"),
+) -> list[dict[str, Any]]:
+    """Optimizer parameter groups: trainable parameters only, explicit lr and weight decay.
+
+    The model is cut into blocks in definition order (top-level modules; containers such as
+    ``layer1`` or ``encoder.layer`` are cut into their items; see :func:`trainable_summary`)
+    and every block gets its own group(s), named after it in a ``"name"`` key. A parameter
+    gets no weight decay when a ``no_decay`` entry is a substring of one of its dotted name
+    parts (case-insensitive; ``"bias"``, ``"LayerNorm"``), matches it as a glob pattern,
+    or, for ``"norm"``, when it belongs to a normalisation layer (BatchNorm, LayerNorm,
+    GroupNorm, ...). Those parameters go to a separate ``"<block> (no_decay)"`` group.
+
+    With ``layer_decay``, the head (found by :func:`transferkit.find_head`, otherwise the
+    last block) gets ``lr`` and the block ``d`` steps below it ``lr * layer_decay**d``.
+    The decay is written into each group's ``lr`` (no ``lr_scale`` key), so every torch
+    scheduler scales it correctly and no scheduler can apply it twice.
+
+    Args:
+        model: the network; frozen parameters (``requires_grad=False``) are left out.
+        lr: learning rate of the head (of every group without ``layer_decay``).
+        layer_decay: factor in ``(0, 1]`` per block below the head, e.g. ``0.75``.
+        weight_decay: weight decay of the decayed groups (``>= 0``).
+        no_decay: names whose parameters get ``weight_decay=0.0``.
+
+    Returns:
+        A list of dicts with keys ``params``, ``lr``, ``weight_decay`` and ``name``, ready
+        for any ``torch.optim`` optimizer.
+
+    Raises:
+        ValueError: ``lr``/``weight_decay``/``layer_decay`` out of range, or no parameter
+            is trainable.
+
+    Examples:
+        >>> import torch, transferkit as tk
+        >>> net = tk.models.SmallCNN(num_classes=3)
+        >>> _ = tk.freeze(net, until="features")
+        >>> groups = tk.param_groups(net, 0.1, layer_decay=0.5, weight_decay=1e-4)
+        >>> for group in groups:
+        ...     print(group["name"], group["lr"], group["weight_decay"])
+        neck.1 0.05 0.0001
+        neck.1 (no_decay) 0.05 0.0
+        fc 0.1 0.0001
+        fc (no_decay) 0.1 0.0
+        >>> optimizer = torch.optim.SGD(groups, momentum=0.9)
+    """
+    model = _unwrap(model, "param_groups")
+    base_lr = check_positive(lr, "lr")
+    decay_value = check_positive(weight_decay, "weight_decay", strict=False)
+    factor = None if layer_decay is None else check_in_range(layer_decay, "layer_decay", 0.0, 1.0)
+    if factor == 0.0:
+        raise ValueError("layer_decay: expected a value in (0, 1], got 0.0")
+    tokens = _no_decay_tokens(no_decay)
+    blocks = _blocks(model)
+    depths = _depths([name for name, _, _ in blocks], _head_name(model))
+    owners = _owners(model)
+    groups: list[dict[str, Any]] = []
+    for (name, _, params), depth in zip(blocks, depths, strict=True):
+        trainable = [(n, p) for n, p in params if p.requires_grad]
+        if not trainable:
+            continue
+        group_lr = base_lr * factor**depth if factor is not None else base_lr
+        decay, plain = _split_decay(trainable, owners, tokens)
+        if decay:
+            groups.append(
+                {"params": decay, "lr": group_lr, "weight_decay": decay_value, "name": name}
+            )
+        if plain:
+            groups.append(
+                {"params": plain, "lr": group_lr, "weight_decay": 0.0, "name": f"{name} (no_decay)"}
+            )
+    if not groups:
+        raise ValueError(
+            "model: no trainable parameter (every parameter has requires_grad=False); "
+            "unfreeze something first"
+        )
+    return groups
+
+
+# --------------------------------------------------------------------------- gradual unfreezing
+
+
+class GradualUnfreezing:
+    """Unfreeze a network stage by stage, from the top down, into a live optimizer.
+
+    At construction every parameter matched by a stage is frozen (with the ``bn`` policy);
+    parameters that no stage names, typically the new head, are left as they are. Every
+    ``every`` calls to :meth:`step` (call it once per epoch, or once per optimizer step)
+    the next stage is unfrozen, and its parameters are added to ``optimizer`` as a new
+    parameter group (two when some get no weight decay) with the stage's ``lr``. So the
+    stage ``k`` (0-based) trains from the ``(k + 1) * every``-th call on.
+
+    :meth:`state_dict` holds the step count; :meth:`load_state_dict` re-applies the
+    freezing of that stage and re-adds the groups in the original order. When resuming,
+    load it *before* ``optimizer.load_state_dict`` so the group layout matches.
+
+    LR schedulers built before a group is added do not know the new group (torch
+    schedulers keep one base lr per group at construction); build them after the last
+    stage, or step the new group's ``lr`` yourself.
+
+    Args:
+        model: the network. Freeze stages before wrapping it in DDP, or re-wrap after each
+            stage (DDP fixes its parameters when it is built).
+        stages: from the top of the network down; each stage a glob pattern or a list of
+            patterns, e.g. ``["layer4", "layer3", ["layer2", "layer1"]]``.
+        optimizer: receives the newly trainable parameters; ``None`` only toggles freezing.
+        every: calls to :meth:`step` between two stages.
+        lr: learning rate of the new groups: one value, one per stage, or ``None`` for the
+            current lr of the optimizer's first group.
+        bn: BatchNorm policy for frozen stages (see :func:`freeze`).
+        weight_decay: weight decay of the new groups (``None``: the optimizer's default).
+        no_decay: names that get no weight decay, as in :func:`param_groups`.
+
+    Raises:
+        ValueError: empty stages, a stage pattern that matches nothing, or bad ``every``/``lr``.
+
+    Examples:
+        >>> import torch, transferkit as tk
+        >>> net = tk.models.SmallCNN(num_classes=3)
+        >>> optimizer = torch.optim.SGD(net.fc.parameters(), lr=0.1)
+        >>> schedule = tk.GradualUnfreezing(net, ["neck", "features"], optimizer, lr=0.01)
+        >>> net.neck[1].weight.requires_grad, len(optimizer.param_groups)
+        (False, 1)
+        >>> schedule.step()
+        ['neck.1.weight', 'neck.1.bias']
+        >>> [g["lr"] for g in optimizer.param_groups]
+        [0.1, 0.01, 0.01]
+        >>> schedule.state_dict()
+        {'steps': 1, 'stage': 1}
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        stages: Sequence[str | Sequence[str]],
+        optimizer: torch.optim.Optimizer | None = None,
+        every: int = 1,
+        lr: float | Sequence[float] | None = None,
+        *,
+        bn: BNPolicy = "eval",
+        weight_decay: float | None = None,
+        no_decay: str | Sequence[str] = ("bias", "norm"),
+    ) -> None:
+        self.model = _unwrap(model, "GradualUnfreezing")
+        if isinstance(stages, str) or not isinstance(stages, Sequence) or not stages:
+            raise ValueError(
+                "stages: expected a non-empty list of patterns (one entry per stage, top "
+                f"first), got {stages!r}"
+            )
+        self.stages = [_as_patterns(s, f"stages[{i}]") or [] for i, s in enumerate(stages)]
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        self.optimizer = optimizer
+        self.every = int(check_positive(every, "every", integer=True))
+        if lr is None or isinstance(lr, (int, float)):
+            self.lrs: list[float | None] = [
+                None if lr is None else check_positive(lr, "lr") for _ in self.stages
+            ]
+        else:
+            values = list(lr)
+            if len(values) != len(self.stages):
+                raise ValueError(
+                    f"lr: expected one value per stage ({len(self.stages)}), got {len(values)}"
+                )
+            self.lrs = [check_positive(v, "lr") for v in values]
+        self.bn: BNPolicy = check_option(bn, "bn", _BN_POLICIES)
+        self.weight_decay = (
+            None
+            if weight_decay is None
+            else check_positive(weight_decay, "weight_decay", strict=False)
+        )
+        self.no_decay = _no_decay_tokens(no_decay)
+        self.steps = 0
+        self.stage = 0
+        self._freeze_all()
+
+    @property
+    def done(self) -> bool:
+        """Whether every stage is unfrozen."""
+        return self.stage >= len(self.stages)
+
+    def _freeze_all(self) -> None:
+        patterns = [p for stage in self.stages for p in stage]
+        freeze(self.model, include=patterns, bn=self.bn)
+
+    def _unfreeze_stage(self, k: int) -> list[str]:
+        names = unfreeze(self.model, include=self.stages[k])
+        if self.optimizer is not None:
+            self._add_to_optimizer(k)
+        logger.info("GradualUnfreezing: stage %d (%s) unfrozen", k, ", ".join(self.stages[k]))
+        return names
+
+    def _add_to_optimizer(self, k: int) -> None:
+        optimizer = self.optimizer
+        assert optimizer is not None
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        selection = _Selection(self.model, self.stages[k], None, None, None)
+        fresh = [
+            (n, p)
+            for n, _, p in selection.entries
+            if p is not None and p.requires_grad and id(p) not in held
+        ]
+        if not fresh:
+            return
+        lr = self.lrs[k]
+        lr_value = float(optimizer.param_groups[0]["lr"]) if lr is None else lr
+        decay_value = (
+            float(optimizer.defaults.get("weight_decay", 0.0))
+            if self.weight_decay is None
+            else self.weight_decay
+        )
+        decay, plain = _split_decay(fresh, _owners(self.model), self.no_decay)
+        label = f"stage {k}: {', '.join(self.stages[k])}"
+        for params, wd, name in ((decay, decay_value, label), (plain, 0.0, f"{label} (no_decay)")):
+            if params:
+                group: dict[str, Any] = {
+                    "params": params,
+                    "lr": lr_value,
+                    "weight_decay": wd,
+                    "name": name,
+                }
+                if "initial_lr" in optimizer.param_groups[0]:
+                    group["initial_lr"] = lr_value
+                optimizer.add_param_group(group)
+
+    def step(self) -> list[str]:
+        """Count one epoch (or step); unfreeze the next stage when it is due.
+
+        Returns:
+            Names of the parameters unfrozen by this call (usually empty).
+        """
+        self.steps += 1
+        due = min(self.steps // self.every, len(self.stages))
+        names: list[str] = []
+        while self.stage < due:
+            names += self._unfreeze_stage(self.stage)
+            self.stage += 1
+        return names
+
+    def state_dict(self) -> dict[str, int]:
+        """The schedule's progress: ``{"steps": ..., "stage": ...}``."""
+        return {"steps": self.steps, "stage": self.stage}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Restore the progress and re-apply exactly that stage's freezing.
+
+        Every stage is frozen again, then stages ``0 .. stage-1`` are unfrozen in order,
+        adding their groups to the optimizer if it does not hold them yet.
+
+        Raises:
+            ValueError: ``state`` is not from a schedule with as many stages.
+        """
+        if not isinstance(state, Mapping) or not {"steps", "stage"} <= set(state):
+            raise ValueError(f"state: expected keys 'steps' and 'stage', got {state!r}")
+        steps, stage = int(state["steps"]), int(state["stage"])
+        if steps < 0 or not 0 <= stage <= len(self.stages):
+            raise ValueError(f"state: stage {stage} is out of range for {len(self.stages)} stages")
+        self._freeze_all()
+        self.steps, self.stage = steps, 0
+        while self.stage < stage:
+            self._unfreeze_stage(self.stage)
+            self.stage += 1

@@ -1,0 +1,373 @@
+"""What sits on top: pooling + MLP classifier heads, and finding/replacing a model's head.
+
+* :class:`ClassifierHead` pools convolutional maps ``(N, C, H, W)``, token sequences
+  ``(N, T, D)`` or ready features ``(N, D)`` and maps them to logits through optional
+  hidden layers (in the spirit of fastai's ``create_head`` and timm's classifier).
+* :func:`find_head` locates the final classifier of torchvision, timm and Hugging Face
+  models and of plain ``nn.Sequential`` stacks; :func:`replace_head` swaps it in place.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from ._validation import check_in_range, check_option, check_positive, check_tensor
+
+__all__ = ["ClassifierHead", "find_head", "replace_head"]
+
+logger = logging.getLogger(__name__)
+
+PoolType = Literal["avg", "max", "avgmax", "token"]
+Activation = Literal["relu", "gelu", "silu", "tanh"]
+NormType = Literal["batch", "layer"]
+_POOLS: tuple[PoolType, ...] = ("avg", "max", "avgmax", "token")
+_ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "tanh": nn.Tanh,
+}
+_NORMS: tuple[NormType, ...] = ("batch", "layer")
+_HEAD_ATTRIBUTES = ("fc", "classifier", "heads", "head", "score", "last_linear")
+
+
+class ClassifierHead(nn.Module):
+    """Pooling, optional hidden layers and a linear classifier.
+
+    Each hidden layer is ``Linear -> norm -> activation -> Dropout``; the output layer
+    ``fc`` is ``Linear(hidden[-1], num_classes)``. Without hidden layers, dropout is
+    applied to the pooled features before ``fc``.
+
+    Pooling by input rank:
+
+    * ``(N, C, H, W)`` maps: ``"avg"``/``"max"`` over ``H, W``; ``"avgmax"`` concatenates
+      both (``2 * C`` features, as fastai's concat pooling); ``"token"`` is an error.
+    * ``(N, T, D)`` tokens (transformer layout): ``"avg"``/``"max"``/``"avgmax"`` over
+      ``T``; ``"token"`` takes the first token (``[CLS]``).
+    * ``(N, D)`` features: one position, so avg = max = token = the features themselves
+      (``"avgmax"`` gives ``[x, x]``).
+    * ``pool=None``: no pooling; the input must be ``(N, in_features)``.
+
+    Args:
+        in_features: channels ``C`` or feature size ``D`` of the input.
+        num_classes: number of logits.
+        hidden: sizes of the hidden layers (``()`` for a linear head).
+        dropout: dropout probability in ``[0, 1)``.
+        pool: ``"avg"``, ``"max"``, ``"avgmax"``, ``"token"`` or ``None``.
+        activation: ``"relu"``, ``"gelu"``, ``"silu"`` or ``"tanh"``.
+        norm: ``None``, ``"batch"`` (BatchNorm1d) or ``"layer"`` (LayerNorm) in hidden layers.
+
+    Shape:
+        - Input: ``(N, C, H, W)``, ``(N, T, D)`` or ``(N, D)`` with ``C = D = in_features``.
+        - Output: ``(N, num_classes)``.
+
+    Raises:
+        ValueError: bad sizes or options at construction; a wrong input rank or feature
+            size in ``forward``.
+
+    Examples:
+        >>> import torch
+        >>> head = ClassifierHead(64, 10, hidden=(32,), pool="avgmax")
+        >>> head(torch.randn(2, 64, 7, 7)).shape
+        torch.Size([2, 10])
+        >>> ClassifierHead(16, 3, hidden=(), pool="token")(torch.randn(2, 5, 16)).shape
+        torch.Size([2, 3])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        hidden: Sequence[int] = (512,),
+        dropout: float = 0.5,
+        pool: PoolType | None = "avg",
+        activation: Activation = "relu",
+        norm: NormType | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = int(check_positive(in_features, "in_features", integer=True))
+        self.num_classes = int(check_positive(num_classes, "num_classes", integer=True))
+        if isinstance(hidden, int) or not isinstance(hidden, Sequence):
+            raise TypeError(f"hidden: expected a sequence of layer sizes, got {hidden!r}")
+        for size in hidden:
+            check_positive(size, "hidden", integer=True)
+        check_in_range(dropout, "dropout", 0.0, 1.0)
+        if dropout >= 1.0:
+            raise ValueError(f"dropout: expected a probability below 1, got {dropout!r}")
+        self.pool_type: PoolType | None = (
+            None if pool is None else check_option(pool, "pool", _POOLS)
+        )
+        act = _ACTIVATIONS[check_option(activation, "activation", tuple(_ACTIVATIONS))]
+        norm_type = None if norm is None else check_option(norm, "norm", _NORMS)
+
+        width = self.in_features * (2 if self.pool_type == "avgmax" else 1)
+        layers: list[nn.Module] = []
+        for size in hidden:
+            layers.append(nn.Linear(width, int(size)))
+            if norm_type == "batch":
+                layers.append(nn.BatchNorm1d(int(size)))
+            elif norm_type == "layer":
+                layers.append(nn.LayerNorm(int(size)))
+            layers += [act(), nn.Dropout(float(dropout))]
+            width = int(size)
+        if not hidden and dropout > 0:
+            layers.append(nn.Dropout(float(dropout)))
+        self.hidden = nn.Sequential(*layers)
+        self.fc = nn.Linear(width, self.num_classes)
+
+    def pool(self, x: Tensor) -> Tensor:
+        """Pool ``x`` to ``(N, in_features)`` (``2 * in_features`` for ``"avgmax"``)."""
+        check_tensor(x, "input", ndim=(2, 3, 4), floating=True, finite=False, min_samples=1)
+        channels = x.shape[1] if x.dim() in (2, 4) else x.shape[2]
+        if channels != self.in_features:
+            axis = "C (dim 1)" if x.dim() == 4 else "D (last dim)"
+            raise ValueError(
+                f"input: expected {axis} = in_features = {self.in_features}, got shape "
+                f"{tuple(x.shape)}"
+            )
+        mode = self.pool_type
+        if mode is None:
+            if x.dim() != 2:
+                raise ValueError(
+                    f"input: pool=None expects (N, {self.in_features}) features, got shape "
+                    f"{tuple(x.shape)}; choose pool='avg', 'max', 'avgmax' or 'token'"
+                )
+            return x
+        if x.dim() == 2:
+            return torch.cat([x, x], dim=1) if mode == "avgmax" else x
+        if x.dim() == 4:
+            if mode == "token":
+                raise ValueError(
+                    "input: pool='token' needs (N, T, D) tokens, got an (N, C, H, W) map "
+                    f"of shape {tuple(x.shape)}"
+                )
+            flat = x.flatten(2)
+            avg, peak = flat.mean(dim=2), flat.amax(dim=2)
+        else:
+            if mode == "token":
+                return x[:, 0]
+            avg, peak = x.mean(dim=1), x.amax(dim=1)
+        if mode == "avg":
+            return avg
+        if mode == "max":
+            return peak
+        return torch.cat([avg, peak], dim=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits, ``(N, num_classes)``."""
+        out: Tensor = self.fc(self.hidden(self.pool(x)))
+        return out
+
+    def extra_repr(self) -> str:
+        """``in_features, num_classes, pool``."""
+        return (
+            f"in_features={self.in_features}, num_classes={self.num_classes}, "
+            f"pool={self.pool_type!r}"
+        )
+
+
+def _unwrap(model: object) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    inner = getattr(model, "module", None)
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        assert isinstance(inner, nn.Module)
+        return _unwrap(inner)
+    compiled = getattr(model, "_orig_mod", None)
+    return _unwrap(compiled) if isinstance(compiled, nn.Module) else model
+
+
+def _name_of(model: nn.Module, target: nn.Module) -> str | None:
+    for name, module in model.named_modules():
+        if module is target and name:
+            return str(name)
+    return None
+
+
+def _last_linear(container: nn.Module, prefix: str) -> tuple[str, nn.Module] | None:
+    found: tuple[str, nn.Module] | None = None
+    for name, module in container.named_modules(prefix=prefix):
+        if isinstance(module, nn.Linear):
+            found = (name, module)
+    return found
+
+
+def find_head(model: nn.Module) -> tuple[str, nn.Module]:
+    """Find the final classifier of a model: ``(qualified name, module)``.
+
+    Looked up in this order:
+
+    1. timm: ``model.get_classifier()`` (``fc``, ``head``, ``head.fc``, ``classifier``).
+    2. An attribute ``fc``, ``classifier``, ``heads``, ``head``, ``score`` (HF causal-LM
+       classifiers) or ``last_linear``. When it is an ``nn.Sequential`` (torchvision VGG,
+       MobileNet, EfficientNet ``classifier``; ViT ``heads``) the last ``nn.Linear`` in it
+       is the head (``classifier.6``, ``heads.head``); any other module (a ``Linear``, a
+       :class:`ClassifierHead`, HF ``RobertaClassificationHead``) is the head itself.
+    3. A plain ``nn.Sequential`` model: its last ``nn.Linear``.
+
+    Args:
+        model: the network (``DataParallel``/DDP/``torch.compile`` wrappers are unwrapped).
+
+    Returns:
+        The head's qualified name (usable with ``model.get_submodule``) and the module.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: no head was found; the message lists what was tried.
+
+    Examples:
+        >>> import transferkit as tk
+        >>> find_head(tk.models.SmallCNN())[0]
+        'fc'
+        >>> find_head(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+        ('2', Linear(in_features=8, out_features=2, bias=True))
+    """
+    model = _unwrap(model)
+    get_classifier = getattr(model, "get_classifier", None)
+    if callable(get_classifier):
+        try:
+            classifier = get_classifier()
+        except Exception:  # a user method: fall back to attributes
+            classifier = None
+        if isinstance(classifier, nn.Module):
+            name = _name_of(model, classifier)
+            if name is not None:
+                return name, classifier
+    children = dict(model.named_children())
+    for attribute in _HEAD_ATTRIBUTES:
+        candidate = children.get(attribute)
+        if candidate is None:
+            continue
+        if type(candidate) is nn.Sequential:
+            found = _last_linear(candidate, attribute)
+            if found is not None:
+                return found
+            continue
+        return attribute, candidate
+    if isinstance(model, nn.Sequential):
+        found = _last_linear(model, "")
+        if found is not None:
+            return found
+    raise ValueError(
+        f"model: cannot find the classifier of {type(model).__name__}: it has no "
+        f"get_classifier() (timm), no attribute among {list(_HEAD_ATTRIBUTES)} and is not "
+        "an nn.Sequential ending in nn.Linear; pass the head's name explicitly, e.g. "
+        "replace_head(model, 10, name='my_head')"
+    )
+
+
+def _in_features(head: nn.Module, name: str) -> int:
+    if isinstance(head, (nn.Linear, ClassifierHead)):
+        return int(head.in_features)
+    if isinstance(head, nn.Conv2d):
+        return int(head.in_channels)
+    for module in head.modules():
+        if isinstance(module, nn.Linear):
+            return int(module.in_features)
+    value = getattr(head, "in_features", None)
+    if isinstance(value, int):
+        return value
+    raise ValueError(
+        f"model: cannot infer the input size of head {name!r} ({type(head).__name__}); "
+        "build the new head yourself and pass it to replace_head"
+    )
+
+
+def _out_features(head: nn.Module) -> int | None:
+    for attribute in ("out_features", "num_classes"):
+        value = getattr(head, attribute, None)
+        if isinstance(value, int):
+            return value
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    return int(linears[-1].out_features) if linears else None
+
+
+def replace_head(
+    model: nn.Module, head_or_num_classes: nn.Module | int, *, name: str | None = None
+) -> nn.Module:
+    """Swap the model's classifier in place and return the new head.
+
+    With an ``int``, the new head is ``nn.Linear(in_features, num_classes)`` where
+    ``in_features`` is read from the old head (its ``in_features``, or that of its first
+    ``nn.Linear``). A given module is used as it is (a mismatching ``in_features``
+    attribute raises). The new head is moved to the old head's device and dtype. Class
+    counts kept on the model are updated: timm's ``num_classes``, Hugging Face's
+    ``num_labels`` and ``config.num_labels`` (used by their loss).
+
+    Args:
+        model: the network (changed in place).
+        head_or_num_classes: a module, or the number of classes of a new linear head.
+        name: qualified name of the head to replace; default: :func:`find_head`.
+
+    Returns:
+        The new head module (already inside ``model``).
+
+    Raises:
+        TypeError: wrong argument types.
+        ValueError: no head found, ``name`` is not a module, or sizes mismatch.
+
+    Examples:
+        >>> import torch, transferkit as tk
+        >>> net = tk.models.SmallCNN(num_classes=10)
+        >>> replace_head(net, 3)
+        Linear(in_features=128, out_features=3, bias=True)
+        >>> head = replace_head(net, tk.ClassifierHead(128, 5, hidden=(), pool=None))
+        >>> net(torch.zeros(2, 1, 16, 16)).shape
+        torch.Size([2, 5])
+    """
+    model = _unwrap(model)
+    if name is None:
+        name, old = find_head(model)
+    else:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"name: expected a module name, got {name!r}")
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            from ._validation import did_you_mean
+
+            known = [n for n, _ in model.named_modules() if n]
+            raise ValueError(
+                f"name: {name!r} is not a module of {type(model).__name__}"
+                f"{did_you_mean(name, known)}"
+            ) from None
+    in_features = _in_features(old, name)
+    if isinstance(head_or_num_classes, bool) or not isinstance(
+        head_or_num_classes, (int, nn.Module)
+    ):
+        raise TypeError(
+            "head_or_num_classes: expected an nn.Module or a number of classes, got "
+            f"{type(head_or_num_classes).__name__}"
+        )
+    if isinstance(head_or_num_classes, int):
+        num_classes = int(check_positive(head_or_num_classes, "head_or_num_classes", integer=True))
+        new: nn.Module = nn.Linear(in_features, num_classes)
+    else:
+        new = head_or_num_classes
+        given = getattr(new, "in_features", None)
+        if isinstance(given, int) and given != in_features and not isinstance(old, nn.Conv2d):
+            raise ValueError(
+                f"head_or_num_classes: the new head takes {given} features but {name!r} "
+                f"receives {in_features}"
+            )
+    reference = next(iter(old.parameters()), None)
+    if reference is not None:
+        new = new.to(device=reference.device, dtype=reference.dtype)
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, new)
+    classes = _out_features(new)
+    if classes is not None:
+        for attribute in ("num_classes", "num_labels"):
+            if isinstance(getattr(model, attribute, None), int):
+                setattr(model, attribute, classes)
+        config = getattr(model, "config", None)
+        if config is not None and isinstance(getattr(config, "num_labels", None), int):
+            config.num_labels = classes
+    logger.info("replace_head: %s -> %s", name, type(new).__name__)
+    return new
