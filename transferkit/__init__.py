@@ -17,6 +17,8 @@ from .device import autocast, dataloader_kwargs, resolve_device, seed_everything
 
 # [exports:kernels-losses]
 # [exports:freezing-heads]
+from .freezing import GradualUnfreezing, freeze, param_groups, trainable_summary, unfreeze
+from .heads import ClassifierHead, find_head, replace_head
 # [exports:features]
 from .features import FeatureExtractor, extract_features
 # [exports:adversarial]
@@ -48,6 +50,14 @@ __all__ = [
     "to_device",
     # [all:kernels-losses]
     # [all:freezing-heads]
+    "ClassifierHead",
+    "GradualUnfreezing",
+    "find_head",
+    "freeze",
+    "param_groups",
+    "replace_head",
+    "trainable_summary",
+    "unfreeze",
     # [all:features]
     "FeatureExtractor",
     "extract_features",
