@@ -1,0 +1,836 @@
+"""Discrepancy and regularisation losses for transfer learning, built on kernels.py.
+
+Domain discrepancies take two feature batches, ``source: (N, D)`` and ``target: (M, D)``,
+and return a scalar: :func:`mmd` / :class:`MMDLoss` (squared maximum mean discrepancy,
+biased, unbiased or linear-time), :class:`JointMMDLoss` (JMMD over several layers) and
+:func:`coral` / :class:`CORALLoss`. :func:`distillation` and :func:`entropy` work on
+logits; :class:`L2SP` and :func:`bss` regularise fine-tuning.
+
+Every loss validates its input (shapes, feature dimensions, NaN/inf, devices, dtypes)
+and computes in fp32 when given fp16/bf16 tensors, also under :func:`torch.autocast`.
+Validation reads a few values back from the device (e.g. the NaN check), which is a
+graph break under :func:`torch.compile`; the computations themselves avoid ``.item()``.
+
+The quadratic MMD estimators never build an autograd graph over the ``(N + M)^2``
+kernel matrix: a custom autograd function evaluates the kernel in row blocks, keeps
+only the ``(N + M, 2)`` products it needs, and computes the gradient with one more
+matrix multiplication. For large batches the blocks are recomputed in the backward pass
+instead of stored, so memory stays ``O(block_rows * (N + M))``. (The custom function
+supports first-order gradients, not double backward.)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._validation import (
+    check_features,
+    check_option,
+    check_pair,
+    check_positive,
+    check_tensor,
+    did_you_mean,
+)
+from .kernels import GaussianKernel, Kernel, as_compute, compute_dtype, no_autocast
+
+__all__ = [
+    "L2SP",
+    "CORALLoss",
+    "JointMMDLoss",
+    "MMDLoss",
+    "bss",
+    "coral",
+    "distillation",
+    "entropy",
+    "joint_mmd",
+    "mmd",
+]
+
+logger = logging.getLogger(__name__)
+
+Estimator = Literal["biased", "unbiased", "linear"]
+ESTIMATORS: tuple[Estimator, ...] = ("biased", "unbiased", "linear")
+
+#: Largest kernel block (in elements) evaluated at once; 2**24 fp32 values are 64 MiB.
+MAX_BLOCK_ELEMENTS = 2**24
+
+
+# --------------------------------------------------------------------------- MMD core
+
+
+def _block_base(kernel: Kernel, rows: Tensor, z: Tensor, sq: Tensor | None, start: int) -> Tensor:
+    """The base matrix of ``rows = z[start:start + r]`` against all of ``z``."""
+    if sq is None:
+        return rows @ z.T
+    base = torch.addmm(sq.unsqueeze(0), rows, z.T, alpha=-2.0)
+    base.add_(sq[start : start + rows.shape[0]].unsqueeze(1)).clamp_min_(0.0)
+    base.diagonal(offset=start).zero_()
+    return base
+
+
+class _KernelQuadraticForms(torch.autograd.Function):
+    """``A = M^T K M`` (2 x 2) and ``diag(K)`` for the pooled kernel matrix ``K = k(z, z)``.
+
+    Evaluated in row blocks of ``block_rows``; with ``save=True`` the derivative of the
+    kernel w.r.t. its base matrix is kept for the backward pass (one ``(N, N)`` buffer),
+    otherwise it is recomputed block by block.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        z: Tensor,
+        weights: Tensor,
+        kernel: Kernel,
+        state: Tensor,
+        block_rows: int,
+        save: bool,
+    ) -> tuple[Tensor, Tensor]:
+        n = z.shape[0]
+        sq = (z * z).sum(1) if kernel.family == "distance" else None
+        products = z.new_empty(n, weights.shape[1])
+        diagonal = z.new_empty(n)
+        saved = z.new_empty(n, n) if save else z.new_empty(0)
+        for start in range(0, n, block_rows):
+            stop = min(n, start + block_rows)
+            base = _block_base(kernel, z[start:stop], z, sq, start)
+            value, derivative = kernel.value_and_derivative(base, state)
+            torch.mm(value, weights, out=products[start:stop])
+            diagonal[start:stop] = value.diagonal(offset=start)
+            if save:
+                saved[start:stop] = derivative
+        ctx.save_for_backward(z, weights, products, state, saved)
+        ctx.kernel, ctx.block_rows, ctx.save = kernel, block_rows, save
+        return weights.T @ products, diagonal
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(
+        ctx: Any, grad_forms: Tensor | None, grad_diagonal: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        z, weights, products, state, saved = ctx.saved_tensors
+        kernel: Kernel = ctx.kernel
+        n = z.shape[0]
+        if grad_forms is None:
+            grad_forms = z.new_zeros(weights.shape[1], weights.shape[1])
+        symmetric = 0.5 * (grad_forms + grad_forms.T)
+        left = weights @ symmetric
+        grad_z = None
+        if ctx.needs_input_grad[0]:
+            grad_z = torch.empty_like(z)
+            sq = (z * z).sum(1) if kernel.family == "distance" else None
+            for start in range(0, n, ctx.block_rows):
+                stop = min(n, start + ctx.block_rows)
+                if ctx.save:
+                    derivative = saved[start:stop]
+                else:
+                    base = _block_base(kernel, z[start:stop], z, sq, start)
+                    derivative = kernel.value_and_derivative(base, state)[1]
+                coefficient = left[start:stop] @ weights.T
+                if grad_diagonal is not None:
+                    coefficient.diagonal(offset=start).add_(grad_diagonal[start:stop])
+                coefficient.mul_(derivative)
+                if kernel.family == "distance":
+                    rows = coefficient.sum(1, keepdim=True) * z[start:stop]
+                    torch.sub(rows, coefficient @ z, out=grad_z[start:stop])
+                    grad_z[start:stop].mul_(4.0)
+                else:
+                    torch.mm(coefficient, z, out=grad_z[start:stop])
+                    grad_z[start:stop].mul_(2.0)
+        grad_weights = 2.0 * products @ symmetric if ctx.needs_input_grad[1] else None
+        return grad_z, grad_weights, None, None, None, None
+
+
+def _check_weights(weights: Tensor | None, name: str, count: int, like: Tensor) -> Tensor:
+    """Normalised per-sample weights (uniform when ``weights`` is None)."""
+    if weights is None:
+        return torch.full((count,), 1.0 / count, dtype=like.dtype, device=like.device)
+    check_tensor(weights, name, ndim=1, floating=True)
+    if weights.shape[0] != count:
+        raise ValueError(
+            f"{name}: expected {count} weights (one per sample), got {weights.shape[0]}"
+        )
+    if weights.device != like.device:
+        raise ValueError(f"{name}: expected a tensor on {like.device}, got {weights.device}")
+    if bool((weights < 0).any()) or not bool((weights > 0).any()):
+        raise ValueError(f"{name}: expected non-negative weights with a positive sum")
+    weights = weights.to(like.dtype)
+    return weights / weights.sum()
+
+
+def _assemble(
+    forms: Tensor, diagonal: Tensor, w: Tensor, v: Tensor, estimator: Estimator
+) -> Tensor:
+    """Combine ``M^T K M`` and ``diag(K)`` into the biased or unbiased estimate."""
+    if estimator == "biased":
+        return forms[0, 0] + forms[1, 1] - 2.0 * forms[0, 1]
+    n = w.shape[0]
+    w2, v2 = w * w, v * v
+    source = (forms[0, 0] - (w2 * diagonal[:n]).sum()) / (1.0 - w2.sum())
+    target = (forms[1, 1] - (v2 * diagonal[n:]).sum()) / (1.0 - v2.sum())
+    return source + target - 2.0 * forms[0, 1]
+
+
+def _stacked_weights(w: Tensor, v: Tensor) -> Tensor:
+    """The ``(N + M, 2)`` matrix with columns ``[w; 0]`` and ``[0; v]``."""
+    top = torch.stack([w, torch.zeros_like(w)], 1)
+    bottom = torch.stack([torch.zeros_like(v), v], 1)
+    return torch.cat([top, bottom])
+
+
+def _check_pair_inputs(
+    source: Tensor, target: Tensor, estimator: Estimator, names: tuple[str, str]
+) -> None:
+    minimum = 1 if estimator == "biased" else 2
+    check_features(source, names[0], min_samples=minimum)
+    check_features(target, names[1], min_samples=minimum)
+    check_pair(source, target, names)
+    if estimator == "linear" and source.shape[0] != target.shape[0]:
+        raise ValueError(
+            f"{names[0]} and {names[1]}: the 'linear' estimator pairs samples and needs "
+            f"equal batch sizes, got {source.shape[0]} and {target.shape[0]}; use "
+            "estimator='unbiased' for unequal sizes"
+        )
+
+
+def _check_kernel(kernel: object, name: str = "kernel") -> Kernel:
+    if kernel is None:
+        return GaussianKernel()
+    if not isinstance(kernel, Kernel):
+        raise TypeError(
+            f"{name}: expected a transferkit.kernels.Kernel (e.g. GaussianKernel()), "
+            f"got {type(kernel).__name__}"
+        )
+    return kernel
+
+
+def _block_plan(n: int, chunk_size: int | None) -> tuple[int, bool]:
+    """Rows per block and whether to store the derivative matrix for the backward."""
+    if chunk_size is not None:
+        rows = int(check_positive(chunk_size, "chunk_size", integer=True))
+        return min(rows, n), rows >= n
+    if n * n <= MAX_BLOCK_ELEMENTS:
+        return n, True
+    return max(1, MAX_BLOCK_ELEMENTS // n), False
+
+
+def mmd(
+    source: Tensor,
+    target: Tensor,
+    kernel: Kernel | None = None,
+    estimator: Estimator = "unbiased",
+    *,
+    source_weights: Tensor | None = None,
+    target_weights: Tensor | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    r"""Squared maximum mean discrepancy between two feature batches.
+
+    With ``K`` the kernel, ``s_i`` the ``N`` source and ``t_j`` the ``M`` target rows:
+
+    - ``"biased"`` (V-statistic): :math:`\frac{1}{N^2}\sum_{i,j} K(s_i, s_j) +
+      \frac{1}{M^2}\sum_{i,j} K(t_i, t_j) - \frac{2}{NM}\sum_{i,j} K(s_i, t_j)`; always
+      ``>= 0``.
+    - ``"unbiased"`` (U-statistic, Gretton et al. 2012, eq. 3): the same with the
+      diagonals ``i = j`` excluded from the within-domain sums, which are divided by
+      ``N (N - 1)`` and ``M (M - 1)``; can be slightly negative. Needs ``N, M >= 2``.
+    - ``"linear"`` (Gretton et al. 2012, Lemma 14): ``O((N + M) D)`` time and memory;
+      consecutive samples are paired, :math:`h_i = K(s_{2i}, s_{2i+1}) + K(t_{2i},
+      t_{2i+1}) - K(s_{2i}, t_{2i+1}) - K(s_{2i+1}, t_{2i})`, and the estimate is the
+      mean of the ``h_i``. Needs ``N == M >= 2``; with an odd size the last sample of each
+      batch is left out. Higher variance than the quadratic estimators.
+
+    Per-sample weights (normalised to sum to one per domain) replace the uniform
+    ``1/N``, ``1/M``; the unbiased estimator then divides the within-domain sums by
+    ``sum_{i != j} w_i w_j``. The quadratic estimators evaluate the kernel in row
+    blocks: up to ``N + M = 4096`` the whole matrix is one block, beyond that blocks of
+    ``2**24 / (N + M)`` rows are computed and recomputed in the backward pass, so memory
+    stays at a few 64 MiB blocks even at ``N = M = 8192`` (``chunk_size`` sets the rows
+    per block explicitly).
+
+    Args:
+        source: source features.
+        target: target features.
+        kernel: a kernel from :mod:`transferkit.kernels`; default
+            ``GaussianKernel()`` (5 bandwidths, mean heuristic).
+        estimator: ``"biased"``, ``"unbiased"`` or ``"linear"``.
+        source_weights: optional non-negative per-sample weights, ``(N,)``.
+        target_weights: optional non-negative per-sample weights, ``(M,)``.
+        chunk_size: rows of the pooled kernel matrix evaluated at once; ``None`` chooses.
+
+    Returns:
+        A 0-d tensor (fp32 for half-precision inputs).
+
+    Shape:
+        - source: ``(N, D)``; target: ``(M, D)``; weights: ``(N,)`` and ``(M,)``.
+        - Output: ``()``.
+
+    Raises:
+        ValueError: non-2-D or non-finite input, different feature dimensions, too few
+            samples, an unknown estimator, unequal sizes for ``"linear"``, bad weights,
+            or tensors on different devices.
+        TypeError: non-floating input, mixed dtypes, or a kernel that is not a ``Kernel``.
+
+    Examples:
+        >>> _ = torch.manual_seed(0)
+        >>> source, target = torch.randn(64, 8), torch.randn(48, 8) + 1.0
+        >>> bool(mmd(source, target) > mmd(source, torch.randn(48, 8)))
+        True
+        >>> x = torch.randn(16, 3)
+        >>> float(mmd(x, x, estimator="biased"))
+        0.0
+    """
+    estimator = check_option(estimator, "estimator", ESTIMATORS)
+    kernel = _check_kernel(kernel)
+    _check_pair_inputs(source, target, estimator, ("source", "target"))
+    if estimator == "linear" and (source_weights is not None or target_weights is not None):
+        raise ValueError("source_weights/target_weights: not supported by estimator='linear'")
+    with no_autocast(source.device):
+        s, t = as_compute(source), as_compute(target)
+        w = _check_weights(source_weights, "source_weights", s.shape[0], s)
+        v = _check_weights(target_weights, "target_weights", t.shape[0], t)
+        if estimator == "unbiased":
+            weighted = source_weights is not None or target_weights is not None
+            for weights, name in ((w, "source_weights"), (v, "target_weights")):
+                if weighted and float((weights * weights).sum().detach()) >= 1.0 - 1e-12:
+                    raise ValueError(
+                        f"{name}: the unbiased estimator needs at least two samples "
+                        "with positive weight"
+                    )
+        state = kernel.prepare(s, t)
+        if estimator == "linear":
+            return _linear_mmd([s], [t], [kernel], [state])
+        z = torch.cat([s, t])
+        if kernel.family == "distance":
+            z = z - z.detach().mean(0)
+        rows, save = _block_plan(z.shape[0], chunk_size)
+        weights = _stacked_weights(w, v)
+        forms, diagonal = _KernelQuadraticForms.apply(  # type: ignore[no-untyped-call]
+            z, weights, kernel, state, rows, save
+        )
+        return _assemble(forms, diagonal, w, v, estimator)
+
+
+def _linear_mmd(
+    source: Sequence[Tensor],
+    target: Sequence[Tensor],
+    kernels: Sequence[Kernel],
+    states: Sequence[Tensor],
+) -> Tensor:
+    """Linear-time MMD; the per-layer paired kernel values are multiplied (JMMD)."""
+    half = source[0].shape[0] // 2
+
+    def term(first: tuple[int, int], second: tuple[int, int]) -> Tensor:
+        """Joint kernel of (domain, parity) sample sets, e.g. ((0, 0), (1, 1)) = k(s_2i, t_2i+1)."""
+        product = source[0].new_ones(half)
+        for s, t, kernel, state in zip(source, target, kernels, states, strict=True):
+            domains = (s, t)
+            a = domains[first[0]][first[1] : 2 * half : 2]
+            b = domains[second[0]][second[1] : 2 * half : 2]
+            product = product * kernel.paired(a, b, state)
+        return product
+
+    within = term((0, 0), (0, 1)) + term((1, 0), (1, 1))
+    return (within - term((0, 0), (1, 1)) - term((0, 1), (1, 0))).mean()
+
+
+class MMDLoss(nn.Module):
+    """Squared MMD as a module; see :func:`mmd` for the estimators and options.
+
+    Args:
+        kernel: a kernel from :mod:`transferkit.kernels`; default ``GaussianKernel()``.
+        estimator: ``"biased"``, ``"unbiased"`` or ``"linear"``.
+        chunk_size: rows of the pooled kernel matrix evaluated at once; ``None`` chooses.
+
+    Shape:
+        - source: ``(N, D)``; target: ``(M, D)``.
+        - Output: ``()``.
+
+    Examples:
+        >>> _ = torch.manual_seed(0)
+        >>> loss = MMDLoss(estimator="biased")
+        >>> round(float(loss(torch.zeros(4, 2), torch.zeros(5, 2))), 4)
+        0.0
+    """
+
+    def __init__(
+        self,
+        kernel: Kernel | None = None,
+        estimator: Estimator = "unbiased",
+        *,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.kernel = _check_kernel(kernel)
+        self.estimator: Estimator = check_option(estimator, "estimator", ESTIMATORS)
+        if chunk_size is not None:
+            check_positive(chunk_size, "chunk_size", integer=True)
+        self.chunk_size = chunk_size
+
+    def extra_repr(self) -> str:
+        """Constructor arguments shown by ``repr``."""
+        return f"kernel={self.kernel!r}, estimator={self.estimator!r}"
+
+    def forward(
+        self,
+        source: Tensor,
+        target: Tensor,
+        *,
+        source_weights: Tensor | None = None,
+        target_weights: Tensor | None = None,
+    ) -> Tensor:
+        """Squared MMD between ``source`` and ``target`` (see :func:`mmd`)."""
+        return mmd(
+            source,
+            target,
+            self.kernel,
+            self.estimator,
+            source_weights=source_weights,
+            target_weights=target_weights,
+            chunk_size=self.chunk_size,
+        )
+
+
+# --------------------------------------------------------------------------- JMMD
+
+
+def joint_mmd(
+    source: Sequence[Tensor],
+    target: Sequence[Tensor],
+    kernels: Sequence[Kernel],
+    estimator: Estimator = "unbiased",
+) -> Tensor:
+    r"""Joint MMD (Long et al. 2017) over several layers.
+
+    The joint kernel is the product of per-layer kernels,
+    :math:`K(i, j) = \prod_l k_l(z^l_i, z^l_j)`, and the estimate is the MMD of
+    :func:`mmd` with that kernel. The ``(N + M)^2`` kernel matrix of every layer is
+    materialised (there is no chunked path for JMMD).
+
+    Args:
+        source: per-layer source tensors, e.g. ``[features, softmax(logits)]``.
+        target: per-layer target tensors, in the same order.
+        kernels: one kernel per layer.
+        estimator: ``"biased"``, ``"unbiased"`` or ``"linear"``.
+
+    Returns:
+        A 0-d tensor.
+
+    Shape:
+        - source[l]: ``(N, D_l)``; target[l]: ``(M, D_l)``.
+        - Output: ``()``.
+
+    Raises:
+        ValueError: different numbers of layers and kernels, different batch sizes across
+            layers, or any problem :func:`mmd` reports for a layer.
+        TypeError: a kernel that is not a ``Kernel``, or mixed dtypes.
+
+    Examples:
+        >>> from transferkit.kernels import GaussianKernel
+        >>> _ = torch.manual_seed(0)
+        >>> feats, probs = torch.randn(8, 4), torch.softmax(torch.randn(8, 3), 1)
+        >>> kernels = [GaussianKernel(), GaussianKernel(bandwidth=0.92, multipliers=(1.0,))]
+        >>> float(joint_mmd([feats, probs], [feats, probs], kernels, estimator="biased"))
+        0.0
+    """
+    estimator = check_option(estimator, "estimator", ESTIMATORS)
+    for given, name in ((source, "source"), (target, "target"), (kernels, "kernels")):
+        if isinstance(given, Tensor) or not isinstance(given, Sequence):
+            raise TypeError(
+                f"{name}: expected a list of per-layer values, got {type(given).__name__}"
+            )
+    if not (len(source) == len(target) == len(kernels)) or len(kernels) == 0:
+        raise ValueError(
+            f"source, target and kernels: expected the same positive number of layers, got "
+            f"{len(source)}, {len(target)} and {len(kernels)}"
+        )
+    checked = [_check_kernel(k, f"kernels[{i}]") for i, k in enumerate(kernels)]
+    for layer, (s, t) in enumerate(zip(source, target, strict=True)):
+        names = (f"source[{layer}]", f"target[{layer}]")
+        _check_pair_inputs(s, t, estimator, names)
+        if s.shape[0] != source[0].shape[0] or t.shape[0] != target[0].shape[0]:
+            raise ValueError(
+                f"{names[0]} and {names[1]}: expected the batch sizes of layer 0 "
+                f"({source[0].shape[0]}, {target[0].shape[0]}), got {s.shape[0]}, {t.shape[0]}"
+            )
+        check_pair(s, source[0], (names[0], "source[0]"), same_dim=False)
+    with no_autocast(source[0].device):
+        srcs = [as_compute(s) for s in source]
+        tgts = [as_compute(t) for t in target]
+        states = [k.prepare(s, t) for k, s, t in zip(checked, srcs, tgts, strict=True)]
+        if estimator == "linear":
+            return _linear_mmd(srcs, tgts, checked, states)
+        joint: Tensor | None = None
+        for kernel, s, t, state in zip(checked, srcs, tgts, states, strict=True):
+            z = torch.cat([s, t])
+            base = kernel.base(z, z, state)
+            if kernel.family == "distance":
+                base = torch.diagonal_scatter(base, base.new_zeros(base.shape[0]))
+            value = kernel.from_base(base, state)
+            joint = value if joint is None else joint * value
+        assert joint is not None
+        n, m = srcs[0].shape[0], tgts[0].shape[0]
+        w = torch.full((n,), 1.0 / n, dtype=joint.dtype, device=joint.device)
+        v = torch.full((m,), 1.0 / m, dtype=joint.dtype, device=joint.device)
+        weights = _stacked_weights(w, v)
+        forms = weights.T @ joint @ weights
+        return _assemble(forms, joint.diagonal(), w, v, estimator)
+
+
+class JointMMDLoss(nn.Module):
+    """Joint MMD (JMMD, Long et al. 2017) as a module; see :func:`joint_mmd`.
+
+    Args:
+        kernels: one kernel per layer, e.g. ``[GaussianKernel(), GaussianKernel(
+            bandwidth=0.92, multipliers=(1.0,))]`` for bottleneck features and softmax
+            outputs as in JAN.
+        estimator: ``"biased"``, ``"unbiased"`` or ``"linear"``.
+
+    Shape:
+        - source: a sequence of ``(N, D_l)``; target: a sequence of ``(M, D_l)``.
+        - Output: ``()``.
+
+    Examples:
+        >>> from transferkit.kernels import GaussianKernel, LinearKernel
+        >>> _ = torch.manual_seed(0)
+        >>> loss = JointMMDLoss([GaussianKernel(), LinearKernel()], estimator="biased")
+        >>> s = [torch.randn(6, 4), torch.softmax(torch.randn(6, 3), 1)]
+        >>> float(loss(s, s))
+        0.0
+    """
+
+    def __init__(self, kernels: Sequence[Kernel], estimator: Estimator = "unbiased") -> None:
+        super().__init__()
+        if isinstance(kernels, Kernel) or not isinstance(kernels, Sequence) or not kernels:
+            raise TypeError("kernels: expected a non-empty list of kernels, one per layer")
+        self.kernels = [_check_kernel(k, f"kernels[{i}]") for i, k in enumerate(kernels)]
+        self.estimator: Estimator = check_option(estimator, "estimator", ESTIMATORS)
+
+    def extra_repr(self) -> str:
+        """Constructor arguments shown by ``repr``."""
+        return f"kernels={self.kernels!r}, estimator={self.estimator!r}"
+
+    def forward(self, source: Sequence[Tensor], target: Sequence[Tensor]) -> Tensor:
+        """Joint MMD between per-layer ``source`` and ``target`` tensors."""
+        return joint_mmd(source, target, self.kernels, self.estimator)
+
+
+# --------------------------------------------------------------------------- CORAL
+
+
+def coral(source: Tensor, target: Tensor) -> Tensor:
+    r"""Deep CORAL loss (Sun & Saenko 2016).
+
+    .. math:: \frac{1}{4 d^2} \| C_S - C_T \|_F^2
+
+    with unbiased (``n - 1``) covariance matrices :math:`C_S`, :math:`C_T` of the two
+    batches and ``d`` the feature dimension.
+
+    Args:
+        source: source features (at least 2 samples).
+        target: target features (at least 2 samples).
+
+    Returns:
+        A 0-d tensor.
+
+    Shape:
+        - source: ``(N, D)``; target: ``(M, D)``.
+        - Output: ``()``.
+
+    Raises:
+        ValueError: non-2-D or non-finite input, fewer than 2 samples, different feature
+            dimensions or devices.
+        TypeError: non-floating input or mixed dtypes.
+
+    Examples:
+        >>> _ = torch.manual_seed(0)
+        >>> x = torch.randn(32, 4)
+        >>> float(coral(x, x + 3.0))  # a shift leaves the covariance unchanged
+        0.0
+        >>> bool(coral(x, 2.0 * x) > 0)
+        True
+    """
+    check_features(source, "source", min_samples=2)
+    check_features(target, "target", min_samples=2)
+    check_pair(source, target, ("source", "target"))
+    with no_autocast(source.device):
+        s, t = as_compute(source), as_compute(target)
+        dim = s.shape[1]
+        return ((_covariance(s) - _covariance(t)) ** 2).sum() / (4.0 * dim * dim)
+
+
+def _covariance(x: Tensor) -> Tensor:
+    centred = x - x.mean(0, keepdim=True)
+    return centred.T @ centred / (x.shape[0] - 1)
+
+
+class CORALLoss(nn.Module):
+    """Deep CORAL loss as a module; see :func:`coral`.
+
+    Shape:
+        - source: ``(N, D)``; target: ``(M, D)``.
+        - Output: ``()``.
+
+    Examples:
+        >>> x = torch.randn(10, 3)
+        >>> float(CORALLoss()(x, x))
+        0.0
+    """
+
+    def forward(self, source: Tensor, target: Tensor) -> Tensor:
+        """CORAL loss between ``source`` and ``target``."""
+        return coral(source, target)
+
+
+# --------------------------------------------------------------------------- logits
+
+
+def _check_logits(x: object, name: str) -> Tensor:
+    logits = check_tensor(x, name, ndim=2, floating=True, min_samples=1)
+    if logits.shape[1] == 0:
+        raise ValueError(f"{name}: expected at least one class column, got shape (N, 0)")
+    return logits
+
+
+def distillation(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0
+) -> Tensor:
+    r"""Knowledge-distillation loss (Hinton et al. 2015).
+
+    .. math:: T^2\, \mathrm{KL}\big(\mathrm{softmax}(t / T) \,\|\, \mathrm{softmax}(s / T)\big)
+
+    averaged over the batch. The ``T^2`` factor keeps gradient magnitudes comparable
+    across temperatures. Gradients flow into both inputs: pass ``teacher_logits.detach()``
+    (or compute them under ``torch.no_grad()``) for a fixed teacher.
+
+    Args:
+        student_logits: logits of the student.
+        teacher_logits: logits of the teacher.
+        temperature: softmax temperature ``T > 0``.
+
+    Returns:
+        A 0-d tensor.
+
+    Shape:
+        - student_logits, teacher_logits: ``(N, C)``.
+        - Output: ``()``.
+
+    Raises:
+        ValueError: non-2-D or non-finite logits, different shapes or devices, or a
+            non-positive temperature.
+        TypeError: non-floating input or mixed dtypes.
+
+    Examples:
+        >>> logits = torch.tensor([[2.0, 0.0, -1.0]])
+        >>> float(distillation(logits, logits))
+        0.0
+        >>> round(float(distillation(torch.zeros(1, 2), torch.tensor([[4.0, 0.0]]), 1.0)), 4)
+        0.6031
+    """
+    _check_logits(student_logits, "student_logits")
+    _check_logits(teacher_logits, "teacher_logits")
+    check_pair(student_logits, teacher_logits, ("student_logits", "teacher_logits"))
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student_logits and teacher_logits: expected the same shape, got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
+    temp = check_positive(temperature, "temperature")
+    with no_autocast(student_logits.device):
+        log_student = F.log_softmax(as_compute(student_logits) / temp, dim=1)
+        log_teacher = F.log_softmax(as_compute(teacher_logits) / temp, dim=1)
+        kl = F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True)
+        return kl * (temp * temp)
+
+
+def entropy(logits: Tensor) -> Tensor:
+    r"""Mean prediction entropy :math:`-\sum_c p_c \log p_c`, ``p = softmax(logits)``.
+
+    Natural logarithm; the mean is over the batch. Minimising it on unlabelled target
+    data pushes decision boundaries away from dense regions.
+
+    Args:
+        logits: class logits.
+
+    Returns:
+        A 0-d tensor.
+
+    Shape:
+        - logits: ``(N, C)``.
+        - Output: ``()``.
+
+    Raises:
+        ValueError: non-2-D or non-finite logits.
+        TypeError: non-floating logits.
+
+    Examples:
+        >>> round(float(entropy(torch.zeros(3, 4))), 4)  # uniform: log(4)
+        1.3863
+    """
+    _check_logits(logits, "logits")
+    with no_autocast(logits.device):
+        log_p = F.log_softmax(as_compute(logits), dim=1)
+        return -(log_p.exp() * log_p).sum(1).mean()
+
+
+# --------------------------------------------------------------------------- fine-tuning
+
+
+def bss(features: Tensor, k: int = 1) -> Tensor:
+    """Batch spectral shrinkage (Chen et al. 2019): the ``k`` smallest squared singular values.
+
+    Adding ``eta * bss(features)`` to the fine-tuning loss shrinks the feature directions
+    with the smallest singular values, which carry the least transferable knowledge.
+
+    Args:
+        features: the batch feature matrix.
+        k: how many of the smallest singular values to penalise, ``1 <= k <= min(N, D)``.
+
+    Returns:
+        A 0-d tensor: ``sum_{i=1..k} sigma_{-i}^2``.
+
+    Shape:
+        - features: ``(N, D)``.
+        - Output: ``()``.
+
+    Raises:
+        ValueError: non-2-D or non-finite features, or ``k`` out of range.
+        TypeError: non-floating features or non-integer ``k``.
+
+    Examples:
+        >>> float(bss(torch.diag(torch.tensor([3.0, 2.0, 1.0])), k=2))
+        5.0
+    """
+    check_features(features, "features")
+    count = int(check_positive(k, "k", integer=True))
+    limit = min(features.shape)
+    if count > limit:
+        raise ValueError(f"k: expected at most min(N, D) = {limit}, got {count}")
+    with no_autocast(features.device):
+        singular: Tensor = torch.linalg.svdvals(as_compute(features))
+        return (singular[-count:] ** 2).sum()
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(
+        fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, p + ".*") for p in patterns
+    )
+
+
+class L2SP(nn.Module):
+    r"""L2-SP regulariser (Li et al. 2018): keep fine-tuned weights near the pretrained ones.
+
+    .. math:: \frac{\alpha}{2} \sum_{w \in S} \|w - w^0\|^2 + \frac{\beta}{2}
+        \sum_{w \in \bar S} \|w\|^2
+
+    At construction every trainable (``requires_grad``) parameter of ``model`` is
+    anchored at its current value ``w^0`` unless its name matches ``exclude``; the
+    excluded trainable parameters (typically the new head) get plain weight decay
+    ``beta``. Frozen parameters are ignored. The anchors are registered buffers, so they
+    move with ``.to()`` and save/load with ``state_dict()``; their names are the
+    parameter names with ``.`` replaced by ``__``. The module keeps a reference to
+    ``model`` (not as a submodule: its parameters are not this module's parameters).
+
+    Args:
+        model: the network being fine-tuned, with its pretrained weights loaded.
+        alpha: strength of the pull towards the anchors.
+        beta: weight decay of the excluded parameters.
+        exclude: glob patterns on parameter names (``"fc*"``, ``"head.*"``); a pattern also
+            matches everything under a module name (``"fc"`` matches ``fc.weight``).
+
+    Shape:
+        - Output: ``()`` from ``l2sp()`` (no inputs).
+
+    Raises:
+        ValueError: negative ``alpha``/``beta`` or an ``exclude`` pattern that matches no
+            trainable parameter.
+
+    Examples:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+        >>> reg = L2SP(net, alpha=0.1, beta=0.0, exclude=["1.*"])
+        >>> reg().item()
+        0.0
+        >>> with torch.no_grad():
+        ...     _ = net[0].weight.add_(1.0)
+        >>> float(reg())  # alpha / 2 * 4 entries * 1^2
+        0.2
+        >>> sorted(reg.state_dict())
+        ['0__bias', '0__weight']
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        alpha: float = 0.01,
+        beta: float = 0.01,
+        exclude: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        self.alpha = check_positive(alpha, "alpha", strict=False)
+        self.beta = check_positive(beta, "beta", strict=False)
+        if isinstance(exclude, str):
+            exclude = [exclude]
+        patterns = list(exclude or [])
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        names = [n for n, _ in trainable]
+        for pattern in patterns:
+            if not any(_matches(n, [pattern]) for n in names):
+                raise ValueError(
+                    f"exclude: pattern {pattern!r} matches no trainable parameter of "
+                    f"{type(model).__name__}{did_you_mean(pattern, names)}"
+                )
+        self._model = [model]  # a list, so that nn.Module does not register it
+        self.anchored: list[str] = []
+        self.excluded: list[str] = []
+        self._buffer_names: dict[str, str] = {}
+        for name, param in trainable:
+            if _matches(name, patterns):
+                self.excluded.append(name)
+                continue
+            buffer = name.replace(".", "__")
+            if buffer in self._buffer_names.values():
+                raise ValueError(f"model: parameter names collide as buffer name {buffer!r}")
+            self.register_buffer(buffer, param.detach().clone())
+            self._buffer_names[name] = buffer
+            self.anchored.append(name)
+        logger.debug("L2SP anchors %d tensors, excludes %d", len(self.anchored), len(self.excluded))
+
+    def extra_repr(self) -> str:
+        """Constructor arguments shown by ``repr``."""
+        return (
+            f"alpha={self.alpha}, beta={self.beta}, anchored={len(self.anchored)}, "
+            f"excluded={len(self.excluded)}"
+        )
+
+    def forward(self) -> Tensor:
+        """The penalty for the model's current parameters (a 0-d fp32/fp64 tensor)."""
+        params = dict(self._model[0].named_parameters())
+        missing = [n for n in self.anchored + self.excluded if n not in params]
+        if missing:
+            raise ValueError(f"model: parameters {missing[:3]} disappeared since construction")
+        terms: list[Tensor] = []
+        for name in self.anchored:
+            param = params[name]
+            anchor: Tensor = getattr(self, self._buffer_names[name])
+            if anchor.device != param.device:
+                raise ValueError(
+                    f"L2SP: parameter {name!r} is on {param.device} but its anchor is on "
+                    f"{anchor.device}; move the loss module too (l2sp.to(device))"
+                )
+            diff = as_compute(param) - anchor.to(compute_dtype(param))
+            terms.append(0.5 * self.alpha * (diff * diff).sum())
+        for name in self.excluded:
+            weight = as_compute(params[name])
+            terms.append(0.5 * self.beta * (weight * weight).sum())
+        if not terms:
+            return torch.zeros(())
+        return torch.stack([t.to(terms[0].dtype) for t in terms]).sum()
