@@ -32,6 +32,7 @@ from .adversarial import (
 )
 # [exports:sklearn]
 # [exports:selection-metrics]
+from . import metrics, selection
 # [exports:distributed]
 
 __version__ = "0.1.0"
@@ -70,5 +71,7 @@ __all__ = [
     "grad_reverse",
     # [all:sklearn]
     # [all:selection-metrics]
+    "metrics",
+    "selection",
     # [all:distributed]
 ]
