@@ -31,6 +31,7 @@ from .adversarial import (
     grad_reverse,
 )
 # [exports:sklearn]
+from . import sklearn
 # [exports:selection-metrics]
 from . import metrics, selection
 # [exports:distributed]
@@ -70,6 +71,7 @@ __all__ = [
     "WarmStartSchedule",
     "grad_reverse",
     # [all:sklearn]
+    "sklearn",
     # [all:selection-metrics]
     "metrics",
     "selection",

@@ -1,0 +1,1165 @@
+"""scikit-learn estimators over deep features: kernel SVM, domain alignment, prototypes.
+
+Every class here is a real scikit-learn estimator: it stores its constructor arguments
+unchanged, learns in ``fit`` into ``name_`` attributes, and works with ``clone``,
+``Pipeline`` and ``GridSearchCV``.
+
+* :class:`DeepFeatures` -- a transformer that runs a torch model (samples in, deep
+  features out) through :func:`transferkit.extract_features`.
+* :class:`TorchKernelSVC` -- a kernel SVM whose Gram matrices are computed by
+  :mod:`transferkit.kernels` in torch (chunked, on the GPU when present) and solved by
+  libsvm through ``sklearn.svm.SVC(kernel="precomputed")``; a Nystroem + linear SVM path
+  for large training sets.
+* :class:`CORAL`, :class:`TCA`, :class:`SubspaceAlignment` -- feature-space domain
+  alignment fitted on labelled source rows plus unlabelled target rows.
+* :class:`PrototypeClassifier` -- nearest class mean, for few-shot targets.
+* :func:`make_deep_svm_pipeline` -- model -> features -> (alignment) -> kernel SVM.
+
+**How target data reaches ``fit``.** Domain-alignment transformers follow scikit-learn's
+semi-supervised convention: ``fit(X, y)`` receives source and target rows stacked, and
+the unlabelled target rows carry the label ``-1`` (the ``unlabelled`` parameter). The
+classifiers take the same ``unlabelled`` parameter and skip those rows when fitting and
+scoring, so one ``Pipeline.fit(X, y)`` call fits the whole chain. At prediction time
+every row is taken to come from the target domain.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import scipy.linalg
+import torch
+from sklearn.base import (
+    BaseEstimator,
+    ClassifierMixin,
+    ClassNamePrefixFeaturesOutMixin,
+    OneToOneFeatureMixin,
+    TransformerMixin,
+)
+from sklearn.calibration import CalibratedClassifierCV
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVC, LinearSVC
+from sklearn.utils import check_random_state
+from sklearn.utils.metaestimators import available_if
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from ._validation import check_option, check_positive
+from .device import resolve_device
+from .features import PoolName, extract_features
+from .kernels import GaussianKernel, LaplacianKernel, LinearKernel, PolynomialKernel
+
+__all__ = [
+    "CORAL",
+    "TCA",
+    "DeepFeatures",
+    "PrototypeClassifier",
+    "SubspaceAlignment",
+    "TorchKernelSVC",
+    "make_deep_svm_pipeline",
+]
+
+logger = logging.getLogger(__name__)
+
+KernelName = Literal["rbf", "linear", "poly", "laplacian", "multi_rbf"]
+KernelFunction = Callable[[Tensor, Tensor], Tensor]
+KERNELS: tuple[KernelName, ...] = ("rbf", "linear", "poly", "laplacian", "multi_rbf")
+_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+def _resolve_gamma(gamma: object, kernel: object, x: np.ndarray) -> float:
+    """scikit-learn's ``gamma``: ``"scale"`` is ``1 / (D * X.var())``, ``"auto"`` ``1 / D``.
+
+    For the Laplacian kernel, a function of the distance rather than the squared distance,
+    ``"scale"`` is ``1 / sqrt(D * X.var())`` so that ``gamma * ||x - y||`` is of order one.
+    """
+    if isinstance(gamma, str):
+        choice = check_option(gamma, "gamma", ("scale", "auto"))
+        if choice == "auto":
+            return 1.0 / float(x.shape[1])
+        variance = float(x.var())
+        value = 1.0 / (x.shape[1] * variance) if variance != 0 else 1.0
+        return math.sqrt(value) if kernel == "laplacian" else value
+    return float(check_positive(gamma, "gamma"))
+
+
+def _make_kernel(
+    kernel: object, gamma: float, degree: int, coef0: float, multipliers: Sequence[float]
+) -> KernelFunction:
+    """The kernel callable behind a kernel name (scikit-learn's parameterisation)."""
+    if callable(kernel):
+        if getattr(kernel, "bandwidth", 1.0) is None:
+            raise ValueError(
+                f"kernel: {kernel!r} picks its bandwidth from each batch, so the chunks of "
+                "a Gram matrix would use different kernels; give it an explicit bandwidth"
+            )
+        return kernel
+    name = check_option(kernel, "kernel", KERNELS)
+    if name == "linear":
+        return LinearKernel()
+    if name == "poly":
+        return PolynomialKernel(degree=degree, gamma=gamma, coef0=coef0)
+    if name == "laplacian":
+        return LaplacianKernel(bandwidth=1.0 / gamma)
+    # exp(-gamma d) = exp(-d / (2 sigma^2)) with sigma^2 = 1 / (2 gamma).
+    sigma = math.sqrt(0.5 / gamma)
+    return GaussianKernel(bandwidth=sigma, multipliers=(1.0,) if name == "rbf" else multipliers)
+
+
+def _chunks(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def _to_tensor(x: np.ndarray, device: torch.device, dtype: torch.dtype) -> Tensor:
+    # torch cannot wrap read-only arrays (e.g. memory-mapped after unpickling): copy those.
+    array = x if x.flags.writeable else x.copy()
+    return torch.as_tensor(array, device=device).to(dtype)
+
+
+def _gram(
+    kernel: KernelFunction,
+    x: np.ndarray,
+    y: np.ndarray | None,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    chunk_size: int,
+) -> np.ndarray:
+    """``kernel(x, y)`` as a float64 array, computed in row blocks of ``chunk_size``.
+
+    With ``y=None`` the matrix is symmetric: only the blocks on and above the diagonal
+    are computed and the rest is mirrored, which halves the matrix multiplications.
+    """
+    xt = _to_tensor(x, device, dtype)
+    yt = xt if y is None else _to_tensor(y, device, dtype)
+    out = np.empty((x.shape[0], yt.shape[0]), dtype=np.float64)
+    with torch.inference_mode():
+        for rows in _chunks(x.shape[0], chunk_size):
+            start = rows.start if y is None else 0
+            block = kernel(xt[rows], yt[start:])
+            if block.shape != (rows.stop - rows.start, yt.shape[0] - start):
+                raise ValueError(
+                    f"kernel: expected a ({rows.stop - rows.start}, {yt.shape[0] - start}) "
+                    f"matrix, got shape {tuple(block.shape)}"
+                )
+            out[rows, start:] = block.to("cpu", torch.float64).numpy()
+            if y is None and rows.stop < out.shape[1]:
+                out[rows.stop :, rows] = out[rows, rows.stop :].T
+    return out
+
+
+def _check_kernel_params(
+    degree: object, coef0: object, multipliers: object
+) -> tuple[int, float, tuple[float, ...]]:
+    deg = int(check_positive(degree, "degree", integer=True))
+    if isinstance(coef0, bool) or not isinstance(coef0, (int, float)) or not math.isfinite(coef0):
+        raise ValueError(f"coef0: expected a finite number, got {coef0!r}")
+    if not isinstance(multipliers, Sequence) or len(multipliers) == 0:
+        raise ValueError(f"multipliers: expected a non-empty sequence, got {multipliers!r}")
+    mults = tuple(check_positive(m, "multipliers") for m in multipliers)
+    return deg, float(coef0), mults
+
+
+def _drop_unlabelled(
+    x: np.ndarray, y: np.ndarray, weight: np.ndarray | None, unlabelled: object
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    if unlabelled is None:
+        return x, y, weight
+    keep = np.asarray(y != unlabelled, dtype=bool)
+    if not keep.any():
+        raise ValueError(
+            f"y: every row is marked unlabelled (y == {unlabelled!r}); a classifier needs "
+            "labelled rows"
+        )
+    return x[keep], y[keep], None if weight is None else np.asarray(weight)[keep]
+
+
+# --------------------------------------------------------------------------- kernel SVM
+
+
+class TorchKernelSVC(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
+    r"""Kernel SVM whose Gram matrices are computed in torch and solved by libsvm.
+
+    ``fit`` computes the training Gram matrix with :mod:`transferkit.kernels` in row
+    blocks of ``chunk_size`` (on the GPU when ``device`` resolves to one), then solves the
+    dual problem with libsvm through ``sklearn.svm.SVC(kernel="precomputed")``. Only the
+    support vectors are kept: ``predict``, ``decision_function`` and ``predict_proba``
+    compute the cross-kernel between new rows and the support vectors, chunk by chunk, and
+    hand it to libsvm. The model is therefore the one ``sklearn.svm.SVC`` would learn.
+
+    Kernels, with scikit-learn's parameterisation (``D`` = number of features):
+
+    * ``"rbf"``: :math:`\exp(-\gamma \|x - y\|^2)`; ``"multi_rbf"``:
+      :math:`\sum_m \exp(-\gamma \|x - y\|^2 / m)` over ``multipliers`` (DAN's
+      sum of Gaussians, :class:`transferkit.kernels.GaussianKernel` with
+      :math:`\sigma^2 = 1 / (2\gamma)`);
+    * ``"linear"``: :math:`x \cdot y`; ``"poly"``: :math:`(\gamma\, x \cdot y + c_0)^p`;
+    * ``"laplacian"``: :math:`\exp(-\gamma \|x - y\|_2)` (Euclidean distance, as
+      :class:`transferkit.kernels.LaplacianKernel`; scikit-learn's ``laplacian_kernel``
+      uses the L1 distance);
+    * any kernel object ``k(x, y) -> (N, M)`` with fixed parameters, e.g.
+      ``tk.kernels.GaussianKernel(bandwidth=2.0)``.
+
+    ``gamma="scale"`` is ``1 / (D * X.var())`` as in scikit-learn (``1 / sqrt(D *
+    X.var())`` for the Laplacian kernel), ``"auto"`` is ``1 / D``.
+
+    **Precision.** ``dtype="float64"`` (the default) computes the Gram matrix in double
+    precision, like libsvm's own kernels, so the predictions are those of
+    ``sklearn.svm.SVC`` with the same parameters (entries agree to ~1e-15). On a GPU,
+    ``dtype="float32"`` is several times faster; its ~1e-7 relative errors are far below
+    libsvm's stopping tolerance ``tol`` and can only change samples that lie on the
+    decision boundary.
+
+    **Large n.** The exact path stores the ``(n, n)`` float64 Gram matrix (800 MB at
+    n = 10,000). ``solver="auto"`` switches to ``"nystroem"`` above ``max_exact_samples``:
+    ``n_components`` random training rows (landmarks) give the features
+    :math:`K_{nm} K_{mm}^{-1/2}`, classified by ``sklearn.svm.LinearSVC`` (one-vs-rest,
+    squared hinge): an approximation of the kernel SVM in ``O(n m)`` memory. The
+    ``support_*`` attributes exist on the exact path only.
+
+    Args:
+        kernel: a kernel name (see above) or a kernel object.
+        C: regularisation (inverse strength), > 0.
+        gamma: ``"scale"``, ``"auto"`` or a positive number.
+        degree: power of the ``"poly"`` kernel.
+        coef0: constant of the ``"poly"`` kernel.
+        multipliers: the ``"multi_rbf"`` factors on :math:`1 / \gamma`.
+        device: where Gram matrices are computed (``"auto"``: CUDA when available).
+        dtype: ``"float64"`` or ``"float32"`` for the Gram computation.
+        chunk_size: rows per Gram block; memory is ``chunk_size * n`` per block.
+        solver: ``"auto"``, ``"exact"`` (libsvm on the full Gram matrix) or
+            ``"nystroem"``.
+        max_exact_samples: largest training set ``solver="auto"`` solves exactly.
+        n_components: landmarks of the Nystroem path.
+        probability: fit Platt scaling so that ``predict_proba`` is available.
+        class_weight: ``None``, ``"balanced"`` or a ``{class: weight}`` dict.
+        tol: libsvm stopping tolerance.
+        cache_size: libsvm kernel cache in MB.
+        max_iter: libsvm iteration limit (-1: none).
+        decision_function_shape: ``"ovr"`` or ``"ovo"`` (as ``SVC``).
+        break_ties: as ``SVC``: break ties by ``decision_function`` (``"ovr"`` only).
+        random_state: seed of Platt scaling and of the Nystroem landmarks.
+        unlabelled: rows whose label equals this value (e.g. ``-1`` for unlabelled target
+            rows in a domain-alignment pipeline) are skipped by ``fit`` and ``score``.
+
+    Attributes:
+        classes_: the class labels.
+        gamma_: the numeric ``gamma`` used.
+        solver_: ``"exact"`` or ``"nystroem"``.
+        support_: indices of the support vectors in the (labelled) training rows.
+        support_vectors_: the support vectors, ``(n_SV, D)``.
+        n_support_: support vectors per class.
+        dual_coef_: ``(n_classes - 1, n_SV)`` dual coefficients (as ``SVC``).
+        intercept_: the intercepts (as ``SVC``).
+        landmarks_: the Nystroem landmarks (``"nystroem"`` path only).
+
+    Shape:
+        - X: ``(N, D)``; y: ``(N,)``.
+        - decision_function: ``(N,)`` for two classes, else ``(N, n_classes)`` (``"ovr"``).
+
+    Examples:
+        >>> from sklearn.datasets import load_digits
+        >>> from sklearn.svm import SVC
+        >>> X, y = load_digits(return_X_y=True)
+        >>> ours = TorchKernelSVC(kernel="rbf", C=1.0, device="cpu").fit(X[:1000], y[:1000])
+        >>> theirs = SVC(kernel="rbf", C=1.0).fit(X[:1000], y[:1000])
+        >>> bool((ours.predict(X[1000:]) == theirs.predict(X[1000:])).all())
+        True
+        >>> ours.support_vectors_.shape == theirs.support_vectors_.shape
+        True
+    """
+
+    def __init__(
+        self,
+        kernel: KernelName | KernelFunction = "rbf",
+        C: float = 1.0,
+        *,
+        gamma: Literal["scale", "auto"] | float = "scale",
+        degree: int = 3,
+        coef0: float = 0.0,
+        multipliers: Sequence[float] = (0.25, 0.5, 1.0, 2.0, 4.0),
+        device: str | torch.device | None = "auto",
+        dtype: Literal["float64", "float32"] = "float64",
+        chunk_size: int = 2048,
+        solver: Literal["auto", "exact", "nystroem"] = "auto",
+        max_exact_samples: int = 20_000,
+        n_components: int = 1000,
+        probability: bool = False,
+        class_weight: Mapping[Any, float] | Literal["balanced"] | None = None,
+        tol: float = 1e-3,
+        cache_size: float = 200.0,
+        max_iter: int = -1,
+        decision_function_shape: Literal["ovr", "ovo"] = "ovr",
+        break_ties: bool = False,
+        random_state: int | np.random.RandomState | None = None,
+        unlabelled: Any = None,
+    ) -> None:
+        self.kernel = kernel
+        self.C = C
+        self.gamma = gamma
+        self.degree = degree
+        self.coef0 = coef0
+        self.multipliers = multipliers
+        self.device = device
+        self.dtype = dtype
+        self.chunk_size = chunk_size
+        self.solver = solver
+        self.max_exact_samples = max_exact_samples
+        self.n_components = n_components
+        self.probability = probability
+        self.class_weight = class_weight
+        self.tol = tol
+        self.cache_size = cache_size
+        self.max_iter = max_iter
+        self.decision_function_shape = decision_function_shape
+        self.break_ties = break_ties
+        self.random_state = random_state
+        self.unlabelled = unlabelled
+
+    def _kernel_function(self) -> KernelFunction:
+        degree, coef0, multipliers = _check_kernel_params(self.degree, self.coef0, self.multipliers)
+        return _make_kernel(self.kernel, self.gamma_, degree, coef0, multipliers)
+
+    def _gram(self, x: np.ndarray, y: np.ndarray | None) -> np.ndarray:
+        return _gram(
+            self._kernel_function(),
+            x,
+            y,
+            device=resolve_device(self.device),
+            dtype=_DTYPES[check_option(self.dtype, "dtype", tuple(_DTYPES))],
+            chunk_size=int(check_positive(self.chunk_size, "chunk_size", integer=True)),
+        )
+
+    def fit(self, X: Any, y: Any, sample_weight: np.ndarray | None = None) -> TorchKernelSVC:
+        """Compute the training Gram matrix in torch and solve the SVM with libsvm.
+
+        Args:
+            X: training features, ``(N, D)``.
+            y: class labels, ``(N,)``; rows equal to ``unlabelled`` are skipped.
+            sample_weight: optional per-row weights (as ``SVC``).
+
+        Returns:
+            The fitted estimator.
+
+        Raises:
+            ValueError: for invalid input, a single class or unknown option names.
+        """
+        X, y = validate_data(self, X, y, dtype=np.float64, order="C")
+        X, y, sample_weight = _drop_unlabelled(X, y, sample_weight, self.unlabelled)
+        check_classification_targets(y)
+        check_positive(self.C, "C")
+        solver = check_option(self.solver, "solver", ("auto", "exact", "nystroem"))
+        self.gamma_ = _resolve_gamma(self.gamma, self.kernel, X)
+        if solver == "auto":
+            limit = check_positive(self.max_exact_samples, "max_exact_samples", integer=True)
+            solver = "exact" if X.shape[0] <= limit else "nystroem"
+        self.solver_ = solver
+        for name in ("support_", "support_vectors_", "dual_coef_", "landmarks_"):
+            self.__dict__.pop(name, None)
+        if solver == "exact":
+            self._fit_exact(X, y, sample_weight)
+        else:
+            self._fit_nystroem(X, y, sample_weight)
+        return self
+
+    def _fit_exact(self, X: np.ndarray, y: np.ndarray, weight: np.ndarray | None) -> None:
+        gram = self._gram(X, None)
+        extra: dict[str, Any] = {"probability": True} if self.probability else {}
+        svc = SVC(
+            kernel="precomputed",
+            C=self.C,
+            class_weight=self.class_weight,
+            tol=self.tol,
+            cache_size=self.cache_size,
+            max_iter=self.max_iter,
+            decision_function_shape=self.decision_function_shape,
+            break_ties=self.break_ties,
+            random_state=self.random_state,
+            **extra,
+        )
+        with warnings.catch_warnings():
+            # scikit-learn 1.9 deprecates SVC(probability=True) (libsvm's Platt scaling,
+            # removal planned for 1.11); it is what ``probability=True`` means here.
+            warnings.filterwarnings("ignore", "The `probability` parameter", FutureWarning)
+            svc.fit(gram, y, sample_weight=weight)
+        del gram
+        self.classes_ = svc.classes_
+        self.support_ = svc.support_
+        self.support_vectors_ = X[svc.support_]
+        self.n_support_ = svc.n_support_
+        self.dual_coef_ = svc.dual_coef_
+        self.intercept_ = svc.intercept_
+        self.n_iter_ = svc.n_iter_
+        # libsvm reads a precomputed test row at the columns ``support_``. Re-index the
+        # support vectors 0..n_SV-1 so that rows of the (N, n_SV) cross-kernel suffice.
+        compact = copy.copy(svc)
+        n_sv = len(svc.support_)
+        compact.support_ = np.arange(n_sv, dtype=svc.support_.dtype)
+        compact.shape_fit_ = (n_sv, n_sv)
+        compact.n_features_in_ = n_sv
+        self._model: Any = compact
+        logger.debug("TorchKernelSVC: %d support vectors of %d rows", n_sv, X.shape[0])
+
+    def _fit_nystroem(self, X: np.ndarray, y: np.ndarray, weight: np.ndarray | None) -> None:
+        count = int(check_positive(self.n_components, "n_components", integer=True))
+        rng = check_random_state(self.random_state)
+        index = np.sort(rng.choice(X.shape[0], size=min(count, X.shape[0]), replace=False))
+        self.landmarks_ = X[index]
+        u, s, vt = np.linalg.svd(self._gram(self.landmarks_, None))
+        self._normalization = (u / np.sqrt(np.maximum(s, 1e-12))) @ vt
+        linear: Any = LinearSVC(
+            C=self.C, class_weight=self.class_weight, tol=self.tol, random_state=self.random_state
+        )
+        if self.probability:
+            linear = CalibratedClassifierCV(linear, method="sigmoid", cv=5)
+        self._model = linear.fit(self._nystroem_features(X), y, sample_weight=weight)
+        self.classes_ = self._model.classes_
+        fitted = [c.estimator for c in getattr(self._model, "calibrated_classifiers_", [])]
+        self.n_iter_ = max(int(np.max(m.n_iter_)) for m in fitted or [self._model])
+
+    def _nystroem_features(self, X: np.ndarray) -> np.ndarray:
+        features: np.ndarray = self._gram(X, self.landmarks_) @ self._normalization.T
+        return features
+
+    def _apply(self, X: Any, method: str) -> np.ndarray:
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=np.float64, order="C", reset=False)
+        size = int(check_positive(self.chunk_size, "chunk_size", integer=True))
+        if self.solver_ == "exact":
+            # libsvm needs writable buffers; a memory-mapped unpickled model has none.
+            for name, value in vars(self._model).items():
+                if isinstance(value, np.ndarray) and not value.flags.writeable:
+                    setattr(self._model, name, value.copy())
+        outputs = []
+        for rows in _chunks(X.shape[0], size):
+            if self.solver_ == "exact":
+                features = self._gram(X[rows], self.support_vectors_)
+            else:
+                features = self._nystroem_features(X[rows])
+            outputs.append(np.asarray(getattr(self._model, method)(features)))
+        return np.concatenate(outputs)
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Class labels of ``X`` (libsvm's one-vs-one vote, as ``SVC``).
+
+        Args:
+            X: features, ``(N, D)``.
+
+        Returns:
+            ``(N,)`` labels drawn from ``classes_``.
+        """
+        return self._apply(X, "predict")
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """Signed distances to the separating hyperplanes (as ``SVC.decision_function``).
+
+        Args:
+            X: features, ``(N, D)``.
+
+        Returns:
+            ``(N,)`` for two classes; ``(N, n_classes)`` (``"ovr"``) or
+            ``(N, n_classes * (n_classes - 1) / 2)`` (``"ovo"``) otherwise.
+        """
+        return self._apply(X, "decision_function")
+
+    def _check_proba(self) -> bool:
+        if not self.probability:
+            raise AttributeError("predict_proba is not available when probability=False")
+        return True
+
+    @available_if(_check_proba)  # type: ignore[untyped-decorator]
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Platt-scaled class probabilities (needs ``probability=True``).
+
+        Args:
+            X: features, ``(N, D)``.
+
+        Returns:
+            ``(N, n_classes)`` probabilities; rows sum to one.
+        """
+        return self._apply(X, "predict_proba")
+
+    @available_if(_check_proba)  # type: ignore[untyped-decorator]
+    def predict_log_proba(self, X: Any) -> np.ndarray:
+        """Logarithm of :meth:`predict_proba`."""
+        log_proba: np.ndarray = np.log(self.predict_proba(X))
+        return log_proba
+
+    def score(self, X: Any, y: Any, sample_weight: np.ndarray | None = None) -> float:
+        """Accuracy on the labelled rows of ``(X, y)`` (rows equal to ``unlabelled`` skipped).
+
+        Args:
+            X: features, ``(N, D)``.
+            y: true labels, ``(N,)``.
+            sample_weight: optional per-row weights.
+
+        Returns:
+            The mean accuracy.
+        """
+        X, y, sample_weight = _drop_unlabelled(
+            np.asarray(X) if not hasattr(X, "iloc") else X.to_numpy(),
+            np.asarray(y),
+            sample_weight,
+            self.unlabelled,
+        )
+        accuracy: float = super().score(X, y, sample_weight=sample_weight)
+        return accuracy
+
+
+# --------------------------------------------------------------------------- prototypes
+
+
+class PrototypeClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
+    r"""Nearest class mean: each class is the mean of its rows, a sample takes the closest.
+
+    With ``metric="cosine"`` rows are L2-normalised before averaging and the scores are
+    cosine similarities to the normalised class means; with ``"euclidean"`` the scores
+    are negative squared distances :math:`-\|x - \mu_c\|^2`. On deep features this is a
+    strong few-shot classifier (one labelled sample per class suffices).
+    ``predict_proba`` is the softmax of the scores divided by ``temperature``.
+
+    Args:
+        metric: ``"cosine"`` or ``"euclidean"``.
+        temperature: softmax temperature of ``predict_proba`` (> 0); small values give
+            sharper probabilities (cosine scores lie in ``[-1, 1]``).
+        unlabelled: rows whose label equals this value are skipped by ``fit`` and
+            ``score`` (see :class:`CORAL`).
+
+    Attributes:
+        classes_: the class labels.
+        prototypes_: ``(n_classes, D)`` class means (normalised for ``"cosine"``).
+
+    Examples:
+        >>> X = np.array([[1.0, 0.1], [0.9, 0.0], [0.0, 1.0], [0.2, 0.8]])
+        >>> model = PrototypeClassifier(metric="cosine").fit(X, [0, 0, 1, 1])
+        >>> model.predict(np.array([[2.0, 0.5], [0.1, 3.0]])).tolist()
+        [0, 1]
+    """
+
+    def __init__(
+        self,
+        metric: Literal["cosine", "euclidean"] = "cosine",
+        *,
+        temperature: float = 1.0,
+        unlabelled: Any = None,
+    ) -> None:
+        self.metric = metric
+        self.temperature = temperature
+        self.unlabelled = unlabelled
+
+    def _prepare(self, X: np.ndarray) -> np.ndarray:
+        if self.metric == "cosine":
+            norms = np.linalg.norm(X, axis=1, keepdims=True)
+            prepared: np.ndarray = X / np.maximum(norms, 1e-12)
+            return prepared
+        return X
+
+    def fit(self, X: Any, y: Any) -> PrototypeClassifier:
+        """Compute one prototype per class.
+
+        Args:
+            X: features, ``(N, D)``.
+            y: labels, ``(N,)``.
+
+        Returns:
+            The fitted classifier.
+
+        Raises:
+            ValueError: for invalid input, an unknown metric or a single class.
+        """
+        X, y = validate_data(self, X, y, dtype=np.float64)
+        X, y, _ = _drop_unlabelled(X, y, None, self.unlabelled)
+        check_classification_targets(y)
+        check_option(self.metric, "metric", ("cosine", "euclidean"))
+        check_positive(self.temperature, "temperature")
+        classes, index = np.unique(y, return_inverse=True)
+        if len(classes) < 2:
+            raise ValueError("y: PrototypeClassifier needs at least 2 classes; got 1 class")
+        onehot = np.eye(len(classes))[index]
+        prepared = self._prepare(X)
+        prototypes = (onehot.T @ prepared) / onehot.sum(0)[:, None]
+        self.classes_ = classes
+        self.prototypes_ = self._prepare(prototypes)
+        return self
+
+    def _scores(self, X: Any) -> np.ndarray:
+        check_is_fitted(self)
+        X = self._prepare(validate_data(self, X, dtype=np.float64, reset=False))
+        similarity: np.ndarray = X @ self.prototypes_.T
+        if self.metric == "cosine":
+            return similarity
+        squared = (X**2).sum(1, keepdims=True) - 2 * similarity + (self.prototypes_**2).sum(1)
+        distances: np.ndarray = np.maximum(squared, 0.0)
+        return -distances
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """Scores: cosine similarities or negative squared distances to the prototypes.
+
+        Args:
+            X: features, ``(N, D)``.
+
+        Returns:
+            ``(N, n_classes)``; for two classes ``(N,)``, the second score minus the first.
+        """
+        scores = self._scores(X)
+        if len(self.classes_) == 2:
+            difference: np.ndarray = scores[:, 1] - scores[:, 0]
+            return difference
+        return scores
+
+    def predict(self, X: Any) -> np.ndarray:
+        """The class of the closest prototype, ``(N,)``."""
+        scores = self._scores(X)
+        labels: np.ndarray = self.classes_[np.argmax(scores, axis=1)]
+        return labels
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Softmax of the scores divided by ``temperature``, ``(N, n_classes)``."""
+        logits = self._scores(X) / self.temperature
+        logits -= logits.max(axis=1, keepdims=True)
+        weights = np.exp(logits)
+        probabilities: np.ndarray = weights / weights.sum(axis=1, keepdims=True)
+        return probabilities
+
+    def score(self, X: Any, y: Any, sample_weight: np.ndarray | None = None) -> float:
+        """Accuracy on the labelled rows (rows equal to ``unlabelled`` skipped)."""
+        X, y, sample_weight = _drop_unlabelled(
+            np.asarray(X), np.asarray(y), sample_weight, self.unlabelled
+        )
+        accuracy: float = super().score(X, y, sample_weight=sample_weight)
+        return accuracy
+
+
+# --------------------------------------------------------------------------- alignment
+
+
+def _domains(y: Any, n: int, unlabelled: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean masks ``(source, target)``: target rows are those with ``y == unlabelled``.
+
+    Without ``y`` every row is target; without target rows (or without source rows) the
+    single domain plays both roles, which makes each aligner a plain one-domain map.
+    """
+    if y is None:
+        target = np.ones(n, dtype=bool)
+    else:
+        labels = np.asarray(y)
+        if labels.shape[0] != n:
+            raise ValueError(f"y: expected {n} labels to match X, got {labels.shape[0]}")
+        target = np.asarray(labels == unlabelled, dtype=bool).reshape(n)
+    source = ~target
+    if not source.any() or not target.any():
+        everything = np.ones(n, dtype=bool)
+        return everything, everything
+    return source, target
+
+
+def _matrix_power(matrix: np.ndarray, power: float) -> np.ndarray:
+    values, vectors = np.linalg.eigh(matrix)
+    values = np.maximum(values, np.finfo(np.float64).eps * max(values.max(), 1.0))
+    result: np.ndarray = (vectors * values**power) @ vectors.T
+    return result
+
+
+def _regularised_covariance(x: np.ndarray, reg: float) -> np.ndarray:
+    centred = x - x.mean(0)
+    covariance = centred.T @ centred / max(x.shape[0] - 1, 1)
+    scale = float(np.trace(covariance)) / covariance.shape[0]
+    ridge = reg * (scale if scale > 0 else 1.0)
+    regularised: np.ndarray = covariance + ridge * np.eye(covariance.shape[0])
+    return regularised
+
+
+class CORAL(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):  # type: ignore[misc]
+    r"""CORrelation ALignment (Sun et al., 2016): recolour source features to the target.
+
+    ``fit(X, y)`` takes source and target rows stacked; target rows carry the label
+    ``unlabelled`` (-1 by default). It whitens the source covariance and re-colours with
+    the target's, and matches the means:
+
+    .. math:: x_s \mapsto (x_s - \mu_s)\, C_s^{-1/2} C_t^{1/2} + \mu_t,
+       \qquad C = \mathrm{Cov} + \lambda \bar\sigma^2 I
+
+    where :math:`\bar\sigma^2` is the mean variance, so ``reg=1`` is the paper's ``+ I``
+    for standardised features. ``fit_transform(X, y)`` maps the source rows and returns
+    target rows unchanged; ``transform`` (prediction time: target-domain input) is the
+    identity. A classifier trained after it thus sees source features with target
+    statistics. Without target rows (or without ``y``) the map is the identity.
+
+    Args:
+        reg: covariance regularisation :math:`\lambda \ge 0`, relative to the mean variance.
+        unlabelled: the label that marks target rows.
+
+    Attributes:
+        source_mean_, target_mean_: the domain means, ``(D,)``.
+        matrix_: :math:`C_s^{-1/2} C_t^{1/2}`, ``(D, D)``.
+
+    Examples:
+        >>> rng = np.random.default_rng(0)
+        >>> source = rng.normal(size=(200, 3))
+        >>> target = 3 * rng.normal(size=(200, 3)) + 5
+        >>> X = np.vstack([source, target])
+        >>> y = np.r_[rng.integers(0, 2, 200), -np.ones(200, dtype=int)]
+        >>> aligned = CORAL(reg=0.0).fit_transform(X, y)
+        >>> bool(np.allclose(np.cov(aligned[:200].T), np.cov(target.T)))
+        True
+    """
+
+    def __init__(self, reg: float = 1.0, *, unlabelled: Any = -1) -> None:
+        self.reg = reg
+        self.unlabelled = unlabelled
+
+    def fit(self, X: Any, y: Any = None) -> CORAL:
+        """Learn the source-to-target recolouring.
+
+        Args:
+            X: source and target rows, ``(N, D)``.
+            y: source labels, ``unlabelled`` for target rows.
+
+        Returns:
+            The fitted transformer.
+        """
+        X = validate_data(self, X, dtype=np.float64, ensure_min_samples=2)
+        reg = check_positive(self.reg, "reg", strict=False)
+        source, target = _domains(y, X.shape[0], self.unlabelled)
+        if min(source.sum(), target.sum()) < 2:
+            raise ValueError("X: CORAL needs at least 2 source rows and 2 target rows")
+        self.source_mean_ = X[source].mean(0)
+        self.target_mean_ = X[target].mean(0)
+        self.matrix_ = _matrix_power(_regularised_covariance(X[source], reg), -0.5) @ (
+            _matrix_power(_regularised_covariance(X[target], reg), 0.5)
+        )
+        return self
+
+    def fit_transform(self, X: Any, y: Any = None, **fit_params: Any) -> np.ndarray:
+        """Fit, then map the source rows; target rows are returned unchanged."""
+        self.fit(X, y)
+        X = validate_data(self, X, dtype=np.float64, reset=False)
+        source, target = _domains(y, X.shape[0], self.unlabelled)
+        out: np.ndarray = X.copy()
+        if not (source & target).all():
+            out[source] = (X[source] - self.source_mean_) @ self.matrix_ + self.target_mean_
+        return out
+
+    def transform(self, X: Any) -> np.ndarray:
+        """Target-domain rows: returned unchanged (a validated float64 copy)."""
+        check_is_fitted(self)
+        out: np.ndarray = validate_data(self, X, dtype=np.float64, reset=False, copy=True)
+        return out
+
+
+class SubspaceAlignment(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # type: ignore[misc]
+    r"""Subspace alignment (Fernando et al., 2013): align the source PCA basis to the target's.
+
+    With :math:`P_s, P_t` the top ``n_components`` principal directions of each domain
+    (``(D, k)``) and :math:`M = P_s^\top P_t`, source rows map to
+    :math:`(x - \mu_s) P_s M` and target rows to :math:`(x - \mu_t) P_t`. Target rows are
+    marked by ``y == unlabelled`` as for :class:`CORAL`; ``transform`` applies the target
+    map. With one domain only it is PCA.
+
+    Args:
+        n_components: dimension ``k`` of the subspaces.
+        unlabelled: the label that marks target rows.
+
+    Attributes:
+        source_mean_, target_mean_: domain means.
+        source_components_, target_components_: the bases :math:`P_s, P_t`, ``(D, k)``.
+        alignment_: :math:`M`, ``(k, k)``.
+
+    Examples:
+        >>> rng = np.random.default_rng(0)
+        >>> X = rng.normal(size=(100, 5))
+        >>> y = np.r_[np.zeros(50, dtype=int), -np.ones(50, dtype=int)]
+        >>> SubspaceAlignment(n_components=2).fit_transform(X, y).shape
+        (100, 2)
+    """
+
+    def __init__(self, n_components: int = 20, *, unlabelled: Any = -1) -> None:
+        self.n_components = n_components
+        self.unlabelled = unlabelled
+
+    @staticmethod
+    def _basis(x: np.ndarray, k: int) -> np.ndarray:
+        _, _, vt = np.linalg.svd(x - x.mean(0), full_matrices=False)
+        basis = vt[:k].T
+        signs = np.sign(basis[np.abs(basis).argmax(0), np.arange(k)])
+        result: np.ndarray = basis * np.where(signs == 0, 1.0, signs)
+        return result
+
+    def fit(self, X: Any, y: Any = None) -> SubspaceAlignment:
+        """Compute both PCA bases and the alignment matrix.
+
+        Args:
+            X: source and target rows, ``(N, D)``.
+            y: source labels, ``unlabelled`` for target rows.
+
+        Returns:
+            The fitted transformer.
+        """
+        X = validate_data(self, X, dtype=np.float64, ensure_min_samples=2)
+        k = int(check_positive(self.n_components, "n_components", integer=True))
+        source, target = _domains(y, X.shape[0], self.unlabelled)
+        n_min = int(min(source.sum(), target.sum()))
+        if k > min(n_min, X.shape[1]):
+            raise ValueError(
+                f"n_components: expected at most min(n_samples, n_features) of each domain "
+                f"(n_samples = {n_min}, n_features = {X.shape[1]}), got {k}"
+            )
+        self.source_mean_ = X[source].mean(0)
+        self.target_mean_ = X[target].mean(0)
+        self.source_components_ = self._basis(X[source], k)
+        self.target_components_ = self._basis(X[target], k)
+        self.alignment_ = self.source_components_.T @ self.target_components_
+        self._n_features_out = k
+        return self
+
+    def fit_transform(self, X: Any, y: Any = None, **fit_params: Any) -> np.ndarray:
+        """Fit, then map source rows with the aligned basis and target rows with theirs."""
+        self.fit(X, y)
+        X = validate_data(self, X, dtype=np.float64, reset=False)
+        source, target = _domains(y, X.shape[0], self.unlabelled)
+        out = self._target_map(X)
+        if not (source & target).all():
+            projection = self.source_components_ @ self.alignment_
+            out[source] = (X[source] - self.source_mean_) @ projection
+        return out
+
+    def _target_map(self, X: np.ndarray) -> np.ndarray:
+        mapped: np.ndarray = (X - self.target_mean_) @ self.target_components_
+        return mapped
+
+    def transform(self, X: Any) -> np.ndarray:
+        """Target-domain rows: projected on the target basis, ``(N, n_components)``."""
+        check_is_fitted(self)
+        rows: np.ndarray = validate_data(self, X, dtype=np.float64, reset=False)
+        return self._target_map(rows)
+
+
+class TCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # type: ignore[misc]
+    r"""Transfer Component Analysis (Pan et al., 2011): a kernel map that shrinks the MMD.
+
+    On the stacked source and target rows (target rows: ``y == unlabelled``) with kernel
+    matrix :math:`K`, centring matrix :math:`H` and MMD matrix :math:`L`
+    (:math:`1/n_s^2`, :math:`1/n_t^2`, :math:`-1/(n_s n_t)`), the transfer components
+    :math:`W` are the top ``n_components`` generalised eigenvectors of
+
+    .. math:: K H K\, w = \lambda\, (K L K + \mu I)\, w,
+
+    i.e. they maximise the embedded variance while keeping the domains' means close. Any
+    row (either domain, or new data) maps to :math:`k(x, X_{fit}) W`, so ``transform``
+    and ``fit_transform`` agree. With one domain only it is kernel PCA. The cost is
+    ``O(n^3)`` in the number of fitted rows (a few thousand at most).
+
+    Args:
+        n_components: number of transfer components.
+        kernel: ``"rbf"``, ``"linear"``, ``"poly"``, ``"laplacian"`` or ``"multi_rbf"``
+            (as :class:`TorchKernelSVC`).
+        mu: trade-off :math:`\mu > 0`; smaller values weigh the MMD term more.
+        gamma: kernel ``gamma`` (``"scale"``, ``"auto"`` or a number).
+        degree: power of the ``"poly"`` kernel.
+        coef0: constant of the ``"poly"`` kernel.
+        unlabelled: the label that marks target rows.
+
+    Attributes:
+        components_: :math:`W`, ``(n_fit, n_components)``.
+        fit_data_: the rows the kernel is evaluated against, ``(n_fit, D)``.
+        gamma_: the numeric ``gamma`` used.
+
+    Examples:
+        >>> rng = np.random.default_rng(0)
+        >>> X = np.vstack([rng.normal(size=(60, 4)), rng.normal(size=(60, 4)) + 2])
+        >>> y = np.r_[rng.integers(0, 2, 60), -np.ones(60, dtype=int)]
+        >>> tca = TCA(n_components=3, mu=0.1).fit(X, y)
+        >>> tca.transform(X).shape
+        (120, 3)
+    """
+
+    def __init__(
+        self,
+        n_components: int = 30,
+        *,
+        kernel: KernelName = "rbf",
+        mu: float = 1.0,
+        gamma: Literal["scale", "auto"] | float = "scale",
+        degree: int = 3,
+        coef0: float = 1.0,
+        unlabelled: Any = -1,
+    ) -> None:
+        self.n_components = n_components
+        self.kernel = kernel
+        self.mu = mu
+        self.gamma = gamma
+        self.degree = degree
+        self.coef0 = coef0
+        self.unlabelled = unlabelled
+
+    def _kernel_matrix(self, x: np.ndarray, y: np.ndarray | None) -> np.ndarray:
+        degree, coef0, _ = _check_kernel_params(self.degree, self.coef0, (1.0,))
+        function = _make_kernel(self.kernel, self.gamma_, degree, coef0, (0.5, 1.0, 2.0))
+        return _gram(
+            function, x, y, device=torch.device("cpu"), dtype=torch.float64, chunk_size=4096
+        )
+
+    def fit(self, X: Any, y: Any = None) -> TCA:
+        """Solve the TCA eigenproblem on the stacked source and target rows.
+
+        Args:
+            X: source and target rows, ``(N, D)``.
+            y: source labels, ``unlabelled`` for target rows.
+
+        Returns:
+            The fitted transformer.
+        """
+        X = validate_data(self, X, dtype=np.float64, ensure_min_samples=2)
+        k = int(check_positive(self.n_components, "n_components", integer=True))
+        mu = check_positive(self.mu, "mu")
+        if k > X.shape[0]:
+            raise ValueError(f"n_components: expected at most n_samples = {X.shape[0]}, got {k}")
+        check_option(self.kernel, "kernel", KERNELS)
+        source, target = _domains(y, X.shape[0], self.unlabelled)
+        self.gamma_ = _resolve_gamma(self.gamma, self.kernel, X)
+        gram = self._kernel_matrix(X, None)
+        n = X.shape[0]
+        # L = e e^T with e = 1/n_s on source rows and -1/n_t on target rows.
+        e = np.zeros(n)
+        if not (source & target).all():
+            e = source / source.sum() - target / target.sum()
+        ke = gram @ e
+        centred = gram - gram.mean(0)
+        spread = centred.T @ centred  # K H K (H is idempotent)
+        constraint = np.outer(ke, ke) + mu * np.eye(n)
+        values, vectors = scipy.linalg.eigh(
+            (spread + spread.T) / 2, constraint, subset_by_index=[n - k, n - 1]
+        )
+        vectors = vectors[:, ::-1]
+        signs = np.sign(vectors[np.abs(vectors).argmax(0), np.arange(k)])
+        self.components_ = vectors * np.where(signs == 0, 1.0, signs)
+        self.eigenvalues_ = values[::-1]
+        self.fit_data_ = X.copy()
+        self._n_features_out = k
+        return self
+
+    def transform(self, X: Any) -> np.ndarray:
+        """Embed rows of either domain: :math:`k(x, X_{fit}) W`, ``(N, n_components)``."""
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=np.float64, reset=False)
+        embedded: np.ndarray = self._kernel_matrix(X, self.fit_data_) @ self.components_
+        return embedded
+
+
+# --------------------------------------------------------------------------- deep features
+
+
+class _TransformedRows(Dataset[Tensor]):
+    """Rows of a tensor passed one by one through a per-sample ``transform``."""
+
+    def __init__(self, rows: Tensor, transform: Callable[[Tensor], Tensor]) -> None:
+        self.rows = rows
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return int(self.rows.shape[0])
+
+    def __getitem__(self, index: int) -> Tensor:
+        return self.transform(self.rows[index])
+
+
+class DeepFeatures(TransformerMixin, BaseEstimator):  # type: ignore[misc]
+    """Transformer: samples in, deep features of a torch model out.
+
+    ``transform`` calls :func:`transferkit.extract_features` (inference mode, batched,
+    on ``device``). Several ``layers`` are flattened and concatenated in the given order,
+    so the output is always a 2-D array. ``fit`` learns nothing (it records
+    ``n_features_in_``); the model is used as it is. ``clone`` (and so ``GridSearchCV``)
+    deep-copies the model.
+
+    Args:
+        model: a ``torch.nn.Module`` (or a :class:`transferkit.FeatureExtractor`).
+        layers: module name(s) whose outputs are the features; ``None`` for the model's
+            output.
+        pool: how :func:`transferkit.extract_features` reduces ``(N, C, H, W)`` / ``(N, T,
+            D)`` layer outputs (``"avg"``, ...; ``None`` keeps them, flattened here).
+        batch_size: samples per forward pass.
+        device: where the model runs (``"auto"``: CUDA when available).
+        input_transform: optional per-sample callable applied to each input row (a torch
+            tensor) before the model, like a torchvision ``transform``. (Named so because
+            ``transform`` is the transformer's method.)
+        input_shape: reshape each flat input row to this shape, e.g. ``(1, 16, 16)``, so
+            that image models work on 2-D scikit-learn arrays.
+        amp: run the model under autocast.
+        progress: show a progress bar.
+
+    Examples:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
+        >>> DeepFeatures(net, progress=False).fit_transform(np.ones((5, 4))).shape
+        (5, 8)
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        layers: str | Sequence[str] | None = None,
+        batch_size: int = 256,
+        device: str | torch.device | None = "auto",
+        input_transform: Callable[[Tensor], Tensor] | None = None,
+        *,
+        pool: PoolName | None = "avg",
+        input_shape: Sequence[int] | None = None,
+        amp: bool = False,
+        progress: bool = False,
+    ) -> None:
+        self.model = model
+        self.layers = layers
+        self.batch_size = batch_size
+        self.device = device
+        self.input_transform = input_transform
+        self.pool = pool
+        self.input_shape = input_shape
+        self.amp = amp
+        self.progress = progress
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.requires_fit = False
+        tags.input_tags.allow_nan = False
+        return tags
+
+    @staticmethod
+    def _as_tensor(X: Any) -> Tensor:
+        tensor = X.detach().cpu() if isinstance(X, Tensor) else torch.as_tensor(np.asarray(X))
+        if tensor.dim() < 2 or tensor.shape[0] == 0:
+            raise ValueError(
+                f"X: expected an (N, ...) array with N >= 1, got shape {tuple(tensor.shape)}"
+            )
+        return tensor.float() if not tensor.is_floating_point() else tensor
+
+    def fit(self, X: Any, y: Any = None) -> DeepFeatures:
+        """Record ``n_features_in_`` (values per input row); the model is not trained.
+
+        Args:
+            X: inputs, ``(N, ...)``.
+            y: ignored.
+
+        Returns:
+            self.
+        """
+        self.n_features_in_ = int(np.prod(self._as_tensor(X).shape[1:]))
+        return self
+
+    def transform(self, X: Any) -> np.ndarray:
+        """Deep features of ``X``, ``(N, F)`` float32.
+
+        Args:
+            X: inputs, ``(N, ...)`` array or tensor.
+
+        Returns:
+            The features of every requested layer, flattened and concatenated.
+        """
+        rows = self._as_tensor(X)
+        if self.input_shape is not None:
+            shape = tuple(int(s) for s in self.input_shape)
+            if int(np.prod(rows.shape[1:])) != int(np.prod(shape)):
+                raise ValueError(
+                    f"input_shape: {shape} holds {int(np.prod(shape))} values but the input "
+                    f"rows have {int(np.prod(rows.shape[1:]))}"
+                )
+            rows = rows.reshape(rows.shape[0], *shape)
+        data: Tensor | Dataset[Tensor] = (
+            rows if self.input_transform is None else _TransformedRows(rows, self.input_transform)
+        )
+        features = extract_features(
+            self.model,
+            data,
+            layers=self.layers,
+            batch_size=self.batch_size,
+            device=self.device,
+            amp=self.amp,
+            progress=self.progress,
+            pool=self.pool,
+        )
+        if isinstance(features, tuple):
+            features = features[0]
+        if isinstance(features, dict):
+            names = [self.layers] if isinstance(self.layers, str) else list(self.layers or [])
+            order = names if set(names) == set(features) else list(features)
+            parts = [np.asarray(features[name]).reshape(rows.shape[0], -1) for name in order]
+            return np.concatenate(parts, axis=1)
+        return np.asarray(features).reshape(rows.shape[0], -1)
+
+
+# --------------------------------------------------------------------------- pipeline
+
+_ALIGNERS: dict[str, Callable[[], BaseEstimator]] = {
+    "coral": CORAL,
+    "tca": TCA,
+    "subspace": SubspaceAlignment,
+}
+
+
+def make_deep_svm_pipeline(
+    model: torch.nn.Module,
+    *,
+    layers: str | Sequence[str] | None = None,
+    align: Literal["coral", "tca", "subspace"] | BaseEstimator | None = None,
+    scale: bool = True,
+    feature_params: Mapping[str, Any] | None = None,
+    **svc_params: Any,
+) -> Pipeline:
+    """Model -> deep features -> (standardise) -> (domain alignment) -> kernel SVM.
+
+    The steps are named ``"features"`` (:class:`DeepFeatures`), ``"scale"``
+    (``StandardScaler``), ``"align"`` and ``"svc"`` (:class:`TorchKernelSVC`), so grid
+    searches address ``svc__C``, ``align__mu``, ... With ``align``, fit the pipeline on
+    source and target rows stacked, target rows labelled ``-1`` (the SVM then gets
+    ``unlabelled=-1`` and learns from the labelled rows only).
+
+    Args:
+        model: the torch feature extractor.
+        layers: layer name(s) to take features from (``None``: the model's output).
+        align: ``"coral"``, ``"tca"``, ``"subspace"``, a transformer, or ``None``.
+        scale: standardise the features (fitted on all rows, both domains).
+        feature_params: more :class:`DeepFeatures` arguments (``batch_size``,
+            ``device``, ``input_shape``, ``input_transform``, ``pool``, ...).
+        **svc_params: :class:`TorchKernelSVC` arguments (``C``, ``kernel``, ...).
+
+    Returns:
+        An unfitted ``sklearn.pipeline.Pipeline``.
+
+    Raises:
+        ValueError: for an unknown ``align`` name.
+
+    Examples:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
+        >>> pipe = make_deep_svm_pipeline(net, align="coral", C=10.0)
+        >>> [name for name, _ in pipe.steps]
+        ['features', 'scale', 'align', 'svc']
+    """
+    steps: list[tuple[str, Any]] = [
+        ("features", DeepFeatures(model, layers=layers, **dict(feature_params or {})))
+    ]
+    if scale:
+        steps.append(("scale", StandardScaler()))
+    if align is not None:
+        aligner = (
+            _ALIGNERS[check_option(align, "align", tuple(_ALIGNERS))]()
+            if isinstance(align, str)
+            else align
+        )
+        steps.append(("align", aligner))
+        svc_params.setdefault("unlabelled", -1)
+    steps.append(("svc", TorchKernelSVC(**svc_params)))
+    return Pipeline(steps)
