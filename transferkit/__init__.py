@@ -33,7 +33,7 @@ from .adversarial import (
 # [exports:sklearn]
 from . import sklearn
 # [exports:selection-metrics]
-from . import metrics, selection
+from . import meta, metrics, selection
 # [exports:distributed]
 
 __version__ = "0.1.0"
@@ -73,6 +73,7 @@ __all__ = [
     # [all:sklearn]
     "sklearn",
     # [all:selection-metrics]
+    "meta",
     "metrics",
     "selection",
     # [all:distributed]
