@@ -56,7 +56,6 @@ from torch.utils.data import Dataset
 from ._validation import check_option, check_positive
 from .device import resolve_device
 from .features import PoolName, extract_features
-from .kernels import GaussianKernel, LaplacianKernel, LinearKernel, PolynomialKernel
 
 __all__ = [
     "CORAL",
@@ -95,10 +94,63 @@ def _resolve_gamma(gamma: object, kernel: object, x: np.ndarray) -> float:
     return float(check_positive(gamma, "gamma"))
 
 
+class _GemmKernel:
+    """The named kernels in GEMM form, element-wise steps in place, no per-block checks.
+
+    Same formulas as :mod:`transferkit.kernels` (``||x||^2 + ||y||^2 - 2 x y^T``, clamped
+    at zero, for the distance kernels), but a Gram matrix is computed block by block, so
+    the norms and the validation of :class:`transferkit.kernels.Kernel` calls would be
+    paid once per block: this path costs one matrix multiplication and two passes over
+    each block.
+    """
+
+    def __init__(
+        self,
+        name: KernelName,
+        gamma: float,
+        degree: int,
+        coef0: float,
+        multipliers: Sequence[float],
+    ) -> None:
+        self.name = name
+        self.gamma = gamma
+        self.degree = degree
+        self.coef0 = coef0
+        self.multipliers = tuple(multipliers)
+        # Distances do not change when both sides are shifted: _gram centres the data.
+        self.translation_invariant = name in ("rbf", "laplacian", "multi_rbf")
+
+    def __call__(self, x: Tensor, y: Tensor, *, zero_diagonal: bool = False) -> Tensor:
+        """``k(x, y)``; ``zero_diagonal``: row ``i`` of ``x`` is row ``i`` of ``y``."""
+        block = x @ y.T
+        if self.name == "linear":
+            return block
+        if self.name == "poly":
+            return block.mul_(self.gamma).add_(self.coef0).pow_(self.degree)
+        block.mul_(-2.0).add_((x * x).sum(1, keepdim=True)).add_((y * y).sum(1)).clamp_(min=0.0)
+        if zero_diagonal:
+            block.diagonal().zero_()  # exact zeros, not rounding noise (sqrt amplifies it)
+        if self.name == "rbf":
+            return block.mul_(-self.gamma).exp_()
+        if self.name == "laplacian":
+            return block.sqrt_().mul_(-self.gamma).exp_()
+        total = torch.zeros_like(block)
+        for m in self.multipliers:
+            total.add_(torch.exp(block * (-self.gamma / m)))
+        return total
+
+
 def _make_kernel(
     kernel: object, gamma: float, degree: int, coef0: float, multipliers: Sequence[float]
 ) -> KernelFunction:
-    """The kernel callable behind a kernel name (scikit-learn's parameterisation)."""
+    """The kernel callable behind a kernel name (scikit-learn's parameterisation).
+
+    Named kernels are the :mod:`transferkit.kernels` formulas: ``"rbf"`` and
+    ``"multi_rbf"`` are :class:`~transferkit.kernels.GaussianKernel` with
+    ``sigma^2 = 1 / (2 gamma)``, ``"laplacian"`` is
+    :class:`~transferkit.kernels.LaplacianKernel` with ``sigma = 1 / gamma``, ``"poly"``
+    is :class:`~transferkit.kernels.PolynomialKernel` (tests check the equalities).
+    """
     if callable(kernel):
         if getattr(kernel, "bandwidth", 1.0) is None:
             raise ValueError(
@@ -107,15 +159,7 @@ def _make_kernel(
             )
         return kernel
     name = check_option(kernel, "kernel", KERNELS)
-    if name == "linear":
-        return LinearKernel()
-    if name == "poly":
-        return PolynomialKernel(degree=degree, gamma=gamma, coef0=coef0)
-    if name == "laplacian":
-        return LaplacianKernel(bandwidth=1.0 / gamma)
-    # exp(-gamma d) = exp(-d / (2 sigma^2)) with sigma^2 = 1 / (2 gamma).
-    sigma = math.sqrt(0.5 / gamma)
-    return GaussianKernel(bandwidth=sigma, multipliers=(1.0,) if name == "rbf" else multipliers)
+    return _GemmKernel(name, gamma, degree, coef0, multipliers)
 
 
 def _chunks(n: int, size: int) -> Iterator[slice]:
@@ -145,18 +189,28 @@ def _gram(
     """
     xt = _to_tensor(x, device, dtype)
     yt = xt if y is None else _to_tensor(y, device, dtype)
+    if getattr(kernel, "translation_invariant", False):
+        # Centring leaves distances unchanged and avoids cancellation in the GEMM form.
+        centre = yt.mean(0)
+        xt = xt - centre
+        yt = xt if y is None else yt - centre
     out = np.empty((x.shape[0], yt.shape[0]), dtype=np.float64)
     with torch.inference_mode():
         for rows in _chunks(x.shape[0], chunk_size):
             start = rows.start if y is None else 0
-            block = kernel(xt[rows], yt[start:])
+            if y is None and isinstance(kernel, _GemmKernel):
+                block = kernel(xt[rows], yt[start:], zero_diagonal=True)
+            else:
+                block = kernel(xt[rows], yt[start:])
             if block.shape != (rows.stop - rows.start, yt.shape[0] - start):
                 raise ValueError(
                     f"kernel: expected a ({rows.stop - rows.start}, {yt.shape[0] - start}) "
                     f"matrix, got shape {tuple(block.shape)}"
                 )
             out[rows, start:] = block.to("cpu", torch.float64).numpy()
-            if y is None and rows.stop < out.shape[1]:
+            if y is None:
+                diagonal = out[rows, rows]
+                diagonal[:] = np.triu(diagonal) + np.triu(diagonal, 1).T
                 out[rows.stop :, rows] = out[rows, rows.stop :].T
     return out
 
@@ -936,14 +990,21 @@ class TCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # 
         e = np.zeros(n)
         if not (source & target).all():
             e = source / source.sum() - target / target.sum()
-        ke = gram @ e
         centred = gram - gram.mean(0)
         spread = centred.T @ centred  # K H K (H is idempotent)
-        constraint = np.outer(ke, ke) + mu * np.eye(n)
+        # K L K + mu I = mu I + v v^T (v = K e): its inverse square root is
+        # (I - c u u^T) / sqrt(mu) with u = v / |v|, which turns the generalised problem
+        # into a standard symmetric one: W = B^{-1/2} Z, and W^T B W = I as with eigh(A, B).
+        v = gram @ e
+        norm = float(np.linalg.norm(v))
+        u = v / norm if norm > 0 else v
+        c = 1.0 - math.sqrt(mu / (mu + norm**2))
+        root = (np.eye(n) - c * np.outer(u, u)) / math.sqrt(mu)
+        standard = root @ spread @ root
         values, vectors = scipy.linalg.eigh(
-            (spread + spread.T) / 2, constraint, subset_by_index=[n - k, n - 1]
+            (standard + standard.T) / 2, subset_by_index=[n - k, n - 1]
         )
-        vectors = vectors[:, ::-1]
+        vectors = (root @ vectors)[:, ::-1]
         signs = np.sign(vectors[np.abs(vectors).argmax(0), np.arange(k)])
         self.components_ = vectors * np.where(signs == 0, 1.0, signs)
         self.eigenvalues_ = values[::-1]
