@@ -153,9 +153,9 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
         [7, 8, 9]
     """
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
-        data = handle.read()
+    data = path.read_bytes()
+    if data[:2] == b"\x1f\x8b":  # gzip magic: the name may or may not end in .gz
+        data = gzip.decompress(data)
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise ValueError(f"path: {path} is not an idx file (bad magic number)")
     ndim = data[3]
