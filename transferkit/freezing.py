@@ -815,7 +815,8 @@ def param_groups(
     gets no weight decay when a ``no_decay`` entry is a substring of one of its dotted name
     parts (case-insensitive; ``"bias"``, ``"LayerNorm"``), matches it as a glob pattern,
     or, for ``"norm"``, when it belongs to a normalisation layer (BatchNorm, LayerNorm,
-    GroupNorm, ...). Those parameters go to a separate ``"<block> (no_decay)"`` group.
+    GroupNorm, ...). Names listed by a timm model's ``no_weight_decay()`` (``pos_embed``,
+    ``cls_token``) get none either. They go to a separate ``"<block> (no_decay)"`` group.
 
     With ``layer_decay``, the head (found by :func:`transferkit.find_head`, otherwise the
     last block) gets ``lr`` and the block ``d`` steps below it ``lr * layer_decay**d``.
@@ -857,6 +858,9 @@ def param_groups(
     if factor == 0.0:
         raise ValueError("layer_decay: expected a value in (0, 1], got 0.0")
     tokens = _no_decay_tokens(no_decay)
+    skip = getattr(model, "no_weight_decay", None)  # timm: {"pos_embed", "cls_token", ...}
+    if callable(skip):
+        tokens += [f"{name}" for name in skip() if isinstance(name, str) and name]
     blocks = _blocks(model)
     depths = _depths([name for name, _, _ in blocks], _head_name(model))
     owners = _owners(model)
