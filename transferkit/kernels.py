@@ -60,14 +60,19 @@ def pooled_mean_squared_distance(x: Tensor, y: Tensor | None = None) -> Tensor:
     Uses the identity ``sum_{i != j} ||z_i - z_j||^2 = 2 N sum_i ||z_i - mean||^2``, so it
     costs ``O(N D)`` and never forms the ``(N, N)`` matrix. Returns a 0-d tensor.
     """
-    rows = [as_compute(x.detach())]
+    parts = [as_compute(x.detach())]
     if y is not None and y is not x:
-        rows.append(as_compute(y.detach()))
-    count = sum(r.shape[0] for r in rows)
+        parts.append(as_compute(y.detach()))
+    count = sum(p.shape[0] for p in parts)
     if count < 2:
-        return torch.ones((), dtype=rows[0].dtype, device=rows[0].device)
-    centre = torch.stack([r.sum(0) for r in rows]).sum(0) / count
-    spread = torch.stack([((r - centre) ** 2).sum() for r in rows]).sum()
+        return torch.ones((), dtype=parts[0].dtype, device=parts[0].device)
+    # One pass per part (var_mean), combined with the parallel-variance formula.
+    stats = [torch.var_mean(p, dim=0, correction=0) for p in parts]
+    spread = sum((p.shape[0] * var.sum() for p, (var, _) in zip(parts, stats, strict=True)), 0.0)
+    if len(parts) == 2:
+        gap = stats[0][1] - stats[1][1]
+        spread = spread + parts[0].shape[0] * parts[1].shape[0] / count * (gap * gap).sum()
+    assert isinstance(spread, Tensor)
     return 2.0 * spread / (count - 1)
 
 

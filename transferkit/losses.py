@@ -60,27 +60,59 @@ ESTIMATORS: tuple[Estimator, ...] = ("biased", "unbiased", "linear")
 
 #: Largest kernel block (in elements) evaluated at once; 2**24 fp32 values are 64 MiB.
 MAX_BLOCK_ELEMENTS = 2**24
+#: Elementwise kernel work runs on sub-blocks of this many elements, which stay in cache.
+CACHE_BLOCK_ELEMENTS = 2**16
 
 
 # --------------------------------------------------------------------------- MMD core
 
 
-def _block_base(kernel: Kernel, rows: Tensor, z: Tensor, sq: Tensor | None, start: int) -> Tensor:
-    """The base matrix of ``rows = z[start:start + r]`` against all of ``z``."""
+def _fill_base(kernel: Kernel, out: Tensor, rows: Tensor, z: Tensor, sq: Tensor | None) -> None:
+    """Write the GEMM part of the base matrix of ``rows`` against ``z`` into ``out``."""
     if sq is None:
-        return rows @ z.T
-    base = torch.addmm(sq.unsqueeze(0), rows, z.T, alpha=-2.0)
-    base.add_(sq[start : start + rows.shape[0]].unsqueeze(1)).clamp_min_(0.0)
-    base.diagonal(offset=start).zero_()
-    return base
+        torch.mm(rows, z.T, out=out)
+    else:
+        torch.addmm(sq.unsqueeze(0), rows, z.T, alpha=-2.0, out=out)
+
+
+def _evaluate_rows(
+    kernel: Kernel,
+    base: Tensor,
+    start: int,
+    sq: Tensor | None,
+    state: Tensor,
+    weights: Tensor,
+    products: Tensor,
+    diagonal: Tensor | None,
+) -> None:
+    """Turn ``base`` (rows ``start:start + r`` of the base matrix) into kernel derivatives.
+
+    Works in cache-sized sub-blocks; writes ``K @ weights`` into ``products`` and the
+    kernel's diagonal into ``diagonal``, and overwrites ``base`` with ``dK/dbase``.
+    """
+    count, width = base.shape
+    step = max(1, CACHE_BLOCK_ELEMENTS // width)
+    for first in range(0, count, step):
+        block = base[first : first + step]
+        offset = start + first
+        if sq is not None:
+            block.add_(sq[offset : offset + block.shape[0]].unsqueeze(1)).clamp_min_(0.0)
+            block.diagonal(offset=offset).zero_()
+        value, derivative = kernel.value_and_derivative(block, state)
+        torch.mm(value, weights, out=products[offset : offset + block.shape[0]])
+        if diagonal is not None:
+            diagonal[offset : offset + block.shape[0]] = value.diagonal(offset=offset)
+        block.copy_(derivative)
 
 
 class _KernelQuadraticForms(torch.autograd.Function):
     """``A = M^T K M`` (2 x 2) and ``diag(K)`` for the pooled kernel matrix ``K = k(z, z)``.
 
-    Evaluated in row blocks of ``block_rows``; with ``save=True`` the derivative of the
-    kernel w.r.t. its base matrix is kept for the backward pass (one ``(N, N)`` buffer),
-    otherwise it is recomputed block by block.
+    ``M = [[w, 0], [0, v]]`` holds the source weights on the first ``n`` rows and the
+    target weights on the rest. The matrix is evaluated in blocks of ``block_rows`` rows;
+    with ``save=True`` (one block) the kernel derivative is kept for the backward pass,
+    otherwise it is recomputed block by block there. The backward pass needs one matrix
+    multiplication: ``dL/dz`` only involves ``K' @ (w * z_s)`` and ``K' @ (v * z_t)``.
     """
 
     @staticmethod
@@ -88,26 +120,25 @@ class _KernelQuadraticForms(torch.autograd.Function):
         ctx: Any,
         z: Tensor,
         weights: Tensor,
+        split: int,
         kernel: Kernel,
         state: Tensor,
         block_rows: int,
-        save: bool,
     ) -> tuple[Tensor, Tensor]:
         n = z.shape[0]
+        save = block_rows >= n
         sq = (z * z).sum(1) if kernel.family == "distance" else None
-        products = z.new_empty(n, weights.shape[1])
+        products = z.new_empty(n, 2)
         diagonal = z.new_empty(n)
-        saved = z.new_empty(n, n) if save else z.new_empty(0)
+        buffer = z.new_empty(min(block_rows, n), n)
         for start in range(0, n, block_rows):
             stop = min(n, start + block_rows)
-            base = _block_base(kernel, z[start:stop], z, sq, start)
-            value, derivative = kernel.value_and_derivative(base, state)
-            torch.mm(value, weights, out=products[start:stop])
-            diagonal[start:stop] = value.diagonal(offset=start)
-            if save:
-                saved[start:stop] = derivative
+            base = buffer[: stop - start]
+            _fill_base(kernel, base, z[start:stop], z, sq)
+            _evaluate_rows(kernel, base, start, sq, state, weights, products, diagonal)
+        saved = buffer if save else z.new_empty(0)
         ctx.save_for_backward(z, weights, products, state, saved)
-        ctx.kernel, ctx.block_rows, ctx.save = kernel, block_rows, save
+        ctx.kernel, ctx.block_rows, ctx.split = kernel, block_rows, split
         return weights.T @ products, diagonal
 
     @staticmethod
@@ -117,34 +148,52 @@ class _KernelQuadraticForms(torch.autograd.Function):
     ) -> tuple[Tensor | None, ...]:
         z, weights, products, state, saved = ctx.saved_tensors
         kernel: Kernel = ctx.kernel
-        n = z.shape[0]
+        n, split = z.shape[0], ctx.split
         if grad_forms is None:
-            grad_forms = z.new_zeros(weights.shape[1], weights.shape[1])
+            grad_forms = z.new_zeros(2, 2)
         symmetric = 0.5 * (grad_forms + grad_forms.T)
-        left = weights @ symmetric
-        grad_z = None
-        if ctx.needs_input_grad[0]:
-            grad_z = torch.empty_like(z)
-            sq = (z * z).sum(1) if kernel.family == "distance" else None
-            for start in range(0, n, ctx.block_rows):
-                stop = min(n, start + ctx.block_rows)
-                if ctx.save:
-                    derivative = saved[start:stop]
-                else:
-                    base = _block_base(kernel, z[start:stop], z, sq, start)
-                    derivative = kernel.value_and_derivative(base, state)[1]
-                coefficient = left[start:stop] @ weights.T
-                if grad_diagonal is not None:
-                    coefficient.diagonal(offset=start).add_(grad_diagonal[start:stop])
-                coefficient.mul_(derivative)
-                if kernel.family == "distance":
-                    rows = coefficient.sum(1, keepdim=True) * z[start:stop]
-                    torch.sub(rows, coefficient @ z, out=grad_z[start:stop])
-                    grad_z[start:stop].mul_(4.0)
-                else:
-                    torch.mm(coefficient, z, out=grad_z[start:stop])
-                    grad_z[start:stop].mul_(2.0)
         grad_weights = 2.0 * products @ symmetric if ctx.needs_input_grad[1] else None
+        if not ctx.needs_input_grad[0]:
+            return None, grad_weights, None, None, None, None
+        # H = (M S M^T) * K' (+ diag), so H @ z and H @ 1 need K' @ [w * z_s, w] and the
+        # same for the target columns; ``left = M S`` scales the rows.
+        left = weights @ symmetric
+        dim = z.shape[1]
+        source_aug = z.new_empty(split, dim + 1)
+        target_aug = z.new_empty(n - split, dim + 1)
+        for aug, part, scale in (
+            (source_aug, z[:split], weights[:split, :1]),
+            (target_aug, z[split:], weights[split:, 1:]),
+        ):
+            torch.mul(part, scale, out=aug[:, :dim])
+            aug[:, dim:] = scale
+        sq = (z * z).sum(1) if kernel.family == "distance" else None
+        grad_z = torch.empty_like(z)
+        scratch = z.new_empty(0) if ctx.block_rows >= n else z.new_empty(ctx.block_rows, n)
+        for start in range(0, n, ctx.block_rows):
+            stop = min(n, start + ctx.block_rows)
+            if ctx.block_rows >= n:
+                derivative = saved
+            else:
+                derivative = scratch[: stop - start]
+                _fill_base(kernel, derivative, z[start:stop], z, sq)
+                _evaluate_rows(
+                    kernel, derivative, start, sq, state, weights, z.new_empty(n, 2), None
+                )
+            from_source = derivative[:, :split] @ source_aug
+            from_target = derivative[:, split:] @ target_aug
+            left_source, left_target = left[start:stop, :1], left[start:stop, 1:]
+            out = grad_z[start:stop]
+            torch.mul(from_source[:, :dim], left_source, out=out)
+            out.addcmul_(from_target[:, :dim], left_target)  # out = H @ z
+            if kernel.family == "distance":
+                h_sum = left_source * from_source[:, dim:] + left_target * from_target[:, dim:]
+                out.mul_(-4.0).addcmul_(z[start:stop], h_sum, value=4.0)
+            else:
+                out.mul_(2.0)
+                if grad_diagonal is not None:
+                    own = derivative.diagonal(offset=start) * grad_diagonal[start:stop]
+                    out.addcmul_(z[start:stop], own.unsqueeze(1), value=2.0)
         return grad_z, grad_weights, None, None, None, None
 
 
@@ -211,14 +260,13 @@ def _check_kernel(kernel: object, name: str = "kernel") -> Kernel:
     return kernel
 
 
-def _block_plan(n: int, chunk_size: int | None) -> tuple[int, bool]:
-    """Rows per block and whether to store the derivative matrix for the backward."""
+def _block_rows(n: int, chunk_size: int | None) -> int:
+    """Rows of the pooled kernel matrix per block (``n``: one block, kept for backward)."""
     if chunk_size is not None:
-        rows = int(check_positive(chunk_size, "chunk_size", integer=True))
-        return min(rows, n), rows >= n
+        return min(n, int(check_positive(chunk_size, "chunk_size", integer=True)))
     if n * n <= MAX_BLOCK_ELEMENTS:
-        return n, True
-    return max(1, MAX_BLOCK_ELEMENTS // n), False
+        return n
+    return max(1, MAX_BLOCK_ELEMENTS // n)
 
 
 def mmd(
@@ -310,10 +358,10 @@ def mmd(
         z = torch.cat([s, t])
         if kernel.family == "distance":
             z = z - z.detach().mean(0)
-        rows, save = _block_plan(z.shape[0], chunk_size)
+        rows = _block_rows(z.shape[0], chunk_size)
         weights = _stacked_weights(w, v)
         forms, diagonal = _KernelQuadraticForms.apply(  # type: ignore[no-untyped-call]
-            z, weights, kernel, state, rows, save
+            z, weights, s.shape[0], kernel, state, rows
         )
         return _assemble(forms, diagonal, w, v, estimator)
 
