@@ -16,6 +16,7 @@ from . import datasets, distributed, models
 from .device import autocast, dataloader_kwargs, resolve_device, seed_everything, to_device
 
 # [exports:kernels-losses]
+from . import kernels, losses
 # [exports:freezing-heads]
 from .freezing import GradualUnfreezing, freeze, param_groups, trainable_summary, unfreeze
 from .heads import ClassifierHead, find_head, replace_head
@@ -51,6 +52,8 @@ __all__ = [
     "seed_everything",
     "to_device",
     # [all:kernels-losses]
+    "kernels",
+    "losses",
     # [all:freezing-heads]
     "ClassifierHead",
     "GradualUnfreezing",
