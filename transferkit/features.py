@@ -632,10 +632,12 @@ def _data_offset(path: Path) -> int:
 
 def _file_checksum(path: Path) -> str:
     h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as handle:
+    buffer = bytearray(1 << 20)  # one reused 1 MiB buffer: memory does not grow with the file
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
         handle.seek(_data_offset(path))
-        while chunk := handle.read(1 << 24):
-            h.update(chunk)
+        while size := handle.readinto(view):
+            h.update(view[:size])
     return h.hexdigest()
 
 
