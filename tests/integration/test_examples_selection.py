@@ -1,0 +1,44 @@
+"""Smoke runs of the selection and meta-learning examples (each asserts its headline)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_smoke(script: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, f"examples/{script}", "--smoke"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+@pytest.mark.slow
+def test_choose_model_scores_rank_with_fine_tuned_accuracy() -> None:
+    result = run_smoke("choose_model.py")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Kendall tau" in result.stdout and "LogME picks" in result.stdout
+
+
+@pytest.mark.slow
+def test_select_without_labels_compares_validators_with_the_oracle() -> None:
+    result = run_smoke("select_without_labels.py")
+    assert result.returncode == 0, result.stdout + result.stderr
+    for validator in ("IWCV", "DEV", "SND", "entropy", "oracle"):
+        assert validator in result.stdout
+
+
+@pytest.mark.slow
+def test_meta_digits_meta_learned_heads_beat_random_init() -> None:
+    result = run_smoke("meta_digits.py")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Reptile" in result.stdout and "FOMAML" in result.stdout
