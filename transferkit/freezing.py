@@ -904,6 +904,10 @@ class GradualUnfreezing:
     freezing of that stage and re-adds the groups in the original order. When resuming,
     load it *before* ``optimizer.load_state_dict`` so the group layout matches.
 
+    Build ``optimizer`` from the parameters that train before the first stage (e.g. after
+    ``freeze(model, exclude="fc")``, from :func:`param_groups`); stage parameters it
+    already holds are not added again and keep their group's settings (a warning says so).
+
     LR schedulers built before a group is added do not know the new group (torch
     schedulers keep one base lr per group at construction); build them after the last
     stage, or step the new group's ``lr`` yourself.
@@ -985,6 +989,20 @@ class GradualUnfreezing:
         self.steps = 0
         self.stage = 0
         self._freeze_all()
+        if optimizer is not None:
+            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            patterns = [p for stage in self.stages for p in stage]
+            staged = _Selection(self.model, patterns, None, None, None).entries
+            overlap = sum(1 for _, _, p in staged if p is not None and id(p) in held)
+            if overlap:
+                logger.warning(
+                    "GradualUnfreezing: the optimizer already holds %d parameter tensors of "
+                    "the stages; they will train with their existing group's lr when "
+                    "unfrozen. Build the optimizer after freezing (tk.freeze(model, "
+                    "exclude='fc'); tk.param_groups(model, lr)) to give each stage its own "
+                    "group.",
+                    overlap,
+                )
 
     @property
     def done(self) -> bool:
