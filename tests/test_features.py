@@ -523,3 +523,25 @@ def test_cached_arrays_are_memory_mapped_copy_on_write(tmp_path: Path) -> None:
     cached[0] = 123.0  # does not reach the file
     again = tk.extract_features(net, x, cache=tmp_path, progress=False)
     assert not np.any(again[0] == 123.0)
+
+
+def test_progress_bar_is_shown_and_can_be_turned_off(capsys: pytest.CaptureFixture[str]) -> None:
+    tk.extract_features(small_cnn(), images(4), progress=True)
+    assert "extract_features" in capsys.readouterr().err
+    tk.extract_features(small_cnn(), images(4), progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_iterable_datasets_of_unknown_length_work_but_cannot_be_cached(tmp_path: Path) -> None:
+    class Stream(torch.utils.data.IterableDataset[Tensor]):
+        def __iter__(self) -> Any:
+            return iter(images(10))
+
+    net = small_cnn()
+    out = tk.extract_features(
+        net, DataLoader(Stream(), batch_size=4), layers="neck", progress=False
+    )
+    expected = tk.extract_features(net, images(10), layers="neck", progress=False)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="cache: needs a DataLoader over a map-style Dataset"):
+        tk.extract_features(net, DataLoader(Stream(), batch_size=4), cache=tmp_path, progress=False)
