@@ -373,7 +373,7 @@ def test_domain_adversarial_loss_under_bf16_autocast_is_fp32_and_close() -> None
     with tk.autocast("cpu", dtype=torch.bfloat16):
         mixed = criterion(source, target)
     assert mixed.dtype == torch.float32
-    assert float(mixed) == pytest.approx(float(exact), rel=0.01)
+    assert mixed.item() == pytest.approx(exact.item(), rel=0.01)
 
 
 BAD_DANN_CALLS = [
@@ -550,7 +550,7 @@ def test_cdan_under_bf16_autocast_is_fp32_and_close() -> None:
     with tk.autocast("cpu", dtype=torch.bfloat16):
         mixed = criterion(*args)
     assert mixed.dtype == torch.float32
-    assert float(mixed) == pytest.approx(float(exact), rel=0.01)
+    assert mixed.item() == pytest.approx(exact.item(), rel=0.01)
 
 
 @pytest.mark.parametrize(
