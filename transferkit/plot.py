@@ -369,6 +369,9 @@ def curves(
         target_ax.plot(
             epochs, array, style, color=f"C{index % 10}", marker=marker, ms=3, label=name
         )
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(xlabel)
     if right is not None:
         ax.set_ylabel("loss")
@@ -586,7 +589,14 @@ def decision_boundary(
             linewidths=1.0,
             label="target",
         )
-        ax.legend(loc="best", fontsize="small")
+        from matplotlib.lines import Line2D
+
+        # neutral legend markers: the points themselves are coloured by class
+        handles = [
+            Line2D([], [], marker=m, color="0.3", linestyle="", label=name)
+            for m, name in ((_SOURCE_MARKER, "source"), (_TARGET_MARKER, "target"))
+        ]
+        ax.legend(handles=handles, loc="best", fontsize="small")
     ax.set_xlim(low[0], high[0])
     ax.set_ylim(low[1], high[1])
     if title is not None:
