@@ -6,17 +6,17 @@ residual blocks, 32x32 RGB inputs):
 1. Throughput (samples/s) of ``extract_features(model, loader)`` (model output, NumPy
    arrays back, eval mode, progress bar off) against the bare loop under
    ``torch.inference_mode`` that only runs the model. Runs alternate between the two and
-   the medians are compared: overhead = ours / bare - 1 (target <= 5%).
+   overhead = median over runs of ours / bare - 1 (target <= 5%).
 2. Three layers (``layer2``, ``layer3``, ``layer4``, average-pooled) in one pass against one
    layer (``layer4``): time ratio (target <= 1.1).
-Timing uses the process's CPU time with one torch thread on the CPU (the cores here are
-shared with other jobs, which makes wall time mostly measure them) and wall time on CUDA.
-
 3. Peak resident memory while extracting N = 25k / 50k / 100k small samples (3x8x8, a
    256-d feature per sample) to a disk cache, each N in a fresh subprocess: the growth of
    VmHWM (reset with /proc/self/clear_refs) over the RSS before extraction. With the cache
    it must not grow with N; the in-memory path (``cache=None``) is shown for contrast, it
    grows by N x 256 x 4 bytes.
+
+Timing uses the process's CPU time with one torch thread on the CPU (the cores here are
+shared with other jobs, which makes wall time mostly measure them) and wall time on CUDA.
 
 Run ``python benchmarks/bench_features.py`` (``--quick`` for a fast CI run, ``--device``
 to choose the device). Results go to ``benchmarks/results/bench_features.{json,md}``.
@@ -236,6 +236,7 @@ def measure_throughput(n: int, batch_size: int, repeats: int, device: str) -> di
 
 def markdown(result: dict[str, Any]) -> str:
     t = result["throughput"]
+    unit = "second" if result["clock"] == "wall time" else "CPU-second"
     lines = [
         f"# bench_features ({result['device']}, torch {result['torch']}, "
         f"{result['cpu_count']} CPU cores, {'quick' if result['quick'] else 'full'} run)",
@@ -249,8 +250,8 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "| measurement | value | target |",
         "|---|---|---|",
-        f"| bare loop (samples/s) | {t['bare_samples_per_s']:.0f} | |",
-        f"| extract_features (samples/s) | {t['ours_samples_per_s']:.0f} | |",
+        f"| bare loop (samples per {unit}) | {t['bare_samples_per_s']:.0f} | |",
+        f"| extract_features (samples per {unit}) | {t['ours_samples_per_s']:.0f} | |",
         f"| overhead vs bare loop | {100 * t['overhead']:+.1f}% | <= 5% |",
         f"| 3 layers / 1 layer (one pass) | {t['three_vs_one_layer']:.3f}x | <= 1.1x |",
         "",
