@@ -1,0 +1,647 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from scipy.spatial.distance import cdist
+from scipy.special import log_softmax, softmax
+from torch import nn
+
+import transferkit as tk
+from transferkit import losses as L
+from transferkit.kernels import (
+    GaussianKernel,
+    Kernel,
+    LaplacianKernel,
+    LinearKernel,
+    PolynomialKernel,
+)
+
+MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0)
+ESTIMATORS = ("biased", "unbiased", "linear")
+
+# ----------------------------------------------------------------- NumPy references
+
+
+def ref_gram(name: str, x: np.ndarray, y: np.ndarray, sigma2: float) -> np.ndarray:
+    d2 = cdist(x, y, "sqeuclidean")
+    if name == "gaussian":
+        return sum(np.exp(-d2 / (2 * m * sigma2)) for m in MULTIPLIERS)
+    if name == "laplacian":
+        return np.exp(-np.sqrt(d2) / 1.7)
+    if name == "linear":
+        return x @ y.T
+    if name == "polynomial":
+        return (0.5 * x @ y.T + 1.0) ** 2
+    raise AssertionError(name)
+
+
+def ref_sigma2(s: np.ndarray, t: np.ndarray) -> float:
+    z = np.concatenate([s, t])
+    d2 = cdist(z, z, "sqeuclidean")
+    return float(d2[~np.eye(len(z), dtype=bool)].mean())
+
+
+def ref_mmd(
+    name: str,
+    s: np.ndarray,
+    t: np.ndarray,
+    estimator: str,
+    ws: np.ndarray | None = None,
+    wt: np.ndarray | None = None,
+) -> float:
+    """Gretton et al. (2012) estimators, written from the formulas in float64."""
+    sigma2 = ref_sigma2(s, t)
+
+    def k(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return ref_gram(name, a, b, sigma2)
+
+    n, m = len(s), len(t)
+    if estimator == "linear":
+        h = n // 2
+        total = 0.0
+        for i in range(h):
+            x1, x2, y1, y2 = (
+                s[2 * i : 2 * i + 1],
+                s[2 * i + 1 : 2 * i + 2],
+                t[2 * i : 2 * i + 1],
+                t[2 * i + 1 : 2 * i + 2],
+            )
+            total += (k(x1, x2) + k(y1, y2) - k(x1, y2) - k(x2, y1)).item()
+        return total / h
+    ws = np.full(n, 1 / n) if ws is None else ws / ws.sum()
+    wt = np.full(m, 1 / m) if wt is None else wt / wt.sum()
+    kss, ktt, kst = k(s, s), k(t, t), k(s, t)
+    cross = ws @ kst @ wt
+    if estimator == "biased":
+        return float(ws @ kss @ ws + wt @ ktt @ wt - 2 * cross)
+    off_s = ~np.eye(n, dtype=bool)
+    off_t = ~np.eye(m, dtype=bool)
+    pair_s, pair_t = np.outer(ws, ws), np.outer(wt, wt)
+    within_s = (pair_s * kss)[off_s].sum() / pair_s[off_s].sum()
+    within_t = (pair_t * ktt)[off_t].sum() / pair_t[off_t].sum()
+    return float(within_s + within_t - 2 * cross)
+
+
+KERNELS: dict[str, Kernel] = {
+    "gaussian": GaussianKernel(),
+    "laplacian": LaplacianKernel(bandwidth=1.7),
+    "linear": LinearKernel(),
+    "polynomial": PolynomialKernel(degree=2, gamma=0.5, coef0=1.0),
+}
+
+
+def sample(n: int, m: int, d: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, d)), rng.normal(size=(m, d)) * 1.3 + 0.4
+
+
+# ----------------------------------------------------------------- MMD correctness
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("name", list(KERNELS))
+def test_mmd_matches_numpy_reference(name: str, estimator: str) -> None:
+    s, t = sample(24, 24 if estimator == "linear" else 17)
+    got = L.mmd(torch.from_numpy(s), torch.from_numpy(t), KERNELS[name], estimator)
+    assert got.dtype == torch.float64 and got.shape == ()
+    np.testing.assert_allclose(float(got), ref_mmd(name, s, t, estimator), rtol=1e-6)
+
+
+def test_linear_mmd_drops_the_last_sample_of_odd_batches() -> None:
+    s, t = sample(9, 9)
+    got = L.mmd(torch.from_numpy(s), torch.from_numpy(t), GaussianKernel(bandwidth=1.0), "linear")
+    ref = L.mmd(
+        torch.from_numpy(s[:8]), torch.from_numpy(t[:8]), GaussianKernel(bandwidth=1.0), "linear"
+    )
+    torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("estimator", ["biased", "unbiased"])
+@pytest.mark.parametrize("name", list(KERNELS))
+def test_weighted_mmd_matches_numpy_reference(name: str, estimator: str) -> None:
+    s, t = sample(15, 11, seed=3)
+    rng = np.random.default_rng(4)
+    ws, wt = rng.uniform(0.1, 2.0, 15), rng.uniform(0.1, 2.0, 11)
+    got = L.mmd(
+        torch.from_numpy(s),
+        torch.from_numpy(t),
+        KERNELS[name],
+        estimator,
+        source_weights=torch.from_numpy(ws),
+        target_weights=torch.from_numpy(wt),
+    )
+    np.testing.assert_allclose(float(got), ref_mmd(name, s, t, estimator, ws, wt), rtol=1e-6)
+
+
+def test_uniform_weights_give_the_unweighted_estimate() -> None:
+    s, t = torch.randn(12, 3), torch.randn(8, 3)
+    plain = L.mmd(s, t)
+    weighted = L.mmd(s, t, source_weights=torch.full((12,), 3.0), target_weights=torch.ones(8))
+    torch.testing.assert_close(plain, weighted)
+
+
+@pytest.mark.parametrize("estimator", ["biased", "unbiased"])
+@pytest.mark.parametrize("name", list(KERNELS))
+def test_chunked_path_equals_one_block_in_value_and_gradient(
+    name: str, estimator: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s0 = torch.randn(31, 6, dtype=torch.float64)
+    t0 = torch.randn(22, 6, dtype=torch.float64) + 0.5
+
+    def run(chunk: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        s, t = s0.clone().requires_grad_(), t0.clone().requires_grad_()
+        value = L.mmd(s, t, KERNELS[name], estimator, chunk_size=chunk)
+        value.backward()
+        assert s.grad is not None and t.grad is not None
+        return value.detach(), s.grad, t.grad
+
+    whole = run(None)
+    monkeypatch.setattr(L, "CACHE_BLOCK_ELEMENTS", 40)  # also split the elementwise work
+    for chunk in (1, 7, 52):
+        for a, b in zip(run(chunk), whole, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_automatic_chunking_kicks_in_above_the_block_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    s0, t0 = torch.randn(40, 4, dtype=torch.float64), torch.randn(30, 4, dtype=torch.float64)
+    assert L._block_rows(70, None) == 70
+    monkeypatch.setattr(L, "MAX_BLOCK_ELEMENTS", 70 * 9)
+    assert L._block_rows(70, None) == 9
+    s = s0.clone().requires_grad_()
+    value = L.mmd(s, t0)
+    value.backward()
+    monkeypatch.undo()
+    s_ref = s0.clone().requires_grad_()
+    ref = L.mmd(s_ref, t0)
+    ref.backward()
+    torch.testing.assert_close(value, ref)
+    torch.testing.assert_close(s.grad, s_ref.grad)
+
+
+@pytest.mark.slow
+def test_chunked_path_handles_8192_per_domain_in_less_than_one_full_kernel_matrix() -> None:
+    # One (2B)^2 fp32 matrix at B = 8192 is 1 GiB; the chunked path must stay far below.
+    code = textwrap.dedent(
+        """
+        import torch, transferkit as tk
+        torch.manual_seed(0)
+        s = torch.randn(8192, 16, requires_grad=True)
+        t = (torch.randn(8192, 16) + 0.1).requires_grad_()
+        open("/proc/self/clear_refs", "w").write("5")
+        before = int(open("/proc/self/statm").read().split()[1]) * 4096
+        loss = tk.losses.mmd(s, t)
+        loss.backward()
+        hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
+        peak = int(hwm.split()[1]) * 1024 - before
+        print(peak, float(loss), bool(torch.isfinite(s.grad).all()))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    peak, loss, finite = out.stdout.split()
+    assert finite == "True" and float(loss) > 0
+    assert int(peak) < 2**30 // 2, f"peak {int(peak) / 2**20:.0f} MiB"
+
+
+# ----------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize(
+    "kernel",
+    [
+        GaussianKernel(bandwidth=1.3),
+        LaplacianKernel(bandwidth=2.0),
+        LinearKernel(),
+        PolynomialKernel(degree=3),
+    ],
+    ids=["gaussian", "laplacian", "linear", "polynomial"],
+)
+def test_mmd_gradcheck_float64(kernel: Kernel, estimator: str) -> None:
+    n, m = (8, 8) if estimator == "linear" else (7, 5)
+    s = torch.randn(n, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(m, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: L.mmd(a, b, kernel, estimator), (s, t))
+    if estimator != "linear":
+        w = torch.rand(n, dtype=torch.float64).add(0.1).requires_grad_()
+        assert torch.autograd.gradcheck(
+            lambda a, b, ws: L.mmd(a, b, kernel, estimator, source_weights=ws), (s, t, w)
+        )
+        assert torch.autograd.gradcheck(
+            lambda a, b: L.mmd(a, b, kernel, estimator, chunk_size=3), (s, t)
+        )
+
+
+def test_joint_mmd_gradcheck_float64() -> None:
+    s = [torch.randn(6, 3, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    t = [torch.randn(5, 3, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    kernels = [GaussianKernel(bandwidth=1.0), LinearKernel()]
+    for estimator in ("biased", "unbiased"):
+
+        def loss(*x: torch.Tensor, estimator: str = estimator) -> torch.Tensor:
+            return L.joint_mmd([x[0], x[1]], [x[2], x[3]], kernels, estimator)  # type: ignore[arg-type]
+
+        assert torch.autograd.gradcheck(loss, (*s, *t))
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        lambda a, b: L.coral(a, b),
+        lambda a, b: L.distillation(a, b[: a.shape[0]], temperature=2.0),
+        lambda a, b: L.entropy(a) + L.entropy(b),
+        lambda a, b: L.bss(a, k=2) + L.bss(b),
+    ],
+    ids=["coral", "distillation", "entropy", "bss"],
+)
+def test_other_losses_gradcheck_float64(loss: Callable[..., torch.Tensor]) -> None:
+    a = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(loss, (a, b))
+
+
+# ----------------------------------------------------------------- properties
+
+finite_rows = arrays(
+    np.float64,
+    st.tuples(st.integers(2, 12), st.integers(1, 4)),
+    elements=st.floats(-5, 5, allow_nan=False, width=64),
+)
+
+
+@given(x=finite_rows)
+def test_biased_mmd_of_a_sample_with_itself_is_zero(x: np.ndarray) -> None:
+    xt = torch.from_numpy(x)
+    for kernel in KERNELS.values():
+        # GEMM-form distances of duplicate points are ~1e-16, not 0; the Laplacian's sqrt
+        # turns that into ~1e-8, the others keep it at rounding level.
+        tol = 1e-7 if isinstance(kernel, LaplacianKernel) else 1e-10
+        scale = max(1.0, float(kernel(xt, xt).abs().max()))
+        assert abs(float(L.mmd(xt, xt, kernel, "biased"))) < tol * scale
+
+
+@given(x=finite_rows, seed=st.integers(0, 2**16))
+def test_mmd_is_symmetric_and_permutation_invariant(x: np.ndarray, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    y = rng.normal(size=(int(rng.integers(2, 10)), x.shape[1])) + rng.normal()
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    px, py = torch.from_numpy(rng.permutation(len(x))), torch.from_numpy(rng.permutation(len(y)))
+    for estimator in ("biased", "unbiased"):
+        value = float(L.mmd(xt, yt, estimator=estimator))
+        assert float(L.mmd(yt, xt, estimator=estimator)) == pytest.approx(value, abs=1e-10)
+        permuted = float(L.mmd(xt[px], yt[py], estimator=estimator))
+        assert permuted == pytest.approx(value, abs=1e-10)
+
+
+@given(x=finite_rows, y=finite_rows)
+def test_biased_mmd_is_nonnegative(x: np.ndarray, y: np.ndarray) -> None:
+    if x.shape[1] != y.shape[1]:
+        y = np.resize(y, (y.shape[0], x.shape[1]))
+    for kernel in KERNELS.values():
+        assert float(L.mmd(torch.from_numpy(x), torch.from_numpy(y), kernel, "biased")) > -1e-9
+
+
+@given(seed=st.integers(0, 2**16), dim=st.integers(1, 6))
+def test_mmd_grows_with_a_mean_shift(seed: int, dim: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    s = torch.randn(128, dim, generator=gen, dtype=torch.float64)
+    direction = torch.nn.functional.normalize(
+        torch.randn(dim, generator=gen, dtype=torch.float64), dim=0
+    )
+    kernel = GaussianKernel(bandwidth=float(np.sqrt(2 * dim)))  # fixed: the heuristic adapts
+    for estimator in ("biased", "unbiased"):
+        values = [
+            float(L.mmd(s, s + shift * direction, kernel, estimator))
+            for shift in (0.0, 0.5, 1.0, 2.0)
+        ]
+        assert values == sorted(values) and values[-1] > values[0] + 0.1
+
+
+@given(x=finite_rows, shift=st.floats(-10, 10), seed=st.integers(0, 100))
+def test_coral_is_zero_for_identical_covariances(x: np.ndarray, shift: float, seed: int) -> None:
+    perm = np.random.default_rng(seed).permutation(len(x))
+    value = L.coral(torch.from_numpy(x), torch.from_numpy(x[perm] + shift))
+    assert abs(float(value)) < 1e-9
+
+
+# ----------------------------------------------------------------- precision
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("name", list(KERNELS))
+def test_mmd_under_bf16_autocast_is_finite_and_close_to_fp32(name: str, estimator: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    s = torch.randn(64, 32, generator=gen)
+    t = torch.randn(64, 32, generator=gen) + 0.5
+    layer = nn.Linear(32, 32)
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(32))
+        layer.bias.zero_()
+    reference = L.mmd(layer(s), layer(t), KERNELS[name], estimator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fs, ft = layer(s), layer(t)
+        assert fs.dtype == torch.bfloat16
+        low = L.mmd(fs, ft, KERNELS[name], estimator)
+    assert low.dtype == torch.float32 and bool(torch.isfinite(low))
+    # bf16 rounding of the inputs themselves is ~0.4%; the loss must stay within 1e-2.
+    assert float(low) == pytest.approx(float(reference), rel=1e-2)
+
+
+def test_other_losses_under_bf16_autocast_stay_close_to_fp32() -> None:
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randn(32, 8, generator=gen), torch.randn(32, 8, generator=gen) * 2
+    pairs = [
+        (L.coral, (a, b)),
+        (L.distillation, (a, b)),
+        (L.entropy, (a,)),
+        (lambda x: L.bss(x, k=2), (a,)),
+    ]
+    for fn, args in pairs:
+        ref = fn(*args)
+        out = fn(*(x.bfloat16() for x in args))
+        assert out.dtype == torch.float32
+        assert float(out) == pytest.approx(float(ref), rel=1e-2)
+
+
+# ----------------------------------------------------------------- joint MMD
+
+
+def test_joint_mmd_matches_numpy_product_kernel_reference() -> None:
+    rng = np.random.default_rng(7)
+    s1, t1 = rng.normal(size=(10, 4)), rng.normal(size=(8, 4)) + 0.3
+    s2, t2 = softmax(rng.normal(size=(10, 3)), 1), softmax(rng.normal(size=(8, 3)), 1)
+    z1, z2 = np.concatenate([s1, t1]), np.concatenate([s2, t2])
+    d1 = cdist(z1, z1, "sqeuclidean")
+    sigma2 = d1[~np.eye(18, dtype=bool)].mean()
+    k = sum(np.exp(-d1 / (2 * m * sigma2)) for m in MULTIPLIERS) * np.exp(
+        -cdist(z2, z2, "sqeuclidean") / (2 * 0.92**2)
+    )
+    n, m = 10, 8
+    kss, ktt, kst = k[:n, :n], k[n:, n:], k[:n, n:]
+    unbiased = (
+        (kss.sum() - np.trace(kss)) / (n * (n - 1))
+        + (ktt.sum() - np.trace(ktt)) / (m * (m - 1))
+        - 2 * kst.mean()
+    )
+    loss = L.JointMMDLoss([GaussianKernel(), GaussianKernel(bandwidth=0.92, multipliers=(1.0,))])
+    got = loss(
+        [torch.from_numpy(s1), torch.from_numpy(s2)], [torch.from_numpy(t1), torch.from_numpy(t2)]
+    )
+    np.testing.assert_allclose(float(got), unbiased, rtol=1e-6)
+
+
+def test_joint_mmd_with_one_layer_equals_mmd() -> None:
+    s, t = torch.randn(12, 5, dtype=torch.float64), torch.randn(12, 5, dtype=torch.float64)
+    for estimator in ESTIMATORS:
+        torch.testing.assert_close(
+            L.joint_mmd([s], [t], [GaussianKernel()], estimator),
+            L.mmd(s, t, GaussianKernel(), estimator),
+        )
+
+
+def test_joint_mmd_validates_layers() -> None:
+    s, t = [torch.randn(6, 3), torch.randn(6, 2)], [torch.randn(5, 3), torch.randn(5, 2)]
+    kernels = [GaussianKernel(), LinearKernel()]
+    with pytest.raises(ValueError, match="number of layers"):
+        L.joint_mmd(s, t[:1], kernels)
+    with pytest.raises(ValueError, match="batch sizes"):
+        L.joint_mmd(s, [t[0], torch.randn(4, 2)], kernels)
+    with pytest.raises(TypeError, match="list"):
+        L.joint_mmd(s[0], t[0], kernels)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="kernels"):
+        L.JointMMDLoss(GaussianKernel())  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------- other losses
+
+
+def test_coral_matches_numpy_reference() -> None:
+    rng = np.random.default_rng(5)
+    s, t = rng.normal(size=(20, 6)), rng.normal(size=(14, 6)) * 1.5
+    d = 6
+    ref = ((np.cov(s, rowvar=False) - np.cov(t, rowvar=False)) ** 2).sum() / (4 * d * d)
+    got = L.CORALLoss()(torch.from_numpy(s), torch.from_numpy(t))
+    np.testing.assert_allclose(float(got), ref, rtol=1e-6)
+
+
+def test_distillation_matches_numpy_reference() -> None:
+    rng = np.random.default_rng(6)
+    student, teacher, temp = rng.normal(size=(9, 5)), rng.normal(size=(9, 5)) * 2, 3.0
+    p_t = softmax(teacher / temp, 1)
+    kl = (p_t * (log_softmax(teacher / temp, 1) - log_softmax(student / temp, 1))).sum(1)
+    got = L.distillation(torch.from_numpy(student), torch.from_numpy(teacher), temp)
+    np.testing.assert_allclose(float(got), temp**2 * kl.mean(), rtol=1e-6)
+
+
+def test_entropy_matches_scipy() -> None:
+    from scipy.stats import entropy as scipy_entropy
+
+    logits = np.random.default_rng(8).normal(size=(10, 4)) * 3
+    ref = scipy_entropy(softmax(logits, 1), axis=1).mean()
+    np.testing.assert_allclose(float(L.entropy(torch.from_numpy(logits))), ref, rtol=1e-6)
+
+
+def test_bss_is_the_sum_of_the_k_smallest_squared_singular_values() -> None:
+    f = np.random.default_rng(9).normal(size=(12, 5))
+    sv = np.linalg.svd(f, compute_uv=False)
+    for k in (1, 3, 5):
+        expected = np.sort(sv**2)[:k].sum()
+        np.testing.assert_allclose(float(L.bss(torch.from_numpy(f), k=k)), expected, rtol=1e-6)
+
+
+# ----------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: L.mmd(torch.randn(4, 3), torch.randn(4, 2)), ValueError, "feature shape"),
+        (lambda: L.mmd(torch.randn(4), torch.randn(4)), ValueError, "2-D"),
+        (lambda: L.mmd(torch.randn(1, 3), torch.randn(4, 3)), ValueError, "at least 2"),
+        (
+            lambda: L.mmd(torch.randn(4, 3), torch.randn(4, 3), estimator="fast"),
+            ValueError,
+            "estimator",
+        ),
+        (
+            lambda: L.mmd(torch.randn(4, 3), torch.randn(4, 3), estimator="unbaised"),
+            ValueError,
+            "did you mean",
+        ),
+        (lambda: L.mmd(torch.full((4, 3), float("nan")), torch.randn(4, 3)), ValueError, "finite"),
+        (lambda: L.mmd(torch.randn(4, 3), torch.randn(4, 3).double()), TypeError, "dtype"),
+        (
+            lambda: L.mmd(torch.randn(4, 3), torch.randn(5, 3), estimator="linear"),
+            ValueError,
+            "equal batch",
+        ),
+        (lambda: L.mmd(torch.randn(4, 3), torch.randn(4, 3), kernel="rbf"), TypeError, "Kernel"),
+        (
+            lambda: L.mmd(torch.randn(4, 3), torch.randn(4, 3), source_weights=torch.ones(3)),
+            ValueError,
+            "4 weights",
+        ),
+        (
+            lambda: L.mmd(torch.randn(4, 3), torch.randn(4, 3), source_weights=-torch.ones(4)),
+            ValueError,
+            "non-negative",
+        ),
+        (
+            lambda: L.mmd(
+                torch.randn(4, 3), torch.randn(4, 3), source_weights=torch.tensor([1.0, 0, 0, 0])
+            ),
+            ValueError,
+            "two samples",
+        ),
+        (
+            lambda: L.mmd(
+                torch.randn(4, 3), torch.randn(4, 3), "linear", source_weights=torch.ones(4)
+            ),
+            TypeError,
+            "Kernel",
+        ),
+        (
+            lambda: L.mmd(
+                torch.randn(4, 3),
+                torch.randn(4, 3),
+                estimator="linear",
+                source_weights=torch.ones(4),
+            ),
+            ValueError,
+            "linear",
+        ),
+        (
+            lambda: L.mmd(torch.randn(4, 3), torch.randn(4, 3), chunk_size=0),
+            ValueError,
+            "chunk_size",
+        ),
+        (lambda: L.MMDLoss(estimator="nope"), ValueError, "estimator"),
+        (lambda: L.coral(torch.randn(1, 3), torch.randn(4, 3)), ValueError, "at least 2"),
+        (lambda: L.coral(torch.randn(4, 3), torch.randn(4, 2)), ValueError, "feature shape"),
+        (lambda: L.distillation(torch.randn(4, 3), torch.randn(4, 2)), ValueError, "shape"),
+        (
+            lambda: L.distillation(torch.randn(4, 3), torch.randn(4, 3), temperature=0),
+            ValueError,
+            "temperature",
+        ),
+        (lambda: L.entropy(torch.randn(4)), ValueError, "2-D"),
+        (lambda: L.entropy(torch.tensor([[float("inf"), 0.0]])), ValueError, "finite"),
+        (lambda: L.bss(torch.randn(4, 3), k=4), ValueError, "at most"),
+        (lambda: L.bss(torch.randn(4, 3), k=0), ValueError, "k"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(
+    call: Callable[[], object], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_biased_estimator_accepts_single_samples() -> None:
+    assert float(L.mmd(torch.zeros(1, 2), torch.ones(1, 2), GaussianKernel(1.0), "biased")) > 0
+
+
+def test_losses_do_not_modify_their_inputs() -> None:
+    s, t = torch.randn(8, 3), torch.randn(6, 3)
+    s_copy, t_copy = s.clone(), t.clone()
+    for estimator in ("biased", "unbiased"):
+        L.mmd(s, t, estimator=estimator)
+    L.coral(s, t)
+    assert torch.equal(s, s_copy) and torch.equal(t, t_copy)
+
+
+def test_mmd_module_repr_and_exports() -> None:
+    loss = tk.losses.MMDLoss(LinearKernel(), "biased")
+    assert "LinearKernel" in repr(loss) and "biased" in repr(loss)
+    assert float(loss(torch.zeros(3, 2), torch.ones(3, 2))) == pytest.approx(2.0)
+
+
+# ----------------------------------------------------------------- L2-SP
+
+
+class TwoLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(3, 4)
+        self.fc = nn.Linear(4, 2)
+        self.frozen = nn.Linear(2, 2)
+        self.frozen.requires_grad_(False)
+
+
+def test_l2sp_penalises_distance_to_anchor_and_decays_excluded() -> None:
+    torch.manual_seed(0)
+    net = TwoLayer()
+    reg = L.L2SP(net, alpha=0.3, beta=0.2, exclude=["fc"])
+    assert reg.anchored == ["body.weight", "body.bias"]
+    assert reg.excluded == ["fc.weight", "fc.bias"]
+    anchors = {n: p.detach().clone() for n, p in net.named_parameters()}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p))
+    params = dict(net.named_parameters())
+    expected = 0.15 * sum(((params[n] - anchors[n]) ** 2).sum() for n in reg.anchored)
+    expected = expected + 0.1 * sum((params[n] ** 2).sum() for n in reg.excluded)
+    torch.testing.assert_close(reg(), expected)
+    reg().backward()
+    assert net.frozen.weight.grad is None and net.body.weight.grad is not None
+
+
+def test_l2sp_anchors_save_and_load_with_state_dict() -> None:
+    torch.manual_seed(0)
+    net = TwoLayer()
+    reg = L.L2SP(net, exclude=["fc.*"])
+    state = reg.state_dict()
+    assert set(state) == {"body__weight", "body__bias"}
+    other = L.L2SP(TwoLayer(), exclude=["fc.*"])
+    other.load_state_dict(state)
+    torch.testing.assert_close(other.body__weight, net.body.weight.detach())
+
+
+def test_l2sp_follows_the_model_to_another_dtype() -> None:
+    net = TwoLayer()
+    reg = L.L2SP(net)
+    net.double()
+    reg.double()
+    value = reg()
+    assert value.dtype == torch.float64 and float(value) == 0.0
+
+
+def test_l2sp_rejects_unknown_exclude_patterns_and_negative_strength() -> None:
+    with pytest.raises(ValueError, match="matches no trainable"):
+        L.L2SP(TwoLayer(), exclude=["head*"])
+    with pytest.raises(ValueError, match="alpha"):
+        L.L2SP(TwoLayer(), alpha=-1.0)
+
+
+def test_l2sp_keeps_the_model_out_of_its_parameters() -> None:
+    reg = L.L2SP(TwoLayer())
+    assert list(reg.parameters()) == []
+
+
+# ----------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_mmd_between_source_and_shifted_target_features_exceeds_two_source_halves() -> None:
+    task = tk.datasets.digits("rotate", size=8, seed=0).flat()
+    torch.manual_seed(0)
+    half = task.source_x.shape[0] // 2
+    net = (
+        tk.models.MLP(task.source_x.shape[1], num_classes=10) if hasattr(tk.models, "MLP") else None
+    )
+    assert net is not None
+    with torch.no_grad():
+        fs1 = net.forward_features(task.source_x[:half])
+        fs2 = net.forward_features(task.source_x[half : 2 * half])
+        ft = net.forward_features(task.target_x[:half])
+    within = float(L.mmd(fs1, fs2))
+    across = float(L.mmd(fs1, ft))
+    assert across > 5 * max(within, 1e-6)
