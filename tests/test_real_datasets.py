@@ -362,3 +362,27 @@ def test_encode_texts_gives_mean_pooled_minilm_embeddings_and_caches_them(tmp_pa
     # padding must not change an embedding: encode alone vs. in a batch with longer text
     alone = tk.datasets.encode_texts(sentences[2:], device="cpu")
     np.testing.assert_allclose(alone[0], first[2], atol=1e-4)
+
+
+@needs_tweets
+def test_tweet_topics_builds_a_stratified_deterministic_task(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the encoder is replaced by a text hash so that the split logic is tested quickly
+    def fake_encode(texts, **kwargs):  # type: ignore[no-untyped-def]
+        return np.array([[float(hash(t) % 997), float(len(t))] for t in texts], np.float32)
+
+    monkeypatch.setattr(real, "encode_texts", fake_encode)
+    task = tk.datasets.tweet_topics("airline", "apple", max_per_domain=300, test_fraction=0.3)
+    again = tk.datasets.tweet_topics("airline", "apple", max_per_domain=300, test_fraction=0.3)
+    assert task.name == "tweets[airline->apple]"
+    assert task.num_classes == 2
+    assert len(task.source_x) + len(task.source_test_x) == 300
+    assert len(task.target_x) + len(task.target_test_x) == 300
+    assert abs(len(task.target_test_x) - 90) <= 2
+    assert torch.equal(task.source_x, again.source_x)
+    # the class balance of the topic is kept by the subsample
+    _, labels = tk.datasets.tweets("airline")
+    full = float(labels.float().mean())
+    sub = float(torch.cat([task.source_y, task.source_test_y]).float().mean())
+    assert abs(full - sub) < 0.02
