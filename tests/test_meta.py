@@ -14,6 +14,16 @@ from transferkit.meta import MetaTask, adapt, fomaml, prototype_init, reptile
 loss_fn = nn.functional.cross_entropy
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The models here are tiny: with several intra-op threads on a busy machine, thread
+    synchronisation dominates (100x slower); one thread keeps the module fast anywhere."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def manual_sgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float):
     model = copy.deepcopy(model)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
