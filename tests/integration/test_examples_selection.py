@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +13,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_smoke(script: str) -> subprocess.CompletedProcess[str]:
+    # One intra-op thread: the smoke results do not depend on the machine's core count,
+    # and small models do not slow down from thread contention on a busy machine.
     return subprocess.run(
         [sys.executable, f"examples/{script}", "--smoke"],
         cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
         timeout=300,
