@@ -570,12 +570,10 @@ class TorchKernelSVC(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         Returns:
             The mean accuracy.
         """
-        X, y, sample_weight = _drop_unlabelled(
-            np.asarray(X) if not hasattr(X, "iloc") else X.to_numpy(),
-            np.asarray(y),
-            sample_weight,
-            self.unlabelled,
-        )
+        if self.unlabelled is not None:
+            X, y, sample_weight = _drop_unlabelled(
+                np.asarray(X), np.asarray(y), sample_weight, self.unlabelled
+            )
         accuracy: float = super().score(X, y, sample_weight=sample_weight)
         return accuracy
 
@@ -697,9 +695,10 @@ class PrototypeClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
 
     def score(self, X: Any, y: Any, sample_weight: np.ndarray | None = None) -> float:
         """Accuracy on the labelled rows (rows equal to ``unlabelled`` skipped)."""
-        X, y, sample_weight = _drop_unlabelled(
-            np.asarray(X), np.asarray(y), sample_weight, self.unlabelled
-        )
+        if self.unlabelled is not None:
+            X, y, sample_weight = _drop_unlabelled(
+                np.asarray(X), np.asarray(y), sample_weight, self.unlabelled
+            )
         accuracy: float = super().score(X, y, sample_weight=sample_weight)
         return accuracy
 
