@@ -713,3 +713,16 @@ def test_frozen_model_trains_under_ddp_without_unused_parameter_error(tmp_path: 
         assert result["frozen_unchanged"] and result["fc_moved"]
         assert "DistributedDataParallel" in str(result["error"])
     torch.testing.assert_close(results[0]["fc"], results[1]["fc"], rtol=0, atol=0)
+
+
+def test_gradual_unfreezing_warns_when_optimizer_already_holds_stage_params(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    net = make_net()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    with caplog.at_level(logging.WARNING, logger="transferkit.freezing"):
+        schedule = tk.GradualUnfreezing(net, ["neck"], optimizer, lr=0.01)
+    assert "already holds 2 parameter tensors" in caplog.text
+    schedule.step()
+    assert len(optimizer.param_groups) == 1  # nothing added twice
+    assert net.neck[1].weight.requires_grad
