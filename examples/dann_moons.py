@@ -110,7 +110,7 @@ def plot(task: tk.datasets.DomainTask, models: dict[str, nn.Module], out: Path) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--seeds", type=int, default=5, help="at least 2")
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--angle", type=float, default=35.0)
     parser.add_argument("--out", type=Path, default=Path("dann_moons.png"))
@@ -134,7 +134,7 @@ def main() -> None:
     print(f"{task.name}: target-test accuracy over {args.seeds} seeds, MLP {HIDDEN}")
     print(f"{'method':<12}  {'mean':>6}  {'std':>6}  per seed")
     for name, values in results.items():
-        mean, std = statistics.mean(values), statistics.pstdev(values)
+        mean, std = statistics.mean(values), statistics.stdev(values)
         per_seed = " ".join(f"{v:.3f}" for v in values)
         print(f"{name:<12}  {mean:6.3f}  {std:6.3f}  {per_seed}")
     plot(task, last, args.out)
