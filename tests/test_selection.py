@@ -451,3 +451,16 @@ def test_snd_equals_the_authors_formula_and_does_not_depend_on_chunking() -> Non
     expected = float(-(q * torch.log(q + 1e-5)).sum(1).mean())
     assert selection.snd(logits) == pytest.approx(expected, rel=1e-5)
     assert selection.snd(logits, chunk_size=5) == pytest.approx(expected, rel=1e-5)
+
+
+@given(
+    losses=arrays(np.float64, (15,), elements=st.floats(0.0, 10.0)),
+    weights=arrays(np.float64, (15,), elements=st.floats(0.01, 5.0)),
+    scale=st.floats(0.1, 100.0),
+)
+def test_self_normalised_iwcv_ignores_the_scale_of_the_weights_and_stays_in_the_loss_range(
+    losses: np.ndarray, weights: np.ndarray, scale: float
+) -> None:
+    estimate = selection.iwcv(losses, weights=weights)
+    assert selection.iwcv(losses, weights=scale * weights) == pytest.approx(estimate, abs=1e-9)
+    assert losses.min() - 1e-9 <= estimate <= losses.max() + 1e-9
