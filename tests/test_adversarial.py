@@ -503,7 +503,7 @@ def test_cdan_entropy_conditioning_matches_numpy_reference() -> None:
 
     z_s, w_s = domain(g_s, f_s)
     z_t, w_t = domain(g_t, f_t)
-    assert float(loss) == pytest.approx(numpy_domain_bce(z_s, z_t, w_s, w_t), rel=1e-5)
+    assert loss.item() == pytest.approx(numpy_domain_bce(z_s, z_t, w_s, w_t), rel=1e-5)
 
 
 def test_cdan_passes_gradient_through_features_only() -> None:
