@@ -18,6 +18,9 @@ The recipe is the one of Ganin & Lempitsky (2015): SGD with momentum 0.9, learni
 source/target batches. Run ``python benchmarks/bench_transfer.py`` (``make bench``); it
 writes ``benchmarks/results/bench_transfer.{json,md}`` and ``docs/benchmarks.md``.
 ``--smoke`` runs a small version that asserts the direction of the headline results.
+Finished units are appended to ``.cache/bench_transfer/rows.jsonl``: ``--resume`` skips
+them, ``--render-only`` writes the tables from whatever has finished. ``--jobs`` sets the
+worker processes (one torch thread each).
 """
 
 from __future__ import annotations
@@ -114,7 +117,7 @@ def task_specs(smoke: bool = False) -> dict[str, TaskSpec]:
         "mnist->digits": TaskSpec(
             "mnist->digits",
             digits_task(scale),
-            Budget(steps=300, tradeoff=dict(DEFAULT_TRADEOFF)),
+            Budget(steps=200, tradeoff=dict(DEFAULT_TRADEOFF)),
             Budget(steps=200, tradeoff=dict(DEFAULT_TRADEOFF)),
         ),
     }
@@ -353,15 +356,88 @@ def run_unit(unit: Unit) -> dict[str, Any]:
     return row
 
 
-def run_units(units: list[Unit], jobs: int) -> list[dict[str, Any]]:
-    if jobs <= 1:
-        return [run_unit(u) for u in units]
-    import multiprocessing
+CACHE = ROOT / ".cache" / "bench_transfer"
 
-    # one process per core and one thread per process: small convolutions scale badly
-    # over threads, and the units are independent
-    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
-        return pool.map(run_unit, units, chunksize=1)
+
+def effective(unit: Unit) -> tuple[int, float]:
+    """The step budget and trade-off a unit really runs with."""
+    spec = task_specs(unit.smoke)[unit.task]
+    budget = spec.smoke_budget if unit.smoke else spec.budget
+    steps = unit.steps or budget.steps
+    weight = budget.tradeoff.get(unit.method, 1.0) if unit.tradeoff is None else unit.tradeoff
+    return steps, weight
+
+
+def unit_key(task: str, method: str, seed: int, smoke: bool, steps: int, tradeoff: float) -> str:
+    return json.dumps([task, method, seed, smoke, steps, round(float(tradeoff), 6)])
+
+
+def load_rows() -> dict[str, dict[str, Any]]:
+    """Rows of earlier runs (``--resume``): one JSON object per finished unit."""
+    path = CACHE / "rows.jsonl"
+    rows: dict[str, dict[str, Any]] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                key = unit_key(
+                    row["task"],
+                    row["method"],
+                    row["seed"],
+                    row["smoke"],
+                    row["steps"],
+                    row["tradeoff"],
+                )
+                rows[key] = row
+    return rows
+
+
+def run_units(
+    units: list[Unit], pool: Any | None, *, resume: bool, run: bool = True
+) -> list[dict[str, Any]]:
+    """Run the units (in parallel with a pool), appending each row to the cache."""
+    cached = load_rows() if resume else {}
+    done: dict[int, dict[str, Any]] = {}
+    todo: list[tuple[int, Unit]] = []
+    for i, unit in enumerate(units):
+        key = unit_key(unit.task, unit.method, unit.seed, unit.smoke, *effective(unit))
+        if key in cached:
+            done[i] = cached[key]
+        else:
+            todo.append((i, unit))
+    if run and todo:
+        CACHE.mkdir(parents=True, exist_ok=True)
+        results = (
+            map(run_unit, [u for _, u in todo])
+            if pool is None
+            else pool.imap(run_unit, [u for _, u in todo], chunksize=1)
+        )
+        with open(CACHE / "rows.jsonl", "a") as handle:
+            for (i, _), row in zip(todo, results, strict=True):
+                done[i] = row
+                handle.write(json.dumps(row) + "\n")
+                handle.flush()
+    return [done[i] for i in sorted(done)]
+
+
+def _pretrained_job(smoke: bool, seeds: list[int]) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    result = pretrained_table(smoke, seeds)
+    result["wall_s"] = time.perf_counter() - start
+    return result
+
+
+def _text_job(seeds: list[int]) -> dict[str, Any] | None:
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    try:
+        result = text_table(seeds, max_per_domain=TEXT_MAX_PER_DOMAIN)
+    except tk.datasets.MissingDataError as error:
+        print(f"text rows skipped: {error}", flush=True)
+        return None
+    result["wall_s"] = time.perf_counter() - start
+    return result
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -419,7 +495,9 @@ def adaptation_markdown(table: dict[str, dict[str, dict[str, Any]]], seeds: int)
             delta = ""
             if base is not None and method not in ("source_only", "oracle"):
                 delta = f" ({100 * (cell['mean'] - base['mean']):+.1f})"
-            cells.append(f"{100 * cell['mean']:.1f} ± {100 * cell['std']:.1f}{delta}")
+            runs = len(cell["target"])
+            partial = f" [{runs} of {seeds} seeds]" if runs < seeds else ""
+            cells.append(f"{100 * cell['mean']:.1f} ± {100 * cell['std']:.1f}{delta}{partial}")
         lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(
@@ -561,6 +639,7 @@ def pretrained_markdown(results: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- text
 
 TEXT_PAIRS = (("airline", "deflategate"), ("airline", "apple"))
+TEXT_MAX_PER_DOMAIN = 500
 
 
 def mmd_head(task: DomainTask, *, seed: int, adapt: bool, steps: int = 300) -> float:
@@ -622,6 +701,9 @@ def text_table(seeds: Sequence[int], max_per_domain: int) -> dict[str, Any]:
             rows.setdefault("target-supervised logistic regression (oracle)", []).append(
                 float(in_domain.score(xt, yt))
             )
+            rows.setdefault("majority class of the target (reference)", []).append(
+                float(np.bincount(yt).max() / len(yt))
+            )
         results[f"{source}->{target}"] = rows
     return results
 
@@ -681,8 +763,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-pretrained", action="store_true")
     parser.add_argument("--no-text", action="store_true")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument(
+        "--resume", action="store_true", help="reuse finished units from .cache/bench_transfer"
+    )
+    parser.add_argument(
+        "--render-only",
+        action="store_true",
+        help="run nothing: tables from the finished units in the cache (implies --resume)",
+    )
     args = parser.parse_args(argv)
     smoke = args.smoke or args.quick
+    resume = args.resume or args.render_only
+    run = not args.render_only
     device = tk.resolve_device(args.device)
     jobs = args.jobs or (1 if device.type != "cpu" else max(1, min(4, os.cpu_count() or 1)))
     torch.set_num_threads(args.threads)
@@ -708,13 +800,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
     }
 
+    import multiprocessing
+
+    # one process per job and one thread per process: small convolutions scale badly over
+    # threads, and the units are independent. The pretrained and text tables run beside
+    # the adaptation units.
+    pool = multiprocessing.get_context("spawn").Pool(jobs) if jobs > 1 and run else None
+    pending: dict[str, Any] = {}
+    side_cache = {
+        name: CACHE / f"{name}{'-smoke' if smoke else ''}.json" for name in ("pretrained", "text")
+    }
+    cached_side = {name: resume and path.is_file() for name, path in side_cache.items()}
+    if pool is not None and not args.no_pretrained and not cached_side["pretrained"]:
+        pending["pretrained"] = pool.apply_async(_pretrained_job, (smoke, seeds))
+    if pool is not None and not smoke and not args.no_text and not cached_side["text"]:
+        pending["text"] = pool.apply_async(_text_job, (seeds,))
+    # seed-major order: an interrupted run has complete seeds for every task
     units = [
         Unit(t, m, seed, smoke, str(device), args.steps, args.tradeoff, args.threads)
-        for t in tasks
         for seed in seeds
+        for t in tasks
         for m in methods
     ]
-    rows = run_units(units, jobs)
+    rows = run_units(units, pool, resume=resume, run=run)
     table = summarise(rows)
     report["rows"] = rows
     report["adaptation"] = {
@@ -730,27 +838,39 @@ def main(argv: Sequence[str] | None = None) -> int:
             Unit(t, m, seeds[0], smoke, str(device), args.steps, w, args.threads)
             for t, ms in table.items()
             for m in ms
-            if m in ADAPTATION and ms[m]["mean"] <= ms["source_only"]["mean"]
+            if m in ADAPTATION
+            and "source_only" in ms
+            and ms[m]["mean"] <= ms["source_only"]["mean"]
             for w in SWEEP
         ]
-        sweep_rows = run_units(losers, jobs) if losers else []
+        sweep_rows = run_units(losers, pool, resume=resume, run=run) if losers else []
     report["sweep"] = sweep_rows
+
+    def side_table(name: str, job: Callable[[], dict[str, Any] | None]) -> dict[str, Any] | None:
+        path = side_cache[name]
+        if name in pending:
+            result = pending[name].get()
+        elif resume and path.is_file():
+            result = json.loads(path.read_text())
+        elif run:
+            result = job()
+        else:
+            return None
+        if result is not None:
+            write_atomic(path, json.dumps(result))
+        return result
 
     pretrained: dict[str, Any] | None = None
     if not args.no_pretrained:
-        start = time.perf_counter()
-        pretrained = pretrained_table(smoke, seeds)
-        pretrained["wall_s"] = time.perf_counter() - start
+        pretrained = side_table("pretrained", lambda: _pretrained_job(smoke, seeds))
         report["pretrained"] = pretrained
     text: dict[str, Any] | None = None
     if not smoke and not args.no_text:
-        start = time.perf_counter()
-        try:
-            text = text_table(seeds, max_per_domain=800)
-            text["wall_s"] = time.perf_counter() - start
-        except tk.datasets.MissingDataError as error:
-            print(f"text rows skipped: {error}")
+        text = side_table("text", lambda: _text_job(seeds))
         report["text"] = text
+    if pool is not None:
+        pool.close()
+        pool.join()
     report["wall_s"] = time.perf_counter() - started
 
     markdown = render_markdown(report, table, pretrained, text)
@@ -780,7 +900,7 @@ def render_markdown(
         f"torch {env['torch']}, {report['jobs']} worker processes; "
         f"adaptation wall time {report['adaptation_wall_s']:.0f} s, "
         f"whole benchmark {report['wall_s']:.0f} s (CPU shared with other jobs: "
-        f"load average {env['load_average_at_start']}).",
+        f"load average {env['load_average_at_start']:.1f} at the start).",
     ]
     if report["sweep"]:
         parts += [
@@ -843,7 +963,7 @@ pattern, not in value. MNIST -> scikit-learn digits stands in for MNIST -> USPS 
 not available offline).
 """
 
-DOCS_FOOTER = """Notes: the text rows use at most 800 tweets per topic (positive/negative only,
+DOCS_FOOTER = """Notes: the text rows use at most 500 tweets per topic (positive/negative only,
 topics separated by keywords, see `tk.datasets.TWEET_TOPICS`); embeddings are cached in
 `.cache/data/embeddings`. The Fashion-MNIST-pretrained row is the negative-transfer
 control: features learned on clothing transfer worse to digits than random features or
