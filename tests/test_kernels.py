@@ -29,6 +29,8 @@ def reference_kernel(name: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     d2 = cdist(x, y, "sqeuclidean")
     if name == "gaussian-fixed":
         return sum(np.exp(-d2 / (2 * m * 1.5**2)) for m in MULTIPLIERS)
+    if name == "gaussian-uneven":
+        return sum(np.exp(-d2 / (2 * m * 1.5**2)) for m in (0.3, 1.0, 3.0))
     if name == "gaussian-heuristic":
         sigma2 = _pooled_mean_sqdist(x, y)
         return sum(np.exp(-d2 / (2 * m * sigma2)) for m in MULTIPLIERS)
@@ -46,12 +48,13 @@ def reference_kernel(name: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
 KERNELS: dict[str, Kernel] = {
     "gaussian-fixed": GaussianKernel(bandwidth=1.5),
     "gaussian-heuristic": GaussianKernel(),
+    "gaussian-uneven": GaussianKernel(bandwidth=1.5, multipliers=(0.3, 1.0, 3.0)),
     "laplacian": LaplacianKernel(bandwidth=2.0),
     "laplacian-heuristic": LaplacianKernel(),
     "linear": LinearKernel(),
     "polynomial": PolynomialKernel(degree=3),
 }
-FIXED = ["gaussian-fixed", "laplacian", "linear", "polynomial"]
+FIXED = ["gaussian-fixed", "gaussian-uneven", "laplacian", "linear", "polynomial"]
 
 
 def test_pairwise_squared_distances_match_scipy_far_from_origin() -> None:

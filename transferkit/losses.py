@@ -102,7 +102,8 @@ def _evaluate_rows(
         torch.mm(value, weights, out=products[offset : offset + block.shape[0]])
         if diagonal is not None:
             diagonal[offset : offset + block.shape[0]] = value.diagonal(offset=offset)
-        block.copy_(derivative)
+        if derivative.data_ptr() != block.data_ptr():
+            block.copy_(derivative)
 
 
 class _KernelQuadraticForms(torch.autograd.Function):
@@ -167,7 +168,8 @@ class _KernelQuadraticForms(torch.autograd.Function):
         ):
             torch.mul(part, scale, out=aug[:, :dim])
             aug[:, dim:] = scale
-        sq = (z * z).sum(1) if kernel.family == "distance" else None
+        recompute = ctx.block_rows < n
+        sq = (z * z).sum(1) if recompute and kernel.family == "distance" else None
         grad_z = torch.empty_like(z)
         scratch = z.new_empty(0) if ctx.block_rows >= n else z.new_empty(ctx.block_rows, n)
         for start in range(0, n, ctx.block_rows):
@@ -234,12 +236,19 @@ def _stacked_weights(w: Tensor, v: Tensor) -> Tensor:
     return torch.cat([top, bottom])
 
 
+def _check_features_fast(x: object, name: str, min_samples: int) -> None:
+    """``check_features`` with a one-pass NaN/inf screen (a sum) before the exact check."""
+    tensor = check_tensor(x, name, ndim=2, floating=True, min_samples=min_samples, finite=False)
+    if tensor.shape[1] == 0 or not bool(torch.isfinite(tensor.detach().sum())):
+        check_features(tensor, name, min_samples=min_samples)  # exact check, shared message
+
+
 def _check_pair_inputs(
     source: Tensor, target: Tensor, estimator: Estimator, names: tuple[str, str]
 ) -> None:
     minimum = 1 if estimator == "biased" else 2
-    check_features(source, names[0], min_samples=minimum)
-    check_features(target, names[1], min_samples=minimum)
+    _check_features_fast(source, names[0], minimum)
+    _check_features_fast(target, names[1], minimum)
     check_pair(source, target, names)
     if estimator == "linear" and source.shape[0] != target.shape[0]:
         raise ValueError(
