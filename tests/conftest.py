@@ -8,6 +8,10 @@ import pytest
 import torch
 from hypothesis import settings
 
+# Tests use tiny tensors: one intra-op thread avoids oversubscribing a 2-core machine
+# (and makes timings of the small end-to-end checks predictable).
+torch.set_num_threads(1)
+
 settings.register_profile("transferkit", deadline=None, max_examples=40, derandomize=True)
 settings.load_profile("transferkit")
 

@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import logging
 
-from . import datasets, distributed, models
-from .device import autocast, dataloader_kwargs, resolve_device, seed_everything, to_device
-
-# [exports:kernels-losses]
-from . import kernels, losses
-# [exports:freezing-heads]
-from .freezing import GradualUnfreezing, freeze, param_groups, trainable_summary, unfreeze
-from .heads import ClassifierHead, find_head, replace_head
-# [exports:features]
-from .features import FeatureExtractor, extract_features
-# [exports:adversarial]
+from . import (
+    datasets,
+    distributed,
+    kernels,
+    losses,
+    meta,
+    metrics,
+    models,
+    selection,
+    sklearn,
+    training,
+)
 from .adversarial import (
     ConditionalDomainAdversarialLoss,
     DomainAdversarialLoss,
@@ -31,53 +32,58 @@ from .adversarial import (
     WarmStartSchedule,
     grad_reverse,
 )
-# [exports:sklearn]
-from . import sklearn
-# [exports:selection-metrics]
-from . import meta, metrics, selection
-# [exports:distributed]
+from .device import autocast, dataloader_kwargs, resolve_device, seed_everything, to_device
+from .features import FeatureExtractor, extract_features
+from .freezing import GradualUnfreezing, freeze, param_groups, trainable_summary, unfreeze
+from .heads import ClassifierHead, find_head, replace_head
+from .training import EarlyStopping, class_weights
 
 __version__ = "0.1.0"
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
+
+def __getattr__(name: str) -> object:
+    # ``tk.plot`` needs matplotlib (the optional ``plot`` extra): import it on first use.
+    if name == "plot":
+        import importlib
+
+        return importlib.import_module(".plot", __name__)
+    raise AttributeError(f"module 'transferkit' has no attribute {name!r}")
+
 __all__ = [
-    "__version__",
-    "autocast",
-    "dataloader_kwargs",
-    "datasets",
-    "distributed",
-    "models",
-    "resolve_device",
-    "seed_everything",
-    "to_device",
-    # [all:kernels-losses]
-    "kernels",
-    "losses",
-    # [all:freezing-heads]
     "ClassifierHead",
-    "GradualUnfreezing",
-    "find_head",
-    "freeze",
-    "param_groups",
-    "replace_head",
-    "trainable_summary",
-    "unfreeze",
-    # [all:features]
-    "FeatureExtractor",
-    "extract_features",
-    # [all:adversarial]
     "ConditionalDomainAdversarialLoss",
     "DomainAdversarialLoss",
     "DomainDiscriminator",
+    "EarlyStopping",
+    "FeatureExtractor",
     "GradientReversal",
+    "GradualUnfreezing",
     "WarmStartSchedule",
+    "__version__",
+    "autocast",
+    "class_weights",
+    "dataloader_kwargs",
+    "datasets",
+    "distributed",
+    "extract_features",
+    "find_head",
+    "freeze",
     "grad_reverse",
-    # [all:sklearn]
-    "sklearn",
-    # [all:selection-metrics]
+    "kernels",
+    "losses",
     "meta",
     "metrics",
+    "models",
+    "param_groups",
+    "replace_head",
+    "resolve_device",
+    "seed_everything",
     "selection",
-    # [all:distributed]
+    "sklearn",
+    "to_device",
+    "trainable_summary",
+    "training",
+    "unfreeze",
 ]
