@@ -94,9 +94,14 @@ def check_in_range(value: object, name: str, low: float, high: float) -> float:
 def check_finite(x: Tensor, name: str) -> None:
     """Raise ``ValueError`` if the floating tensor ``x`` holds NaN or infinity.
 
+    Skipped while ``torch.compile`` traces (``torch.compiler.is_compiling()``): reading a
+    value back would break the graph.
+
     Examples:
         >>> check_finite(torch.zeros(2), "source")
     """
+    if torch.compiler.is_compiling():
+        return  # a data-dependent check would break the graph; skipped while compiling
     if x.is_floating_point() and x.numel() > 0 and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{name}: expected finite values, found {bad} NaN/inf entries")

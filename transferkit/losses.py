@@ -8,8 +8,13 @@ logits; :class:`L2SP` and :func:`bss` regularise fine-tuning.
 
 Every loss validates its input (shapes, feature dimensions, NaN/inf, devices, dtypes)
 and computes in fp32 when given fp16/bf16 tensors, also under :func:`torch.autocast`.
-Validation reads a few values back from the device (e.g. the NaN check), which is a
-graph break under :func:`torch.compile`; the computations themselves avoid ``.item()``.
+Validation reads a few values back from the device (e.g. the NaN check); while
+:func:`torch.compile` traces (``torch.compiler.is_compiling()``) those data-dependent
+checks are skipped (shapes, dtypes and options are still checked) and :func:`mmd` uses
+plain autograd ops instead of its blocked custom function, so ``mmd`` (every estimator,
+fixed or heuristic bandwidth), :func:`coral`, :func:`entropy` and :func:`distillation`
+compile with ``fullgraph=True``. Unweighted calls only: explicit sample weights are
+still checked with a read-back.
 
 The quadratic MMD estimators never build an autograd graph over the ``(N + M)^2``
 kernel matrix: a custom autograd function evaluates the kernel in row blocks, keeps
@@ -239,7 +244,9 @@ def _stacked_weights(w: Tensor, v: Tensor) -> Tensor:
 def _check_features_fast(x: object, name: str, min_samples: int) -> None:
     """``check_features`` with a one-pass NaN/inf screen (a sum) before the exact check."""
     tensor = check_tensor(x, name, ndim=2, floating=True, min_samples=min_samples, finite=False)
-    if tensor.shape[1] == 0 or not bool(torch.isfinite(tensor.detach().sum())):
+    if tensor.shape[1] == 0 or (
+        not torch.compiler.is_compiling() and not bool(torch.isfinite(tensor.detach().sum()))
+    ):
         check_features(tensor, name, min_samples=min_samples)  # exact check, shared message
 
 
@@ -367,8 +374,14 @@ def mmd(
         z = torch.cat([s, t])
         if kernel.family == "distance":
             z = z - z.detach().mean(0)
-        rows = _block_rows(z.shape[0], chunk_size)
         weights = _stacked_weights(w, v)
+        if torch.compiler.is_compiling():  # plain autograd ops: traceable without breaks
+            base = kernel.base(z, z, state)
+            if kernel.family == "distance":
+                base = torch.diagonal_scatter(base, base.new_zeros(base.shape[0]))
+            matrix = kernel.from_base(base, state)
+            return _assemble(weights.T @ matrix @ weights, matrix.diagonal(), w, v, estimator)
+        rows = _block_rows(z.shape[0], chunk_size)
         forms, diagonal = _KernelQuadraticForms.apply(  # type: ignore[no-untyped-call]
             z, weights, s.shape[0], kernel, state, rows
         )
