@@ -17,9 +17,13 @@ here is built to rule them out:
   re-applies the stage's freezing.
 * Layer-wise learning-rate decay ignored by schedulers: :func:`param_groups` writes the
   decay into real per-group ``lr`` values, which every torch scheduler scales.
-* DDP "unused parameters" errors: freeze *before* wrapping with
-  ``DistributedDataParallel``; :func:`freeze` refuses a DDP-wrapped model with a message
-  that says so.
+* DDP "unused parameters" errors and ranks drifting apart. Freezing *before* wrapping
+  with ``DistributedDataParallel`` always works (frozen parameters are never registered).
+  To freeze or unfreeze *after* wrapping, build DDP with every parameter trainable and
+  ``find_unused_parameters=True``; :func:`freeze`, :func:`unfreeze` and
+  :class:`GradualUnfreezing` accept the wrapper (patterns mean the same as on the bare
+  model: the ``module.`` prefix is not part of the names) and raise a clear error when the
+  wrapper was built in a way that would fail or desynchronise the ranks.
 
 Parameter names are the qualified names of ``model.named_parameters()``. A glob pattern
 selects a parameter when it matches its name, or the name of a module that holds it:
@@ -39,6 +43,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from ._validation import check_in_range, check_option, check_positive, did_you_mean
+from .distributed import unwrap_model
 
 __all__ = [
     "FrozenBatchNorm",
@@ -275,19 +280,81 @@ def _clear_eval_policy(module: nn.Module, training: bool) -> None:
 
 
 def _unwrap(model: object, caller: str) -> nn.Module:
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        raise TypeError(
-            f"model: {caller} cannot change what a DistributedDataParallel model trains: DDP "
-            "registers its parameters when it is built, so freezing afterwards makes it wait "
-            "for gradients that never come ('unused parameters'). Call "
-            f"{caller}(model.module, ...) and wrap again, or {caller} before wrapping."
-        )
+    """The user's module inside DDP / DataParallel / ``torch.compile`` wrappers."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    if isinstance(model, nn.DataParallel):
-        return _unwrap(model.module, caller)
-    inner = getattr(model, "_orig_mod", None)  # torch.compile wrapper
-    return _unwrap(inner, caller) if isinstance(inner, nn.Module) else model
+    return unwrap_model(model)
+
+
+def _find_ddp(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
+    """The outermost ``DistributedDataParallel`` wrapper in a chain of wrappers, if any."""
+    for _ in range(8):
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            return model
+        if isinstance(model, nn.DataParallel):
+            model = model.module
+            continue
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return None
+        model = inner
+    return None
+
+
+_DDP_PATTERN = (
+    "build DistributedDataParallel with every parameter trainable and "
+    "find_unused_parameters=True, then freeze/unfreeze through the wrapper; or freeze "
+    "before wrapping (the frozen parameters are then never synchronised)"
+)
+
+
+def _check_ddp_dynamic(ddp: nn.parallel.DistributedDataParallel, caller: str) -> None:
+    """Changing ``requires_grad`` after wrapping needs DDP's unused-parameter search."""
+    if not getattr(ddp, "find_unused_parameters", False) or getattr(ddp, "static_graph", False):
+        raise ValueError(
+            f"model: {caller} changes which parameters train, but this DistributedDataParallel "
+            "was built with find_unused_parameters=False (or static_graph=True): it would wait "
+            "for gradients that never come and fail at the next step with an "
+            f"'unused parameters' error. Either {_DDP_PATTERN}."
+        )
+
+
+def _check_ddp_synced(
+    ddp: nn.parallel.DistributedDataParallel,
+    params: Iterable[tuple[str, nn.Parameter]],
+    caller: str,
+) -> None:
+    """Raise unless DDP synchronises the gradients of every parameter in ``params``.
+
+    DDP registers only the parameters that require grad when it is built; a parameter
+    unfrozen later would train on each rank's own gradient and drift apart silently.
+    """
+    _check_ddp_dynamic(ddp, caller)
+    module_params: list[nn.Parameter] = list(getattr(ddp, "_module_parameters", []))
+    known = {id(p) for p in module_params}
+    unknown = [name for name, p in params if id(p) not in known]
+    if unknown:
+        raise ValueError(
+            f"model: {caller} cannot make {unknown[:3]} trainable through DistributedDataParallel:"
+            " they did not exist when DDP was built (e.g. a FrozenBatchNorm turned back into "
+            "BatchNorm), so DDP would never synchronise their gradients. Use bn='eval' (not "
+            f"'frozen') with a DDP model, or re-wrap the model afterwards."
+        )
+    try:
+        registered = int(ddp._get_ddp_logging_data()["num_parameter_tensors"])  # type: ignore[no-untyped-call]
+    except (AttributeError, KeyError, RuntimeError, TypeError, ValueError):
+        logger.warning(
+            "%s: cannot check which parameters DistributedDataParallel synchronises", caller
+        )
+        return
+    if registered < len(known):
+        raise ValueError(
+            f"model: {caller} through DistributedDataParallel needs every parameter to have "
+            f"been trainable when DDP was built; DDP synchronises only {registered} of "
+            f"{len(known)} parameter tensors (the rest were frozen at wrap time), so unfrozen "
+            f"ones would drift apart across ranks. Either {_DDP_PATTERN}, or re-wrap the "
+            "model after unfreezing."
+        )
 
 
 def _as_patterns(value: str | Sequence[str] | None, name: str) -> list[str] | None:
@@ -464,11 +531,15 @@ def freeze(
       SyncBatchNorm; subclasses such as timm's ``BatchNormAct2d`` get the ``"eval"`` policy
       instead, since replacing them would drop their extra behaviour).
 
-    Freeze *before* wrapping the model in ``DistributedDataParallel``: DDP registers the
-    parameters that need gradients when it is built.
+    With ``DistributedDataParallel``, freeze before wrapping, or pass the wrapper itself
+    when it was built with ``find_unused_parameters=True`` (otherwise DDP would wait for
+    the frozen gradients; a ValueError says so). Under ``torch.compile``, changing
+    ``requires_grad`` triggers a recompilation of the compiled training step.
 
     Args:
-        model: the network (a ``DataParallel`` or ``torch.compile`` wrapper is unwrapped).
+        model: the network; ``DistributedDataParallel``, ``DataParallel`` and
+            ``torch.compile`` wrappers are unwrapped, so patterns name the bare model's
+            parameters.
         include: glob pattern(s) on qualified parameter or module names.
         exclude: glob pattern(s) of parameters to leave alone, e.g. the new head ``"fc*"``.
         until: a module name; every child module defined before it (in definition order)
@@ -484,10 +555,11 @@ def freeze(
         model order (already-frozen parameters are not repeated).
 
     Raises:
-        TypeError: ``model`` is not a module, is wrapped in DDP, or an argument has the
-            wrong type.
+        TypeError: ``model`` is not a module, or an argument has the wrong type.
         ValueError: a pattern matches no parameter (the message suggests close names),
-            ``until`` names no module, or the combined selection is empty.
+            ``until`` names no module, the combined selection is empty, or ``model`` is
+            a DDP wrapper built without ``find_unused_parameters=True`` (or ``bn="frozen"``
+            is asked through DDP).
 
     Examples:
         >>> import transferkit as tk
@@ -502,8 +574,17 @@ def freeze(
         ...
         ValueError: include: pattern 'featurs' matches no parameter of SmallCNN; did you ...
     """
+    ddp = _find_ddp(model) if isinstance(model, nn.Module) else None
     model = _unwrap(model, "freeze")
     bn = check_option(bn, "bn", _BN_POLICIES)
+    if ddp is not None:
+        _check_ddp_dynamic(ddp, "freeze")
+        if bn == "frozen":
+            raise ValueError(
+                "bn: 'frozen' replaces BatchNorm layers, whose new parameters a "
+                "DistributedDataParallel built earlier would never synchronise when unfrozen; "
+                "use bn='eval' through DDP, or freeze with bn='frozen' before wrapping"
+            )
     selection = _Selection(model, include, exclude, until, types)
     if not selection.entries and not selection.batchnorms:
         raise ValueError(
@@ -564,8 +645,13 @@ def unfreeze(
     values. Their new ``weight``/``bias`` parameters are new tensor objects: add them to
     the optimizer (:class:`GradualUnfreezing` does).
 
+    Through a ``DistributedDataParallel`` wrapper, every parameter to unfreeze must be one
+    that DDP synchronises: build DDP with all parameters trainable and
+    ``find_unused_parameters=True``, then freeze and unfreeze through the wrapper.
+
     Args:
-        model: the network (``DataParallel``/``torch.compile`` wrappers are unwrapped).
+        model: the network; DDP, ``DataParallel`` and ``torch.compile`` wrappers are
+            unwrapped.
         include: glob pattern(s) on qualified parameter or module names (default: all).
         exclude: glob pattern(s) to leave frozen.
         until: a module name, as in :func:`freeze`.
@@ -575,8 +661,9 @@ def unfreeze(
         The qualified names of the parameters that were frozen and are now trainable.
 
     Raises:
-        TypeError: ``model`` is not a module or is wrapped in DDP.
-        ValueError: a pattern matches no parameter, or ``until`` names no module.
+        TypeError: ``model`` is not a module.
+        ValueError: a pattern matches no parameter, ``until`` names no module, or ``model``
+            is a DDP wrapper that does not synchronise a parameter to unfreeze.
 
     Examples:
         >>> import transferkit as tk
@@ -587,8 +674,19 @@ def unfreeze(
         >>> type(net.features[1]).__name__, net.features[1].weight.requires_grad
         ('BatchNorm2d', True)
     """
+    ddp = _find_ddp(model) if isinstance(model, nn.Module) else None
     model = _unwrap(model, "unfreeze")
     selection = _Selection(model, include, exclude, until, types)
+    if ddp is not None:
+        _check_ddp_synced(
+            ddp, [(n, p) for n, _, p in selection.entries if p is not None], "unfreeze"
+        )
+        if any(isinstance(m, FrozenBatchNorm) for _, m in selection.batchnorms):
+            raise ValueError(
+                "model: unfreeze cannot turn a FrozenBatchNorm back into BatchNorm through "
+                "DistributedDataParallel: the new parameters would never be synchronised. "
+                "Unfreeze model.module and re-wrap it, or freeze with bn='eval' under DDP."
+            )
     changed: list[str] = []
     for name, _, param in selection.entries:
         if param is None:
@@ -913,8 +1011,11 @@ class GradualUnfreezing:
     stage, or step the new group's ``lr`` yourself.
 
     Args:
-        model: the network. Freeze stages before wrapping it in DDP, or re-wrap after each
-            stage (DDP fixes its parameters when it is built).
+        model: the network, or its ``DistributedDataParallel`` wrapper built with every
+            parameter trainable and ``find_unused_parameters=True`` (checked at
+            construction): every rank must call :meth:`step` equally often, so all ranks
+            unfreeze together. Or re-wrap after each stage. Under ``torch.compile`` each
+            stage change causes one recompilation.
         stages: from the top of the network down; each stage a glob pattern or a list of
             patterns, e.g. ``["layer4", "layer3", ["layer2", "layer1"]]``.
         optimizer: receives the newly trainable parameters; ``None`` only toggles freezing.
@@ -926,7 +1027,8 @@ class GradualUnfreezing:
         no_decay: names that get no weight decay, as in :func:`param_groups`.
 
     Raises:
-        ValueError: empty stages, a stage pattern that matches nothing, or bad ``every``/``lr``.
+        ValueError: empty stages, a stage pattern that matches nothing, bad
+            ``every``/``lr``, or a DDP wrapper that cannot unfreeze the stages.
 
     Examples:
         >>> import torch, transferkit as tk
@@ -955,7 +1057,9 @@ class GradualUnfreezing:
         weight_decay: float | None = None,
         no_decay: str | Sequence[str] = ("bias", "norm"),
     ) -> None:
+        self._ddp = _find_ddp(model) if isinstance(model, nn.Module) else None
         self.model = _unwrap(model, "GradualUnfreezing")
+        self._target: nn.Module = self._ddp if self._ddp is not None else self.model
         if isinstance(stages, str) or not isinstance(stages, Sequence) or not stages:
             raise ValueError(
                 "stages: expected a non-empty list of patterns (one entry per stage, top "
@@ -988,6 +1092,12 @@ class GradualUnfreezing:
         self.no_decay = _no_decay_tokens(no_decay)
         self.steps = 0
         self.stage = 0
+        if self._ddp is not None:
+            patterns = [p for stage in self.stages for p in stage]
+            entries = _Selection(self.model, patterns, None, None, None).entries
+            _check_ddp_synced(
+                self._ddp, [(n, p) for n, _, p in entries if p is not None], "GradualUnfreezing"
+            )
         self._freeze_all()
         if optimizer is not None:
             held = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -1011,10 +1121,10 @@ class GradualUnfreezing:
 
     def _freeze_all(self) -> None:
         patterns = [p for stage in self.stages for p in stage]
-        freeze(self.model, include=patterns, bn=self.bn)
+        freeze(self._target, include=patterns, bn=self.bn)
 
     def _unfreeze_stage(self, k: int) -> list[str]:
-        names = unfreeze(self.model, include=self.stages[k])
+        names = unfreeze(self._target, include=self.stages[k])
         if self.optimizer is not None:
             self._add_to_optimizer(k)
         logger.info("GradualUnfreezing: stage %d (%s) unfrozen", k, ", ".join(self.stages[k]))
