@@ -180,11 +180,13 @@ def main() -> None:
             title=f"{title} (o source, x target)",
             seed=args.seed,
         )
+        ax.get_legend().remove()  # colours are the ten classes; o = source, x = target
     axes[2].barh(list(results), list(results.values()), color="tab:blue")
     axes[2].axvline(results["source-only"], color="tab:red", linestyle="--")
     axes[2].set_xlim(0, 1)
     axes[2].set_xlabel("target-test accuracy")
     axes[2].invert_yaxis()
+    figure.tight_layout()
     saved = tk.plot.save(figure, args.out)
     print(f"\nsaved {saved}; finished in {time.perf_counter() - start:.1f} s")
 

@@ -40,7 +40,7 @@ if [ -f "$FASHION/train-images-idx3-ubyte.gz" ] && [ -f "$FASHION/t10k-labels-id
 elif command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null; then
   echo "fetching Fashion-MNIST (Debian dataset-fashion-mnist) into $DATA_DIR"
   mkdir -p "$DATA_DIR"
-  ( cd "$DATA_DIR" && ls dataset-fashion-mnist_*.deb >/dev/null 2>&1 || apt-get download -q dataset-fashion-mnist )
+  ( cd "$DATA_DIR" && { ls dataset-fashion-mnist_*.deb >/dev/null 2>&1 || apt-get download -q dataset-fashion-mnist || { apt-get update -q >/dev/null && apt-get download -q dataset-fashion-mnist; }; } )
   dpkg-deb -x "$(ls "$DATA_DIR"/dataset-fashion-mnist_*.deb | head -n 1)" "$DATA_DIR/fashion-mnist-deb"
 else
   echo "warning: no apt-get/dpkg-deb here; put the four Fashion-MNIST *-ubyte.gz files in $FASHION" >&2
