@@ -119,3 +119,184 @@ def test_per_rank_estimate_differs_from_global(tmp_path: Path) -> None:
 
 def test_top_level_exposes_module() -> None:
     assert tk.distributed.all_gather is D.all_gather
+
+
+# ----------------------------------------------------------- gathered losses (real mmd)
+LOSSES = ("mmd-unbiased", "mmd-biased", "coral")
+
+
+def _loss(name: str, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if name == "coral":
+        return tk.losses.coral(source, target)
+    estimator = name.split("-")[1]
+    return tk.losses.mmd(source, target, estimator=estimator)  # type: ignore[arg-type]
+
+
+def _real_losses_worker(rank: int, world: int) -> dict[str, dict[str, torch.Tensor]]:
+    source, target = _full_batch(seed=3)
+    source, target = source.double(), target.double()
+    start = sum(SIZES[:rank])
+    stop = start + SIZES[rank]
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for name in LOSSES:
+        torch.manual_seed(1)
+        net = nn.Linear(4, 3).double()
+        model = nn.parallel.DistributedDataParallel(net)
+        loss = _loss(
+            name,
+            D.all_gather(model(source[start:stop])),
+            D.all_gather(model(target[start:stop])),
+        )
+        loss.backward()
+        out[name] = {
+            "loss": loss.detach(),
+            "weight_grad": net.weight.grad.detach().clone(),
+            "bias_grad": net.bias.grad.detach().clone(),
+        }
+        # per-rank (not gathered) estimate, for comparison
+        out[name]["local"] = _loss(name, net(source[start:stop]), net(target[start:stop])).detach()
+    return out
+
+
+@pytest.mark.distributed
+def test_gathered_mmd_and_coral_equal_full_batch_value_and_gradients(tmp_path: Path) -> None:
+    results = run_distributed(_real_losses_worker, tmp_path)
+    source, target = _full_batch(seed=3)
+    source, target = source.double(), target.double()
+    for name in LOSSES:
+        torch.manual_seed(1)
+        net = nn.Linear(4, 3).double()
+        reference = _loss(name, net(source), net(target))
+        reference.backward()
+        assert net.weight.grad is not None and net.bias.grad is not None
+        for result in results:
+            got = result[name]
+            torch.testing.assert_close(got["loss"], reference.detach(), rtol=0, atol=1e-6)
+            torch.testing.assert_close(got["weight_grad"], net.weight.grad, rtol=0, atol=1e-6)
+            torch.testing.assert_close(got["bias_grad"], net.bias.grad, rtol=0, atol=1e-6)
+            # without the gather each rank sees only its slice: a different estimate
+            assert abs(float(got["local"]) - float(reference.detach())) > 1e-4
+
+
+# ------------------------------------------------- freezing and DANN through DDP wrappers
+def _params(module: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+
+def _digits_batches(rank: int, world: int, steps: int) -> list[tuple[torch.Tensor, ...]]:
+    task = tk.datasets.digits("rotate", size=12)
+    xs, ys, xt = task.source_x, task.source_y, task.target_x
+    s_idx = D.shard_indices(min(len(xs), 8 * world * steps), rank, world)
+    t_idx = D.shard_indices(min(len(xt), 8 * world * steps), rank, world)
+    return [
+        (
+            xs[s_idx][i * 8 : (i + 1) * 8],
+            ys[s_idx][i * 8 : (i + 1) * 8],
+            xt[t_idx][i * 8 : (i + 1) * 8],
+        )
+        for i in range(steps)
+    ]
+
+
+class _WithFeatures(nn.Module):
+    """The DDP-friendly DANN network: one forward returns logits and features."""
+
+    def __init__(self, net: tk.models.SmallCNN) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.net.forward_features(x)
+        return self.net.fc(features), features
+
+
+def _ddp_training_worker(rank: int, world: int) -> dict[str, object]:
+    out: dict[str, object] = {}
+    batches = _digits_batches(rank, world, steps=6)
+    # 1. frozen backbone: every parameter trainable at wrap time, frozen through the wrapper
+    torch.manual_seed(0)
+    net = tk.models.SmallCNN(num_classes=10, width=4, feature_dim=16)
+    model = nn.parallel.DistributedDataParallel(net, find_unused_parameters=True)
+    frozen = tk.freeze(model, exclude="fc")  # same pattern as on the bare model
+    out["frozen_names"] = frozen
+    backbone_before = _params(net.features).clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model.train()
+    for x, y, _ in batches[:5]:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    out["backbone_unchanged"] = torch.equal(backbone_before, _params(net.features))
+    out["fc"] = _params(net.fc).clone()
+
+    # 2. gradual unfreezing through the wrapper: all ranks unfreeze at the same step
+    torch.manual_seed(0)
+    net = tk.models.SmallCNN(num_classes=10, width=4, feature_dim=16)
+    model = nn.parallel.DistributedDataParallel(net, find_unused_parameters=True)
+    optimizer = torch.optim.SGD(net.fc.parameters(), lr=0.05)
+    schedule = tk.GradualUnfreezing(model, ["neck", "features"], optimizer, every=2, lr=0.05)
+    frozen_sets: list[list[str]] = []
+    for x, y, _ in batches:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        schedule.step()
+        frozen_sets.append([n for n, p in net.named_parameters() if not p.requires_grad])
+    out["frozen_sets"] = frozen_sets
+    out["gradual_params"] = _params(net).clone()
+
+    # 3. DANN: backbone and adversarial criterion each wrapped in DDP
+    torch.manual_seed(0)
+    net = tk.models.SmallCNN(num_classes=10, width=4, feature_dim=16)
+    criterion = tk.DomainAdversarialLoss(tk.DomainDiscriminator(16, hidden=16))
+    model = nn.parallel.DistributedDataParallel(_WithFeatures(net))
+    adversary = nn.parallel.DistributedDataParallel(criterion)
+    optimizer = torch.optim.SGD([*model.parameters(), *adversary.parameters()], lr=0.05)
+    for x, y, xt in batches[:3]:
+        optimizer.zero_grad()
+        logits, features = model(torch.cat([x, xt]))
+        loss = nn.functional.cross_entropy(logits[: len(x)], y)
+        loss = loss + adversary(features[: len(x)], features[len(x) :])
+        loss.backward()
+        optimizer.step()
+    out["dann_params"] = torch.cat([_params(net), _params(criterion)]).clone()
+
+    # 4. clear errors for wrappers that cannot work
+    errors: list[str] = []
+    torch.manual_seed(0)
+    static = nn.parallel.DistributedDataParallel(tk.models.SmallCNN(num_classes=10, width=4))
+    try:
+        tk.freeze(static, exclude="fc")
+    except ValueError as exc:
+        errors.append(str(exc))
+    partial_net = tk.models.SmallCNN(num_classes=10, width=4)
+    tk.freeze(partial_net, exclude="fc")
+    partial = nn.parallel.DistributedDataParallel(partial_net, find_unused_parameters=True)
+    try:
+        tk.GradualUnfreezing(partial, ["neck"])
+    except ValueError as exc:
+        errors.append(str(exc))
+    out["errors"] = errors
+    return out
+
+
+@pytest.mark.distributed
+def test_freezing_gradual_unfreezing_and_dann_through_ddp(tmp_path: Path) -> None:
+    results = run_distributed(_ddp_training_worker, tmp_path)
+    bare = tk.models.SmallCNN(num_classes=10, width=4, feature_dim=16)
+    expected_frozen = [n for n, _ in bare.named_parameters() if not n.startswith("fc.")]
+    for result in results:
+        assert result["frozen_names"] == expected_frozen  # no "module." prefix
+        assert result["backbone_unchanged"]
+        neck = [n for n in expected_frozen if n.startswith("neck.")]
+        sets = result["frozen_sets"]
+        assert sets[0] == expected_frozen  # nothing unfrozen after one step
+        assert sets[1] == [n for n in expected_frozen if n not in neck]  # step 2: neck
+        assert sets[3] == [] and sets[5] == []  # step 4: features
+        assert "find_unused_parameters=False" in result["errors"][0]
+        assert "trainable when DDP was built" in result["errors"][1]
+    first, second = results
+    assert first["frozen_sets"] == second["frozen_sets"]  # all ranks unfreeze together
+    for key in ("fc", "gradual_params", "dann_params"):
+        # DDP keeps the replicas bit-identical: the (un)frozen sets agree on every rank
+        assert torch.equal(first[key], second[key]), key
