@@ -611,7 +611,7 @@ def test_l2sp_follows_the_model_to_another_dtype() -> None:
     net.double()
     reg.double()
     value = reg()
-    assert value.dtype == torch.float64 and float(value) == 0.0
+    assert value.dtype == torch.float64 and value.item() == 0.0
 
 
 def test_l2sp_rejects_unknown_exclude_patterns_and_negative_strength() -> None:
