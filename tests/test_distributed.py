@@ -1,10 +1,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import transferkit as tk
 from tests._dist_utils import run_distributed
@@ -87,8 +90,10 @@ def _gather_worker(rank: int, world: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.distributed
-def test_gathered_loss_and_ddp_gradients_equal_full_batch(tmp_path: Path) -> None:
-    results = run_distributed(_gather_worker, tmp_path)
+def test_gathered_loss_and_ddp_gradients_equal_full_batch(
+    spawned: tuple[list[dict[str, Any]], Path],
+) -> None:
+    results = [r["gather"] for r in spawned[0]]
     source, target = _full_batch()
     torch.manual_seed(1)
     net = nn.Linear(4, 3)
@@ -109,8 +114,10 @@ def _per_rank_worker(rank: int, world: int) -> torch.Tensor:
 
 
 @pytest.mark.distributed
-def test_per_rank_estimate_differs_from_global(tmp_path: Path) -> None:
-    per_rank = run_distributed(_per_rank_worker, tmp_path)
+def test_per_rank_estimate_differs_from_global(
+    spawned: tuple[list[dict[str, Any]], Path],
+) -> None:
+    per_rank = [r["per_rank"] for r in spawned[0]]
     source, target = _full_batch()
     global_value = _discrepancy(source, target)
     # without gathering each rank estimates from its own slice only: a different number
@@ -159,8 +166,10 @@ def _real_losses_worker(rank: int, world: int) -> dict[str, dict[str, torch.Tens
 
 
 @pytest.mark.distributed
-def test_gathered_mmd_and_coral_equal_full_batch_value_and_gradients(tmp_path: Path) -> None:
-    results = run_distributed(_real_losses_worker, tmp_path)
+def test_gathered_mmd_and_coral_equal_full_batch_value_and_gradients(
+    spawned: tuple[list[dict[str, Any]], Path],
+) -> None:
+    results = [r["losses"] for r in spawned[0]]
     source, target = _full_batch(seed=3)
     source, target = source.double(), target.double()
     for name in LOSSES:
@@ -281,8 +290,10 @@ def _ddp_training_worker(rank: int, world: int) -> dict[str, object]:
 
 
 @pytest.mark.distributed
-def test_freezing_gradual_unfreezing_and_dann_through_ddp(tmp_path: Path) -> None:
-    results = run_distributed(_ddp_training_worker, tmp_path)
+def test_freezing_gradual_unfreezing_and_dann_through_ddp(
+    spawned: tuple[list[dict[str, Any]], Path],
+) -> None:
+    results = [r["training"] for r in spawned[0]]
     bare = tk.models.SmallCNN(num_classes=10, width=4, feature_dim=16)
     expected_frozen = [n for n, _ in bare.named_parameters() if not n.startswith("fc.")]
     for result in results:
@@ -300,3 +311,124 @@ def test_freezing_gradual_unfreezing_and_dann_through_ddp(tmp_path: Path) -> Non
     for key in ("fc", "gradual_params", "dann_params"):
         # DDP keeps the replicas bit-identical: the (un)frozen sets agree on every rank
         assert torch.equal(first[key], second[key]), key
+
+
+# ----------------------------------------------------------------- sharded extraction
+def _extraction_inputs() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(2)
+    net = tk.models.SmallCNN(num_classes=3, width=4, feature_dim=8)
+    gen = torch.Generator().manual_seed(5)
+    return net, torch.randn(11, 1, 12, 12, generator=gen), torch.arange(11)  # 11: uneven
+
+
+def _extraction_cases(x: torch.Tensor, y: torch.Tensor) -> dict[str, object]:
+    return {
+        "tensor": x,
+        "array": x.numpy(),
+        "dataset": TensorDataset(x, y),
+        "loader": DataLoader(TensorDataset(x, y), batch_size=3),
+    }
+
+
+def _flat(result: object, prefix: str) -> dict[str, torch.Tensor]:
+    if isinstance(result, tuple):
+        flat = _flat(result[0], prefix)
+        flat[f"{prefix}/labels"] = torch.from_numpy(np.array(result[1]))
+        return flat
+    if isinstance(result, dict):
+        return {f"{prefix}/{k}": torch.from_numpy(np.array(v)) for k, v in result.items()}
+    return {prefix: torch.from_numpy(np.array(result))}
+
+
+def _extraction_worker(rank: int, world: int, cache: str) -> dict[str, object]:
+    net, x, y = _extraction_inputs()
+    out: dict[str, object] = {}
+    for name, data in _extraction_cases(x, y).items():
+        result = tk.extract_features(net, data, layers=["features", "neck"], batch_size=4)
+        out.update(_flat(result, name))
+    first = tk.extract_features(net, TensorDataset(x, y), layers="neck", cache=cache)
+    out.update(_flat(first, "cache-first"))
+    out["header-after-barrier"] = (Path(cache) / "header.json").exists()
+    again = tk.extract_features(net, TensorDataset(x, y), layers="neck", cache=cache)
+    out.update(_flat(again, "cache-again"))
+    try:
+        tk.extract_features(net, DataLoader(TensorDataset(x, y), batch_size=3, shuffle=True))
+        out["shuffle-error"] = ""
+    except ValueError as exc:
+        out["shuffle-error"] = str(exc)
+    return out
+
+
+# ------------------------------------------- one spawn for every multi-process check
+def _all_checks_worker(rank: int, world: int, cache: str) -> dict[str, object]:
+    """Spawning costs seconds per process, so every real-process check shares one run."""
+    return {
+        "gather": _gather_worker(rank, world),
+        "per_rank": _per_rank_worker(rank, world),
+        "losses": _real_losses_worker(rank, world),
+        "training": _ddp_training_worker(rank, world),
+        "extraction": _extraction_worker(rank, world, cache),
+    }
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], Path]:
+    tmp = tmp_path_factory.mktemp("distributed")
+    results = run_distributed(_all_checks_worker, tmp, str(tmp / "cache"))
+    return results, tmp / "cache"
+
+
+@pytest.mark.distributed
+def test_sharded_extraction_equals_single_process_on_every_rank(
+    spawned: tuple[list[dict[str, Any]], Path],
+) -> None:
+    results, cache = spawned
+    net, x, y = _extraction_inputs()
+    expected: dict[str, torch.Tensor] = {}
+    for name, data in _extraction_cases(x, y).items():
+        single = tk.extract_features(
+            net, data, layers=["features", "neck"], batch_size=4, progress=False
+        )
+        expected.update(_flat(single, name))
+    reference = tk.extract_features(net, TensorDataset(x, y), layers="neck", progress=False)
+    expected.update(_flat(reference, "cache-first"))
+    expected.update(_flat(reference, "cache-again"))
+    for result in results:
+        got = result["extraction"]
+        for key, value in expected.items():
+            # batches are cut differently per shard: equal up to float rounding
+            torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
+        assert got["header-after-barrier"]  # rank 0 finished writing before anyone went on
+        assert "cannot be sharded in dataset order" in got["shuffle-error"]
+    # the cache that rank 0 wrote is a complete, valid cache for a single-process run too
+    cached = tk.extract_features(
+        net, TensorDataset(x, y), layers="neck", cache=cache, progress=False
+    )
+    torch.testing.assert_close(
+        _flat(cached, "c")["c"], expected["cache-first"], rtol=1e-5, atol=1e-6
+    )
+
+
+# ------------------------------------------------------- extraction options, one process
+def test_extract_features_channels_last_matches_default_and_restores_model() -> None:
+    net, x, _ = _extraction_inputs()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    plain = tk.extract_features(net, x, layers=["features", "neck"], progress=False)
+    fast = tk.extract_features(
+        net, x, layers=["features", "neck"], progress=False, channels_last=True
+    )
+    for key in plain:
+        np.testing.assert_allclose(fast[key], plain[key], rtol=1e-5, atol=1e-6)
+    for name, value in net.state_dict().items():
+        assert torch.equal(value, before[name])
+        assert value.is_contiguous()  # memory format restored
+    with pytest.raises(TypeError, match="channels_last"):
+        tk.extract_features(net, x, channels_last="yes")  # type: ignore[arg-type]
+
+
+def test_extract_features_distributed_true_needs_a_process_group() -> None:
+    net, x, _ = _extraction_inputs()
+    with pytest.raises(ValueError, match="distributed: True needs an initialised"):
+        tk.extract_features(net, x, distributed=True, progress=False)
+    single = tk.extract_features(net, x, distributed=False, progress=False)
+    np.testing.assert_array_equal(single, tk.extract_features(net, x, progress=False))

@@ -8,6 +8,12 @@
   ``DataLoader`` in eval mode under ``torch.inference_mode`` and returns NumPy arrays,
   optionally cached on disk (resumable, reused only when the model and data match).
 * :func:`masked_mean` pools token sequences while ignoring padding.
+
+Under ``torchrun`` (an initialised ``torch.distributed`` process group),
+:func:`extract_features` splits the data into contiguous per-rank shards (no padding
+duplicates, :func:`transferkit.distributed.shard_indices`), extracts each shard on its
+rank and merges the results in dataset order on every rank; with ``cache`` rank 0 writes
+the merged cache while the other ranks wait at a barrier.
 """
 
 from __future__ import annotations
@@ -24,12 +30,14 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler, Subset
 from tqdm.auto import tqdm
 
 from ._validation import check_option, check_positive, check_tensor, did_you_mean
 from .device import autocast, dataloader_kwargs, resolve_device, to_device
+from .distributed import get_rank, get_world_size, is_distributed, shard_indices
 
 __all__ = ["FeatureExtractor", "extract_features", "masked_mean"]
 
@@ -872,6 +880,176 @@ def _call(extractor: FeatureExtractor, inputs: Any) -> list[Tensor]:
     return list(out.values()) if isinstance(out, dict) else [out]
 
 
+def _pinned(obj: Any) -> Any:
+    """CPU tensors of a batch in pinned memory (for asynchronous host-to-GPU copies)."""
+    if isinstance(obj, Tensor):
+        return obj.pin_memory() if obj.device.type == "cpu" and not obj.is_pinned() else obj
+    if isinstance(obj, Mapping):
+        return {key: _pinned(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_pinned(value) for value in obj)
+    return obj
+
+
+def _channels_last(obj: Any) -> Any:
+    """4-D floating tensors of a batch in ``torch.channels_last`` memory format."""
+    if isinstance(obj, Tensor):
+        if obj.dim() == 4 and obj.is_floating_point():
+            return obj.contiguous(memory_format=torch.channels_last)
+        return obj
+    if isinstance(obj, Mapping):
+        return {key: _channels_last(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_channels_last(value) for value in obj)
+    return obj
+
+
+def _shard(data: Any, rank: int, world: int) -> tuple[Any, int]:
+    """This rank's contiguous block of ``data`` (same kind of container) and its length."""
+    if isinstance(data, np.ndarray):
+        data = torch.from_numpy(np.ascontiguousarray(data))
+    if isinstance(data, Tensor):
+        if data.dim() == 0:
+            raise ValueError("data: expected a tensor with a sample dimension, got a scalar")
+        block = shard_indices(int(data.shape[0]), rank, world)
+        return data[block.start : block.stop], len(block)
+    if isinstance(data, Mapping):
+        values = list(data.values())
+        if not values or not all(isinstance(v, Tensor) and v.dim() for v in values):
+            raise TypeError("data: a mapping must hold tensors, e.g. input_ids, attention_mask")
+        block = shard_indices(int(values[0].shape[0]), rank, world)
+        return {k: v[block.start : block.stop] for k, v in data.items()}, len(block)
+    if isinstance(data, DataLoader):
+        loader = data
+        if isinstance(loader.dataset, IterableDataset) or loader.batch_size is None:
+            raise ValueError(
+                "data: under torch.distributed only a DataLoader over a map-style Dataset with "
+                "a batch_size can be sharded; pass the Dataset, or distributed=False"
+            )
+        if not isinstance(loader.sampler, SequentialSampler) or loader.drop_last:
+            raise ValueError(
+                "data: a DataLoader that shuffles, uses a custom sampler or drops the last "
+                "batch cannot be sharded in dataset order; pass shuffle=False and "
+                "drop_last=False (or the Dataset itself), or distributed=False"
+            )
+        block = shard_indices(len(loader.dataset), rank, world)  # type: ignore[arg-type]
+        subset: Dataset[Any] = Subset(loader.dataset, block)
+        rebuilt = DataLoader(
+            subset,
+            batch_size=loader.batch_size,
+            shuffle=False,
+            num_workers=loader.num_workers,
+            collate_fn=loader.collate_fn,
+            pin_memory=loader.pin_memory,
+            timeout=loader.timeout,
+            worker_init_fn=loader.worker_init_fn,
+        )
+        return rebuilt, len(block)
+    if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
+        block = shard_indices(len(data), rank, world)  # type: ignore[arg-type]
+        return Subset(data, block), len(block)
+    raise TypeError(
+        "data: under torch.distributed expected a Tensor, ndarray, dict of tensors, map-style "
+        f"Dataset or DataLoader, got {type(data).__name__}; pass distributed=False"
+    )
+
+
+def _concat(parts: list[Any]) -> Any:
+    """Concatenate per-rank results (arrays, dicts of arrays, (features, labels) tuples)."""
+    first = parts[0]
+    if isinstance(first, tuple):
+        return tuple(_concat([p[i] for p in parts]) for i in range(len(first)))
+    if isinstance(first, dict):
+        return {key: _concat([p[key] for p in parts]) for key in first}
+    return np.concatenate(parts, axis=0)
+
+
+def _columns(result: Any, names: Sequence[str]) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """The ``(outputs, labels)`` that a cache sink stores, from a merged result."""
+    features, labels = result if isinstance(result, tuple) else (result, None)
+    outputs = [features[n] for n in names] if isinstance(features, dict) else [features]
+    return outputs, labels
+
+
+def _cache_key(
+    extractor: FeatureExtractor, amp: torch.dtype | None, enabled: bool, source: _Source
+) -> dict[str, Any]:
+    model = extractor.model
+    return {
+        "model": _model_fingerprint(model),
+        "model_class": type(model).__qualname__,
+        "layers": list(extractor.layers) if extractor.layers is not None else None,
+        "pool": extractor.pool,
+        "amp": str(amp) if enabled else None,
+        "data": source.fingerprint(),
+        "num_rows": source.num_rows,
+    }
+
+
+def _extract_sharded(
+    extractor: FeatureExtractor,
+    data: Any,
+    cache: str | os.PathLike[str] | None,
+    progress: bool,
+    options: dict[str, Any],
+) -> Any:
+    """Each rank extracts its shard; the merged result is returned on every rank."""
+    rank, world = get_rank(), get_world_size()
+    names = list(extractor.output_names)
+    sink: _CacheSink | None = None
+    if cache is not None:
+        complete = False
+        if rank == 0:
+            amp_enabled, amp_dtype = _amp_dtype(options["amp"])
+            target = _choose_device(extractor.model, options["device"])
+            source = _make_source(data, options["batch_size"], target)
+            if source.cacheable is not None:
+                raise ValueError(f"cache: {source.cacheable}")
+            key = _cache_key(extractor, amp_dtype, amp_enabled, source)
+            sink = _CacheSink(Path(cache), names, key, source.batch_size)
+            sink.open()
+            complete = bool(sink.header is not None and sink.header.get("complete"))
+        flag: list[object] = [complete]
+        dist.broadcast_object_list(flag, src=0)
+        if flag[0]:
+            if sink is not None:
+                sink.close()
+            logger.info("cache: reusing %s on every rank", cache)
+            return extract_features(
+                extractor, data, cache=cache, progress=False, distributed=False, **options
+            )
+    shard, length = _shard(data, rank, world)
+    local = (
+        extract_features(
+            extractor,
+            shard,
+            progress=progress and rank == 0,
+            distributed=False,
+            **options,
+        )
+        if length
+        else None
+    )
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, local)
+    present = [p for p in parts if p is not None]
+    if not present:
+        raise ValueError("data: expected at least 1 sample, got 0")
+    merged = _concat(present)
+    if sink is not None:  # rank 0: write the merged result, then release the other ranks
+        try:
+            if sink.rows_done:
+                sink.rows_done = 0
+            outputs, labels = _columns(merged, names)
+            sink.write(0, outputs, labels)
+            sink.save(complete=True)
+        finally:
+            sink.close()
+    if cache is not None:
+        dist.barrier()
+    return merged
+
+
 def extract_features(
     model_or_extractor: nn.Module,
     data: Any,
@@ -884,6 +1062,8 @@ def extract_features(
     progress: bool = True,
     pool: PoolName | None = "avg",
     early_stop: bool = False,
+    distributed: bool | None = None,
+    channels_last: bool = False,
 ) -> Any:
     """Features of every sample of ``data``, as NumPy arrays, in one pass per batch.
 
@@ -908,6 +1088,25 @@ def extract_features(
     is resumed from the last recorded row; a mismatching one is recomputed with a
     warning. Shuffling DataLoaders cannot be cached.
 
+    Distributed (``torchrun``): when a ``torch.distributed`` process group is initialised
+    (and ``distributed`` is not ``False``), each rank extracts a contiguous shard of the
+    data (:func:`transferkit.distributed.shard_indices`: no duplicated samples), and the
+    shards are merged in dataset order with ``all_gather_object``: **every rank** returns
+    exactly what a single-process run returns (in memory, so each rank holds all the
+    features). A ``DataLoader`` is re-built over its shard with the same batch size and
+    ``collate_fn``; one that shuffles, samples or drops the last batch is refused. With
+    ``cache``, rank 0 reuses a complete cache (all ranks then read it) or writes the
+    merged result into it while the other ranks wait at a barrier (an interrupted
+    distributed run restarts from row 0). Under NCCL, call ``torch.cuda.set_device`` for
+    each rank first (the gather of Python objects goes through the current device).
+
+    GPU fast paths: on CUDA, tensor and array inputs are copied from pinned memory with
+    non-blocking transfers (Datasets get a pinned-memory loader from
+    :func:`transferkit.dataloader_kwargs`); ``channels_last=True`` runs a CNN and its
+    4-D inputs in ``torch.channels_last`` memory format (faster convolutions with
+    tensor cores, especially under ``amp``); the model's own tensors are restored
+    afterwards.
+
     Args:
         model_or_extractor: a network, or a :class:`FeatureExtractor` (then ``layers`` and
             ``pool`` come from it).
@@ -923,6 +1122,11 @@ def extract_features(
         progress: show a tqdm progress bar.
         pool: pooling of each output (see :class:`FeatureExtractor`).
         early_stop: skip the layers after the deepest requested one.
+        distributed: shard the work over the ranks of the initialised process group;
+            ``None`` (default): when one is initialised with more than one process.
+            ``True`` without a process group raises.
+        channels_last: run the model and 4-D inputs in ``torch.channels_last`` memory
+            format (for CNNs on GPU; the same numbers up to float rounding).
 
     Returns:
         An ``(N, ...)`` array (``layers`` is ``None`` or one name), or a dict of arrays in
@@ -930,8 +1134,9 @@ def extract_features(
 
     Raises:
         TypeError: for unsupported data, batch or argument types.
-        ValueError: for invalid arguments, a shuffling DataLoader with ``cache``, or a
-            corrupted or truncated cache.
+        ValueError: for invalid arguments, a shuffling DataLoader with ``cache`` (or
+            under ``torch.distributed``), ``distributed=True`` without a process group, or
+            a corrupted or truncated cache.
 
     Examples:
         >>> import transferkit as tk
@@ -963,6 +1168,29 @@ def extract_features(
         )
     if cache is not None and not isinstance(cache, (str, os.PathLike)):
         raise TypeError(f"cache: expected a directory path or None, got {type(cache).__name__}")
+    if not isinstance(channels_last, bool):
+        raise TypeError(f"channels_last: expected a bool, got {type(channels_last).__name__}")
+    if distributed is not None and not isinstance(distributed, bool):
+        raise TypeError(f"distributed: expected a bool or None, got {type(distributed).__name__}")
+    if distributed and not is_distributed():
+        raise ValueError(
+            "distributed: True needs an initialised torch.distributed process group "
+            "(launch with torchrun and call torch.distributed.init_process_group first)"
+        )
+    if (distributed is None and is_distributed() and get_world_size() > 1) or (
+        distributed and get_world_size() > 1
+    ):
+        options: dict[str, Any] = {
+            "batch_size": batch_size,
+            "device": device,
+            "amp": amp,
+            "channels_last": channels_last,
+        }
+        try:
+            return _extract_sharded(extractor, data, cache, progress, options)
+        finally:
+            if owned:
+                extractor.close()
     model = extractor.model
     target = _choose_device(model, device)
     source = _make_source(data, batch_size, target)
@@ -973,15 +1201,7 @@ def extract_features(
     if cache is not None:
         if source.cacheable is not None:
             raise ValueError(f"cache: {source.cacheable}")
-        key = {
-            "model": _model_fingerprint(model),
-            "model_class": type(model).__qualname__,
-            "layers": list(extractor.layers) if extractor.layers is not None else None,
-            "pool": extractor.pool,
-            "amp": str(amp_dtype) if amp_enabled else None,
-            "data": source.fingerprint(),
-            "num_rows": source.num_rows,
-        }
+        key = _cache_key(extractor, amp_dtype, amp_enabled, source)
         sink = _CacheSink(Path(cache), names, key, source.batch_size)
         start = sink.open()
         if sink.header is not None and sink.header.get("complete"):
@@ -997,6 +1217,8 @@ def extract_features(
     moved = original is not None and not _same_device(original, target)
     param_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     modes = [(module, module.training) for module in model.modules()]
+    pin = target.type == "cuda" and not isinstance(data, (DataLoader, Dataset))
+    formats: list[tuple[Tensor, Tensor]] = []
     rows = start
     bar = tqdm(
         total=source.num_rows,
@@ -1009,6 +1231,10 @@ def extract_features(
     try:
         if moved:
             model.to(target)
+        if channels_last:
+            formats = [(t, t.data) for t in [*model.parameters(), *model.buffers()] if t.dim() == 4]
+            for tensor, _ in formats:
+                tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
         model.eval()
         has_labels: bool | None = None
         with torch.inference_mode(), autocast(target, dtype=amp_dtype, enabled=amp_enabled):
@@ -1019,7 +1245,10 @@ def extract_features(
                 elif has_labels != (labels is not None):
                     raise ValueError("data: some batches carry labels and others do not")
                 count = _rows_of(inputs)
-                inputs = to_device(_cast_floating(inputs, param_dtype), target)
+                inputs = _cast_floating(inputs, param_dtype)
+                inputs = to_device(_pinned(inputs) if pin else inputs, target)
+                if channels_last:
+                    inputs = _channels_last(inputs)
                 outputs = [_to_numpy(t) for t in _call(extractor, inputs)]
                 label_array = _labels_to_numpy(labels) if labels is not None else None
                 for name, out in zip(names, outputs, strict=True):
@@ -1048,6 +1277,8 @@ def extract_features(
             sink.close()
         for module, training in modes:
             module.training = training
+        for tensor, original_data in formats:
+            tensor.data = original_data
         if moved and original is not None:
             model.to(original)
     return _finish(extractor, result, owned)
