@@ -554,8 +554,9 @@ def pretrained_table(smoke: bool, seeds: Sequence[int]) -> dict[str, Any]:
     from transferkit.sklearn import TorchKernelSVC
 
     task = tk.datasets.mnist_to_digits(source_size=10, source_test_size=10, seed=0)
-    n_pre = 5000 if smoke else 10_000
-    steps = 250 if smoke else 400
+    # the same pretraining in smoke mode: shorter pretraining makes worse features than
+    # random ones (measured: 2,000 images x 100 steps gave 63% vs 70% for random-init)
+    n_pre, steps = 10_000, 400
     mnist = tk.datasets.mnist()
     scale = tk.datasets.ImageSplits.float_images
     backbones: dict[str, nn.Module | None] = {
@@ -619,9 +620,10 @@ def pretrained_markdown(results: dict[str, Any]) -> str:
         for key, label in names.items():
             if key not in row:
                 continue
+            # keys are ints when fresh, strings after a JSON round trip
+            values = {int(k): v for k, v in row[key].items()}
             cells = [
-                f"{100 * statistics.fmean(row[key][k]):.1f}" if k in row[key] else "n/a"
-                for k in shots
+                f"{100 * statistics.fmean(values[k]):.1f}" if k in values else "n/a" for k in shots
             ]
             lines.append(f"| {backbone} | {label} | " + " | ".join(cells) + " |")
     if any("logme" in row for row in results["rows"].values()):
@@ -792,6 +794,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "smoke": smoke,
         "jobs": jobs,
         "command": " ".join(sys.argv),
+        "resumed": resume,
+        "run_wall_s": None,
         "seeds": seeds,
         "environment": environment(device),
         "budgets": {
@@ -800,6 +804,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
     }
 
+    previous = RESULTS / "bench_transfer.json"
+    if args.render_only and previous.is_file():
+        # keep the wall time of the run that produced the cached units
+        old = json.loads(previous.read_text())
+        report["run_wall_s"] = old.get("run_wall_s") or old.get("wall_s")
+        report["environment"] = old.get("environment", report["environment"])
+        report["jobs"] = old.get("jobs", report["jobs"])
     import multiprocessing
 
     # one process per job and one thread per process: small convolutions scale badly over
@@ -897,11 +908,37 @@ def render_markdown(
         adaptation_markdown(table, len(report["seeds"])),
         "",
         f"Device: {env['device']} ({env['device_name']}, {env['cpu_count']} cores), "
-        f"torch {env['torch']}, {report['jobs']} worker processes; "
-        f"adaptation wall time {report['adaptation_wall_s']:.0f} s, "
-        f"whole benchmark {report['wall_s']:.0f} s (CPU shared with other jobs: "
-        f"load average {env['load_average_at_start']:.1f} at the start).",
+        f"torch {env['torch']}, {report['jobs']} worker processes of one thread. "
+        f"Training time of the {len(report['rows'])} adaptation runs, summed over runs: "
+        f"{sum(r['wall_s'] for r in report['rows']):.0f} s; wall time of this invocation "
+        f"{report['wall_s']:.0f} s"
+        + (
+            f" (rendered from cached runs; the run took {report['run_wall_s']:.0f} s)"
+            if report["run_wall_s"]
+            else (" (resumed from cached runs)" if report["resumed"] else "")
+        )
+        + ". The CPU was shared with other jobs (load average "
+        f"{env['load_average_at_start']:.1f} at the start), so times are upper bounds.",
     ]
+    parts += ["", "### Summary", ""]
+    for task_name, cells in table.items():
+        if "source_only" not in cells:
+            continue
+        base = cells["source_only"]["mean"]
+        winners = [
+            f"{LABELS[m]} ({100 * (cells[m]['mean'] - base):+.1f})"
+            for m in ADAPTATION
+            if m in cells and cells[m]["mean"] > base
+        ]
+        losers = [LABELS[m] for m in ADAPTATION if m in cells and cells[m]["mean"] <= base]
+        line = f"- {task_name}: source only {100 * base:.1f}%; "
+        line += "beat it: " + (", ".join(winners) if winners else "none")
+        if losers:
+            line += "; did not: " + ", ".join(losers) + " (trade-off sweep below)"
+        if "source_only+adabn" in cells:
+            gain = 100 * (cells["source_only+adabn"]["mean"] - base)
+            line += f"; AdaBN alone: {gain:+.1f}"
+        parts.append(line + ".")
     if report["sweep"]:
         parts += [
             "",
@@ -963,7 +1000,33 @@ pattern, not in value. MNIST -> scikit-learn digits stands in for MNIST -> USPS 
 not available offline).
 """
 
-DOCS_FOOTER = """Notes: the text rows use at most 500 tweets per topic (positive/negative only,
+DOCS_FOOTER = """## Reading these numbers (the committed run, 2026-11-25)
+
+- **MNIST -> MNIST-M-lite** reproduces the paper's pattern: DANN gains +16 points over
+  source only (mean of 3 seeds; the paper: +24 on MNIST-M), CDAN/CDAN+E +12, JAN +14.
+  Part of every gain is per-domain BatchNorm: AdaBN alone gives +6.5, so DANN adds about
+  +10 points on top of statistics alignment.
+- **MNIST -> digits**: DAN, JAN and Deep CORAL beat source only by about 8 points, but
+  AdaBN alone does as well (+7.9): with this budget the discrepancy losses add nothing
+  measurable beyond per-domain statistics. DANN/CDAN/CDAN+E lose at trade-off 1 (the
+  discriminator wins against 200 steps of feature learning and source accuracy drops);
+  the sweep shows that a trade-off of 0.1 makes them beat source only (seed 0:
+  54.7-56.0% vs 44.0%), on a par with DAN/CORAL. The benchmark keeps one trade-off
+  per method for both tasks on purpose and reports the sweep rather than tuning on
+  target labels.
+- **Pretrained features**: at 20 labelled digits MNIST-pretrained features beat
+  random-init features and raw pixels with every classifier (SVM 77.3 vs 68.8 / 67.8);
+  Fashion-MNIST-pretrained features are *worse* than random ones for the SVM and the
+  linear probe (64.1 / 68.2 vs 68.8 / 72.5): negative transfer. LogME puts the
+  MNIST-pretrained features first by far but ranks the Fashion ones above random-init
+  and raw pixels, so it misses the negative transfer. LP-FT is not in this table.
+- **Text**: on these pos/neg tweets frozen MiniLM + a linear or kernel classifier trained
+  on airline tweets only matches the majority class of the target topic (80.7 vs 80.7%
+  on deflategate, 74.7 vs 74.0% on apple), and the MMD-adapted MLP head is worse than the plain head
+  on both pairs. The target-supervised oracle reaches 83-85%, so the gap is real, but
+  this simple adaptation does not close it.
+
+Notes: the text rows use at most 500 tweets per topic (positive/negative only,
 topics separated by keywords, see `tk.datasets.TWEET_TOPICS`); embeddings are cached in
 `.cache/data/embeddings`. The Fashion-MNIST-pretrained row is the negative-transfer
 control: features learned on clothing transfer worse to digits than random features or
@@ -987,9 +1050,14 @@ def check_smoke(
         assert gains, f"MNIST->digits: no adaptation method beat source only ({base:.3f})"
     if pretrained is not None:
         rows = pretrained["rows"]
-        mnist = statistics.fmean(rows["MNIST-pretrained CNN"]["svm"][20])
+
+        def at_20(row: dict[str, Any]) -> float:
+            svm = {int(k): v for k, v in row["svm"].items()}
+            return statistics.fmean(svm[20])
+
+        mnist = at_20(rows["MNIST-pretrained CNN"])
         for other in ("random-init CNN", "raw pixels"):
-            value = statistics.fmean(rows[other]["svm"][20])
+            value = at_20(rows[other])
             assert mnist > value, f"k=20: MNIST-pretrained {mnist:.3f} <= {other} {value:.3f}"
     print("smoke checks passed")
 
