@@ -51,6 +51,7 @@ def __getattr__(name: str) -> object:
         return importlib.import_module(".plot", __name__)
     raise AttributeError(f"module 'transferkit' has no attribute {name!r}")
 
+
 __all__ = [
     "ClassifierHead",
     "ConditionalDomainAdversarialLoss",
