@@ -356,6 +356,12 @@ def _extraction_worker(rank: int, world: int, cache: str) -> dict[str, object]:
         out["shuffle-error"] = ""
     except ValueError as exc:
         out["shuffle-error"] = str(exc)
+    try:  # only rank 0 checks the cache; its error must reach every rank (no deadlock)
+        shuffled = DataLoader(TensorDataset(x, y), batch_size=3, shuffle=True)
+        tk.extract_features(net, shuffled, cache=Path(cache).with_name("cache2"))
+        out["cache-error"] = ""
+    except ValueError as exc:
+        out["cache-error"] = str(exc)
     return out
 
 
@@ -400,6 +406,7 @@ def test_sharded_extraction_equals_single_process_on_every_rank(
             torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
         assert got["header-after-barrier"]  # rank 0 finished writing before anyone went on
         assert "cannot be sharded in dataset order" in got["shuffle-error"]
+        assert "RandomSampler" in got["cache-error"]
     # the cache that rank 0 wrote is a complete, valid cache for a single-process run too
     cached = tk.extract_features(
         net, TensorDataset(x, y), layers="neck", cache=cache, progress=False

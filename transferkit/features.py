@@ -651,19 +651,26 @@ def _extract_sharded(
     names = list(extractor.output_names)
     sink: _CacheSink | None = None
     if cache is not None:
-        complete = False
+        complete, failure = False, None
         if rank == 0:
-            amp_enabled, amp_dtype = _amp_dtype(options["amp"])
-            target = _choose_device(extractor.model, options["device"])
-            source = _make_source(data, options["batch_size"], target)
-            if source.cacheable is not None:
-                raise ValueError(f"cache: {source.cacheable}")
-            key = _cache_key(extractor, amp_dtype, amp_enabled, source)
-            sink = _CacheSink(Path(cache), names, key, source.batch_size)
-            sink.open()
-            complete = bool(sink.header is not None and sink.header.get("complete"))
-        flag: list[object] = [complete]
-        dist.broadcast_object_list(flag, src=0)
+            try:
+                amp_enabled, amp_dtype = _amp_dtype(options["amp"])
+                target = _choose_device(extractor.model, options["device"])
+                source = _make_source(data, options["batch_size"], target)
+                if source.cacheable is not None:
+                    raise ValueError(f"cache: {source.cacheable}")
+                key = _cache_key(extractor, amp_dtype, amp_enabled, source)
+                sink = _CacheSink(Path(cache), names, key, source.batch_size)
+                sink.open()
+                complete = bool(sink.header is not None and sink.header.get("complete"))
+            except Exception as exc:
+                failure = exc
+        flag: list[object] = [complete, None if failure is None else str(failure)]
+        dist.broadcast_object_list(flag, src=0)  # every rank learns rank 0's outcome
+        if failure is not None:
+            raise failure
+        if flag[1] is not None:
+            raise ValueError(f"rank 0 failed to open the cache: {flag[1]}")
         if flag[0]:
             if sink is not None:
                 sink.close()
@@ -689,17 +696,24 @@ def _extract_sharded(
     if not present:
         raise ValueError("data: expected at least 1 sample, got 0")
     merged = _concat(present)
-    if sink is not None:  # rank 0: write the merged result, then release the other ranks
-        try:
-            if sink.rows_done:
+    if cache is not None:  # rank 0 writes the merged result; the others wait for it
+        failure = None
+        if sink is not None:
+            try:
                 sink.rows_done = 0
-            outputs, labels = _columns(merged, names)
-            sink.write(0, outputs, labels)
-            sink.save(complete=True)
-        finally:
-            sink.close()
-    if cache is not None:
-        dist.barrier()
+                outputs, labels = _columns(merged, names)
+                sink.write(0, outputs, labels)
+                sink.save(complete=True)
+            except Exception as exc:
+                failure = exc
+            finally:
+                sink.close()
+        status: list[object] = [None if failure is None else str(failure)]
+        dist.broadcast_object_list(status, src=0)  # the barrier
+        if failure is not None:
+            raise failure
+        if status[0] is not None:
+            raise ValueError(f"rank 0 failed to write the cache: {status[0]}")
     return merged
 
 
