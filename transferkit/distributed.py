@@ -17,7 +17,16 @@ part of an initialised process group, so the same code runs on one device.
 
 Gather when the estimate quality matters more than the communication (small per-rank
 batches, the unbiased/linear estimators); the cost is one all-gather of ``(B, D)``
-features per domain and step.
+features per domain and step. Losses that are means of per-sample terms (cross-entropy,
+the domain-adversarial losses) need no gather: DDP's gradient averaging already gives the
+global-batch gradient.
+
+Elsewhere in the library: :func:`transferkit.extract_features` shards its input over the
+ranks and returns the merged result, in dataset order, on every rank;
+:func:`transferkit.freeze`, :func:`transferkit.unfreeze` and
+:class:`transferkit.GradualUnfreezing` accept a ``DistributedDataParallel`` wrapper built
+with every parameter trainable and ``find_unused_parameters=True`` (and refuse wrappers
+that would fail or let the ranks drift apart).
 """
 
 from __future__ import annotations
