@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml
 $(VSTAMP): pyproject.toml
 	@test -x $(VPY) || $(PYTHON) -m venv $(VISION_VENV)
 	$(VPY) -m pip install -q --disable-pip-version-check $(VISION_TORCH)
-	$(VPY) -m pip install -q --disable-pip-version-check -e '.[vision]' pytest pytest-timeout hypothesis
+	$(VPY) -m pip install -q --disable-pip-version-check -e '.[vision,plot]' pytest pytest-timeout hypothesis
 	@touch $(VSTAMP)
 
 demo: $(STAMP)
