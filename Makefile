@@ -21,7 +21,7 @@ export HF_HUB_OFFLINE := 1
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check $(CPU_TORCH)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,text,plot,data]'
@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 	PYTHON=$(PY) bash scripts/fetch_offline_data.sh
 	@touch $(STAMP)
 
-$(VSTAMP): pyproject.toml
+$(VSTAMP): pyproject.toml Makefile
 	@test -x $(VPY) || $(PYTHON) -m venv $(VISION_VENV)
 	$(VPY) -m pip install -q --disable-pip-version-check $(VISION_TORCH)
 	$(VPY) -m pip install -q --disable-pip-version-check -e '.[vision,plot]' pytest pytest-timeout hypothesis
