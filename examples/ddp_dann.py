@@ -182,6 +182,8 @@ def main() -> None:
             acc, flat = train(method, task, args, device)
             agree = agree and ranks_agree(flat)
             rows.append((method, acc))
+        if tk.distributed.is_distributed():
+            dist.barrier()  # all ranks done before any tears the process group down
         took = time.perf_counter() - start
         if rank == 0:
             backend = dist.get_backend() if tk.distributed.is_distributed() else "none"

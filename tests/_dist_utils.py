@@ -29,6 +29,7 @@ def _entry(
     try:
         result = fn(rank, world, *args)
         torch.save(result, Path(out) / f"rank{rank}.pt")
+        dist.barrier()  # tear down only when every rank is done (gloo aborts otherwise)
     finally:
         dist.destroy_process_group()
 
