@@ -42,18 +42,7 @@ def _shard(data: Any, rank: int, world: int) -> tuple[Any, int]:
                 "drop_last=False (or the Dataset itself), or distributed=False"
             )
         block = shard_indices(len(loader.dataset), rank, world)  # type: ignore[arg-type]
-        subset: Dataset[Any] = Subset(loader.dataset, block)
-        rebuilt = DataLoader(
-            subset,
-            batch_size=loader.batch_size,
-            shuffle=False,
-            num_workers=loader.num_workers,
-            collate_fn=loader.collate_fn,
-            pin_memory=loader.pin_memory,
-            timeout=loader.timeout,
-            worker_init_fn=loader.worker_init_fn,
-        )
-        return rebuilt, len(block)
+        return _subset_loader(loader, block), len(block)
     if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
         block = shard_indices(len(data), rank, world)  # type: ignore[arg-type]
         return Subset(data, block), len(block)
@@ -78,3 +67,18 @@ def _columns(result: Any, names: Sequence[str]) -> tuple[list[np.ndarray], np.nd
     features, labels = result if isinstance(result, tuple) else (result, None)
     outputs = [features[n] for n in names] if isinstance(features, dict) else [features]
     return outputs, labels
+
+
+def _subset_loader(loader: DataLoader[Any], indices: Sequence[int]) -> DataLoader[Any]:
+    """``loader`` rebuilt over ``indices`` of its dataset, in order, with its settings."""
+    return DataLoader(
+        Subset(loader.dataset, indices),
+        batch_size=loader.batch_size,
+        shuffle=False,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        drop_last=loader.drop_last,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+    )

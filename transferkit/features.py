@@ -30,11 +30,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler
 from tqdm.auto import tqdm
 
 from ._feature_cache import _CacheSink, _digest_item, _digest_tensor, _model_fingerprint
-from ._feature_shard import _columns, _concat, _shard
+from ._feature_shard import _columns, _concat, _shard, _subset_loader
 from ._validation import check_option, check_positive, check_tensor, did_you_mean
 from .device import autocast, dataloader_kwargs, resolve_device, to_device
 from .distributed import get_rank, get_world_size, is_distributed
@@ -417,19 +417,7 @@ def _loader_source(loader: DataLoader[Any]) -> _Source:
         if start == 0:
             yield from loader
             return
-        dataset: Dataset[Any] = loader.dataset
-        rest = Subset(dataset, range(start, len(dataset)))  # type: ignore[arg-type]
-        yield from DataLoader(
-            rest,
-            batch_size=loader.batch_size,
-            shuffle=False,
-            num_workers=loader.num_workers,
-            collate_fn=loader.collate_fn,
-            pin_memory=loader.pin_memory,
-            drop_last=loader.drop_last,
-            timeout=loader.timeout,
-            worker_init_fn=loader.worker_init_fn,
-        )
+        yield from _subset_loader(loader, range(start, len(loader.dataset)))  # type: ignore[arg-type]
 
     def fingerprint() -> str:
         h = hashlib.blake2b(digest_size=16)
