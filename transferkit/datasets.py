@@ -1,14 +1,14 @@
 """Offline domain-shift tasks for examples, tests and benchmarks.
 
 Everything here is built from data that ships with scikit-learn, so it works with no
-network. A task is a :class:`DomainTask`: a labelled source domain, an unlabelled target
+network. A task is a [`DomainTask`][]: a labelled source domain, an unlabelled target
 domain (its labels are kept only for few-shot sampling and oracle baselines) and a
 labelled target test split.
 
-* :func:`digits` -- the 8x8 UCI digits, split in two halves of disjoint images; the target
-  half is transformed by a :class:`Shift` (:func:`rotate`, :func:`invert`, :func:`noise`,
-  :func:`blur`, :func:`translate`, or several of them in sequence).
-* :func:`moons` -- the rotated two-moons toy of the DANN paper (Ganin et al., 2016).
+* [`digits`][] -- the 8x8 UCI digits, split in two halves of disjoint images; the target
+  half is transformed by a [`Shift`][] ([`rotate`][], [`invert`][], [`noise`][],
+  [`blur`][], [`translate`][], or several of them in sequence).
+* [`moons`][] -- the rotated two-moons toy of the DANN paper (Ganin et al., 2016).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class DomainTask:
         target_test_x: held-out target inputs for evaluation.
         target_test_y: their labels.
         target_y: the hidden labels of ``target_x``. Unsupervised adaptation must not use
-            them; they serve :meth:`few_shot` and target-supervised (oracle) baselines.
+            them; they serve [`few_shot`][] and target-supervised (oracle) baselines.
 
     Examples:
         >>> task = digits("invert", seed=0)
@@ -223,7 +223,7 @@ class Translate(Shift):
 
 
 def rotate(degrees: float = 45.0) -> Rotate:
-    """Rotation shift; see :class:`Rotate`.
+    """Rotation shift; see [`Rotate`][].
 
     Examples:
         >>> rotate(30).name
@@ -234,7 +234,7 @@ def rotate(degrees: float = 45.0) -> Rotate:
 
 
 def invert() -> Invert:
-    """Intensity inversion shift; see :class:`Invert`.
+    """Intensity inversion shift; see [`Invert`][].
 
     Examples:
         >>> invert().name
@@ -244,7 +244,7 @@ def invert() -> Invert:
 
 
 def noise(std: float = 0.25) -> Noise:
-    """Additive Gaussian noise shift; see :class:`Noise`.
+    """Additive Gaussian noise shift; see [`Noise`][].
 
     Examples:
         >>> noise(0.25).name
@@ -254,7 +254,7 @@ def noise(std: float = 0.25) -> Noise:
 
 
 def blur(sigma: float = 1.0) -> Blur:
-    """Gaussian blur shift; see :class:`Blur`.
+    """Gaussian blur shift; see [`Blur`][].
 
     Examples:
         >>> blur(1.0).name
@@ -264,7 +264,7 @@ def blur(sigma: float = 1.0) -> Blur:
 
 
 def translate(pixels: float = 1.0) -> Translate:
-    """Translation shift; see :class:`Translate`.
+    """Translation shift; see [`Translate`][].
 
     Examples:
         >>> translate(1).name
@@ -356,7 +356,7 @@ def digits(
         test_fraction: fraction of each half held out for testing.
 
     Returns:
-        A :class:`DomainTask` with 10 classes.
+        A [`DomainTask`][] with 10 classes.
 
     Examples:
         >>> task = digits(rotate(30), size=8, seed=1)
@@ -453,9 +453,9 @@ def moons(
 ) -> DomainTask:
     """The two-moons toy of the DANN paper: the target is the source rotated by ``angle``.
 
-    Source and target are independent draws of :func:`sklearn.datasets.make_moons`; the
+    Source and target are independent draws of `sklearn.datasets.make_moons`; the
     target draw is rotated counter-clockwise by ``angle`` degrees around the centre of
-    the two moons, ``(0.5, 0.25)`` (see :func:`rotate_points`).
+    the two moons, ``(0.5, 0.25)`` (see [`rotate_points`][]).
 
     Args:
         angle: rotation of the target domain, in degrees.
@@ -465,7 +465,7 @@ def moons(
         test_fraction: fraction of each domain held out for testing.
 
     Returns:
-        A :class:`DomainTask` with 2 classes and ``(N, 2)`` inputs.
+        A [`DomainTask`][] with 2 classes and ``(N, 2)`` inputs.
 
     Examples:
         >>> task = moons(35, n_samples=100)

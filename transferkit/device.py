@@ -98,11 +98,11 @@ def to_device(obj: Any, device: DeviceLike, non_blocking: bool = True) -> Any:
     unchanged. The input is never modified in place.
 
     ``non_blocking=True`` overlaps host-to-GPU copies with compute when the source tensor is
-    in pinned memory (see :func:`dataloader_kwargs`); it is ignored for other transfers.
+    in pinned memory (see [`dataloader_kwargs`][]); it is ignored for other transfers.
 
     Args:
         obj: a tensor or a nested container of tensors.
-        device: target device (anything :func:`resolve_device` accepts).
+        device: target device (anything [`resolve_device`][] accepts).
         non_blocking: use asynchronous copies where possible.
 
     Returns:
@@ -226,7 +226,7 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 def dataloader_kwargs(device: DeviceLike) -> dict[str, Any]:
     """DataLoader keyword arguments that suit ``device``.
 
-    On CUDA: pinned memory (so :func:`to_device` copies asynchronously) and worker
+    On CUDA: pinned memory (so [`to_device`][] copies asynchronously) and worker
     processes that persist between epochs. On CPU and MPS: no pinning, loading in the main
     process (the data sets of small transfer tasks are usually in memory already).
 

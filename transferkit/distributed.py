@@ -3,13 +3,13 @@
 Discrepancy losses (MMD, CORAL, JMMD) estimate a statistic of the *whole* batch. Under
 DDP each process sees only its slice, so a per-rank MMD is a noisier estimate from
 fewer samples (and the linear-time or unbiased estimators see fewer pairs). Gather the
-features of every rank first::
+features of every rank first:
 
     source_all = tk.distributed.all_gather(source_features)
     target_all = tk.distributed.all_gather(target_features)
     loss = tk.losses.mmd(source_all, target_all)
 
-:func:`all_gather` is differentiable: its backward sums the incoming gradients over the
+[`all_gather`][] is differentiable: its backward sums the incoming gradients over the
 ranks and returns each rank the part that belongs to its own slice, so that after DDP
 averages parameter gradients the result equals the single-process full-batch gradient.
 Every function here is a no-op (or returns the trivial answer) when the process is not
@@ -21,10 +21,10 @@ features per domain and step. Losses that are means of per-sample terms (cross-e
 the domain-adversarial losses) need no gather: DDP's gradient averaging already gives the
 global-batch gradient.
 
-Elsewhere in the library: :func:`transferkit.extract_features` shards its input over the
+Elsewhere in the library: [`transferkit.extract_features`][] shards its input over the
 ranks and returns the merged result, in dataset order, on every rank;
-:func:`transferkit.freeze`, :func:`transferkit.unfreeze` and
-:class:`transferkit.GradualUnfreezing` accept a ``DistributedDataParallel`` wrapper built
+[`transferkit.freeze`][], [`transferkit.unfreeze`][] and
+[`transferkit.GradualUnfreezing`][] accept a ``DistributedDataParallel`` wrapper built
 with every parameter trainable and ``find_unused_parameters=True`` (and refuse wrappers
 that would fail or let the ranks drift apart).
 """

@@ -1,17 +1,17 @@
 """What comes out of a network: multi-layer features, batched extraction and a disk cache.
 
-* :class:`FeatureExtractor` wraps any ``nn.Module`` and returns the outputs of several
+* [`FeatureExtractor`][] wraps any ``nn.Module`` and returns the outputs of several
   named layers from ONE forward pass, pooled to ``(N, D)`` if asked. Forward hooks are
   attached only while a forward call runs and are removed in a ``finally`` block, so the
   user's model never keeps a hook, even when the forward raises.
-* :func:`extract_features` runs an extractor over a tensor, an array, a ``Dataset`` or a
+* [`extract_features`][] runs an extractor over a tensor, an array, a ``Dataset`` or a
   ``DataLoader`` in eval mode under ``torch.inference_mode`` and returns NumPy arrays,
   optionally cached on disk (resumable, reused only when the model and data match).
-* :func:`masked_mean` pools token sequences while ignoring padding.
+* [`masked_mean`][] pools token sequences while ignoring padding.
 
 Under ``torchrun`` (an initialised ``torch.distributed`` process group),
-:func:`extract_features` splits the data into contiguous per-rank shards (no padding
-duplicates, :func:`transferkit.distributed.shard_indices`), extracts each shard on its
+[`extract_features`][] splits the data into contiguous per-rank shards (no padding
+duplicates, [`transferkit.distributed.shard_indices`][]), extracts each shard on its
 rank and merges the results in dataset order on every rank; with ``cache`` rank 0 writes
 the merged cache while the other ranks wait at a barrier.
 """
@@ -198,7 +198,7 @@ class FeatureExtractor(nn.Module):
     * feature maps ``(N, C, H, W)`` (or ``(N, C, D, H, W)``): ``"avg"``, ``"max"`` or
       ``"avgmax"`` (both, concatenated) over the spatial dimensions;
     * token sequences ``(N, T, D)``: ``"avg"`` (mean over tokens; when the forward call
-      gets an ``attention_mask`` keyword, padding is ignored, see :func:`masked_mean`),
+      gets an ``attention_mask`` keyword, padding is ignored, see [`masked_mean`][]),
       ``"max"``, ``"avgmax"``, or ``"token"`` (the first, e.g. CLS, token);
     * ``(N, D)`` outputs are returned as they are; ``pool=None`` keeps every shape.
 
@@ -723,9 +723,9 @@ def extract_features(
     """Features of every sample of ``data``, as NumPy arrays, in one pass per batch.
 
     The model runs in eval mode (each module's train/eval flag is restored afterwards)
-    under ``torch.inference_mode`` and, with ``amp``, under :func:`transferkit.autocast`.
+    under ``torch.inference_mode`` and, with ``amp``, under [`transferkit.autocast`][].
     Floating inputs are cast to the model's parameter dtype (so float64 arrays work) and
-    moved with :func:`transferkit.to_device`. Features come back as float32 for
+    moved with [`transferkit.to_device`][]. Features come back as float32 for
     half-precision outputs, else in the model's dtype.
 
     Data: a ``Tensor`` or ``ndarray`` of inputs (batched by ``batch_size``); a dict of
@@ -745,7 +745,7 @@ def extract_features(
 
     Distributed (``torchrun``): when a ``torch.distributed`` process group is initialised
     (and ``distributed`` is not ``False``), each rank extracts a contiguous shard of the
-    data (:func:`transferkit.distributed.shard_indices`: no duplicated samples), and the
+    data ([`transferkit.distributed.shard_indices`][]: no duplicated samples), and the
     shards are merged in dataset order with ``all_gather_object``: **every rank** returns
     exactly what a single-process run returns (in memory, so each rank holds all the
     features). A ``DataLoader`` is re-built over its shard with the same batch size and
@@ -757,25 +757,25 @@ def extract_features(
 
     GPU fast paths: on CUDA, tensor and array inputs are copied from pinned memory with
     non-blocking transfers (Datasets get a pinned-memory loader from
-    :func:`transferkit.dataloader_kwargs`); ``channels_last=True`` runs a CNN and its
+    [`transferkit.dataloader_kwargs`][]); ``channels_last=True`` runs a CNN and its
     4-D inputs in ``torch.channels_last`` memory format (faster convolutions with
     tensor cores, especially under ``amp``); the model's own tensors are restored
     afterwards.
 
     Args:
-        model_or_extractor: a network, or a :class:`FeatureExtractor` (then ``layers`` and
+        model_or_extractor: a network, or a [`FeatureExtractor`][] (then ``layers`` and
             ``pool`` come from it).
         data: see above.
-        layers: module names (see :class:`FeatureExtractor`); ``None``: the model output.
+        layers: module names (see [`FeatureExtractor`][]); ``None``: the model output.
         batch_size: samples per forward pass for tensors, arrays and Datasets.
         device: where to run; ``"auto"`` keeps a model that already sits on an accelerator
-            there, else picks one with :func:`transferkit.resolve_device`. A model moved
+            there, else picks one with [`transferkit.resolve_device`][]. A model moved
             for the extraction is moved back afterwards.
         amp: ``True`` for autocast with the device's default dtype (a no-op on CPU), or
             ``torch.bfloat16`` / ``torch.float16``.
         cache: a directory for the disk cache, or ``None``.
         progress: show a tqdm progress bar.
-        pool: pooling of each output (see :class:`FeatureExtractor`).
+        pool: pooling of each output (see [`FeatureExtractor`][]).
         early_stop: skip the layers after the deepest requested one.
         distributed: shard the work over the ranks of the initialised process group;
             ``None`` (default): when one is initialised with more than one process.

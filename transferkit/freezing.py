@@ -4,24 +4,24 @@ Freezing a pretrained backbone goes wrong in a few well-known ways, and every fu
 here is built to rule them out:
 
 * BatchNorm running statistics keep moving in "frozen" layers after ``model.train()``.
-  :func:`freeze` with ``bn="eval"`` (the default) keeps frozen BatchNorm layers in eval
+  [`freeze`][] with ``bn="eval"`` (the default) keeps frozen BatchNorm layers in eval
   mode whatever ``train()``/``eval()`` calls follow; ``bn="frozen"`` replaces them by
-  :class:`FrozenBatchNorm`, whose statistics and affine terms are buffers.
-* Frozen parameters still move through momentum or weight decay. :func:`freeze` sets
+  [`FrozenBatchNorm`][], whose statistics and affine terms are buffers.
+* Frozen parameters still move through momentum or weight decay. [`freeze`][] sets
   ``requires_grad=False`` *and* clears ``.grad``: every torch optimizer skips parameters
   whose gradient is ``None``, so nothing moves even if they were handed to an optimizer.
-  :func:`param_groups` never hands them over in the first place.
+  [`param_groups`][] never hands them over in the first place.
 * Parameters unfrozen after the optimizer was built never train.
-  :class:`GradualUnfreezing` adds them to the live optimizer as new parameter groups.
-* A resumed run silently freezes a different set. :meth:`GradualUnfreezing.load_state_dict`
+  [`GradualUnfreezing`][] adds them to the live optimizer as new parameter groups.
+* A resumed run silently freezes a different set. [`GradualUnfreezing.load_state_dict`][]
   re-applies the stage's freezing.
-* Layer-wise learning-rate decay ignored by schedulers: :func:`param_groups` writes the
+* Layer-wise learning-rate decay ignored by schedulers: [`param_groups`][] writes the
   decay into real per-group ``lr`` values, which every torch scheduler scales.
 * DDP "unused parameters" errors and ranks drifting apart. Freezing *before* wrapping
   with ``DistributedDataParallel`` always works (frozen parameters are never registered).
   To freeze or unfreeze *after* wrapping, build DDP with every parameter trainable and
-  ``find_unused_parameters=True``; :func:`freeze`, :func:`unfreeze` and
-  :class:`GradualUnfreezing` accept the wrapper (patterns mean the same as on the bare
+  ``find_unused_parameters=True``; [`freeze`][], [`unfreeze`][] and
+  [`GradualUnfreezing`][] accept the wrapper (patterns mean the same as on the bare
   model: the ``module.`` prefix is not part of the names) and raise a clear error when the
   wrapper was built in a way that would fail or desynchronise the ranks.
 
@@ -95,7 +95,7 @@ class FrozenBatchNorm(nn.Module):
         affine: whether ``weight``/``bias`` exist (as buffers).
         track_running_stats: whether ``running_mean``/``running_var`` exist; without them
             the layer normalises with batch statistics (as the original would in eval mode).
-        bn_class: the BatchNorm class it replaces; :meth:`to_batchnorm` restores it and
+        bn_class: the BatchNorm class it replaces; [`to_batchnorm`][] restores it and
             the forward pass checks the input rank it expects.
 
     Shape:
@@ -242,7 +242,7 @@ class _EvalOnlyTrain:
     """Instance-level ``train``: a frozen BatchNorm ignores ``model.train()``.
 
     Stored in the module instance's ``__dict__`` (never on the class), so only the layers
-    that :func:`freeze` selected are affected; it survives ``copy.deepcopy`` and pickling.
+    that [`freeze`][] selected are affected; it survives ``copy.deepcopy`` and pickling.
     """
 
     def __init__(self, module: nn.Module) -> None:
@@ -385,7 +385,7 @@ def _entries(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Parameter | 
     """``(qualified name, owner module, parameter)`` for every parameter.
 
     FrozenBatchNorm layers contribute their ``weight``/``bias`` names with ``None`` so that
-    patterns can select them for :func:`unfreeze`.
+    patterns can select them for [`unfreeze`][].
     """
     seen: set[int] = set()
     for prefix, module in model.named_modules():
@@ -525,9 +525,9 @@ def freeze(
 
     * ``"eval"``: it stays in eval mode, so its running statistics never change, even after
       ``model.train()``: the layer ignores ``train()`` calls and a forward pre-hook re-checks
-      the mode (per instance; no class is patched). :func:`unfreeze` removes both.
+      the mode (per instance; no class is patched). [`unfreeze`][] removes both.
     * ``"train"``: it keeps the model's mode; its statistics follow the new data.
-    * ``"frozen"``: it is replaced by a :class:`FrozenBatchNorm` (BatchNorm1d/2d/3d and
+    * ``"frozen"``: it is replaced by a [`FrozenBatchNorm`][] (BatchNorm1d/2d/3d and
       SyncBatchNorm; subclasses such as timm's ``BatchNormAct2d`` get the ``"eval"`` policy
       instead, since replacing them would drop their extra behaviour).
 
@@ -639,11 +639,11 @@ def unfreeze(
 ) -> list[str]:
     """Make the selected parameters trainable again and restore their BatchNorm layers.
 
-    The selection works as in :func:`freeze`. Selected BatchNorm layers lose the
-    ``"eval"`` policy (they follow the model's mode again) and :class:`FrozenBatchNorm`
+    The selection works as in [`freeze`][]. Selected BatchNorm layers lose the
+    ``"eval"`` policy (they follow the model's mode again) and [`FrozenBatchNorm`][]
     layers become trainable BatchNorm layers of their original class, holding the same
     values. Their new ``weight``/``bias`` parameters are new tensor objects: add them to
-    the optimizer (:class:`GradualUnfreezing` does).
+    the optimizer ([`GradualUnfreezing`][] does).
 
     Through a ``DistributedDataParallel`` wrapper, every parameter to unfreeze must be one
     that DDP synchronises: build DDP with all parameters trainable and
@@ -654,8 +654,8 @@ def unfreeze(
             unwrapped.
         include: glob pattern(s) on qualified parameter or module names (default: all).
         exclude: glob pattern(s) to leave frozen.
-        until: a module name, as in :func:`freeze`.
-        types: module class(es), as in :func:`freeze`.
+        until: a module name, as in [`freeze`][].
+        types: module class(es), as in [`freeze`][].
 
     Returns:
         The qualified names of the parameters that were frozen and are now trainable.
@@ -798,9 +798,9 @@ def _depths(names: Sequence[str], head: str | None) -> list[int]:
 def trainable_summary(model: nn.Module) -> str:
     """A table of the model's blocks, their parameter counts and what trains.
 
-    Blocks are those :func:`param_groups` uses: top-level modules, split into their items
+    Blocks are those [`param_groups`][] uses: top-level modules, split into their items
     when they are containers or hold the head. The ``bn`` column counts BatchNorm layers by
-    policy (``eval``, ``frozen``, ``train``, see :func:`freeze`).
+    policy (``eval``, ``frozen``, ``train``, see [`freeze`][]).
 
     Args:
         model: the network.
@@ -908,7 +908,7 @@ def param_groups(
     """Optimizer parameter groups: trainable parameters only, explicit lr and weight decay.
 
     The model is cut into blocks in definition order (top-level modules; containers such as
-    ``layer1`` or ``encoder.layer`` are cut into their items; see :func:`trainable_summary`)
+    ``layer1`` or ``encoder.layer`` are cut into their items; see [`trainable_summary`][])
     and every block gets its own group(s), named after it in a ``"name"`` key. A parameter
     gets no weight decay when a ``no_decay`` entry is a substring of one of its dotted name
     parts (case-insensitive; ``"bias"``, ``"LayerNorm"``), matches it as a glob pattern,
@@ -916,7 +916,7 @@ def param_groups(
     GroupNorm, ...). Names listed by a timm model's ``no_weight_decay()`` (``pos_embed``,
     ``cls_token``) get none either. They go to a separate ``"<block> (no_decay)"`` group.
 
-    With ``layer_decay``, the head (found by :func:`transferkit.find_head`, otherwise the
+    With ``layer_decay``, the head (found by [`transferkit.find_head`][], otherwise the
     last block) gets ``lr`` and the block ``d`` steps below it ``lr * layer_decay**d``.
     The decay is written into each group's ``lr`` (no ``lr_scale`` key), so every torch
     scheduler scales it correctly and no scheduler can apply it twice.
@@ -993,17 +993,17 @@ class GradualUnfreezing:
 
     At construction every parameter matched by a stage is frozen (with the ``bn`` policy);
     parameters that no stage names, typically the new head, are left as they are. Every
-    ``every`` calls to :meth:`step` (call it once per epoch, or once per optimizer step)
+    ``every`` calls to [`step`][] (call it once per epoch, or once per optimizer step)
     the next stage is unfrozen, and its parameters are added to ``optimizer`` as a new
     parameter group (two when some get no weight decay) with the stage's ``lr``. So the
     stage ``k`` (0-based) trains from the ``(k + 1) * every``-th call on.
 
-    :meth:`state_dict` holds the step count; :meth:`load_state_dict` re-applies the
+    [`state_dict`][] holds the step count; [`load_state_dict`][] re-applies the
     freezing of that stage and re-adds the groups in the original order. When resuming,
     load it *before* ``optimizer.load_state_dict`` so the group layout matches.
 
     Build ``optimizer`` from the parameters that train before the first stage (e.g. after
-    ``freeze(model, exclude="fc")``, from :func:`param_groups`); stage parameters it
+    ``freeze(model, exclude="fc")``, from [`param_groups`][]); stage parameters it
     already holds are not added again and keep their group's settings (a warning says so).
 
     LR schedulers built before a group is added do not know the new group (torch
@@ -1013,18 +1013,18 @@ class GradualUnfreezing:
     Args:
         model: the network, or its ``DistributedDataParallel`` wrapper built with every
             parameter trainable and ``find_unused_parameters=True`` (checked at
-            construction): every rank must call :meth:`step` equally often, so all ranks
+            construction): every rank must call [`step`][] equally often, so all ranks
             unfreeze together. Or re-wrap after each stage. Under ``torch.compile`` each
             stage change causes one recompilation.
         stages: from the top of the network down; each stage a glob pattern or a list of
             patterns, e.g. ``["layer4", "layer3", ["layer2", "layer1"]]``.
         optimizer: receives the newly trainable parameters; ``None`` only toggles freezing.
-        every: calls to :meth:`step` between two stages.
+        every: calls to [`step`][] between two stages.
         lr: learning rate of the new groups: one value, one per stage, or ``None`` for the
             current lr of the optimizer's first group.
-        bn: BatchNorm policy for frozen stages (see :func:`freeze`).
+        bn: BatchNorm policy for frozen stages (see [`freeze`][]).
         weight_decay: weight decay of the new groups (``None``: the optimizer's default).
-        no_decay: names that get no weight decay, as in :func:`param_groups`.
+        no_decay: names that get no weight decay, as in [`param_groups`][].
 
     Raises:
         ValueError: empty stages, a stage pattern that matches nothing, bad

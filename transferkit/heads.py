@@ -1,10 +1,10 @@
 """What sits on top: pooling + MLP classifier heads, and finding/replacing a model's head.
 
-* :class:`ClassifierHead` pools convolutional maps ``(N, C, H, W)``, token sequences
+* [`ClassifierHead`][] pools convolutional maps ``(N, C, H, W)``, token sequences
   ``(N, T, D)`` or ready features ``(N, D)`` and maps them to logits through optional
   hidden layers (in the spirit of fastai's ``create_head`` and timm's classifier).
-* :func:`find_head` locates the final classifier of torchvision, timm and Hugging Face
-  models and of plain ``nn.Sequential`` stacks; :func:`replace_head` swaps it in place.
+* [`find_head`][] locates the final classifier of torchvision, timm and Hugging Face
+  models and of plain ``nn.Sequential`` stacks; [`replace_head`][] swaps it in place.
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ def find_head(model: nn.Module) -> tuple[str, nn.Module]:
        classifiers) or ``last_linear``. When it is an ``nn.Sequential`` (torchvision VGG,
        MobileNet, EfficientNet ``classifier``; ViT ``heads``) the last ``nn.Linear`` in it
        is the head (``classifier.6``, ``heads.head``); any other module (a ``Linear``, a
-       :class:`ClassifierHead`, HF ``RobertaClassificationHead``) is the head itself.
+       [`ClassifierHead`][], HF ``RobertaClassificationHead``) is the head itself.
     3. A plain ``nn.Sequential`` model: its last ``nn.Linear``.
 
     Args:
@@ -302,7 +302,7 @@ def replace_head(
     Args:
         model: the network (changed in place).
         head_or_num_classes: a module, or the number of classes of a new linear head.
-        name: qualified name of the head to replace; default: :func:`find_head`.
+        name: qualified name of the head to replace; default: [`find_head`][].
 
     Returns:
         The new head module (already inside ``model``).

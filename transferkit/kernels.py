@@ -1,17 +1,17 @@
 """Kernels: pairwise squared distances in GEMM form and the kernels built on them.
 
 Every kernel is a callable object, ``kernel(x, y) -> (N, M)``, for ``x: (N, D)`` and
-``y: (M, D)``. Kernels come in two families that :mod:`transferkit.losses` evaluates
+``y: (M, D)``. Kernels come in two families that [`transferkit.losses`][] evaluates
 block by block without autograd graphs of size ``(N, M)``:
 
-- *distance* kernels (:class:`GaussianKernel`, :class:`LaplacianKernel`) are functions
+- *distance* kernels ([`GaussianKernel`][], [`LaplacianKernel`][]) are functions
   of the squared Euclidean distance ``||x - y||^2``;
-- *inner-product* kernels (:class:`LinearKernel`, :class:`PolynomialKernel`) are
+- *inner-product* kernels ([`LinearKernel`][], [`PolynomialKernel`][]) are
   functions of ``x @ y.T``.
 
 Distances are computed as ``||x||^2 + ||y||^2 - 2 x y^T`` (one matrix multiplication,
 after subtracting a common, detached centre for accuracy), clamped at zero. Half
-precision inputs (fp16/bf16, e.g. under :func:`torch.autocast`) are computed in fp32.
+precision inputs (fp16/bf16, e.g. under `torch.autocast`) are computed in fp32.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def as_compute(x: Tensor) -> Tensor:
-    """``x`` cast to :func:`compute_dtype` (a no-op for fp32/fp64 inputs)."""
+    """``x`` cast to [`compute_dtype`][] (a no-op for fp32/fp64 inputs)."""
     dtype = compute_dtype(x)
     return x if x.dtype == dtype else x.to(dtype)
 
@@ -136,9 +136,9 @@ class Kernel(ABC):
 
     Subclasses say which ``family`` they belong to (``"distance"``: a function of the
     squared distance; ``"inner"``: a function of the inner product) and implement
-    :meth:`prepare` (data-dependent parameters such as a bandwidth, detached),
-    :meth:`from_base` (the kernel values from the base matrix, differentiable) and
-    :meth:`value_and_derivative` (values and derivative w.r.t. the base matrix, used by
+    [`prepare`][] (data-dependent parameters such as a bandwidth, detached),
+    [`from_base`][] (the kernel values from the base matrix, differentiable) and
+    [`value_and_derivative`][] (values and derivative w.r.t. the base matrix, used by
     the memory-lean MMD path without autograd).
     """
 
@@ -206,7 +206,9 @@ def _check_bandwidth(bandwidth: float | None) -> float | None:
 class GaussianKernel(Kernel):
     r"""Multi-bandwidth Gaussian (RBF) kernel, as in DAN's multi-kernel MMD.
 
-    .. math:: k(x, y) = \sum_m \exp\left(-\frac{\|x - y\|^2}{2\, m\, \sigma^2}\right)
+    $$
+    k(x, y) = \sum_m \exp\left(-\frac{\|x - y\|^2}{2\, m\, \sigma^2}\right)
+    $$
 
     The multipliers ``m`` scale ``sigma^2`` (as DAN/TLlib's ``alpha`` values do). With
     ``bandwidth=None``, ``sigma^2`` is the **mean** of the off-diagonal squared distances
@@ -293,7 +295,7 @@ class GaussianKernel(Kernel):
 
 
 class LaplacianKernel(Kernel):
-    r"""Laplacian kernel :math:`k(x, y) = \exp(-\|x - y\| / \sigma)`.
+    r"""Laplacian kernel $k(x, y) = \exp(-\|x - y\| / \sigma)$.
 
     With ``bandwidth=None``, ``sigma`` is the square root of the mean off-diagonal squared
     distance of the pooled batch (``O(N D)``, detached). The gradient at zero distance is
@@ -368,7 +370,7 @@ class LinearKernel(Kernel):
 
 
 class PolynomialKernel(Kernel):
-    r"""Polynomial kernel :math:`k(x, y) = (\gamma\, x \cdot y + c_0)^{p}`.
+    r"""Polynomial kernel $k(x, y) = (\gamma\, x \cdot y + c_0)^{p}$.
 
     Args:
         degree: the integer power ``p >= 1``.

@@ -1,18 +1,18 @@
 """Discrepancy and regularisation losses for transfer learning, built on kernels.py.
 
 Domain discrepancies take two feature batches, ``source: (N, D)`` and ``target: (M, D)``,
-and return a scalar: :func:`mmd` / :class:`MMDLoss` (squared maximum mean discrepancy,
-biased, unbiased or linear-time), :class:`JointMMDLoss` (JMMD over several layers) and
-:func:`coral` / :class:`CORALLoss`. :func:`distillation` and :func:`entropy` work on
-logits; :class:`L2SP` and :func:`bss` regularise fine-tuning.
+and return a scalar: [`mmd`][] / [`MMDLoss`][] (squared maximum mean discrepancy,
+biased, unbiased or linear-time), [`JointMMDLoss`][] (JMMD over several layers) and
+[`coral`][] / [`CORALLoss`][]. [`distillation`][] and [`entropy`][] work on
+logits; [`L2SP`][] and [`bss`][] regularise fine-tuning.
 
 Every loss validates its input (shapes, feature dimensions, NaN/inf, devices, dtypes)
-and computes in fp32 when given fp16/bf16 tensors, also under :func:`torch.autocast`.
+and computes in fp32 when given fp16/bf16 tensors, also under `torch.autocast`.
 Validation reads a few values back from the device (e.g. the NaN check); while
-:func:`torch.compile` traces (``torch.compiler.is_compiling()``) those data-dependent
-checks are skipped (shapes, dtypes and options are still checked) and :func:`mmd` uses
+`torch.compile` traces (``torch.compiler.is_compiling()``) those data-dependent
+checks are skipped (shapes, dtypes and options are still checked) and [`mmd`][] uses
 plain autograd ops instead of its blocked custom function, so ``mmd`` (every estimator,
-fixed or heuristic bandwidth), :func:`coral`, :func:`entropy` and :func:`distillation`
+fixed or heuristic bandwidth), [`coral`][], [`entropy`][] and [`distillation`][]
 compile with ``fullgraph=True``. Unweighted calls only: explicit sample weights are
 still checked with a read-back.
 
@@ -299,15 +299,15 @@ def mmd(
 
     With ``K`` the kernel, ``s_i`` the ``N`` source and ``t_j`` the ``M`` target rows:
 
-    - ``"biased"`` (V-statistic): :math:`\frac{1}{N^2}\sum_{i,j} K(s_i, s_j) +
-      \frac{1}{M^2}\sum_{i,j} K(t_i, t_j) - \frac{2}{NM}\sum_{i,j} K(s_i, t_j)`; always
+    - ``"biased"`` (V-statistic): $\frac{1}{N^2}\sum_{i,j} K(s_i, s_j) +
+      \frac{1}{M^2}\sum_{i,j} K(t_i, t_j) - \frac{2}{NM}\sum_{i,j} K(s_i, t_j)$; always
       ``>= 0``.
     - ``"unbiased"`` (U-statistic, Gretton et al. 2012, eq. 3): the same with the
       diagonals ``i = j`` excluded from the within-domain sums, which are divided by
       ``N (N - 1)`` and ``M (M - 1)``; can be slightly negative. Needs ``N, M >= 2``.
     - ``"linear"`` (Gretton et al. 2012, Lemma 14): ``O((N + M) D)`` time and memory;
-      consecutive samples are paired, :math:`h_i = K(s_{2i}, s_{2i+1}) + K(t_{2i},
-      t_{2i+1}) - K(s_{2i}, t_{2i+1}) - K(s_{2i+1}, t_{2i})`, and the estimate is the
+      consecutive samples are paired, $h_i = K(s_{2i}, s_{2i+1}) + K(t_{2i},
+      t_{2i+1}) - K(s_{2i}, t_{2i+1}) - K(s_{2i+1}, t_{2i})$, and the estimate is the
       mean of the ``h_i``. Needs ``N == M >= 2``; with an odd size the last sample of each
       batch is left out. Higher variance than the quadratic estimators.
 
@@ -322,7 +322,7 @@ def mmd(
     Args:
         source: source features.
         target: target features.
-        kernel: a kernel from :mod:`transferkit.kernels`; default
+        kernel: a kernel from [`transferkit.kernels`][]; default
             ``GaussianKernel()`` (5 bandwidths, mean heuristic).
         estimator: ``"biased"``, ``"unbiased"`` or ``"linear"``.
         source_weights: optional non-negative per-sample weights, ``(N,)``.
@@ -412,10 +412,10 @@ def _linear_mmd(
 
 
 class MMDLoss(nn.Module):
-    """Squared MMD as a module; see :func:`mmd` for the estimators and options.
+    """Squared MMD as a module; see [`mmd`][] for the estimators and options.
 
     Args:
-        kernel: a kernel from :mod:`transferkit.kernels`; default ``GaussianKernel()``.
+        kernel: a kernel from [`transferkit.kernels`][]; default ``GaussianKernel()``.
         estimator: ``"biased"``, ``"unbiased"`` or ``"linear"``.
         chunk_size: rows of the pooled kernel matrix evaluated at once; ``None`` chooses.
 
@@ -456,7 +456,7 @@ class MMDLoss(nn.Module):
         source_weights: Tensor | None = None,
         target_weights: Tensor | None = None,
     ) -> Tensor:
-        """Squared MMD between ``source`` and ``target`` (see :func:`mmd`)."""
+        """Squared MMD between ``source`` and ``target`` (see [`mmd`][])."""
         return mmd(
             source,
             target,
@@ -480,8 +480,8 @@ def joint_mmd(
     r"""Joint MMD (Long et al. 2017) over several layers.
 
     The joint kernel is the product of per-layer kernels,
-    :math:`K(i, j) = \prod_l k_l(z^l_i, z^l_j)`, and the estimate is the MMD of
-    :func:`mmd` with that kernel. The ``(N + M)^2`` kernel matrix of every layer is
+    $K(i, j) = \prod_l k_l(z^l_i, z^l_j)$, and the estimate is the MMD of
+    [`mmd`][] with that kernel. The ``(N + M)^2`` kernel matrix of every layer is
     materialised (there is no chunked path for JMMD).
 
     Args:
@@ -499,7 +499,7 @@ def joint_mmd(
 
     Raises:
         ValueError: different numbers of layers and kernels, different batch sizes across
-            layers, or any problem :func:`mmd` reports for a layer.
+            layers, or any problem [`mmd`][] reports for a layer.
         TypeError: a kernel that is not a ``Kernel``, or mixed dtypes.
 
     Examples:
@@ -555,7 +555,7 @@ def joint_mmd(
 
 
 class JointMMDLoss(nn.Module):
-    """Joint MMD (JMMD, Long et al. 2017) as a module; see :func:`joint_mmd`.
+    """Joint MMD (JMMD, Long et al. 2017) as a module; see [`joint_mmd`][].
 
     Args:
         kernels: one kernel per layer, e.g. ``[GaussianKernel(), GaussianKernel(
@@ -598,9 +598,11 @@ class JointMMDLoss(nn.Module):
 def coral(source: Tensor, target: Tensor) -> Tensor:
     r"""Deep CORAL loss (Sun & Saenko 2016).
 
-    .. math:: \frac{1}{4 d^2} \| C_S - C_T \|_F^2
+    $$
+    \frac{1}{4 d^2} \| C_S - C_T \|_F^2
+    $$
 
-    with unbiased (``n - 1``) covariance matrices :math:`C_S`, :math:`C_T` of the two
+    with unbiased (``n - 1``) covariance matrices $C_S$, $C_T$ of the two
     batches and ``d`` the feature dimension.
 
     Args:
@@ -642,7 +644,7 @@ def _covariance(x: Tensor) -> Tensor:
 
 
 class CORALLoss(nn.Module):
-    """Deep CORAL loss as a module; see :func:`coral`.
+    """Deep CORAL loss as a module; see [`coral`][].
 
     Shape:
         - source: ``(N, D)``; target: ``(M, D)``.
@@ -674,7 +676,9 @@ def distillation(
 ) -> Tensor:
     r"""Knowledge-distillation loss (Hinton et al. 2015).
 
-    .. math:: T^2\, \mathrm{KL}\big(\mathrm{softmax}(t / T) \,\|\, \mathrm{softmax}(s / T)\big)
+    $$
+    T^2\, \mathrm{KL}\big(\mathrm{softmax}(t / T) \,\|\, \mathrm{softmax}(s / T)\big)
+    $$
 
     averaged over the batch. The ``T^2`` factor keeps gradient magnitudes comparable
     across temperatures. Gradients flow into both inputs: pass ``teacher_logits.detach()``
@@ -721,7 +725,7 @@ def distillation(
 
 
 def entropy(logits: Tensor) -> Tensor:
-    r"""Mean prediction entropy :math:`-\sum_c p_c \log p_c`, ``p = softmax(logits)``.
+    r"""Mean prediction entropy $-\sum_c p_c \log p_c$, ``p = softmax(logits)``.
 
     Natural logarithm; the mean is over the batch. Minimising it on unlabelled target
     data pushes decision boundaries away from dense regions.
@@ -797,8 +801,10 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
 class L2SP(nn.Module):
     r"""L2-SP regulariser (Li et al. 2018): keep fine-tuned weights near the pretrained ones.
 
-    .. math:: \frac{\alpha}{2} \sum_{w \in S} \|w - w^0\|^2 + \frac{\beta}{2}
-        \sum_{w \in \bar S} \|w\|^2
+    $$
+    \frac{\alpha}{2} \sum_{w \in S} \|w - w^0\|^2 + \frac{\beta}{2}
+    \sum_{w \in \bar S} \|w\|^2
+    $$
 
     At construction every trainable (``requires_grad``) parameter of ``model`` is
     anchored at its current value ``w^0`` unless its name matches ``exclude``; the

@@ -3,15 +3,15 @@
 A classifier trained on a handful of labelled target samples depends heavily on where
 its weights start. Two ways to start well:
 
-* :func:`prototype_init` -- no training: set the final linear layer so that it scores
+* [`prototype_init`][] -- no training: set the final linear layer so that it scores
   each class by its similarity to the class prototype (mean feature) of the few labelled
   samples (Snell et al., 2017; Triantafillou et al., 2020). Fine-tuning from there
   starts at the nearest-class-mean classifier instead of at chance.
-* :func:`reptile` and :func:`fomaml` -- meta-learn an initialisation from many small
+* [`reptile`][] and [`fomaml`][] -- meta-learn an initialisation from many small
   source tasks so that a few gradient steps on a new task go far (Nichol et al., 2018;
-  Finn et al., 2017, first-order variant). :func:`adapt` runs those few steps.
+  Finn et al., 2017, first-order variant). [`adapt`][] runs those few steps.
 
-Meta-learning is written with :func:`torch.func.functional_call`: the inner loop updates
+Meta-learning is written with `torch.func.functional_call`: the inner loop updates
 a dictionary of parameter tensors, never the module itself, and only parameters with
 ``requires_grad=True`` are meta-learned (freeze a backbone to meta-learn only a head).
 """
@@ -41,8 +41,8 @@ OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 class MetaTask(NamedTuple):
     """One small task: labelled support samples to adapt on, query samples to evaluate.
 
-    ``query_x``/``query_y`` may be ``None`` for :func:`reptile` (which adapts on all of a
-    task's data); :func:`fomaml` needs them.
+    ``query_x``/``query_y`` may be ``None`` for [`reptile`][] (which adapts on all of a
+    task's data); [`fomaml`][] needs them.
     """
 
     support_x: Tensor
@@ -74,17 +74,17 @@ def prototype_init(
     r"""Initialise a classifier's final linear layer from class prototypes, in place.
 
     ``head`` is an ``nn.Linear`` or any module whose last ``nn.Linear`` (in definition
-    order) produces the logits, e.g. a :class:`transferkit.ClassifierHead` or a whole
+    order) produces the logits, e.g. a [`transferkit.ClassifierHead`][] or a whole
     network. ``features`` are what ``head`` takes as input; the inputs of the final linear
     layer are recorded with a forward pre-hook (``head`` runs once in eval mode, without
-    gradients), so prototypes live in the space that layer sees. With :math:`\mu_c` the
-    mean of class :math:`c` and :math:`s` = ``scale``:
+    gradients), so prototypes live in the space that layer sees. With $\mu_c$ the
+    mean of class $c$ and $s$ = ``scale``:
 
-    * ``"cosine"``: :math:`W_c = s\,\mu_c / \|\mu_c\|`, :math:`b_c = 0`. The logits are
-      :math:`s\,\|h\| \cos(h, \mu_c)`, so the argmax is the nearest prototype in cosine
+    * ``"cosine"``: $W_c = s\,\mu_c / \|\mu_c\|$, $b_c = 0$. The logits are
+      $s\,\|h\| \cos(h, \mu_c)$, so the argmax is the nearest prototype in cosine
       similarity. Default ``scale`` 10 (a softmax temperature that fine-tunes well).
-    * ``"euclidean"``: :math:`W_c = 2 s\,\mu_c`, :math:`b_c = -s\,\|\mu_c\|^2`, i.e.
-      :math:`-s\,\|h - \mu_c\|^2` up to a per-sample constant (Snell et al., 2017):
+    * ``"euclidean"``: $W_c = 2 s\,\mu_c$, $b_c = -s\,\|\mu_c\|^2$, i.e.
+      $-s\,\|h - \mu_c\|^2$ up to a per-sample constant (Snell et al., 2017):
       the argmax is the nearest prototype in Euclidean distance. Default ``scale`` 1.
 
     Args:
@@ -233,7 +233,7 @@ def adapt(
 ) -> nn.Module:
     """Fine-tune a copy of ``model`` with ``steps`` full-batch SGD steps on ``(x, y)``.
 
-    This is the inner loop of :func:`reptile` and :func:`fomaml`; use it to evaluate a
+    This is the inner loop of [`reptile`][] and [`fomaml`][]; use it to evaluate a
     meta-learned (or any) initialisation on a new task. Only parameters with
     ``requires_grad=True`` change; ``model`` itself is left untouched.
 
@@ -409,11 +409,11 @@ def reptile(
     r"""Meta-learn an initialisation of ``model`` with Reptile (Nichol et al., 2018), in place.
 
     Each meta step draws ``meta_batch_size`` tasks, adapts the current parameters
-    :math:`\theta` to each with ``inner_steps`` full-batch SGD steps (on the support set,
-    plus the query set when the task has one) giving :math:`\phi_k`, and moves
-    :math:`\theta \leftarrow \theta + \epsilon (\bar\phi - \theta)` with
-    :math:`\epsilon` = ``meta_lr`` (implemented as an SGD step on the pseudo-gradient
-    :math:`\theta - \bar\phi`, so ``meta_optimizer`` may swap in e.g. Adam).
+    $\theta$ to each with ``inner_steps`` full-batch SGD steps (on the support set,
+    plus the query set when the task has one) giving $\phi_k$, and moves
+    $\theta \leftarrow \theta + \epsilon (\bar\phi - \theta)$ with
+    $\epsilon$ = ``meta_lr`` (implemented as an SGD step on the pseudo-gradient
+    $\theta - \bar\phi$, so ``meta_optimizer`` may swap in e.g. Adam).
 
     Tasks are *seed-described*: ``tasks`` is either a function ``task_seed -> MetaTask``
     (called with ``seed * 1_000_003 + step * meta_batch_size + k``, so a run is
@@ -426,12 +426,12 @@ def reptile(
 
     Args:
         model: the network or head to initialise (modified in place).
-        tasks: a function of a task seed, or a sequence of :class:`MetaTask`.
+        tasks: a function of a task seed, or a sequence of [`MetaTask`][].
         meta_steps: outer iterations.
         meta_batch_size: tasks per outer iteration.
         inner_steps: SGD steps per task.
         inner_lr: SGD step size of the inner loop.
-        meta_lr: outer step size :math:`\epsilon`.
+        meta_lr: outer step size $\epsilon$.
         meta_optimizer: ``params -> Optimizer`` to replace the default SGD(``meta_lr``).
         loss_fn: ``loss_fn(model(x), y) -> scalar``.
         seed: seed of the task stream.
@@ -491,18 +491,18 @@ def fomaml(
     r"""Meta-learn an initialisation with first-order MAML (Finn et al., 2017), in place.
 
     Each meta step draws ``meta_batch_size`` tasks, adapts the current parameters
-    :math:`\theta` to each task's support set with ``inner_steps`` SGD steps giving
-    :math:`\phi_k`, and takes one ``meta_optimizer`` step (default Adam with
+    $\theta$ to each task's support set with ``inner_steps`` SGD steps giving
+    $\phi_k$, and takes one ``meta_optimizer`` step (default Adam with
     ``meta_lr``) along the first-order meta-gradient
-    :math:`\frac1K \sum_k \nabla_\phi L_{\text{query}_k}(\phi_k)`: the query-set gradient
+    $\frac1K \sum_k \nabla_\phi L_{\text{query}_k}(\phi_k)$: the query-set gradient
     at the adapted parameters, without differentiating through the inner loop.
 
-    Tasks, trainable parameters and module modes are handled as in :func:`reptile`;
+    Tasks, trainable parameters and module modes are handled as in [`reptile`][];
     every task needs a query set.
 
     Args:
         model: the network or head to initialise (modified in place).
-        tasks: a function of a task seed, or a sequence of :class:`MetaTask`.
+        tasks: a function of a task seed, or a sequence of [`MetaTask`][].
         meta_steps: outer iterations.
         meta_batch_size: tasks per outer iteration.
         inner_steps: SGD steps on each support set.

@@ -1,6 +1,6 @@
 """Distances between domains, measured on features.
 
-* :func:`proxy_a_distance` -- the proxy A-distance of Ben-David et al. (2007): how well a
+* [`proxy_a_distance`][] -- the proxy A-distance of Ben-David et al. (2007): how well a
   linear classifier tells source features from target features on held-out data.
 
 All functions take ``numpy`` arrays or ``torch`` tensors (any device, any floating or
@@ -98,13 +98,15 @@ def proxy_a_distance(
     A linear domain classifier (standardised features, then logistic regression or a
     linear SVM) is trained to tell source (label 0) from target (label 1) on a stratified
     ``1 - test_fraction`` split and tested on the rest. With its held-out error
-    :math:`\epsilon`,
+    $\epsilon$,
 
-    .. math:: d_A = 2 (1 - 2 \epsilon).
+    $$
+    d_A = 2 (1 - 2 \epsilon).
+    $$
 
-    :math:`d_A = 2` means the domains are perfectly separable, ``0`` that a linear
+    $d_A = 2$ means the domains are perfectly separable, ``0`` that a linear
     classifier does no better than chance. A classifier worse than chance carries no
-    evidence of a difference, so :math:`\epsilon` is capped at 0.5 and the result lies
+    evidence of a difference, so $\epsilon$ is capped at 0.5 and the result lies
     in ``[0, 2]``. Lower means the features are more domain-invariant.
 
     Args:

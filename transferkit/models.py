@@ -2,7 +2,7 @@
 
 Real users bring their own pretrained network; these two exist so that every example
 runs offline on a 2-core CPU. Both follow the ``backbone -> neck -> fc`` layout that
-:func:`transferkit.find_head` and the freezing helpers understand, and expose
+[`transferkit.find_head`][] and the freezing helpers understand, and expose
 ``forward_features`` (the input of the classifier) like timm models do.
 """
 

@@ -4,13 +4,13 @@ This module needs matplotlib, the ``plot`` extra (``pip install 'transferkit[plo
 it is imported only when you call a function here, so ``import transferkit`` works
 without it. Every function draws into the ``ax`` you pass (or a new figure made with
 ``matplotlib.pyplot.subplots``) and returns that ``Axes``; none of them calls
-``plt.show()``. Write figures with :func:`save`, which replaces the file atomically.
+``plt.show()``. Write figures with [`save`][], which replaces the file atomically.
 
-* :func:`embedding` -- source vs target features in 2-D (t-SNE or PCA): the picture of
+* [`embedding`][] -- source vs target features in 2-D (t-SNE or PCA): the picture of
   domain shift, before and after adaptation.
-* :func:`curves` -- loss and accuracy per epoch from a ``history`` dict.
-* :func:`decision_boundary` -- the class regions of a classifier on a 2-D task (e.g.
-  :func:`transferkit.datasets.moons`), with source and target points on top.
+* [`curves`][] -- loss and accuracy per epoch from a ``history`` dict.
+* [`decision_boundary`][] -- the class regions of a classifier on a 2-D task (e.g.
+  [`transferkit.datasets.moons`][]), with source and target points on top.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def embedding(
     Args:
         source_features: source features.
         target_features: target features, with the same number of columns.
-        method: ``"tsne"`` (:class:`sklearn.manifold.TSNE`, ``init="pca"``; exact
+        method: ``"tsne"`` (`sklearn.manifold.TSNE`, ``init="pca"``; exact
             gradients up to 500 points, Barnes-Hut above) or ``"pca"``.
         labels: optional ``(source_labels, target_labels)``; either may be ``None``
             (e.g. an unlabelled target, drawn in grey).
@@ -620,7 +620,7 @@ def save(
         **kwargs: passed to ``Figure.savefig`` (``bbox_inches`` defaults to ``"tight"``).
 
     Returns:
-        The destination as a :class:`pathlib.Path`.
+        The destination as a `pathlib.Path`.
 
     Raises:
         TypeError: ``figure`` is neither a Figure nor an Axes.

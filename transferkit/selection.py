@@ -6,27 +6,27 @@ Two questions, two families of functions.
 features (or source-class probabilities) on the labelled target data and score them;
 higher is better for every score. No fine-tuning is needed.
 
-* :func:`logme` -- log maximum evidence of a Bayesian linear model (You et al., 2021).
-* :func:`leep` -- log expected empirical prediction of the source classifier
+* [`logme`][] -- log maximum evidence of a Bayesian linear model (You et al., 2021).
+* [`leep`][] -- log expected empirical prediction of the source classifier
   (Nguyen et al., 2020).
-* :func:`hscore` -- H-score (Bao et al., 2019).
-* :func:`nce` -- negative conditional entropy of target labels given source labels
+* [`hscore`][] -- H-score (Bao et al., 2019).
+* [`nce`][] -- negative conditional entropy of target labels given source labels
   (Tran et al., 2019).
-* :func:`knn_score`, :func:`linear_probe_score` -- cross-validated baselines.
-* :func:`rank` -- scores several candidates and returns a :class:`Ranking` table.
+* [`knn_score`][], [`linear_probe_score`][] -- cross-validated baselines.
+* [`rank`][] -- scores several candidates and returns a [`Ranking`][] table.
 
 **Which adapted model (or trade-off weight) is best when the target has no labels?**
 Score each adapted model on labelled *source* validation data and unlabelled target
 data.
 
-* :func:`iwcv` -- importance-weighted validation risk (Sugiyama et al., 2007); lower
+* [`iwcv`][] -- importance-weighted validation risk (Sugiyama et al., 2007); lower
   is better.
-* :func:`dev` -- deep embedded validation risk (You et al., 2019); lower is better.
-* :func:`snd` -- soft neighbourhood density of target predictions (Saito et al., 2021);
+* [`dev`][] -- deep embedded validation risk (You et al., 2019); lower is better.
+* [`snd`][] -- soft neighbourhood density of target predictions (Saito et al., 2021);
   higher is better.
-* :func:`prediction_entropy` -- mean entropy of target predictions; lower is better.
-* :func:`importance_weights` -- the density ratio ``p_target(x) / p_source(x)`` from a
-  domain classifier, shared by :func:`iwcv` and :func:`dev`.
+* [`prediction_entropy`][] -- mean entropy of target predictions; lower is better.
+* [`importance_weights`][] -- the density ratio ``p_target(x) / p_source(x)`` from a
+  domain classifier, shared by [`iwcv`][] and [`dev`][].
 
 Everything accepts ``numpy`` arrays or ``torch`` tensors and computes in float64 NumPy
 (``snd`` in float32 torch), returning plain Python floats.
@@ -95,23 +95,24 @@ def _features_and_labels(
 def logme(features: ArrayLike, labels: ArrayLike) -> float:
     r"""LogME: log maximum evidence of a linear model on the features (You et al., 2021).
 
-    For every class :math:`c` the one-hot target column :math:`y_c` is modelled as
-    :math:`y_c = F w + \text{noise}` with prior :math:`w \sim N(0, \alpha^{-1} I)` and
-    noise precision :math:`\beta`. :math:`\alpha, \beta` maximise the evidence
-    :math:`p(y_c | F, \alpha, \beta)` by MacKay's fixed-point iteration in the SVD basis
-    of :math:`F` (the paper's fixed-point algorithm: :math:`\alpha = \beta = 1` at the
-    start, at most 11 iterations, stop when :math:`\alpha / \beta` changes by less than
+    For every class $c$ the one-hot target column $y_c$ is modelled as
+    $y_c = F w + \text{noise}$ with prior $w \sim N(0, \alpha^{-1} I)$ and
+    noise precision $\beta$. $\alpha, \beta$ maximise the evidence
+    $p(y_c | F, \alpha, \beta)$ by MacKay's fixed-point iteration in the SVD basis
+    of $F$ (the paper's fixed-point algorithm: $\alpha = \beta = 1$ at the
+    start, at most 11 iterations, stop when $\alpha / \beta$ changes by less than
     0.1 %, ``1e-5`` added to the residuals). The score is the mean over classes of the
-    maximised log evidence divided by :math:`N`:
+    maximised log evidence divided by $N$:
 
-    .. math::
-        \frac{1}{N}\Big[\tfrac{D}{2}\log\alpha + \tfrac{N}{2}\log\beta
-        - \tfrac12\log|\alpha I + \beta F^\top F| - \tfrac{\beta}{2}\|F m - y_c\|^2
-        - \tfrac{\alpha}{2}\|m\|^2 - \tfrac{N}{2}\log 2\pi\Big].
+    $$
+    \frac{1}{N}\Big[\tfrac{D}{2}\log\alpha + \tfrac{N}{2}\log\beta
+    - \tfrac12\log|\alpha I + \beta F^\top F| - \tfrac{\beta}{2}\|F m - y_c\|^2
+    - \tfrac{\alpha}{2}\|m\|^2 - \tfrac{N}{2}\log 2\pi\Big].
+    $$
 
     This equals the authors' reference implementation whenever ``features`` has full
     column rank (``N > D``). When it does not, the log-determinant here keeps the
-    :math:`(D - \text{rank})\log\alpha` term of the zero singular values (the evidence as
+    $(D - \text{rank})\log\alpha$ term of the zero singular values (the evidence as
     the paper defines it), which the reference's truncated SVD drops. Classes are the
     distinct values in ``labels``. Features are used as given (no centring).
 
@@ -208,13 +209,15 @@ def _probabilities(x: object, name: str) -> np.ndarray:
 def leep(source_probs: ArrayLike, labels: ArrayLike) -> float:
     r"""LEEP: log expected empirical prediction (Nguyen et al., 2020).
 
-    With :math:`\theta(x)` the source classifier's probabilities over its :math:`Z`
+    With $\theta(x)$ the source classifier's probabilities over its $Z$
     source classes, the empirical joint distribution of target label and source class is
-    :math:`\hat P(y, z) = \frac1N\sum_i \theta(x_i)_z [y_i = y]` and
-    :math:`\hat P(y | z) = \hat P(y, z) / \hat P(z)`. The score is the average
+    $\hat P(y, z) = \frac1N\sum_i \theta(x_i)_z [y_i = y]$ and
+    $\hat P(y | z) = \hat P(y, z) / \hat P(z)$. The score is the average
     log-likelihood of the "expected empirical predictor":
 
-    .. math:: \text{LEEP} = \frac1N \sum_i \log \sum_z \hat P(y_i | z)\, \theta(x_i)_z.
+    $$
+    \text{LEEP} = \frac1N \sum_i \log \sum_z \hat P(y_i | z)\, \theta(x_i)_z.
+    $$
 
     Args:
         source_probs: the source model's softmax outputs on the target inputs (rows sum
@@ -255,12 +258,14 @@ def leep(source_probs: ArrayLike, labels: ArrayLike) -> float:
 def hscore(features: ArrayLike, labels: ArrayLike) -> float:
     r"""H-score of features for a classification task (Bao et al., 2019).
 
-    .. math:: H(f) = \operatorname{tr}\big(\operatorname{cov}(f)^{+}\,
-        \operatorname{cov}(\mathbb E[f | y])\big)
+    $$
+    H(f) = \operatorname{tr}\big(\operatorname{cov}(f)^{+}\,
+    \operatorname{cov}(\mathbb E[f | y])\big)
+    $$
 
-    where :math:`\operatorname{cov}` is the unbiased sample covariance,
-    :math:`\mathbb E[f | y]` replaces every sample by the mean feature of its class and
-    :math:`^{+}` is the Moore-Penrose pseudo-inverse. It is at most ``C - 1`` for ``C``
+    where $\operatorname{cov}$ is the unbiased sample covariance,
+    $\mathbb E[f | y]$ replaces every sample by the mean feature of its class and
+    $^{+}$ is the Moore-Penrose pseudo-inverse. It is at most ``C - 1`` for ``C``
     classes (reached when classes are perfectly separated along their means).
 
     Args:
@@ -297,10 +302,12 @@ def hscore(features: ArrayLike, labels: ArrayLike) -> float:
 def nce(source_labels_pred: ArrayLike, labels: ArrayLike) -> float:
     r"""NCE: negative conditional entropy of target labels given source labels.
 
-    Tran et al. (2019): with :math:`z_i` the source model's predicted (hard) source class
-    of target sample :math:`i`, and the empirical joint :math:`\hat P(y, z)`,
+    Tran et al. (2019): with $z_i$ the source model's predicted (hard) source class
+    of target sample $i$, and the empirical joint $\hat P(y, z)$,
 
-    .. math:: \text{NCE} = -H(Y | Z) = \sum_{y, z} \hat P(y, z) \log \hat P(y | z).
+    $$
+    \text{NCE} = -H(Y | Z) = \sum_{y, z} \hat P(y, z) \log \hat P(y | z).
+    $$
 
     Args:
         source_labels_pred: predicted source classes ``(N,)`` (integers), or source
@@ -475,7 +482,7 @@ _SCORE_FUNCTIONS: dict[str, Callable[[ArrayLike, ArrayLike], float]] = {
 
 
 class RankedCandidate(NamedTuple):
-    """One row of a :class:`Ranking`: position (1 = best), candidate name and score."""
+    """One row of a [`Ranking`][]: position (1 = best), candidate name and score."""
 
     rank: int
     name: str
@@ -486,8 +493,8 @@ class RankedCandidate(NamedTuple):
 class Ranking:
     """Candidates ordered from best to worst by one score; a small printable table.
 
-    Iterating yields :class:`RankedCandidate` rows; ``str(ranking)`` is a plain-text
-    table and :meth:`to_markdown` a Markdown one.
+    Iterating yields [`RankedCandidate`][] rows; ``str(ranking)`` is a plain-text
+    table and [`to_markdown`][] a Markdown one.
 
     Attributes:
         score: the name of the score that ordered the candidates.
@@ -576,7 +583,7 @@ def rank(
         score: a score name (see above) or a callable.
 
     Returns:
-        A :class:`Ranking` (printable table of rank, name and score).
+        A [`Ranking`][] (printable table of rank, name and score).
 
     Shape:
         - every candidate: ``(N, ...)``; ``labels``: ``(N,)``.
@@ -641,17 +648,19 @@ def importance_weights(
     folds: int = 5,
     seed: int = 0,
 ) -> np.ndarray:
-    r"""Density ratio :math:`w(x) = p_T(x) / p_S(x)` at the source samples.
+    r"""Density ratio $w(x) = p_T(x) / p_S(x)$ at the source samples.
 
     A domain classifier (standardised features, logistic regression with inverse
-    regularisation ``C``) learns :math:`P(\text{target} | x)`; Bayes' rule gives
+    regularisation ``C``) learns $P(\text{target} | x)$; Bayes' rule gives
 
-    .. math:: w(x) = \frac{N_S}{N_T} \frac{P(\text{target}|x)}{P(\text{source}|x)}.
+    $$
+    w(x) = \frac{N_S}{N_T} \frac{P(\text{target}|x)}{P(\text{source}|x)}.
+    $$
 
     The probability of each source sample comes from a classifier that did not see it
     (``folds``-fold cross-fitting), so that an over-confident classifier does not inflate
     the weights of its own training points. Under covariate shift, the mean of
-    :math:`w(x)\,\ell(x)` over source samples estimates the target risk.
+    $w(x)\,\ell(x)$ over source samples estimates the target risk.
 
     **Clipping.** Where the domains barely overlap a few weights explode and the estimate
     becomes noisy. ``clip`` caps every weight at ``clip`` (in units of the mean weight,
@@ -761,15 +770,17 @@ def iwcv(
 ) -> float:
     r"""Importance-weighted validation risk (Sugiyama, Krauledat & Müller, 2007).
 
-    Under covariate shift (:math:`p(y|x)` shared, :math:`p(x)` differs) the target risk
-    of a model equals the source risk re-weighted by :math:`w = p_T(x) / p_S(x)`:
+    Under covariate shift ($p(y|x)$ shared, $p(x)$ differs) the target risk
+    of a model equals the source risk re-weighted by $w = p_T(x) / p_S(x)$:
 
-    .. math:: \hat R_T = \frac{\sum_i w_i \ell_i}{\sum_i w_i}
+    $$
+    \hat R_T = \frac{\sum_i w_i \ell_i}{\sum_i w_i}
+    $$
 
-    over held-out labelled source samples with losses :math:`\ell_i` (or
-    :math:`\frac1N\sum_i w_i \ell_i` with ``self_normalize=False``, the original
+    over held-out labelled source samples with losses $\ell_i$ (or
+    $\frac1N\sum_i w_i \ell_i$ with ``self_normalize=False``, the original
     unbiased form; the self-normalised one has a lower variance). Weights come from
-    :func:`importance_weights` (a logistic-regression domain classifier on source vs
+    [`importance_weights`][] (a logistic-regression domain classifier on source vs
     target features; see it for ``clip``) unless given. Compare models with the *lowest*
     estimated risk.
 
@@ -779,7 +790,7 @@ def iwcv(
         source_features: features of those source samples (e.g. the model's bottleneck).
         target_features: features of unlabelled target samples.
         weights: precomputed importance weights instead of the two feature arguments.
-        clip: cap on the weights (see :func:`importance_weights`); ``None`` for none.
+        clip: cap on the weights (see [`importance_weights`][]); ``None`` for none.
         self_normalize: divide by the sum of weights instead of ``N``.
         C: inverse regularisation of the domain classifier.
         folds: cross-fitting folds of the domain classifier.
@@ -839,15 +850,16 @@ def dev(
     r"""Deep embedded validation risk (You, Wang, Long & Wang, ICML 2019).
 
     Importance-weighted validation in the model's feature space, with a control variate
-    that removes much of its variance. With density ratios :math:`w_i` (whose expectation
-    over the source is 1) and weighted losses :math:`L_i = w_i \ell_i`,
+    that removes much of its variance. With density ratios $w_i$ (whose expectation
+    over the source is 1) and weighted losses $L_i = w_i \ell_i$,
 
-    .. math::
-        \eta = -\frac{\widehat{\operatorname{Cov}}(L, w)}{\widehat{\operatorname{Var}}(w)},
-        \qquad
-        \hat R_{\text{DEV}} = \overline{L} + \eta\,\overline{w} - \eta.
+    $$
+    \eta = -\frac{\widehat{\operatorname{Cov}}(L, w)}{\widehat{\operatorname{Var}}(w)},
+    \qquad
+    \hat R_{\text{DEV}} = \overline{L} + \eta\,\overline{w} - \eta.
+    $$
 
-    The weights are the raw (un-normalised) ratios of :func:`importance_weights`
+    The weights are the raw (un-normalised) ratios of [`importance_weights`][]
     (normalising them would make the control variate vanish). Compare models with the
     *lowest* estimated risk. If all weights are equal the control variate is dropped.
 
@@ -856,7 +868,7 @@ def dev(
         source_features: the model's features of those source samples.
         target_features: the model's features of unlabelled target samples.
         weights: precomputed importance weights instead of the two feature arguments.
-        clip: cap on the weights (see :func:`importance_weights`); ``None`` for none.
+        clip: cap on the weights (see [`importance_weights`][]); ``None`` for none.
         C: inverse regularisation of the domain classifier.
         folds: cross-fitting folds of the domain classifier.
         seed: seed of the folds.
@@ -905,8 +917,8 @@ def _logits(x: object, name: str) -> np.ndarray:
 def prediction_entropy(target_logits: ArrayLike) -> float:
     r"""Mean entropy of the model's predictions on the target (in nats).
 
-    :math:`\frac1N \sum_i -\sum_c p_{ic} \log p_{ic}` with
-    :math:`p_i = \operatorname{softmax}(\text{logits}_i)`. Confident target predictions
+    $\frac1N \sum_i -\sum_c p_{ic} \log p_{ic}$ with
+    $p_i = \operatorname{softmax}(\text{logits}_i)$. Confident target predictions
     (low entropy) are a common, if fallible, sign of a well-adapted model (Morerio et
     al., 2018): compare models with the *lowest* entropy, but beware that a model which
     collapses onto one class is also confident.
@@ -938,12 +950,14 @@ def prediction_entropy(target_logits: ArrayLike) -> float:
 def snd(target_logits: ArrayLike, *, temperature: float = 0.05, chunk_size: int = 2048) -> float:
     r"""Soft neighbourhood density of target predictions (Saito et al., ICCV 2021).
 
-    Following the authors' implementation: the softmax predictions :math:`p_i` are
-    L2-normalised, their cosine similarities :math:`s_{ij}` (with :math:`s_{ii}` set to
+    Following the authors' implementation: the softmax predictions $p_i$ are
+    L2-normalised, their cosine similarities $s_{ij}$ (with $s_{ii}$ set to
     -1, so a sample is not its own neighbour) are turned into neighbour distributions
-    :math:`q_i = \operatorname{softmax}_j(s_{ij} / \tau)`, and
+    $q_i = \operatorname{softmax}_j(s_{ij} / \tau)$, and
 
-    .. math:: \text{SND} = \frac1N \sum_i -\sum_j q_{ij} \log (q_{ij} + 10^{-5}).
+    $$
+    \text{SND} = \frac1N \sum_i -\sum_j q_{ij} \log (q_{ij} + 10^{-5}).
+    $$
 
     A high value means target samples sit in dense neighbourhoods of similar predictions,
     which Saito et al. found to correlate with target accuracy across hyper-parameters.
@@ -951,7 +965,7 @@ def snd(target_logits: ArrayLike, *, temperature: float = 0.05, chunk_size: int 
 
     Args:
         target_logits: the model's logits on unlabelled target samples.
-        temperature: :math:`\tau` (0.05 in the paper).
+        temperature: $\tau$ (0.05 in the paper).
         chunk_size: rows of the ``(N, N)`` similarity matrix computed at a time
             (memory ``chunk_size * N`` floats).
 

@@ -4,16 +4,16 @@ Every class here is a real scikit-learn estimator: it stores its constructor arg
 unchanged, learns in ``fit`` into ``name_`` attributes, and works with ``clone``,
 ``Pipeline`` and ``GridSearchCV``.
 
-* :class:`DeepFeatures` -- a transformer that runs a torch model (samples in, deep
-  features out) through :func:`transferkit.extract_features`.
-* :class:`TorchKernelSVC` -- a kernel SVM whose Gram matrices are computed by
-  :mod:`transferkit.kernels` in torch (chunked, on the GPU when present) and solved by
+* [`DeepFeatures`][] -- a transformer that runs a torch model (samples in, deep
+  features out) through [`transferkit.extract_features`][].
+* [`TorchKernelSVC`][] -- a kernel SVM whose Gram matrices are computed by
+  [`transferkit.kernels`][] in torch (chunked, on the GPU when present) and solved by
   libsvm through ``sklearn.svm.SVC(kernel="precomputed")``; a Nystroem + linear SVM path
   for large training sets.
-* :class:`CORAL`, :class:`TCA`, :class:`SubspaceAlignment` -- feature-space domain
+* [`CORAL`][], [`TCA`][], [`SubspaceAlignment`][] -- feature-space domain
   alignment fitted on labelled source rows plus unlabelled target rows.
-* :class:`PrototypeClassifier` -- nearest class mean, for few-shot targets.
-* :func:`make_deep_svm_pipeline` -- model -> features -> (alignment) -> kernel SVM.
+* [`PrototypeClassifier`][] -- nearest class mean, for few-shot targets.
+* [`make_deep_svm_pipeline`][] -- model -> features -> (alignment) -> kernel SVM.
 
 **How target data reaches ``fit``.** Domain-alignment transformers follow scikit-learn's
 semi-supervised convention: ``fit(X, y)`` receives source and target rows stacked, and
@@ -97,9 +97,9 @@ def _resolve_gamma(gamma: object, kernel: object, x: np.ndarray) -> float:
 class _GemmKernel:
     """The named kernels in GEMM form, element-wise steps in place, no per-block checks.
 
-    Same formulas as :mod:`transferkit.kernels` (``||x||^2 + ||y||^2 - 2 x y^T``, clamped
+    Same formulas as [`transferkit.kernels`][] (``||x||^2 + ||y||^2 - 2 x y^T``, clamped
     at zero, for the distance kernels), but a Gram matrix is computed block by block, so
-    the norms and the validation of :class:`transferkit.kernels.Kernel` calls would be
+    the norms and the validation of [`transferkit.kernels.Kernel`][] calls would be
     paid once per block: this path costs one matrix multiplication and two passes over
     each block.
     """
@@ -160,11 +160,11 @@ def _make_kernel(
 ) -> KernelFunction:
     """The kernel callable behind a kernel name (scikit-learn's parameterisation).
 
-    Named kernels are the :mod:`transferkit.kernels` formulas: ``"rbf"`` and
-    ``"multi_rbf"`` are :class:`~transferkit.kernels.GaussianKernel` with
+    Named kernels are the [`transferkit.kernels`][] formulas: ``"rbf"`` and
+    ``"multi_rbf"`` are [`GaussianKernel`][transferkit.kernels.GaussianKernel] with
     ``sigma^2 = 1 / (2 gamma)``, ``"laplacian"`` is
-    :class:`~transferkit.kernels.LaplacianKernel` with ``sigma = 1 / gamma``, ``"poly"``
-    is :class:`~transferkit.kernels.PolynomialKernel` (tests check the equalities).
+    [`LaplacianKernel`][transferkit.kernels.LaplacianKernel] with ``sigma = 1 / gamma``, ``"poly"``
+    is [`PolynomialKernel`][transferkit.kernels.PolynomialKernel] (tests check the equalities).
     """
     if callable(kernel):
         if getattr(kernel, "bandwidth", 1.0) is None:
@@ -266,7 +266,7 @@ def _drop_unlabelled(
 class TorchKernelSVC(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
     r"""Kernel SVM whose Gram matrices are computed in torch and solved by libsvm.
 
-    ``fit`` computes the training Gram matrix with :mod:`transferkit.kernels` in row
+    ``fit`` computes the training Gram matrix with [`transferkit.kernels`][] in row
     blocks of ``chunk_size`` (on the GPU when ``device`` resolves to one), then solves the
     dual problem with libsvm through ``sklearn.svm.SVC(kernel="precomputed")``. Only the
     support vectors are kept: ``predict``, ``decision_function`` and ``predict_proba``
@@ -275,13 +275,13 @@ class TorchKernelSVC(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
 
     Kernels, with scikit-learn's parameterisation (``D`` = number of features):
 
-    * ``"rbf"``: :math:`\exp(-\gamma \|x - y\|^2)`; ``"multi_rbf"``:
-      :math:`\sum_m \exp(-\gamma \|x - y\|^2 / m)` over ``multipliers`` (DAN's
-      sum of Gaussians, :class:`transferkit.kernels.GaussianKernel` with
-      :math:`\sigma^2 = 1 / (2\gamma)`);
-    * ``"linear"``: :math:`x \cdot y`; ``"poly"``: :math:`(\gamma\, x \cdot y + c_0)^p`;
-    * ``"laplacian"``: :math:`\exp(-\gamma \|x - y\|_2)` (Euclidean distance, as
-      :class:`transferkit.kernels.LaplacianKernel`; scikit-learn's ``laplacian_kernel``
+    * ``"rbf"``: $\exp(-\gamma \|x - y\|^2)$; ``"multi_rbf"``:
+      $\sum_m \exp(-\gamma \|x - y\|^2 / m)$ over ``multipliers`` (DAN's
+      sum of Gaussians, [`transferkit.kernels.GaussianKernel`][] with
+      $\sigma^2 = 1 / (2\gamma)$);
+    * ``"linear"``: $x \cdot y$; ``"poly"``: $(\gamma\, x \cdot y + c_0)^p$;
+    * ``"laplacian"``: $\exp(-\gamma \|x - y\|_2)$ (Euclidean distance, as
+      [`transferkit.kernels.LaplacianKernel`][]; scikit-learn's ``laplacian_kernel``
       uses the L1 distance);
     * any kernel object ``k(x, y) -> (N, M)`` with fixed parameters, e.g.
       ``tk.kernels.GaussianKernel(bandwidth=2.0)``.
@@ -299,7 +299,7 @@ class TorchKernelSVC(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
     **Large n.** The exact path stores the ``(n, n)`` float64 Gram matrix (800 MB at
     n = 10,000). ``solver="auto"`` switches to ``"nystroem"`` above ``max_exact_samples``:
     ``n_components`` random training rows (landmarks) give the features
-    :math:`K_{nm} K_{mm}^{-1/2}`, classified by ``sklearn.svm.LinearSVC`` (one-vs-rest,
+    $K_{nm} K_{mm}^{-1/2}$, classified by ``sklearn.svm.LinearSVC`` (one-vs-rest,
     squared hinge): an approximation of the kernel SVM in ``O(n m)`` memory. The
     ``support_*`` attributes exist on the exact path only.
 
@@ -309,7 +309,7 @@ class TorchKernelSVC(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         gamma: ``"scale"``, ``"auto"`` or a positive number.
         degree: power of the ``"poly"`` kernel.
         coef0: constant of the ``"poly"`` kernel.
-        multipliers: the ``"multi_rbf"`` factors on :math:`1 / \gamma`.
+        multipliers: the ``"multi_rbf"`` factors on $1 / \gamma$.
         device: where Gram matrices are computed (``"auto"``: CUDA when available).
         dtype: ``"float64"`` or ``"float32"`` for the Gram computation.
         chunk_size: rows per Gram block; memory is ``chunk_size * n`` per block.
@@ -567,7 +567,7 @@ class TorchKernelSVC(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
 
     @available_if(_check_proba)  # type: ignore[untyped-decorator]
     def predict_log_proba(self, X: Any) -> np.ndarray:
-        """Logarithm of :meth:`predict_proba`."""
+        """Logarithm of [`predict_proba`][]."""
         log_proba: np.ndarray = np.log(self.predict_proba(X))
         return log_proba
 
@@ -598,7 +598,7 @@ class PrototypeClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
 
     With ``metric="cosine"`` rows are L2-normalised before averaging and the scores are
     cosine similarities to the normalised class means; with ``"euclidean"`` the scores
-    are negative squared distances :math:`-\|x - \mu_c\|^2`. On deep features this is a
+    are negative squared distances $-\|x - \mu_c\|^2$. On deep features this is a
     strong few-shot classifier (one labelled sample per class suffices).
     ``predict_proba`` is the softmax of the scores divided by ``temperature``.
 
@@ -607,7 +607,7 @@ class PrototypeClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         temperature: softmax temperature of ``predict_proba`` (> 0); small values give
             sharper probabilities (cosine scores lie in ``[-1, 1]``).
         unlabelled: rows whose label equals this value are skipped by ``fit`` and
-            ``score`` (see :class:`CORAL`).
+            ``score`` (see [`CORAL`][]).
 
     Attributes:
         classes_: the class labels.
@@ -761,22 +761,24 @@ class CORAL(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):  # type: ign
     ``unlabelled`` (-1 by default). It whitens the source covariance and re-colours with
     the target's, and matches the means:
 
-    .. math:: x_s \mapsto (x_s - \mu_s)\, C_s^{-1/2} C_t^{1/2} + \mu_t,
-       \qquad C = \mathrm{Cov} + \lambda \bar\sigma^2 I
+    $$
+    x_s \mapsto (x_s - \mu_s)\, C_s^{-1/2} C_t^{1/2} + \mu_t,
+    \qquad C = \mathrm{Cov} + \lambda \bar\sigma^2 I
+    $$
 
-    where :math:`\bar\sigma^2` is the mean variance, so ``reg=1`` is the paper's ``+ I``
+    where $\bar\sigma^2$ is the mean variance, so ``reg=1`` is the paper's ``+ I``
     for standardised features. ``fit_transform(X, y)`` maps the source rows and returns
     target rows unchanged; ``transform`` (prediction time: target-domain input) is the
     identity. A classifier trained after it thus sees source features with target
     statistics. Without target rows (or without ``y``) the map is the identity.
 
     Args:
-        reg: covariance regularisation :math:`\lambda \ge 0`, relative to the mean variance.
+        reg: covariance regularisation $\lambda \ge 0$, relative to the mean variance.
         unlabelled: the label that marks target rows.
 
     Attributes:
         source_mean_, target_mean_: the domain means, ``(D,)``.
-        matrix_: :math:`C_s^{-1/2} C_t^{1/2}`, ``(D, D)``.
+        matrix_: $C_s^{-1/2} C_t^{1/2}$, ``(D, D)``.
 
     Examples:
         >>> rng = np.random.default_rng(0)
@@ -835,10 +837,10 @@ class CORAL(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):  # type: ign
 class SubspaceAlignment(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # type: ignore[misc]
     r"""Subspace alignment (Fernando et al., 2013): align the source PCA basis to the target's.
 
-    With :math:`P_s, P_t` the top ``n_components`` principal directions of each domain
-    (``(D, k)``) and :math:`M = P_s^\top P_t`, source rows map to
-    :math:`(x - \mu_s) P_s M` and target rows to :math:`(x - \mu_t) P_t`. Target rows are
-    marked by ``y == unlabelled`` as for :class:`CORAL`; ``transform`` applies the target
+    With $P_s, P_t$ the top ``n_components`` principal directions of each domain
+    (``(D, k)``) and $M = P_s^\top P_t$, source rows map to
+    $(x - \mu_s) P_s M$ and target rows to $(x - \mu_t) P_t$. Target rows are
+    marked by ``y == unlabelled`` as for [`CORAL`][]; ``transform`` applies the target
     map. With one domain only it is PCA.
 
     Args:
@@ -847,8 +849,8 @@ class SubspaceAlignment(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
 
     Attributes:
         source_mean_, target_mean_: domain means.
-        source_components_, target_components_: the bases :math:`P_s, P_t`, ``(D, k)``.
-        alignment_: :math:`M`, ``(k, k)``.
+        source_components_, target_components_: the bases $P_s, P_t$, ``(D, k)``.
+        alignment_: $M$, ``(k, k)``.
 
     Examples:
         >>> rng = np.random.default_rng(0)
@@ -923,29 +925,31 @@ class TCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # 
     r"""Transfer Component Analysis (Pan et al., 2011): a kernel map that shrinks the MMD.
 
     On the stacked source and target rows (target rows: ``y == unlabelled``) with kernel
-    matrix :math:`K`, centring matrix :math:`H` and MMD matrix :math:`L`
-    (:math:`1/n_s^2`, :math:`1/n_t^2`, :math:`-1/(n_s n_t)`), the transfer components
-    :math:`W` are the top ``n_components`` generalised eigenvectors of
+    matrix $K$, centring matrix $H$ and MMD matrix $L$
+    ($1/n_s^2$, $1/n_t^2$, $-1/(n_s n_t)$), the transfer components
+    $W$ are the top ``n_components`` generalised eigenvectors of
 
-    .. math:: K H K\, w = \lambda\, (K L K + \mu I)\, w,
+    $$
+    K H K\, w = \lambda\, (K L K + \mu I)\, w,
+    $$
 
     i.e. they maximise the embedded variance while keeping the domains' means close. Any
-    row (either domain, or new data) maps to :math:`k(x, X_{fit}) W`, so ``transform``
+    row (either domain, or new data) maps to $k(x, X_{fit}) W$, so ``transform``
     and ``fit_transform`` agree. With one domain only it is kernel PCA. The cost is
     ``O(n^3)`` in the number of fitted rows (a few thousand at most).
 
     Args:
         n_components: number of transfer components.
         kernel: ``"rbf"``, ``"linear"``, ``"poly"``, ``"laplacian"`` or ``"multi_rbf"``
-            (as :class:`TorchKernelSVC`).
-        mu: trade-off :math:`\mu > 0`; smaller values weigh the MMD term more.
+            (as [`TorchKernelSVC`][]).
+        mu: trade-off $\mu > 0$; smaller values weigh the MMD term more.
         gamma: kernel ``gamma`` (``"scale"``, ``"auto"`` or a number).
         degree: power of the ``"poly"`` kernel.
         coef0: constant of the ``"poly"`` kernel.
         unlabelled: the label that marks target rows.
 
     Attributes:
-        components_: :math:`W`, ``(n_fit, n_components)``.
+        components_: $W$, ``(n_fit, n_components)``.
         fit_data_: the rows the kernel is evaluated against, ``(n_fit, D)``.
         gamma_: the numeric ``gamma`` used.
 
@@ -1031,7 +1035,7 @@ class TCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # 
         return self
 
     def transform(self, X: Any) -> np.ndarray:
-        """Embed rows of either domain: :math:`k(x, X_{fit}) W`, ``(N, n_components)``."""
+        """Embed rows of either domain: $k(x, X_{fit}) W$, ``(N, n_components)``."""
         check_is_fitted(self)
         X = validate_data(self, X, dtype=np.float64, reset=False)
         embedded: np.ndarray = self._kernel_matrix(X, self.fit_data_) @ self.components_
@@ -1058,17 +1062,17 @@ class _TransformedRows(Dataset[Tensor]):
 class DeepFeatures(TransformerMixin, BaseEstimator):  # type: ignore[misc]
     """Transformer: samples in, deep features of a torch model out.
 
-    ``transform`` calls :func:`transferkit.extract_features` (inference mode, batched,
+    ``transform`` calls [`transferkit.extract_features`][] (inference mode, batched,
     on ``device``). Several ``layers`` are flattened and concatenated in the given order,
     so the output is always a 2-D array. ``fit`` learns nothing (it records
     ``n_features_in_``); the model is used as it is. ``clone`` (and so ``GridSearchCV``)
     deep-copies the model.
 
     Args:
-        model: a ``torch.nn.Module`` (or a :class:`transferkit.FeatureExtractor`).
+        model: a ``torch.nn.Module`` (or a [`transferkit.FeatureExtractor`][]).
         layers: module name(s) whose outputs are the features; ``None`` for the model's
             output.
-        pool: how :func:`transferkit.extract_features` reduces ``(N, C, H, W)`` / ``(N, T,
+        pool: how [`transferkit.extract_features`][] reduces ``(N, C, H, W)`` / ``(N, T,
             D)`` layer outputs (``"avg"``, ...; ``None`` keeps them, flattened here).
         batch_size: samples per forward pass.
         device: where the model runs (``"auto"``: CUDA when available).
@@ -1199,8 +1203,8 @@ def make_deep_svm_pipeline(
 ) -> Pipeline:
     """Model -> deep features -> (standardise) -> (domain alignment) -> kernel SVM.
 
-    The steps are named ``"features"`` (:class:`DeepFeatures`), ``"scale"``
-    (``StandardScaler``), ``"align"`` and ``"svc"`` (:class:`TorchKernelSVC`), so grid
+    The steps are named ``"features"`` ([`DeepFeatures`][]), ``"scale"``
+    (``StandardScaler``), ``"align"`` and ``"svc"`` ([`TorchKernelSVC`][]), so grid
     searches address ``svc__C``, ``align__mu``, ... With ``align``, fit the pipeline on
     source and target rows stacked, target rows labelled ``-1`` (the SVM then gets
     ``unlabelled=-1`` and learns from the labelled rows only).
@@ -1210,9 +1214,9 @@ def make_deep_svm_pipeline(
         layers: layer name(s) to take features from (``None``: the model's output).
         align: ``"coral"``, ``"tca"``, ``"subspace"``, a transformer, or ``None``.
         scale: standardise the features (fitted on all rows, both domains).
-        feature_params: more :class:`DeepFeatures` arguments (``batch_size``,
+        feature_params: more [`DeepFeatures`][] arguments (``batch_size``,
             ``device``, ``input_shape``, ``input_transform``, ``pool``, ...).
-        **svc_params: :class:`TorchKernelSVC` arguments (``C``, ``kernel``, ...).
+        **svc_params: [`TorchKernelSVC`][] arguments (``C``, ``kernel``, ...).
 
     Returns:
         An unfitted ``sklearn.pipeline.Pipeline``.

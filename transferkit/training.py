@@ -3,9 +3,9 @@
 transferkit deliberately ships no ``fit`` function: your training loop is yours. These
 pieces slot into it:
 
-* :class:`EarlyStopping` -- watches a validation metric, says when to stop, keeps a CPU
+* [`EarlyStopping`][] -- watches a validation metric, says when to stop, keeps a CPU
   copy of the best weights and puts them back; its counter survives checkpoints.
-* :func:`class_weights` -- per-class loss weights for imbalanced targets, to pass to
+* [`class_weights`][] -- per-class loss weights for imbalanced targets, to pass to
   ``nn.CrossEntropyLoss(weight=...)``.
 """
 
@@ -34,16 +34,16 @@ WeightMethod = Literal["balanced", "inverse_sqrt"]
 class EarlyStopping:
     """Stop training when a validation metric stops improving; keep the best weights.
 
-    Call :meth:`step` once per evaluation with the metric and the model. A value counts
+    Call [`step`][] once per evaluation with the metric and the model. A value counts
     as an improvement when it beats the best so far by more than ``min_delta``
     (``metric < best - min_delta`` for ``mode="min"``, ``metric > best + min_delta`` for
     ``mode="max"``). After ``patience`` evaluations in a row without improvement,
-    :meth:`step` returns ``True``. With ``restore_best=True`` the weights of the best
+    [`step`][] returns ``True``. With ``restore_best=True`` the weights of the best
     evaluation are kept as a CPU copy of the model's ``state_dict`` (so they cost no
     accelerator memory) and are loaded back into the model when stopping, or whenever
-    you call :meth:`restore`.
+    you call [`restore`][].
 
-    :meth:`state_dict` / :meth:`load_state_dict` save the counter, the best value and
+    [`state_dict`][] / [`load_state_dict`][] save the counter, the best value and
     the best weights, so a resumed run stops at the same evaluation as an uninterrupted
     one.
 
@@ -52,14 +52,14 @@ class EarlyStopping:
         min_delta: minimum change that counts as an improvement (``>= 0``).
         mode: ``"min"`` for losses, ``"max"`` for accuracies and scores.
         restore_best: keep a snapshot of the best weights and load it into the model
-            when :meth:`step` returns ``True``.
+            when [`step`][] returns ``True``.
 
     Attributes:
         best: the best metric so far (``None`` before the first step).
         best_step: the evaluation index (0-based) at which ``best`` was seen.
         num_bad_steps: evaluations since the last improvement.
         steps: evaluations seen so far.
-        stopped: whether :meth:`step` has returned ``True``.
+        stopped: whether [`step`][] has returned ``True``.
 
     Raises:
         TypeError: ``patience`` is not an integer or ``min_delta`` not a number.
@@ -103,7 +103,7 @@ class EarlyStopping:
             metric: a finite metric value.
 
         Returns:
-            ``True`` before the first step, or when ``metric`` improves on :attr:`best`.
+            ``True`` before the first step, or when ``metric`` improves on `best`.
 
         Examples:
             >>> stopper = EarlyStopping(min_delta=0.1, mode="max")
@@ -240,14 +240,14 @@ class EarlyStopping:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore the state saved by :meth:`state_dict`.
+        """Restore the state saved by [`state_dict`][].
 
         ``patience``, ``min_delta`` and ``mode`` come from the constructor, not from
         the checkpoint: a resumed run may change them. A checkpoint recorded with the
         other ``mode`` is refused, because its best value would be meaningless.
 
         Args:
-            state: a mapping returned by :meth:`state_dict`.
+            state: a mapping returned by [`state_dict`][].
 
         Raises:
             KeyError: a required key is missing.
@@ -324,9 +324,9 @@ def class_weights(
 
     With ``n`` labels, ``C`` classes and ``n_c`` samples of class ``c``:
 
-    * ``"balanced"``: :math:`w_c = n / (C \cdot n_c)`, the same as scikit-learn's
+    * ``"balanced"``: $w_c = n / (C \cdot n_c)$, the same as scikit-learn's
       ``compute_class_weight("balanced", ...)``; a balanced label set gets all ones.
-    * ``"inverse_sqrt"``: :math:`w_c = \sqrt{n / (C \cdot n_c)}`, a milder correction
+    * ``"inverse_sqrt"``: $w_c = \sqrt{n / (C \cdot n_c)}$, a milder correction
       often preferred for long-tailed targets.
 
     Classes absent from ``labels`` (possible when ``num_classes`` exceeds the largest
