@@ -1,19 +1,37 @@
 """The on-disk feature cache of [`transferkit.extract_features`][] (private).
 
-Fingerprints of models and data, and `_CacheSink`: preallocated ``.npy`` files
-filled with positioned writes plus an atomically rewritten JSON header that records how
-many rows are complete (so an interrupted run resumes, and a mismatching cache is
-recomputed).
+* Hashing: `_TreeHash` streams bytes through ``hashlib.blake2b`` without copying
+  them (4 MiB leaves hashed in parallel threads, so the digest is independent of how the
+  bytes were fed and of the number of threads); `_update_tensor` feeds a tensor's
+  logical content (independent of its strides); `_model_fingerprint` covers the
+  weights, buffers, module types, ``repr`` and the code of every module class.
+* `_CacheSink`: preallocated ``.npy`` files filled with positioned writes, an
+  atomically rewritten JSON header that records, for every chunk of rows written, a
+  digest of the input batch and a checksum of the stored rows, and a lock file that
+  serialises the processes (and threads) using the same folder.
+
+Only plain file names that this module creates (``features_<i>.npy``, ``labels.npy``,
+``header.json``, ``.lock`` and ``.<name>.<pid>.tmp``) are ever opened, replaced or
+deleted, always inside the cache folder and never through a symbolic link.
 """
 
 from __future__ import annotations
 
+import bisect
+import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import re
+import shutil
+import stat
+import threading
 import time
-from collections.abc import Mapping, Sequence
+import types
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,72 +42,226 @@ from torch import Tensor, nn
 logger = logging.getLogger("transferkit.features")
 
 _FORMAT = "transferkit-features"
-_VERSION = 1
+_VERSION = 2
 _HEADER = "header.json"
+_LOCK = ".lock"
 _HEADER_INTERVAL_S = 1.0
-_FULL_HASH_ELEMENTS = 1 << 24
+_LEAF_BYTES = 1 << 22  # tree-hash leaf: 4 MiB
+_CHUNK_BYTES = 1 << 24  # non-contiguous / device tensors are hashed 16 MiB at a time
+_DATA_NAME = re.compile(r"(features_[0-9]{1,6}|labels)\.npy")
+_TMP_NAME = re.compile(r"\.(header\.json|features_[0-9]{1,6}\.npy|labels\.npy)\.[0-9]+\.tmp")
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+# --------------------------------------------------------------------------- hashing
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
 
 
-def _tensor_bytes(t: Tensor) -> bytes:
-    flat = t.detach().contiguous().reshape(-1)
-    if flat.numel() == 0:
-        return b""
-    if flat.dtype == torch.bool:
-        flat = flat.to(torch.uint8)
-    return bytes(flat.view(torch.uint8).cpu().numpy().tobytes())
+def _hash_pool() -> ThreadPoolExecutor | None:
+    """Threads for leaf hashes (hashlib releases the GIL); None on a single core."""
+    global _pool
+    workers = min(8, os.cpu_count() or 1)
+    if workers < 2:
+        return None
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(workers, thread_name_prefix="transferkit-hash")
+        return _pool
 
 
-def _digest_tensor(h: Any, t: Tensor) -> None:
-    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    if t.is_quantized or t.is_sparse:
-        h.update(repr(t).encode())
+def _leaf_digest(view: memoryview) -> bytes:
+    return hashlib.blake2b(view, digest_size=32).digest()
+
+
+class _TreeHash:
+    """blake2b over a byte stream, cut into 4 MiB leaves hashed in parallel.
+
+    The digest is ``blake2b(leaf digests..., total length)``; it depends only on the bytes
+    fed, not on how they were split between ``update`` calls or on the number of threads.
+    Buffers are read through memoryviews (no copies), except the part of a leaf that
+    straddles two ``update`` calls.
+    """
+
+    def __init__(self) -> None:
+        self._outer = hashlib.blake2b(digest_size=16)
+        self._leaf = hashlib.blake2b(digest_size=32)
+        self._fill = 0
+        self._total = 0
+
+    def update(self, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        size = view.nbytes
+        self._total += size
+        pos = 0
+        if self._fill:
+            pos = min(_LEAF_BYTES - self._fill, size)
+            self._leaf.update(view[:pos])
+            self._fill += pos
+            if self._fill == _LEAF_BYTES:
+                self._outer.update(self._leaf.digest())
+                self._leaf, self._fill = hashlib.blake2b(digest_size=32), 0
+        end = pos + (size - pos) // _LEAF_BYTES * _LEAF_BYTES
+        if end > pos:
+            leaves = [view[i : i + _LEAF_BYTES] for i in range(pos, end, _LEAF_BYTES)]
+            pool = _hash_pool() if len(leaves) > 1 else None
+            for digest in pool.map(_leaf_digest, leaves) if pool else map(_leaf_digest, leaves):
+                self._outer.update(digest)
+        if end < size:
+            self._leaf.update(view[end:])
+            self._fill += size - end
+
+    def hexdigest(self) -> str:
+        outer = self._outer.copy()
+        if self._fill:
+            outer.update(self._leaf.digest())
+        outer.update(self._total.to_bytes(8, "little"))
+        return outer.hexdigest()
+
+
+def _as_bytes(t: Tensor) -> np.ndarray:
+    """The bytes of a contiguous CPU tensor, as a uint8 array sharing its memory."""
+    return np.asarray(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _feed(h: _TreeHash, t: Tensor) -> None:
+    """Feed ``t``'s elements in logical (row-major) order, copying at most 16 MiB at once."""
+    if t.device.type == "cpu" and t.is_contiguous():
+        h.update(_as_bytes(t))
         return
-    if t.numel() <= _FULL_HASH_ELEMENTS:
-        h.update(_tensor_bytes(t))
+    row_bytes = t[0].numel() * t.element_size()
+    if t.dim() > 1 and row_bytes > _CHUNK_BYTES:
+        for row in t:
+            _feed(h, row)
         return
-    # Large tensors: a strided sample plus exact float64 sums, which change whenever any
-    # element does (barring exact cancellation), at a fraction of the cost of full bytes.
-    flat = t.detach().reshape(-1)
-    stride = max(1, flat.numel() // _FULL_HASH_ELEMENTS)
-    h.update(_tensor_bytes(flat[::stride]))
-    if not t.is_complex() and t.dtype != torch.bool:
-        h.update(repr(float(flat.sum(dtype=torch.float64))).encode())
-        h.update(repr(float(flat.abs().sum(dtype=torch.float64))).encode())
+    step = max(1, _CHUNK_BYTES // max(1, row_bytes))
+    for i in range(0, int(t.shape[0]), step):
+        h.update(_as_bytes(t[i : i + step].contiguous().cpu()))
 
 
-def _model_fingerprint(model: nn.Module) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    h.update(type(model).__qualname__.encode())
-    for name, tensor in model.state_dict().items():
-        h.update(name.encode())
-        if isinstance(tensor, Tensor):
-            _digest_tensor(h, tensor)
+def _update_tensor(h: _TreeHash, t: Tensor) -> None:
+    """Feed dtype, shape and every element of ``t`` (strides and memory format ignored)."""
+    t = t.detach()
+    h.update(f"T{t.dtype}{tuple(t.shape)}|".encode())
+    if t.device.type == "meta":
+        h.update(b"meta")
+        return
+    if t.layout == torch.sparse_coo:
+        t = t.coalesce()
+        _update_tensor(h, t.indices())
+        _update_tensor(h, t.values())
+        return
+    if t.layout != torch.strided:
+        t = t.to_dense()
+    if t.is_quantized:
+        if t.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+            h.update(f"{t.qscheme()}{t.q_scale()!r}{t.q_zero_point()}".encode())
+        else:
+            h.update(f"{t.qscheme()}{t.q_per_channel_axis()}".encode())
+            _update_tensor(h, t.q_per_channel_scales())
+            _update_tensor(h, t.q_per_channel_zero_points())
+        t = t.int_repr()
+    t = t.resolve_conj().resolve_neg()
+    if t.numel() == 0:
+        return
+    _feed(h, t.reshape(1) if t.dim() == 0 else t)
+
+
+def _update_item(h: _TreeHash, item: Any) -> None:
+    """Feed a batch or dataset item: tensors, arrays, containers, else its ``repr``."""
+    if isinstance(item, Tensor):
+        _update_tensor(h, item)
+    elif isinstance(item, np.ndarray) or hasattr(item, "__array_interface__"):
+        array = np.asarray(item)
+        if array.dtype == object:
+            h.update(b"O")
+            for value in array.reshape(-1):
+                _update_item(h, value)
+            return
+        h.update(f"A{array.dtype.str}{array.shape}|".encode())
+        h.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+    elif isinstance(item, Mapping):
+        h.update(f"D{len(item)}|".encode())
+        for key in item:
+            h.update(f"{key!r}:".encode())
+            _update_item(h, item[key])
+    elif isinstance(item, (list, tuple)):
+        h.update(f"L{len(item)}|".encode())
+        for value in item:
+            _update_item(h, value)
+    elif isinstance(item, (str, bytes, int, float, complex, bool)) or item is None:
+        h.update(f"{type(item).__name__}:{item!r}|".encode())
+    else:  # other objects: their repr (a memory address in it makes every run recompute)
+        h.update(f"{type(item).__qualname__}:{item!r}|".encode())
+
+
+def _batch_digest(batch: Any) -> str:
+    """Digest of one batch exactly as the data source yielded it (inputs and labels)."""
+    h = _TreeHash()
+    _update_item(h, batch)
     return h.hexdigest()
 
 
-def _digest_item(h: Any, item: Any) -> None:
-    if isinstance(item, Tensor):
-        _digest_tensor(h, item)
-    elif isinstance(item, np.ndarray) and item.dtype != object:
-        _digest_tensor(h, torch.from_numpy(np.ascontiguousarray(item)))
-    elif isinstance(item, Mapping):
-        for key in item:
-            h.update(repr(key).encode())
-            _digest_item(h, item[key])
-    elif isinstance(item, (list, tuple)):
-        for value in item:
-            _digest_item(h, value)
-    else:
-        h.update(repr(item).encode())
+def _update_code(h: _TreeHash, code: types.CodeType) -> None:
+    h.update(code.co_code)
+    h.update(("|".join(code.co_names) + "#" + "|".join(code.co_varnames)).encode())
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            _update_code(h, const)
+        elif isinstance(const, frozenset):
+            h.update(repr(sorted(repr(c) for c in const)).encode())
+        else:
+            h.update(repr(const).encode())
+
+
+def _update_class(h: _TreeHash, cls: type, seen: set[type]) -> None:
+    """Feed the code of the methods a module class defines (and its bases up to Module)."""
+    for klass in cls.__mro__:
+        if klass in seen or klass is nn.Module or klass is object:
+            continue
+        seen.add(klass)
+        h.update(f"C{klass.__module__}.{klass.__qualname__}|".encode())
+        for name, value in sorted(vars(klass).items()):
+            function = getattr(value, "__func__", value)
+            code = getattr(function, "__code__", None)
+            if isinstance(code, types.CodeType):
+                h.update(name.encode())
+                _update_code(h, code)
+
+
+def _model_fingerprint(model: nn.Module) -> str:
+    """Hash of the model's structure (types, repr, class code), parameters and buffers."""
+    h = _TreeHash()
+    h.update(_ADDRESS.sub(" at 0x?", repr(model)).encode())
+    seen: set[type] = set()
+    for name, module in model.named_modules(remove_duplicate=False):
+        cls = type(module)
+        h.update(f"M{name}:{cls.__module__}.{cls.__qualname__}|".encode())
+        _update_class(h, cls, seen)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        h.update(f"P{name}|".encode())
+        _update_tensor(h, param)
+    for name, buffer in model.named_buffers(remove_duplicate=False):
+        h.update(f"B{name}|".encode())
+        _update_tensor(h, buffer)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- files
 
 
 def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        with open(fd, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, separators=(",", ":"))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _data_offset(path: Path) -> int:
@@ -102,25 +274,62 @@ def _data_offset(path: Path) -> int:
         return handle.tell()
 
 
-def _file_checksum(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    buffer = bytearray(1 << 20)  # one reused 1 MiB buffer: memory does not grow with the file
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as handle:
-        handle.seek(_data_offset(path))
-        while size := handle.readinto(view):
-            h.update(view[:size])
-    return h.hexdigest()
+def _plain_file(directory: Path, name: object, what: str) -> Path:
+    """``directory / name`` if ``name`` is one of the cache's own file names, else raise."""
+    if not isinstance(name, str) or not _DATA_NAME.fullmatch(name):
+        raise ValueError(
+            f"cache: {directory / _HEADER} names the file {name!r} for {what}; expected a "
+            "plain file name of the form features_<i>.npy or labels.npy inside the cache "
+            f"folder. Refusing to touch it: delete {directory} to recompute the features"
+        )
+    return directory / name
+
+
+def _no_link(path: Path) -> bool:
+    """True if ``path`` exists as a regular file; raise if it is a link or anything else."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if stat.S_ISLNK(info.st_mode):
+        raise ValueError(
+            f"cache: {path} is a symbolic link; the cache never follows links. "
+            f"Remove it (or delete {path.parent}) to recompute the features"
+        )
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"cache: {path} is not a regular file; delete it to recompute")
+    return True
+
+
+def _cannot_write(directory: Path, err: OSError) -> OSError:
+    return type(err)(
+        err.errno,
+        f"cache: cannot write to {directory} ({err.strerror or err}); free some space, "
+        "make the folder writable, or pass another cache folder (or cache=None)",
+    )
+
+
+class _Chunk:
+    """Rows ``[start, stop)`` written from one batch: input digest and per-file checksums."""
+
+    __slots__ = ("data", "start", "stop", "sums")
+
+    def __init__(self, start: int, stop: int, data: str | None, sums: list[str]) -> None:
+        self.start, self.stop, self.data, self.sums = start, stop, data, sums
+
+    def to_json(self) -> list[Any]:
+        return [self.start, self.stop, self.data, self.sums]
 
 
 class _CacheSink:
     """Rows written straight into preallocated ``.npy`` files plus a JSON header.
 
     The ``.npy`` files are created with ``np.lib.format.open_memmap`` (valid headers, full
-    size) and filled with positioned writes rather than through a mapping, so resident
-    memory does not grow with the number of rows; they are read back memory-mapped. The
-    header, rewritten atomically, records how many rows are complete: data beyond it is
-    never trusted, so an interrupted run resumes from there.
+    size) and filled with positioned writes (``os.pwrite``), so resident memory does not
+    grow with the number of rows; they are read back memory-mapped. The header, rewritten
+    atomically at most once a second, lists the chunks written so far: rows, the digest of
+    the input batch and a checksum of each file's rows. Rows outside these chunks are
+    never trusted, and a chunk is only reused after its checksums are verified.
     """
 
     def __init__(
@@ -131,12 +340,17 @@ class _CacheSink:
         self.key = key
         self.batch_size = batch_size
         self.header: dict[str, Any] | None = None
-        self.handles: list[Any] = []
+        self.complete = False
+        self.dirty = False
+        self.starts: list[int] = []
+        self.chunks: dict[int, _Chunk] = {}
+        self._lock_fd: int | None = None
+        self._read_fds: list[int] = []
+        self._write_fds: list[int] = []
         self.offsets: list[int] = []
         self.row_bytes: list[int] = []
         self.dtypes: list[np.dtype[Any]] = []
         self.last_save = 0.0
-        self.rows_done = 0
 
     @property
     def header_path(self) -> Path:
@@ -148,68 +362,206 @@ class _CacheSink:
             "to recompute the features"
         )
 
-    def open(self) -> int:
-        """Check an existing cache; return the rows already done (0 for a fresh start)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        if not self.header_path.exists():
-            return 0
+    # ------------------------------------------------------------------ opening
+
+    def open(self) -> None:
+        """Lock the folder, clean stale temp files and load a matching header, if any."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except FileExistsError as err:
+            raise ValueError(f"cache: {self.directory} exists and is not a directory") from err
+        try:
+            self._lock()
+            self._clean_tmp()
+            self._load()
+        except BaseException:
+            self.close()
+            raise
+
+    def _lock(self) -> None:
+        """Hold an exclusive ``flock`` on ``.lock`` until `close` (waits for others)."""
+        path = self.directory / _LOCK
+        _no_link(path)
+        flags = os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o644)
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            try:  # a read-only folder: lock an existing file, or go on without (nobody writes)
+                fd = os.open(path, os.O_RDONLY | flags)
+            except FileNotFoundError:
+                return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("cache: %s is in use by another extraction; waiting", self.directory)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        self._lock_fd = fd
+
+    def _clean_tmp(self) -> None:
+        """Remove temp files left by a killed run (we hold the lock, so none is live)."""
+        if self._lock_fd is None:
+            return
+        for entry in os.scandir(self.directory):
+            if _TMP_NAME.fullmatch(entry.name) and not entry.is_dir(follow_symlinks=False):
+                logger.info("cache: removing %s left by an interrupted run", entry.path)
+                Path(entry.path).unlink(missing_ok=True)
+
+    def _load(self) -> None:
+        if not _no_link(self.header_path):
+            return
         try:
             header = json.loads(self.header_path.read_text(encoding="utf-8"))
-            if header.get("format") != _FORMAT or header.get("version") != _VERSION:
-                raise ValueError(f"not a {_FORMAT} v{_VERSION} header")
+            if not isinstance(header, dict) or header.get("format") != _FORMAT:
+                raise ValueError(f"not a {_FORMAT} header")
+            version = header.get("version")
             files = dict(header["files"])
             if header["labels"] is not None:
                 files["labels"] = header["labels"]
-            rows_done = int(header["rows_done"])
-            num_rows = int(header["num_rows"])
-            stored_key = dict(header["fingerprint"])
-            layers = list(header["layers"])
+            paths = [
+                _plain_file(self.directory, dict(entry).get("file"), str(name))
+                for name, entry in files.items()
+            ]
         except (ValueError, KeyError, TypeError, AttributeError) as err:
+            if isinstance(err, ValueError) and str(err).startswith("cache: "):
+                raise
+            raise self._corrupt(str(self.header_path), err) from err
+        if version != _VERSION:
+            logger.warning(
+                "cache: %s was written by another version of transferkit; recomputing it",
+                self.directory,
+            )
+            self._discard(paths)
+            return
+        try:
+            stored_key = dict(header["fingerprint"])
+            num_rows = int(header["num_rows"])
+            layers = list(header["layers"])
+            chunks = [_Chunk(int(a), int(b), d, list(s)) for a, b, d, s in header["chunks"]]
+        except (ValueError, KeyError, TypeError) as err:
             raise self._corrupt(str(self.header_path), err) from err
         if stored_key != self.key:
             changed = sorted(k for k in self.key if stored_key.get(k) != self.key[k])
-            files = {k: v for k, v in files.items() if isinstance(v, Mapping)}
             logger.warning(
                 "cache: %s was computed with a different %s; recomputing it",
                 self.directory,
                 "/".join(changed) or "format",
             )
-            self._discard(files)
-            return 0
-        if (
-            not 0 <= rows_done <= num_rows
-            or layers != self.names
-            or layers != list(header["files"])
-        ):
-            raise self._corrupt(str(self.header_path), "inconsistent row counts or layers")
-        for entry in files.values():
-            self._check_file(entry, complete=bool(header.get("complete")))
+            self._discard(paths)
+            return
+        if layers != self.names or layers != list(header["files"]):
+            raise self._corrupt(str(self.header_path), "inconsistent layers")
+        entries = [header["files"][n] for n in self.names]
+        entries += [header["labels"]] if header["labels"] is not None else []
+        for entry in entries:
+            self._check_file(entry, num_rows)
+        previous = 0
+        for chunk in sorted(chunks, key=lambda c: c.start):
+            if (
+                not previous <= chunk.start < chunk.stop <= num_rows
+                or len(chunk.sums) != len(entries)
+                or not all(isinstance(s, str) for s in chunk.sums)
+                or not (chunk.data is None or isinstance(chunk.data, str))
+            ):
+                raise self._corrupt(str(self.header_path), "inconsistent chunks")
+            previous = chunk.stop
+            self.chunks[chunk.start] = chunk
+        self.starts = sorted(self.chunks)
         self.header = header
-        self.rows_done = rows_done
-        return rows_done
+        self.complete = bool(header.get("complete")) and self.rows_done == num_rows
 
-    def _check_file(self, entry: dict[str, Any], *, complete: bool) -> None:
+    def _check_file(self, entry: dict[str, Any], num_rows: int) -> None:
         try:
             path = self.directory / str(entry["file"])
             shape, dtype = list(entry["shape"]), str(entry["dtype"])
         except (KeyError, TypeError) as err:
             raise self._corrupt(str(self.header_path), err) from err
-        if not path.exists():
+        if not _no_link(path):
             raise ValueError(f"cache: {path} is missing; delete {self.directory} to recompute")
         try:
             array = np.load(path, mmap_mode="r")
         except (ValueError, OSError, EOFError) as err:
             raise self._corrupt(str(path), err) from err
-        if list(array.shape) != shape or str(array.dtype) != dtype:
+        if list(array.shape) != shape or str(array.dtype) != dtype or shape[:1] != [num_rows]:
             raise self._corrupt(str(path), f"shape {array.shape} / {array.dtype} != header")
         del array
-        if complete and _file_checksum(path) != entry.get("checksum"):
-            raise self._corrupt(str(path), "checksum mismatch")
 
-    def _discard(self, files: Mapping[str, Any]) -> None:
+    def _discard(self, paths: Iterable[Path]) -> None:
+        """Delete an outdated cache's files (names already checked by `_plain_file`)."""
         self.header_path.unlink(missing_ok=True)
-        for entry in files.values():
-            (self.directory / str(entry.get("file", ""))).unlink(missing_ok=True)
+        for path in paths:
+            if _no_link(path):
+                path.unlink()
+
+    # ------------------------------------------------------------------ chunks
+
+    @property
+    def rows_done(self) -> int:
+        """End of the run of chunks that starts at row 0 (what a resume skips)."""
+        rows = 0
+        while rows in self.chunks:
+            rows = self.chunks[rows].stop
+        return rows
+
+    def spans(self) -> list[tuple[int, int]]:
+        """Row ranges of the recorded chunks, in order."""
+        return [(s, self.chunks[s].stop) for s in self.starts]
+
+    def lookup(self, start: int, stop: int) -> _Chunk | None:
+        chunk = self.chunks.get(start)
+        return chunk if chunk is not None and chunk.stop == stop else None
+
+    def _entries(self) -> list[dict[str, Any]]:
+        if self.header is None:
+            return []
+        entries = [self.header["files"][name] for name in self.names]
+        return entries + ([self.header["labels"]] if self.header["labels"] else [])
+
+    def _layout(self) -> None:
+        if self.offsets:
+            return
+        for entry in self._entries():
+            dtype = np.dtype(entry["dtype"])
+            self.offsets.append(_data_offset(self.directory / entry["file"]))
+            self.row_bytes.append(int(np.prod(entry["shape"][1:], dtype=np.int64)) * dtype.itemsize)
+            self.dtypes.append(dtype)
+
+    def _open_fds(self, flags: int) -> list[int]:
+        fds = []
+        try:
+            for entry in self._entries():
+                path = self.directory / entry["file"]
+                _no_link(path)
+                fds.append(os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC))
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return fds
+
+    def verify(self, chunk: _Chunk) -> str | None:
+        """None if every file's rows match their checksum, else the first bad file."""
+        self._layout()
+        if not self._read_fds:
+            self._read_fds = self._open_fds(os.O_RDONLY)
+        for entry, fd, offset, row_bytes, expected in zip(
+            self._entries(), self._read_fds, self.offsets, self.row_bytes, chunk.sums, strict=True
+        ):
+            size = (chunk.stop - chunk.start) * row_bytes
+            data = os.pread(fd, size, offset + chunk.start * row_bytes)
+            h = _TreeHash()
+            h.update(data)
+            if len(data) != size or h.hexdigest() != expected:
+                return str(entry["file"])
+        return None
+
+    def corrupt_rows(self, chunk: _Chunk, file: str) -> ValueError:
+        return self._corrupt(
+            str(self.directory / file), f"checksum mismatch in rows {chunk.start}..{chunk.stop}"
+        )
+
+    # ------------------------------------------------------------------ writing
 
     def _create(self, outputs: list[np.ndarray], labels: np.ndarray | None) -> None:
         num_rows = int(self.key["num_rows"])
@@ -217,9 +569,13 @@ class _CacheSink:
         def allocate(file: str, sample: np.ndarray) -> dict[str, Any]:
             shape = (num_rows, *sample.shape[1:])
             tmp = self.directory / f".{file}.{os.getpid()}.tmp"
-            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=sample.dtype, shape=shape)
-            del array
-            os.replace(tmp, self.directory / file)
+            try:
+                array = np.lib.format.open_memmap(tmp, mode="w+", dtype=sample.dtype, shape=shape)
+                del array
+                os.replace(tmp, self.directory / file)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
             return {"file": file, "shape": list(shape), "dtype": str(sample.dtype)}
 
         files = {
@@ -237,66 +593,138 @@ class _CacheSink:
             "batch_size": self.batch_size,
             "rows_done": 0,
             "complete": False,
+            "chunks": [],
         }
-        _write_json_atomic(self.header_path, self.header)
+        self._write_header()
 
-    def _entries(self) -> list[dict[str, Any]]:
-        if self.header is None:
-            return []
-        entries = [self.header["files"][name] for name in self.names]
-        return entries + ([self.header["labels"]] if self.header["labels"] else [])
+    def _detach(self) -> None:
+        """Give a complete cache's files new inodes and mark it incomplete.
 
-    def _open_handles(self) -> None:
+        Called before changing a complete cache: arrays returned earlier map the old
+        inodes, and must not change under their holders.
+        """
+        self._close_fds()
         for entry in self._entries():
             path = self.directory / entry["file"]
-            dtype = np.dtype(entry["dtype"])
-            self.handles.append(open(path, "r+b"))  # noqa: SIM115 - closed in close()
-            self.offsets.append(_data_offset(path))
-            self.row_bytes.append(int(np.prod(entry["shape"][1:], dtype=np.int64)) * dtype.itemsize)
-            self.dtypes.append(dtype)
+            tmp = self.directory / f".{entry['file']}.{os.getpid()}.tmp"
+            try:
+                shutil.copyfile(path, tmp, follow_symlinks=False)
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        self.complete = False
+        self.header = dict(self.header or {}, complete=False)
 
-    def write(self, start: int, outputs: list[np.ndarray], labels: np.ndarray | None) -> None:
-        if self.header is None:
-            self._create(outputs, labels)
-        if not self.handles:
-            self._open_handles()
+    def write(
+        self,
+        start: int,
+        outputs: list[np.ndarray],
+        labels: np.ndarray | None,
+        data: str | None,
+    ) -> None:
+        """Store rows ``start..start + len(outputs[0])`` as one chunk."""
+        try:
+            if self.header is None:
+                self._create(outputs, labels)
+            elif self.complete:
+                self._detach()
+            if not self._write_fds:
+                self._write_fds = self._open_fds(os.O_RDWR)
+            self._layout()
+        except OSError as err:
+            raise _cannot_write(self.directory, err) from err
         columns = [*outputs, labels] if labels is not None else outputs
-        if len(columns) != len(self.handles):
+        if len(columns) != len(self._write_fds):
             raise ValueError("data: some batches carry labels and others do not")
-        for handle, offset, row_bytes, dtype, column in zip(
-            self.handles, self.offsets, self.row_bytes, self.dtypes, columns, strict=True
+        stop = start + int(outputs[0].shape[0])
+        self._drop(start, stop)
+        self.dirty = True
+        sums = []
+        for fd, offset, row_bytes, dtype, column in zip(
+            self._write_fds, self.offsets, self.row_bytes, self.dtypes, columns, strict=True
         ):
             block = np.ascontiguousarray(column, dtype=dtype)
-            if block.nbytes != row_bytes * block.shape[0]:
+            if block.nbytes != row_bytes * block.shape[0] or block.shape[0] != stop - start:
                 raise ValueError("cache: a batch's feature shape differs from the cached shape")
-            handle.seek(offset + start * row_bytes)
-            handle.write(block.reshape(-1).view(np.uint8).data)
-        self.rows_done = start + outputs[0].shape[0]
+            raw = memoryview(block.reshape(-1).view(np.uint8).data)
+            try:
+                written = os.pwrite(fd, raw, offset + start * row_bytes)
+                while written < raw.nbytes:
+                    written += os.pwrite(fd, raw[written:], offset + start * row_bytes + written)
+            except OSError as err:
+                raise _cannot_write(self.directory, err) from err
+            h = _TreeHash()
+            h.update(raw)
+            sums.append(h.hexdigest())
+        self.chunks[start] = _Chunk(start, stop, data, sums)
+        bisect.insort(self.starts, start)
         if time.monotonic() - self.last_save >= _HEADER_INTERVAL_S:
             self.save()
 
-    def save(self, *, complete: bool = False) -> None:
-        """Flush the rows written so far, then record them in the header."""
-        if self.header is None:
-            return
-        for handle in self.handles:
-            handle.flush()
-            if complete:
-                os.fsync(handle.fileno())
+    def _drop(self, start: int, stop: int) -> None:
+        """Forget the chunks that overlap rows ``[start, stop)``."""
+        index = bisect.bisect_left(self.starts, stop) - 1
+        while index >= 0 and self.chunks[self.starts[index]].stop > start:
+            del self.chunks[self.starts.pop(index)]
+            index -= 1
+
+    def reset(self) -> None:
+        """Forget every chunk (the files stay and are overwritten)."""
+        self.chunks, self.starts = {}, []
+        if self.complete:
+            self._detach()
+
+    def _write_header(self) -> None:
+        assert self.header is not None
+        self.header["chunks"] = [self.chunks[s].to_json() for s in self.starts]
         self.header["rows_done"] = self.rows_done
-        if complete:
-            for entry in self._entries():
-                entry["checksum"] = _file_checksum(self.directory / entry["file"])
-            self.header["complete"] = True
-        _write_json_atomic(self.header_path, self.header)
+        try:
+            _write_json_atomic(self.header_path, self.header)
+        except OSError as err:
+            raise _cannot_write(self.directory, err) from err
         self.last_save = time.monotonic()
 
+    def save(self, *, complete: bool = False) -> None:
+        """Record the chunks written so far in the header (after an fsync when complete)."""
+        if self.header is None or not self.dirty:
+            return
+        if complete:
+            fds = self._write_fds or self._open_fds(os.O_RDONLY)
+            try:
+                for fd in fds:
+                    os.fsync(fd)
+            except OSError as err:
+                raise _cannot_write(self.directory, err) from err
+            finally:
+                if fds is not self._write_fds:
+                    for fd in fds:
+                        os.close(fd)
+            self.header["complete"] = self.complete = True
+        self._write_header()
+        if complete:
+            self.dirty = False
+
+    # ------------------------------------------------------------------ closing
+
+    def _close_fds(self) -> None:
+        while self._read_fds:
+            os.close(self._read_fds.pop())
+        while self._write_fds:
+            os.close(self._write_fds.pop())
+
     def close(self) -> None:
-        while self.handles:
-            self.handles.pop().close()
+        self._close_fds()
         self.offsets, self.row_bytes, self.dtypes = [], [], []
+        if self._lock_fd is not None:
+            fd, self._lock_fd = self._lock_fd, None
+            os.close(fd)  # releases the flock
 
     def result(self) -> tuple[list[np.ndarray], np.ndarray | None]:
-        loaded = [np.load(self.directory / e["file"], mmap_mode="c") for e in self._entries()]
+        loaded = []
+        for entry in self._entries():
+            path = self.directory / entry["file"]
+            _no_link(path)
+            loaded.append(np.load(path, mmap_mode="c"))
         arrays, labels = loaded[: len(self.names)], loaded[len(self.names) :]
         return arrays, (labels[0] if labels else None)

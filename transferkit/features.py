@@ -18,10 +18,12 @@ the merged cache while the other ranks wait at a barrier.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
-import hashlib
 import logging
 import os
+import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -33,8 +35,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler
 from tqdm.auto import tqdm
 
-from ._feature_cache import _CacheSink, _digest_item, _digest_tensor, _model_fingerprint
-from ._feature_shard import _columns, _concat, _shard, _subset_loader
+from ._feature_cache import _batch_digest, _CacheSink, _model_fingerprint
+from ._feature_shard import _columns, _concat, _shard
 from ._validation import check_option, check_positive, check_tensor, did_you_mean
 from .device import autocast, dataloader_kwargs, resolve_device, to_device
 from .distributed import get_rank, get_world_size, is_distributed
@@ -205,6 +207,11 @@ class FeatureExtractor(nn.Module):
     Averages are computed in float32 even under autocast. Captured tensors are copies, so
     later in-place operations (``ReLU(inplace=True)``) cannot change them.
 
+    Thread safety: one extractor may be called from several threads; calls are serialised
+    by a lock held while its hooks are attached, and the hooks only record the forward
+    pass of the thread that attached them (so another extractor, or the bare model,
+    running in another thread at the same time is neither recorded nor disturbed).
+
     Args:
         model: any network.
         layers: ``None`` (the model's output), one name (returns a tensor) or a list of
@@ -260,6 +267,17 @@ class FeatureExtractor(nn.Module):
         self._calls: dict[str, int] = {}
         self._calls_needed: dict[str, int] | None = None
         self._mask: Tensor | None = None
+        self._lock = threading.RLock()
+        self._owner: int | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # type: ignore[no-untyped-call]
+        self._lock = threading.RLock()
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -272,6 +290,14 @@ class FeatureExtractor(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor | dict[str, Tensor]:
         """Run ``model(*args, **kwargs)`` once and return the requested outputs."""
+        with self._lock:  # one call at a time: the hooks and captures are per extractor
+            self._owner = threading.get_ident()
+            try:
+                return self._forward(args, kwargs)
+            finally:
+                self._owner = None
+
+    def _forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | dict[str, Tensor]:
         if self._closed:
             raise RuntimeError("FeatureExtractor: it was closed; create a new one")
         mask = kwargs.get("attention_mask")
@@ -314,6 +340,8 @@ class FeatureExtractor(nn.Module):
 
     def _make_hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if threading.get_ident() != self._owner:
+                return  # the model running in another thread: not this call's pass
             tensor = _first_tensor(output)
             if tensor is None:
                 raise ValueError(
@@ -329,8 +357,9 @@ class FeatureExtractor(nn.Module):
 
     def close(self) -> None:
         """Remove every hook (none is left between calls) and refuse further calls."""
-        self._detach()
-        self._closed = True
+        with self._lock:
+            self._detach()
+            self._closed = True
 
     def __enter__(self) -> FeatureExtractor:
         return self
@@ -344,11 +373,11 @@ class FeatureExtractor(nn.Module):
 
 @dataclasses.dataclass
 class _Source:
-    """Batches of the data, possibly starting after the rows already done."""
+    """Batches of the data, in order; ``describe`` is what the cache key records of it."""
 
     num_rows: int | None
-    batches: Callable[[int], Iterator[Any]]
-    fingerprint: Callable[[], str]
+    batches: Callable[[Sequence[tuple[int, int]]], Iterator[Any]]
+    describe: Callable[[], dict[str, Any]]
     batch_size: int | None
     cacheable: str | None = None  # None when cacheable, else why not
 
@@ -369,24 +398,32 @@ def _in_memory_source(data: Tensor | Mapping[str, Tensor], batch_size: int) -> _
     if num_rows == 0:
         raise ValueError("data: expected at least 1 sample, got 0")
 
-    def batches(start: int) -> Iterator[Any]:
-        for i in range(start, num_rows, batch_size):
+    def batches(spans: Sequence[tuple[int, int]]) -> Iterator[Any]:
+        # Batches of batch_size rows, except that rows a cache already holds as a chunk are
+        # sliced exactly like that chunk (so they can be checked and skipped whatever the
+        # batch size was when they were written).
+        known = dict(spans)
+        starts = sorted(known)
+        i = 0
+        while i < num_rows:
+            stop = known.get(i)
+            if stop is None:
+                later = bisect.bisect_right(starts, i)
+                limit = starts[later] if later < len(starts) else num_rows
+                stop = min(i + batch_size, limit, num_rows)
             if isinstance(data, Tensor):
-                yield data[i : i + batch_size]
+                yield data[i:stop]
             else:
-                yield {key: value[i : i + batch_size] for key, value in columns.items()}
+                yield {key: value[i:stop] for key, value in columns.items()}
+            i = stop
 
-    def fingerprint() -> str:
-        h = hashlib.blake2b(digest_size=16)
-        picks = torch.linspace(0, num_rows - 1, steps=min(num_rows, 64)).long()
-        for key, value in columns.items():
-            h.update(key.encode())
-            _digest_tensor(h, value[picks])
-            if value.is_floating_point() or not (value.is_complex() or value.dtype == torch.bool):
-                h.update(repr(float(value.sum(dtype=torch.float64))).encode())
-        return h.hexdigest()
+    def describe() -> dict[str, Any]:
+        return {
+            "kind": "tensor" if isinstance(data, Tensor) else "mapping",
+            "columns": [[k, str(v.dtype), list(v.shape[1:])] for k, v in columns.items()],
+        }
 
-    return _Source(num_rows, batches, fingerprint, batch_size)
+    return _Source(num_rows, batches, describe, batch_size)
 
 
 def _loader_rows(loader: DataLoader[Any]) -> int | None:
@@ -413,23 +450,22 @@ def _loader_source(loader: DataLoader[Any]) -> _Source:
             "Dataset itself)"
         )
 
-    def batches(start: int) -> Iterator[Any]:
-        if start == 0:
-            yield from loader
-            return
-        yield from _subset_loader(loader, range(start, len(loader.dataset)))  # type: ignore[arg-type]
+    def batches(spans: Sequence[tuple[int, int]]) -> Iterator[Any]:
+        # Every batch is loaded, even those a cache holds: their digest is checked
+        # against the stored one, so a changed item is never served from the cache.
+        yield from loader
 
-    def fingerprint() -> str:
-        h = hashlib.blake2b(digest_size=16)
-        dataset = loader.dataset
-        h.update(type(dataset).__qualname__.encode())
-        size = len(dataset)  # type: ignore[arg-type]
-        h.update(str(size).encode())
-        for index in sorted({int(i) for i in np.linspace(0, size - 1, num=min(size, 8))}):
-            _digest_item(h, dataset[index])
-        return h.hexdigest()
+    def describe() -> dict[str, Any]:
+        dataset = type(loader.dataset)
+        return {
+            "kind": "loader",
+            "dataset": f"{dataset.__module__}.{dataset.__qualname__}",
+            "length": len(loader.dataset),  # type: ignore[arg-type]
+            "batch_size": loader.batch_size,
+            "drop_last": loader.drop_last,
+        }
 
-    return _Source(num_rows, batches, fingerprint, loader.batch_size, reason)
+    return _Source(num_rows, batches, describe, loader.batch_size, reason)
 
 
 def _make_source(data: object, batch_size: int, device: torch.device) -> _Source:
@@ -622,9 +658,106 @@ def _cache_key(
         "layers": list(extractor.layers) if extractor.layers is not None else None,
         "pool": extractor.pool,
         "amp": str(amp) if enabled else None,
-        "data": source.fingerprint(),
+        "data": source.describe(),
         "num_rows": source.num_rows,
     }
+
+
+_MODEL_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def _model_lock(model: nn.Module) -> threading.RLock:
+    """One re-entrant lock per model: extractions of one model never overlap in time."""
+    with _MODEL_LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.RLock()
+        return lock
+
+
+class _ModelGuard:
+    """Puts the model in extraction state on first use and restores it exactly.
+
+    `prepare` records every module's train/eval flag and the very tensor objects of
+    every parameter (with its ``.grad``) and buffer, then sets ``training = False`` on
+    every module directly (so an overridden ``train()`` cannot keep BatchNorm updating its
+    statistics), moves the model and applies ``channels_last``. `restore` puts the
+    recorded objects and flags back, so the model ends exactly as it started (same
+    storage, device and dtype) whether the extraction returned or raised, even if a move
+    failed half-way (e.g. to the ``meta`` device or out of memory).
+    """
+
+    def __init__(self, model: nn.Module, target: torch.device, channels_last: bool) -> None:
+        self.model, self.target, self.channels_last = model, target, channels_last
+        self.modes: list[tuple[nn.Module, bool]] | None = None
+        self.params: list[tuple[nn.Module, str, nn.Parameter, Tensor, Any, Any]] = []
+        self.buffers: list[tuple[nn.Module, str, Tensor, Tensor]] = []
+
+    def prepare(self) -> None:
+        if self.modes is not None:
+            return
+        model = self.model
+        modules = list(model.modules())
+        with torch.inference_mode(False):
+            for module in modules:
+                for name, p in module._parameters.items():
+                    if p is not None:
+                        grad = p.grad
+                        self.params.append(
+                            (module, name, p, p.data, grad, None if grad is None else grad.data)
+                        )
+                for name, b in module._buffers.items():
+                    if b is not None:
+                        self.buffers.append((module, name, b, b.data))
+            self.modes = [(module, module.training) for module in modules]
+            for module in modules:
+                module.training = False
+            devices = {t.device for t in [*model.parameters(), *model.buffers()]}
+            original = next(iter(devices)) if len(devices) == 1 else None
+            if original is not None and not _same_device(original, self.target):
+                model.to(self.target)
+            if self.channels_last:
+                for tensor in [*model.parameters(), *model.buffers()]:
+                    if tensor.dim() == 4:
+                        tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
+
+    def restore(self) -> None:
+        if self.modes is None:
+            return
+        with torch.inference_mode(False):
+            for module, name, param, data, grad, grad_data in self.params:
+                module._parameters[name] = param
+                param.data = data
+                if grad is not None:
+                    grad.data = grad_data
+                param.grad = grad
+            for module, name, buffer, data in self.buffers:
+                module._buffers[name] = buffer
+                buffer.data = data
+            for module, training in self.modes:
+                module.training = training
+        self.modes, self.params, self.buffers = None, [], []
+
+
+def _write_merged(sink: _CacheSink, source: _Source, merged: Any, names: Sequence[str]) -> None:
+    """Store a merged (distributed) result in chunks aligned with ``source``'s batches."""
+    sink.reset()
+    outputs, labels = _columns(merged, names)
+    rows = 0
+    for batch in source.batches(()):
+        count = _rows_of(_split_batch(batch)[0])
+        stop = rows + count
+        sink.write(
+            rows,
+            [out[rows:stop] for out in outputs],
+            None if labels is None else labels[rows:stop],
+            _batch_digest(batch),
+        )
+        rows = stop
+    if rows != source.num_rows:
+        raise ValueError(f"data: yielded {rows} samples, expected {source.num_rows}")
+    sink.save(complete=True)
 
 
 def _extract_sharded(
@@ -638,71 +771,205 @@ def _extract_sharded(
     rank, world = get_rank(), get_world_size()
     names = list(extractor.output_names)
     sink: _CacheSink | None = None
-    if cache is not None:
-        complete, failure = False, None
-        if rank == 0:
-            try:
-                amp_enabled, amp_dtype = _amp_dtype(options["amp"])
-                target = _choose_device(extractor.model, options["device"])
-                source = _make_source(data, options["batch_size"], target)
-                if source.cacheable is not None:
-                    raise ValueError(f"cache: {source.cacheable}")
-                key = _cache_key(extractor, amp_dtype, amp_enabled, source)
-                sink = _CacheSink(Path(cache), names, key, source.batch_size)
-                sink.open()
-                complete = bool(sink.header is not None and sink.header.get("complete"))
-            except Exception as exc:
-                failure = exc
-        flag: list[object] = [complete, None if failure is None else str(failure)]
-        dist.broadcast_object_list(flag, src=0)  # every rank learns rank 0's outcome
-        if failure is not None:
-            raise failure
-        if flag[1] is not None:
-            raise ValueError(f"rank 0 failed to open the cache: {flag[1]}")
-        if flag[0]:
-            if sink is not None:
-                sink.close()
-            logger.info("cache: reusing %s on every rank", cache)
-            return extract_features(
-                extractor, data, cache=cache, progress=False, distributed=False, **options
+    source: _Source | None = None
+    try:
+        if cache is not None:
+            complete, failure = False, None
+            if rank == 0:
+                try:
+                    amp_enabled, amp_dtype = _amp_dtype(options["amp"])
+                    target = _choose_device(extractor.model, options["device"])
+                    source = _make_source(data, options["batch_size"], target)
+                    if source.cacheable is not None:
+                        raise ValueError(f"cache: {source.cacheable}")
+                    key = _cache_key(extractor, amp_dtype, amp_enabled, source)
+                    sink = _CacheSink(Path(cache), names, key, source.batch_size)
+                    sink.open()
+                    complete = sink.complete
+                except Exception as exc:
+                    failure = exc
+            flag: list[object] = [complete, None if failure is None else str(failure)]
+            dist.broadcast_object_list(flag, src=0)  # every rank learns rank 0's outcome
+            if failure is not None:
+                raise failure
+            if flag[1] is not None:
+                raise ValueError(f"rank 0 failed to open the cache: {flag[1]}")
+            if flag[0]:  # every rank reads (and verifies) the cache, one at a time
+                if sink is not None:
+                    sink.close()
+                logger.info("cache: reusing %s on every rank", cache)
+                return extract_features(
+                    extractor, data, cache=cache, progress=False, distributed=False, **options
+                )
+        shard, length = _shard(data, rank, world)
+        local = (
+            extract_features(
+                extractor,
+                shard,
+                progress=progress and rank == 0,
+                distributed=False,
+                **options,
             )
-    shard, length = _shard(data, rank, world)
-    local = (
-        extract_features(
-            extractor,
-            shard,
-            progress=progress and rank == 0,
-            distributed=False,
-            **options,
+            if length
+            else None
         )
-        if length
-        else None
+        parts: list[Any] = [None] * world
+        dist.all_gather_object(parts, local)
+        present = [p for p in parts if p is not None]
+        if not present:
+            raise ValueError("data: expected at least 1 sample, got 0")
+        merged = _concat(present)
+        if cache is not None:  # rank 0 writes the merged result; the others wait for it
+            failure = None
+            if sink is not None and source is not None:
+                try:
+                    _write_merged(sink, source, merged, names)
+                except Exception as exc:
+                    failure = exc
+                finally:
+                    sink.close()
+            status: list[object] = [None if failure is None else str(failure)]
+            dist.broadcast_object_list(status, src=0)  # the barrier
+            if failure is not None:
+                raise failure
+            if status[0] is not None:
+                raise ValueError(f"rank 0 failed to write the cache: {status[0]}")
+        return merged
+    finally:
+        if sink is not None:
+            sink.close()
+
+
+def _extract_local(
+    extractor: FeatureExtractor,
+    data: Any,
+    *,
+    batch_size: int,
+    device: str | torch.device | None,
+    amp: bool | torch.dtype,
+    cache: str | os.PathLike[str] | None,
+    progress: bool,
+    channels_last: bool,
+) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """The single-process extraction (with or without a cache)."""
+    amp_enabled, amp_dtype = _amp_dtype(amp)
+    model = extractor.model
+    target = _choose_device(model, device)
+    source = _make_source(data, batch_size, target)
+    names = list(extractor.output_names)
+    sink: _CacheSink | None = None
+    memory: _MemorySink | None = None
+    if cache is not None:
+        if source.cacheable is not None:
+            raise ValueError(f"cache: {source.cacheable}")
+        key = _cache_key(extractor, amp_dtype, amp_enabled, source)
+        sink = _CacheSink(Path(cache), names, key, source.batch_size)
+        sink.open()
+        if sink.rows_done:
+            logger.info("cache: checking the %d rows already in %s", sink.rows_done, cache)
+    else:
+        memory = _MemorySink(source.num_rows)
+
+    param_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    pin = target.type == "cuda" and not isinstance(data, (DataLoader, Dataset))
+    guard = _ModelGuard(model, target, channels_last)
+    stale: list[tuple[int, int]] = []
+    corrupt: list[tuple[int, int, str]] = []
+    rows, computed = 0, 0
+    bar = tqdm(
+        total=source.num_rows,
+        disable=not progress,
+        unit="sample",
+        desc="extract_features",
+        leave=False,
     )
-    parts: list[Any] = [None] * world
-    dist.all_gather_object(parts, local)
-    present = [p for p in parts if p is not None]
-    if not present:
-        raise ValueError("data: expected at least 1 sample, got 0")
-    merged = _concat(present)
-    if cache is not None:  # rank 0 writes the merged result; the others wait for it
-        failure = None
+    try:
+        has_labels: bool | None = None
+        with torch.inference_mode(), autocast(target, dtype=amp_dtype, enabled=amp_enabled):
+            for batch in source.batches(sink.spans() if sink is not None else ()):
+                inputs, labels = _split_batch(batch)
+                if has_labels is None:
+                    has_labels = labels is not None
+                elif has_labels != (labels is not None):
+                    raise ValueError("data: some batches carry labels and others do not")
+                count = _rows_of(inputs)
+                digest: str | None = None
+                if sink is not None:
+                    digest = _batch_digest(batch)
+                    chunk = sink.lookup(rows, rows + count)
+                    if chunk is not None and chunk.data == digest:
+                        bad = sink.verify(chunk)
+                        if bad is None:  # same input, stored rows intact: reuse them
+                            rows += count
+                            bar.update(count)
+                            continue
+                        if sink.complete:
+                            raise sink.corrupt_rows(chunk, bad)
+                        corrupt.append((rows, rows + count, bad))
+                    elif chunk is not None:
+                        stale.append((rows, rows + count))
+                guard.prepare()
+                inputs = _cast_floating(inputs, param_dtype)
+                inputs = to_device(_pinned(inputs) if pin else inputs, target)
+                if channels_last:
+                    inputs = _channels_last(inputs)
+                outputs = [_to_numpy(t) for t in _call(extractor, inputs)]
+                label_array = _labels_to_numpy(labels) if labels is not None else None
+                for name, out in zip(names, outputs, strict=True):
+                    if out.ndim == 0 or out.shape[0] != count:
+                        raise ValueError(
+                            f"layers: {name!r} gave shape {out.shape} for a batch of {count}; "
+                            "its first dimension must be the batch"
+                        )
+                if sink is not None:
+                    sink.write(rows, outputs, label_array, digest)
+                elif memory is not None:
+                    memory.write(rows, outputs, label_array)
+                rows += count
+                computed += count
+                bar.update(count)
+        if sink is None:
+            assert memory is not None
+            return memory.result(rows)
+        if rows != source.num_rows:
+            raise ValueError(f"data: yielded {rows} samples, expected {source.num_rows}")
+        if corrupt:
+            start, stop, file = corrupt[0]
+            logger.warning(
+                "cache: %d chunk(s) of %s failed their checksum (first: rows %d..%d of %s) "
+                "and were recomputed",
+                len(corrupt),
+                cache,
+                start,
+                stop,
+                file,
+            )
+        if stale:
+            logger.warning(
+                "cache: the data of %d chunk(s) of %s changed since they were cached (first: "
+                "rows %d..%d); they were recomputed",
+                len(stale),
+                cache,
+                *stale[0],
+            )
+        if not sink.complete:
+            sink.dirty = True
+            sink.save(complete=True)
+        if computed == 0:
+            logger.info("cache: reusing %s (all %d rows verified)", cache, rows)
+        return sink.result()
+    except BaseException:
         if sink is not None:
             try:
-                sink.rows_done = 0
-                outputs, labels = _columns(merged, names)
-                sink.write(0, outputs, labels)
-                sink.save(complete=True)
-            except Exception as exc:
-                failure = exc
-            finally:
-                sink.close()
-        status: list[object] = [None if failure is None else str(failure)]
-        dist.broadcast_object_list(status, src=0)  # the barrier
-        if failure is not None:
-            raise failure
-        if status[0] is not None:
-            raise ValueError(f"rank 0 failed to write the cache: {status[0]}")
-    return merged
+                sink.save()
+            except Exception as err:  # keep the original error; the header stays as it was
+                logger.error("cache: could not record the rows written to %s: %s", cache, err)
+        raise
+    finally:
+        bar.close()
+        if sink is not None:
+            sink.close()
+        guard.restore()
 
 
 def extract_features(
@@ -722,8 +989,9 @@ def extract_features(
 ) -> Any:
     """Features of every sample of ``data``, as NumPy arrays, in one pass per batch.
 
-    The model runs in eval mode (each module's train/eval flag is restored afterwards)
-    under ``torch.inference_mode`` and, with ``amp``, under [`transferkit.autocast`][].
+    The model runs in eval mode (every module's ``training`` flag is set to ``False``
+    directly, so BatchNorm statistics never change, and restored afterwards) under
+    ``torch.inference_mode`` and, with ``amp``, under [`transferkit.autocast`][].
     Floating inputs are cast to the model's parameter dtype (so float64 arrays work) and
     moved with [`transferkit.to_device`][]. Features come back as float32 for
     half-precision outputs, else in the model's dtype.
@@ -737,11 +1005,18 @@ def extract_features(
 
     Cache: with ``cache=directory`` each output is stored as ``features_<i>.npy`` (plus
     ``labels.npy``) next to a ``header.json`` that records shapes, dtypes, layer names, a
-    fingerprint of the model's weights, the data (length and sampled values) and the
-    settings, and how many rows are complete. A complete cache whose fingerprint matches
-    is returned memory-mapped (copy-on-write) without running the model; an incomplete one
-    is resumed from the last recorded row; a mismatching one is recomputed with a
-    warning. Shuffling DataLoaders cannot be cached.
+    fingerprint of the model (every parameter and buffer byte, module types, ``repr`` and
+    the code of the module classes) and settings, and for every chunk of rows written (one
+    batch) a digest of all the bytes of its input batch and a checksum of the stored rows.
+    Every call hashes each batch of the data (tensors without copying; Dataset items as
+    they are loaded) and reuses a chunk only if its digest and checksum match: changed
+    rows or items are recomputed (logged as a warning), an interrupted run resumes with
+    what is intact, and corrupted rows of a complete cache raise a ``ValueError``. A
+    changed model or setting recomputes everything (with a warning). A lock file
+    serialises processes and threads that use the same directory; only the cache's own
+    file names inside it are ever touched (a header naming anything else, or a symbolic
+    link, raises ``ValueError``). The result is memory-mapped (copy-on-write). Shuffling
+    DataLoaders cannot be cached.
 
     Distributed (``torchrun``): when a ``torch.distributed`` process group is initialised
     (and ``distributed`` is not ``False``), each rank extracts a contiguous shard of the
@@ -790,8 +1065,15 @@ def extract_features(
     Raises:
         TypeError: for unsupported data, batch or argument types.
         ValueError: for invalid arguments, a shuffling DataLoader with ``cache`` (or
-            under ``torch.distributed``), ``distributed=True`` without a process group, or
-            a corrupted or truncated cache.
+            under ``torch.distributed``), ``distributed=True`` without a process group, a
+            corrupted or truncated complete cache, or a cache header that names a file
+            outside the cache's own names (or a symbolic link).
+        OSError: when the cache directory cannot be written (read-only, disk full); the
+            rows recorded so far stay valid and a later call resumes from them.
+
+    Thread safety: calls that use the same model are serialised (a lock per model), and
+    the model's device, dtype, parameters, buffers and train/eval flags are restored
+    exactly, whether the call returns or raises.
 
     Examples:
         >>> import transferkit as tk
@@ -806,7 +1088,7 @@ def extract_features(
         ((10, 128), [0, 1, 2])
     """
     check_positive(batch_size, "batch_size", integer=True)
-    amp_enabled, amp_dtype = _amp_dtype(amp)
+    _amp_dtype(amp)
     if not isinstance(progress, bool):
         raise TypeError(f"progress: expected a bool, got {type(progress).__name__}")
     if isinstance(model_or_extractor, FeatureExtractor):
@@ -832,119 +1114,36 @@ def extract_features(
             "distributed: True needs an initialised torch.distributed process group "
             "(launch with torchrun and call torch.distributed.init_process_group first)"
         )
-    if (distributed is None and is_distributed() and get_world_size() > 1) or (
-        distributed and get_world_size() > 1
-    ):
-        options: dict[str, Any] = {
-            "batch_size": batch_size,
-            "device": device,
-            "amp": amp,
-            "channels_last": channels_last,
-        }
-        try:
-            return _extract_sharded(extractor, data, cache, progress, options)
-        finally:
-            if owned:
-                extractor.close()
-    model = extractor.model
-    target = _choose_device(model, device)
-    source = _make_source(data, batch_size, target)
-    names = list(extractor.output_names)
-
-    sink: _CacheSink | _MemorySink
-    start = 0
-    if cache is not None:
-        if source.cacheable is not None:
-            raise ValueError(f"cache: {source.cacheable}")
-        key = _cache_key(extractor, amp_dtype, amp_enabled, source)
-        sink = _CacheSink(Path(cache), names, key, source.batch_size)
-        start = sink.open()
-        if sink.header is not None and sink.header.get("complete"):
-            logger.info("cache: reusing %s", cache)
-            return _finish(extractor, sink.result(), owned)
-        if start:
-            logger.info("cache: resuming %s after %d rows", cache, start)
-    else:
-        sink = _MemorySink(source.num_rows)
-
-    devices = {t.device for t in [*model.parameters(), *model.buffers()]}
-    original = next(iter(devices)) if len(devices) == 1 else None
-    moved = original is not None and not _same_device(original, target)
-    param_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-    modes = [(module, module.training) for module in model.modules()]
-    pin = target.type == "cuda" and not isinstance(data, (DataLoader, Dataset))
-    formats: list[tuple[Tensor, Tensor]] = []
-    rows = start
-    bar = tqdm(
-        total=source.num_rows,
-        initial=start,
-        disable=not progress,
-        unit="sample",
-        desc="extract_features",
-        leave=False,
-    )
     try:
-        if moved:
-            model.to(target)
-        if channels_last:
-            formats = [(t, t.data) for t in [*model.parameters(), *model.buffers()] if t.dim() == 4]
-            for tensor, _ in formats:
-                tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
-        model.eval()
-        has_labels: bool | None = None
-        with torch.inference_mode(), autocast(target, dtype=amp_dtype, enabled=amp_enabled):
-            for batch in source.batches(start):
-                inputs, labels = _split_batch(batch)
-                if has_labels is None:
-                    has_labels = labels is not None
-                elif has_labels != (labels is not None):
-                    raise ValueError("data: some batches carry labels and others do not")
-                count = _rows_of(inputs)
-                inputs = _cast_floating(inputs, param_dtype)
-                inputs = to_device(_pinned(inputs) if pin else inputs, target)
-                if channels_last:
-                    inputs = _channels_last(inputs)
-                outputs = [_to_numpy(t) for t in _call(extractor, inputs)]
-                label_array = _labels_to_numpy(labels) if labels is not None else None
-                for name, out in zip(names, outputs, strict=True):
-                    if out.ndim == 0 or out.shape[0] != count:
-                        raise ValueError(
-                            f"layers: {name!r} gave shape {out.shape} for a batch of {count}; "
-                            "its first dimension must be the batch"
-                        )
-                sink.write(rows, outputs, label_array)
-                rows += count
-                bar.update(count)
-        if isinstance(sink, _CacheSink):
-            if rows != source.num_rows:
-                raise ValueError(f"data: yielded {rows} samples, expected {source.num_rows}")
-            sink.save(complete=True)
-            result = sink.result()
-        else:
-            result = sink.result(rows)
-    except BaseException:
-        if isinstance(sink, _CacheSink):
-            sink.save()
-        raise
+        with _model_lock(extractor.model):
+            if (distributed is None and is_distributed() and get_world_size() > 1) or (
+                distributed and get_world_size() > 1
+            ):
+                options: dict[str, Any] = {
+                    "batch_size": batch_size,
+                    "device": device,
+                    "amp": amp,
+                    "channels_last": channels_last,
+                }
+                return _extract_sharded(extractor, data, cache, progress, options)
+            result = _extract_local(
+                extractor,
+                data,
+                batch_size=batch_size,
+                device=device,
+                amp=amp,
+                cache=cache,
+                progress=progress,
+                channels_last=channels_last,
+            )
     finally:
-        bar.close()
-        if isinstance(sink, _CacheSink):
-            sink.close()
-        for module, training in modes:
-            module.training = training
-        for tensor, original_data in formats:
-            tensor.data = original_data
-        if moved and original is not None:
-            model.to(original)
-    return _finish(extractor, result, owned)
+        if owned:
+            extractor.close()
+    return _finish(extractor, result)
 
 
-def _finish(
-    extractor: FeatureExtractor, result: tuple[list[np.ndarray], np.ndarray | None], owned: bool
-) -> Any:
+def _finish(extractor: FeatureExtractor, result: tuple[list[np.ndarray], np.ndarray | None]) -> Any:
     arrays, labels = result
-    if owned:
-        extractor.close()
     features: Any = (
         arrays[0] if extractor._single else dict(zip(extractor.output_names, arrays, strict=True))
     )
