@@ -545,3 +545,351 @@ def test_iterable_datasets_of_unknown_length_work_but_cannot_be_cached(tmp_path:
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="cache: needs a DataLoader over a map-style Dataset"):
         tk.extract_features(net, DataLoader(Stream(), batch_size=4), cache=tmp_path, progress=False)
+
+
+# --------------------------------------------------------------------------- cache: trust
+
+
+def cache_once(folder: Path, n: int = 40) -> tuple[tk.models.SmallCNN, Tensor, np.ndarray]:
+    net, x = small_cnn(), images(n)
+    out = tk.extract_features(net, x, layers="neck", batch_size=16, cache=folder, progress=False)
+    return net, x, np.array(out)
+
+
+def point_header_at(folder: Path, name: str) -> None:
+    header = json.loads((folder / "header.json").read_text())
+    header["files"]["neck"]["file"] = name
+    (folder / "header.json").write_text(json.dumps(header))
+
+
+@pytest.mark.parametrize("kind", ["parent", "absolute", "subfolder", "dotdot-inside", "dot"])
+@pytest.mark.parametrize("model", ["same", "changed"])
+def test_a_header_naming_a_file_outside_the_cache_is_refused_and_never_touched(
+    tmp_path: Path, kind: str, model: str
+) -> None:
+    folder = tmp_path / "cache"
+    net, x, _ = cache_once(folder)
+    victim = tmp_path / "victim.npy"  # what an attacker or a bug points the header at
+    np.save(victim, np.arange(5.0))
+    before = victim.read_bytes()
+    (folder / "sub").mkdir()
+    name = {
+        "parent": "../victim.npy",
+        "absolute": str(victim),
+        "subfolder": "sub/features_0.npy",
+        "dotdot-inside": "features_0.npy/../../victim.npy",
+        "dot": ".",
+    }[kind]
+    point_header_at(folder, name)
+    if model == "changed":  # a changed model makes the cache delete the old files
+        with torch.no_grad():
+            net.fc.weight.add_(1.0)
+    with pytest.raises(ValueError, match=r"cache: .*plain file name.*Refusing to touch it"):
+        tk.extract_features(net, x, layers="neck", batch_size=16, cache=folder, progress=False)
+    assert victim.read_bytes() == before
+    assert (folder / "features_0.npy").exists()  # nothing deleted either
+
+
+@pytest.mark.parametrize("state", ["complete", "interrupted", "changed-model"])
+def test_a_symbolic_link_in_the_cache_is_never_followed(tmp_path: Path, state: str) -> None:
+    folder = tmp_path / "cache"
+    net, x, _ = cache_once(folder)
+    victim = tmp_path / "victim.npy"  # a valid copy, so following the link would "work"
+    (folder / "features_0.npy").rename(victim)
+    (folder / "features_0.npy").symlink_to(victim)
+    if state == "interrupted":  # a resume would write through the link
+        header = json.loads((folder / "header.json").read_text())
+        header["complete"], header["chunks"] = False, header["chunks"][:1]
+        (folder / "header.json").write_text(json.dumps(header))
+    if state == "changed-model":
+        with torch.no_grad():
+            net.fc.weight.add_(1.0)
+    before = victim.read_bytes()
+    with pytest.raises(ValueError, match=r"symbolic link.*never follows links"):
+        tk.extract_features(net, x, layers="neck", batch_size=16, cache=folder, progress=False)
+    assert victim.read_bytes() == before and (folder / "features_0.npy").is_symlink()
+
+
+class Rows(Dataset[tuple[Tensor, Tensor]]):
+    """A mutable map-style Dataset (the user edits an item between two runs)."""
+
+    def __init__(self, x: Tensor) -> None:
+        self.x = x.clone()
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.x[index], torch.tensor(index)
+
+
+def test_swapping_two_rows_of_a_tensor_recomputes(tmp_path: Path) -> None:
+    net, x = small_cnn(), images(200)
+    tk.extract_features(net, x, layers="neck", batch_size=64, cache=tmp_path, progress=False)
+    swapped = x.clone()
+    swapped[[1, 2]] = x[[2, 1]]  # same sum, not among evenly spaced samples
+    got = tk.extract_features(
+        net, swapped, layers="neck", batch_size=64, cache=tmp_path, progress=False
+    )
+    fresh = tk.extract_features(net, swapped, layers="neck", batch_size=64, progress=False)
+    np.testing.assert_array_equal(got, fresh)
+    assert not np.array_equal(got[1], got[2])
+
+
+def test_changing_item_100_of_a_dataset_recomputes_and_logs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    net, data = Counting(small_cnn()), Rows(images(1000))
+    kwargs: dict[str, Any] = {"layers": "net.neck", "batch_size": 64, "progress": False}
+    tk.extract_features(net, data, cache=tmp_path, **kwargs)
+    calls = net.calls
+    tk.extract_features(net, data, cache=tmp_path, **kwargs)
+    assert net.calls == calls  # unchanged data: nothing recomputed
+    data.x[100] += 1.0
+    with caplog.at_level(logging.WARNING, logger="transferkit.features"):
+        got, _ = tk.extract_features(net, data, cache=tmp_path, **kwargs)
+    assert net.calls == calls + 1  # only the batch holding item 100 (rows 64..128)
+    assert "changed since they were cached" in caplog.text and "rows 64..128" in caplog.text
+    fresh, _ = tk.extract_features(net, data, **kwargs)
+    np.testing.assert_array_equal(got, fresh)
+
+
+class Act(nn.Module):
+    def __init__(self, activation: nn.Module) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.act = activation
+        self.register_buffer("scale", torch.ones(4), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.act(self.lin(x)) * self.scale
+        return out
+
+
+@pytest.mark.parametrize("change", ["relu->tanh", "non-persistent buffer"])
+def test_a_model_change_without_parameter_change_recomputes(tmp_path: Path, change: str) -> None:
+    torch.manual_seed(0)
+    net, x = Act(nn.ReLU()), torch.randn(30, 4)
+    tk.extract_features(net, x, cache=tmp_path, progress=False)
+    if change == "relu->tanh":
+        net.act = nn.Tanh()  # same state_dict
+    else:
+        net.scale.fill_(2.0)  # not in state_dict
+    got = tk.extract_features(net, x, cache=tmp_path, progress=False)
+    np.testing.assert_array_equal(got, tk.extract_features(net, x, progress=False))
+
+
+def test_the_same_data_in_another_memory_layout_reuses_the_cache(tmp_path: Path) -> None:
+    net, x = Counting(small_cnn()), images(30)
+    first = tk.extract_features(net, x, batch_size=8, cache=tmp_path, progress=False)
+    calls = net.calls
+    strided = x.contiguous(memory_format=torch.channels_last)
+    again = tk.extract_features(net, strided, batch_size=8, cache=tmp_path, progress=False)
+    assert net.calls == calls
+    np.testing.assert_array_equal(again, first)
+
+
+def test_a_corrupted_row_of_an_interrupted_cache_is_recomputed_not_blessed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    x = images(100)
+    reference = tk.extract_features(small_cnn(), x, layers="neck", batch_size=16, progress=False)
+    failing = Counting(small_cnn(), fail_at=4)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        tk.extract_features(
+            failing, x, layers="net.neck", batch_size=16, cache=tmp_path, progress=False
+        )
+    assert json.loads((tmp_path / "header.json").read_text())["rows_done"] == 48
+    stored = np.load(tmp_path / "features_0.npy", mmap_mode="r+")
+    stored[20, 3] += 1.0  # a row already recorded as done (chunk 16..32)
+    stored.flush()
+    del stored
+    resumed_net = Counting(small_cnn())
+    with caplog.at_level(logging.WARNING, logger="transferkit.features"):
+        resumed = tk.extract_features(
+            resumed_net, x, layers="net.neck", batch_size=16, cache=tmp_path, progress=False
+        )
+    assert resumed_net.calls == 5  # rows 16..32 again, then 48..99
+    assert "failed their checksum (first: rows 16..32 of features_0.npy)" in caplog.text
+    np.testing.assert_array_equal(resumed, reference)
+
+
+def test_stale_temp_files_of_a_killed_run_are_removed_and_nothing_else(tmp_path: Path) -> None:
+    ours = [".features_0.npy.4242.tmp", ".header.json.17.tmp", ".labels.npy.99.tmp"]
+    others = ["notes.tmp", ".other.1.tmp", "features_0.npy.bak"]
+    for name in ours + others:
+        (tmp_path / name).write_bytes(b"x")
+    cache_once(tmp_path)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted([".lock", "features_0.npy", "header.json", *others])
+
+
+class TrainsBatchNorm(nn.Module):
+    """Its train() keeps BatchNorm in training mode, as some 'freeze' recipes do wrongly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def train(self, mode: bool = True) -> TrainsBatchNorm:
+        super().train(mode)
+        self.bn.train()
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.bn(self.conv(x))
+        return out
+
+
+def test_batchnorm_statistics_are_never_updated_by_extraction() -> None:
+    net = TrainsBatchNorm().train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    tk.extract_features(net, images(8), batch_size=4, progress=False)
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert net.training and net.bn.training
+
+
+def snapshot(model: nn.Module) -> dict[str, tuple[Tensor, torch.device, torch.dtype, bool]]:
+    """Every parameter and buffer (value, device, dtype) and every module's mode."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    state = {k: (v.detach().clone(), v.device, v.dtype, False) for k, v in tensors}
+    cpu, empty = torch.device("cpu"), torch.empty(0)
+    for name, module in model.named_modules():
+        state[f"mode:{name}"] = (empty, cpu, torch.float32, module.training)
+    return state
+
+
+def assert_unchanged(model: nn.Module, before: dict[str, Any]) -> None:
+    after = snapshot(model)
+    assert after.keys() == before.keys()
+    for key, (value, device, dtype, mode) in before.items():
+        got = after[key]
+        assert got[1] == device and got[2] == dtype and got[3] == mode, key
+        assert torch.equal(got[0], value), key
+
+
+class FailsToMove(nn.Module):
+    """Raises while being moved, after its siblings moved (like an OOM half-way)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(3))
+
+    def _apply(self, fn: Any, recurse: bool = True) -> FailsToMove:
+        raise torch.OutOfMemoryError("simulated out of memory while moving")
+
+
+class BadBatch(Dataset[Tensor]):
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, index: int) -> Tensor:
+        if index == 9:
+            raise OSError("unreadable image")
+        return images(1, seed=index)[0]
+
+
+@pytest.mark.parametrize("failure", ["meta", "oom-during-move", "bad-batch", "forward"])
+def test_a_failed_extraction_leaves_the_model_exactly_as_it_was(failure: str) -> None:
+    net: nn.Module = small_cnn().double()
+    net.train()
+    net.fc.eval()  # per-submodule modes must come back too
+    net.features[0].weight.grad = torch.ones_like(net.features[0].weight)
+    data: Any = images(12).double()
+    device = "auto"
+    if failure == "meta":
+        device = "meta"
+    elif failure == "oom-during-move":
+        net.add_module("late", FailsToMove())
+        device = "meta"
+    elif failure == "bad-batch":
+        data = BadBatch()
+    else:
+        net = Counting(net, fail_at=2)
+    before = snapshot(net)
+    with pytest.raises((RuntimeError, NotImplementedError, OSError, ValueError)):
+        tk.extract_features(net, data, batch_size=4, device=device, progress=False)
+    assert_unchanged(net, before)
+    first = next(m for m in net.modules() if isinstance(m, nn.Conv2d))
+    assert first.weight.grad is not None and bool((first.weight.grad == 1).all())
+    assert first.weight.grad.device.type == "cpu"
+    out = tk.extract_features(net, images(4).double(), progress=False)  # still usable
+    assert np.isfinite(out).all()
+
+
+def test_one_extractor_called_from_two_threads_gives_the_serial_results() -> None:
+    import threading
+
+    net = small_cnn()
+    extractor = tk.FeatureExtractor(net, ["features", "neck"])
+    inputs = [images(6, seed=s) for s in range(2)]
+    with torch.no_grad():
+        serial = [extractor(x) for x in inputs]
+    results: list[list[dict[str, Tensor]]] = [[], []]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(2)
+
+    def work(i: int) -> None:
+        try:
+            barrier.wait()
+            with torch.no_grad():
+                for _ in range(40):
+                    results[i].append(extractor(inputs[i]))
+        except BaseException as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    for i in range(2):
+        for out in results[i]:
+            for name in serial[i]:
+                assert torch.equal(out[name], serial[i][name])
+    assert hook_count(net) == 0
+
+
+def test_extract_features_on_one_model_from_two_threads_gives_the_serial_results(
+    tmp_path: Path,
+) -> None:
+    import threading
+
+    net = small_cnn().train()
+    inputs = [images(20, seed=s) for s in range(2)]
+    serial = [tk.extract_features(net, x, batch_size=4, progress=False) for x in inputs]
+    results: list[list[np.ndarray]] = [[], []]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(2)
+
+    def work(i: int) -> None:
+        try:
+            barrier.wait()
+            for _ in range(10):
+                results[i].append(tk.extract_features(net, inputs[i], batch_size=4, progress=False))
+        except BaseException as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    for i in range(2):
+        for out in results[i]:
+            np.testing.assert_array_equal(out, serial[i])
+    assert all(m.training for m in net.modules())
+
+
+def test_an_extractor_survives_deepcopy_with_its_lock() -> None:
+    import copy
+
+    extractor = tk.FeatureExtractor(small_cnn(), "neck")
+    clone = copy.deepcopy(extractor)
+    x = images(3)
+    with torch.no_grad():
+        assert torch.equal(clone(x), extractor(x))
