@@ -29,6 +29,7 @@ from .adversarial import (
     DomainAdversarialLoss,
     DomainDiscriminator,
     GradientReversal,
+    MarginDisparityDiscrepancy,
     WarmStartSchedule,
     grad_reverse,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "FeatureExtractor",
     "GradientReversal",
     "GradualUnfreezing",
+    "MarginDisparityDiscrepancy",
     "WarmStartSchedule",
     "__version__",
     "autocast",

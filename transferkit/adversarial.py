@@ -15,6 +15,9 @@ reversal layer (GRL) between them: identity in the forward pass, gradient multip
 * [`ConditionalDomainAdversarialLoss`][] -- CDAN(+E) (Long et al., NeurIPS 2018): the
   discriminator sees the multilinear map of features and class predictions (randomized
   when large), optionally weighted by prediction certainty.
+* :class:`MarginDisparityDiscrepancy` -- MDD (Zhang et al., ICML 2019): an adversarial
+  classifier head behind the reversal, trained to disagree with the main classifier on
+  the target and agree on the source.
 
 Source samples are domain 1, target samples domain 0. Both losses average each domain's
 term separately and take their mean, so unequal batch sizes do not tilt the loss.
@@ -39,6 +42,7 @@ __all__ = [
     "DomainAdversarialLoss",
     "DomainDiscriminator",
     "GradientReversal",
+    "MarginDisparityDiscrepancy",
     "WarmStartSchedule",
     "grad_reverse",
 ]
@@ -713,3 +717,174 @@ class ConditionalDomainAdversarialLoss(_AdversarialLossBase):
             f"num_classes={self.num_classes}, features_dim={self.features_dim}, "
             f"entropy_conditioning={self.entropy_conditioning}, randomized={self.randomized}"
         )
+
+
+# --------------------------------------------------------------------------- MDD
+
+
+class MarginDisparityDiscrepancy(nn.Module):
+    r"""Margin disparity discrepancy (MDD, Zhang et al., ICML 2019) with its adversarial head.
+
+    The module owns an auxiliary classifier ``f'`` (the adversarial head) that sees the
+    features through gradient reversal ``R``. With ``y = argmax`` of the main
+    classifier's logits (no gradient), ``p' = softmax(f'(R(f)))`` and margin factor
+    ``gamma``, it returns
+
+    .. math::
+
+        \mathcal{L}_{mdd} = \gamma\,\frac{1}{n_s}\sum_{i} -\log p'_{i, y_i}
+            \;+\; \frac{1}{n_t}\sum_{j} -\log\big(1 - p'_{j, y_j}\big)
+
+    (source terms over source samples, target terms over target samples). Minimising
+    it trains the adversarial head to agree with the main classifier on the source and
+    to disagree with it on the target, i.e. to maximise the disparity discrepancy
+    :math:`D = \mathbb{E}_t[\log(1 - p')] + \gamma\,\mathbb{E}_s[\log p'] = -\mathcal{L}`;
+    the reversed gradient trains the feature extractor to minimise it. ``gamma > 1``
+    (4 in the paper and TLlib) is the margin: it weights source agreement more. The
+    shifted target term :math:`\log(1 - p')` is computed exactly as
+    ``logsumexp`` over the other classes minus ``logsumexp`` over all, so it needs no
+    ``1e-6`` offset and keeps its gradient when ``p'`` is near 1.
+
+    How to use it in a training loop::
+
+        features_s, features_t = backbone(x_s), backbone(x_t)   # e.g. bottleneck features
+        logits_s, logits_t = head(features_s), head(features_t)
+        loss = F.cross_entropy(logits_s, y_s) + trade_off * mdd(
+            logits_s, features_s, logits_t, features_t)
+        loss.backward()
+
+    * ``features_*`` are the inputs of the main classifier ``head`` (the adversarial
+      head must accept them); ``logits_*`` are ``head``'s outputs (only their argmax is
+      used, so the main head gets no gradient from this term).
+    * The optimizer must hold ``mdd.parameters()`` (the adversarial head) together with
+      the network's parameters; the adversarial head learns at the same rate.
+    * The reversal coefficient scales the gradient reaching the features. The default
+      is a fixed ``0.1`` (the value TLlib ramps to); for TLlib's ramp pass
+      ``grl=GradientReversal(WarmStartSchedule(max_steps, alpha=1.0, hi=0.1))`` and call
+      ``mdd.grl.schedule.step()`` once per iteration.
+
+    Args:
+        adversarial_head: a module mapping ``(N, D)`` features to ``(N, C)`` logits,
+            with the same architecture as the main classifier (e.g. a fresh
+            ``nn.Linear(D, C)`` or a ``ClassifierHead``).
+        margin: the margin factor ``gamma > 0`` (4.0 in the paper).
+        grl: the reversal layer; default ``GradientReversal(0.1)``.
+
+    Call arguments:
+        source_logits, source_features, target_logits, target_features (the order of
+        :class:`ConditionalDomainAdversarialLoss`).
+
+    Shape:
+        - ``source_logits``: ``(N_s, C)``, ``source_features``: ``(N_s, D)``.
+        - ``target_logits``: ``(N_t, C)``, ``target_features``: ``(N_t, D)``.
+        - Output: scalar, fp32 (also under autocast), ``>= 0``.
+
+    Raises:
+        TypeError: for non-tensor, non-floating or mismatched-dtype input, a head that is
+            not an ``nn.Module`` or a non-numeric margin.
+        ValueError: for wrong ranks, sizes or devices, fewer than 2 classes, non-finite
+            values, a non-positive margin, or a head whose output is not ``(N, C)``.
+
+    Examples:
+        >>> _ = torch.manual_seed(0)
+        >>> mdd = MarginDisparityDiscrepancy(nn.Linear(16, 4), margin=4.0)
+        >>> loss = mdd(torch.randn(8, 4), torch.randn(8, 16), torch.randn(6, 4),
+        ...            torch.randn(6, 16))
+        >>> loss.shape, bool(loss > 0), mdd.grl.coeff
+        (torch.Size([]), True, 0.1)
+    """
+
+    def __init__(
+        self,
+        adversarial_head: nn.Module,
+        *,
+        margin: float = 4.0,
+        grl: GradientReversal | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(adversarial_head, nn.Module):
+            raise TypeError(
+                f"adversarial_head: expected an nn.Module, got {type(adversarial_head).__name__}"
+            )
+        if grl is not None and not isinstance(grl, GradientReversal):
+            raise TypeError(
+                f"grl: expected a GradientReversal or None, got {type(grl).__name__}; "
+                "wrap a schedule as GradientReversal(WarmStartSchedule(...))"
+            )
+        self.adversarial_head = adversarial_head
+        self.margin = check_positive(margin, "margin")
+        self.grl = grl if grl is not None else GradientReversal(0.1)
+        self._disagreement: Tensor | None = None
+
+    @property
+    def target_disagreement(self) -> float:
+        """Target samples where the heads' argmax differ, last call (NaN before any).
+
+        The fraction of the target batch on which the adversarial head disagrees with
+        the main classifier; it rises as the head learns the discrepancy.
+        """
+        return math.nan if self._disagreement is None else float(self._disagreement)
+
+    def _check_inputs(self, logits: Tensor, features: Tensor, prefix: str) -> None:
+        check_features(logits, f"{prefix}_logits")
+        check_features(features, f"{prefix}_features")
+        if logits.shape[1] < 2:
+            raise ValueError(
+                f"{prefix}_logits: expected logits over at least 2 classes, got shape "
+                f"{tuple(logits.shape)}"
+            )
+        if logits.shape[0] != features.shape[0]:
+            raise ValueError(
+                f"{prefix}_logits and {prefix}_features: expected the same number of samples, "
+                f"got {logits.shape[0]} and {features.shape[0]}"
+            )
+        if logits.device != features.device:
+            raise ValueError(
+                f"{prefix}_logits and {prefix}_features: expected tensors on the same device, "
+                f"got {logits.device} and {features.device}"
+            )
+
+    def forward(
+        self,
+        source_logits: Tensor,
+        source_features: Tensor,
+        target_logits: Tensor,
+        target_features: Tensor,
+    ) -> Tensor:
+        """The MDD loss term (to minimise) of one source and one target batch."""
+        self._check_inputs(source_logits, source_features, "source")
+        self._check_inputs(target_logits, target_features, "target")
+        check_pair(source_features, target_features, ("source_features", "target_features"))
+        check_pair(source_logits, target_logits, ("source_logits", "target_logits"))
+        num_source, classes = source_logits.shape
+        features = self.grl(torch.cat([source_features, target_features], dim=0))
+        adversarial = self.adversarial_head(features)
+        expected = (features.shape[0], classes)
+        if not isinstance(adversarial, Tensor) or tuple(adversarial.shape) != expected:
+            got = (
+                tuple(adversarial.shape)
+                if isinstance(adversarial, Tensor)
+                else type(adversarial).__name__
+            )
+            raise ValueError(
+                f"adversarial_head: expected logits of shape {expected} (one row per sample, "
+                f"one column per class of the main classifier), got {got}"
+            )
+        with _full_precision(features.device):
+            adversarial = _at_least_fp32(adversarial)
+            labels = torch.cat([source_logits, target_logits], dim=0).detach().argmax(dim=1)
+            log_p = adversarial.log_softmax(dim=1)
+            source_term = F.nll_loss(log_p[:num_source], labels[:num_source])
+            target_adv, target_labels = adversarial[num_source:], labels[num_source:]
+            chosen = F.one_hot(target_labels, classes).bool()
+            # log(1 - p_y) = logsumexp over the other classes - logsumexp over all
+            log_rest = torch.logsumexp(target_adv.masked_fill(chosen, -math.inf), dim=1)
+            log_not_y = log_rest - torch.logsumexp(target_adv, dim=1)
+            loss = self.margin * source_term - log_not_y.mean()
+            with torch.no_grad():
+                self._disagreement = (target_adv.argmax(dim=1) != target_labels).float().mean()
+        return loss
+
+    def extra_repr(self) -> str:
+        """The margin, for ``print(module)``."""
+        return f"margin={self.margin:g}"

@@ -47,14 +47,20 @@ from .kernels import GaussianKernel, Kernel, as_compute, compute_dtype, no_autoc
 
 __all__ = [
     "L2SP",
+    "AdaptiveFeatureNormLoss",
+    "BNMLoss",
     "CORALLoss",
     "JointMMDLoss",
+    "MCCLoss",
     "MMDLoss",
+    "adaptive_feature_norm",
+    "bnm",
     "bss",
     "coral",
     "distillation",
     "entropy",
     "joint_mmd",
+    "mcc",
     "mmd",
 ]
 
@@ -752,6 +758,287 @@ def entropy(logits: Tensor) -> Tensor:
     with no_autocast(logits.device):
         log_p = F.log_softmax(as_compute(logits), dim=1)
         return -(log_p.exp() * log_p).sum(1).mean()
+
+
+# --------------------------------------------------------------------------- target regularisers
+
+
+def _check_class_logits(x: object, name: str) -> Tensor:
+    """``(B, C)`` finite floating logits with ``B >= 2`` samples and ``C >= 2`` classes."""
+    logits = check_tensor(x, name, ndim=2, floating=True, min_samples=2)
+    if logits.shape[1] < 2:
+        raise ValueError(
+            f"{name}: expected logits over at least 2 classes, got shape {tuple(logits.shape)}"
+        )
+    return logits
+
+
+def mcc(target_logits: Tensor, temperature: float = 2.5) -> Tensor:
+    r"""Minimum class confusion (MCC, Jin et al. 2020) of a batch of target logits.
+
+    With ``B`` samples, ``C`` classes and temperature ``T``:
+
+    .. math::
+
+        p_i = \mathrm{softmax}(z_i / T), \qquad
+        H_i = -\sum_c p_{ic} \log p_{ic}, \qquad
+        w_i = \frac{B\,(1 + e^{-H_i})}{\sum_k (1 + e^{-H_k})}
+
+    .. math::
+
+        M = P^\top \mathrm{diag}(w)\, P \in \mathbb{R}^{C \times C}, \qquad
+        \tilde M_{jk} = \frac{M_{jk}}{\sum_l M_{lk}}, \qquad
+        \mathrm{MCC} = \frac{1}{C} \sum_{j \ne k} \tilde M_{jk}
+
+    ``M`` is the class-confusion matrix (how much mass the batch puts on class ``j`` and
+    ``k`` at once); category normalisation divides each column by its sum so that rare
+    classes count as much as frequent ones. The value lies in ``[0, 1)``: 0 when every
+    sample is confidently one class, ``(C - 1) / C`` for uniform predictions. The
+    entropy weights ``w`` are detached, as in the reference implementation, so the
+    gradient reaches the logits through ``P`` only. A class that receives no mass at all
+    (possible only when the softmax underflows) contributes 0 instead of NaN.
+
+    Add ``mcc_weight * mcc(target_logits)`` (the paper uses 1.0) to the source
+    cross-entropy; it needs no source batch and no extra network.
+
+    Args:
+        target_logits: class logits of a target batch.
+        temperature: softmax temperature ``T > 0`` (2.5 in the paper; 2-3 work well).
+
+    Returns:
+        A 0-d tensor (fp32 for half-precision inputs).
+
+    Shape:
+        - target_logits: ``(B, C)`` with ``B >= 2`` and ``C >= 2``.
+        - Output: ``()``.
+
+    Raises:
+        ValueError: non-2-D or non-finite logits, fewer than 2 samples or classes, or a
+            non-positive temperature.
+        TypeError: non-tensor or non-floating logits, or a non-numeric temperature.
+
+    Examples:
+        >>> round(float(mcc(torch.zeros(4, 3))), 4)  # uniform predictions: (C - 1) / C
+        0.6667
+        >>> confident = 100.0 * torch.eye(3)  # each sample sure of a different class
+        >>> float(mcc(confident)) < 1e-6
+        True
+    """
+    _check_class_logits(target_logits, "target_logits")
+    temp = check_positive(temperature, "temperature")
+    with no_autocast(target_logits.device):
+        logits = as_compute(target_logits)
+        batch, classes = logits.shape
+        log_p = F.log_softmax(logits / temp, dim=1)
+        p = log_p.exp()
+        with torch.no_grad():
+            certainty = 1.0 + torch.exp((p * log_p).sum(1))  # 1 + exp(-H)
+            weights = batch * certainty / certainty.sum()
+        confusion = (p * weights.unsqueeze(1)).T @ p
+        column_sums = confusion.sum(0, keepdim=True)
+        normalised = confusion / column_sums.clamp_min(torch.finfo(confusion.dtype).tiny)
+        return (normalised.sum() - normalised.diagonal().sum()) / classes
+
+
+class MCCLoss(nn.Module):
+    """Minimum class confusion as a module; see :func:`mcc`.
+
+    Args:
+        temperature: softmax temperature ``T > 0`` (2.5 in the paper).
+
+    Shape:
+        - target_logits: ``(B, C)`` with ``B, C >= 2``.
+        - Output: ``()``.
+
+    Examples:
+        >>> loss = MCCLoss(temperature=2.5)
+        >>> round(float(loss(torch.zeros(5, 2))), 4)
+        0.5
+    """
+
+    def __init__(self, temperature: float = 2.5) -> None:
+        super().__init__()
+        self.temperature = check_positive(temperature, "temperature")
+
+    def extra_repr(self) -> str:
+        """Constructor arguments shown by ``repr``."""
+        return f"temperature={self.temperature:g}"
+
+    def forward(self, target_logits: Tensor) -> Tensor:
+        """MCC of ``target_logits``."""
+        return mcc(target_logits, self.temperature)
+
+
+def bnm(logits: Tensor) -> Tensor:
+    r"""Batch nuclear-norm maximisation (BNM, Cui et al. 2020), as a loss to minimise.
+
+    .. math:: \mathcal{L}_{bnm} = -\frac{1}{B} \|A\|_\star, \qquad
+        A = \mathrm{softmax}(z) \in \mathbb{R}^{B \times C}
+
+    where :math:`\|A\|_\star = \sum_k \sigma_k(A)` is the nuclear norm (sum of singular
+    values). Maximising it raises both prediction confidence (the Frobenius norm) and
+    prediction diversity (the rank), which counters the collapse onto a few majority
+    classes that plain entropy minimisation causes. Bounds:
+    :math:`-\sqrt{\min(B, C) / B} \le \mathcal{L}_{bnm} \le -1/\sqrt{BC}`; the lower
+    bound is reached by confident predictions spread evenly over ``min(B, C)`` classes.
+    The paper's code divides by ``min(B, C)`` (``-mean(svd(A))``) instead of ``B``; with
+    ``B <= C`` the two agree.
+
+    Add ``bnm_weight * bnm(target_logits)`` (1.0 in the paper) to the source
+    cross-entropy. The gradient is that of ``torch.linalg.svdvals`` (``U V^T``), which is
+    well defined unless singular values are exactly zero.
+
+    Args:
+        logits: class logits, usually of a target batch.
+
+    Returns:
+        A 0-d tensor, always negative (fp32 for half-precision inputs).
+
+    Shape:
+        - logits: ``(B, C)`` with ``B >= 2`` and ``C >= 2``.
+        - Output: ``()``.
+
+    Raises:
+        ValueError: non-2-D or non-finite logits, or fewer than 2 samples or classes.
+        TypeError: non-tensor or non-floating logits.
+
+    Examples:
+        >>> round(float(bnm(100.0 * torch.eye(3))), 4)  # confident and diverse: -1
+        -1.0
+        >>> round(float(bnm(torch.zeros(4, 2))), 4)  # uniform: rank 1, -sqrt(2) / 4
+        -0.3536
+    """
+    _check_class_logits(logits, "logits")
+    with no_autocast(logits.device):
+        probs = F.softmax(as_compute(logits), dim=1)
+        singular: Tensor = torch.linalg.svdvals(probs)
+        return -singular.sum() / probs.shape[0]
+
+
+class BNMLoss(nn.Module):
+    """Batch nuclear-norm maximisation as a module; see :func:`bnm`.
+
+    Shape:
+        - logits: ``(B, C)`` with ``B, C >= 2``.
+        - Output: ``()``.
+
+    Examples:
+        >>> round(float(BNMLoss()(100.0 * torch.eye(2))), 4)
+        -1.0
+    """
+
+    def forward(self, logits: Tensor) -> Tensor:
+        """The negative batch nuclear norm of ``softmax(logits)``, divided by ``B``."""
+        return bnm(logits)
+
+
+def _check_afn_options(delta: object, radius: object) -> tuple[float | None, float | None]:
+    if delta is not None and radius is not None:
+        raise ValueError(
+            "delta and radius: pass delta= for the stepwise AFN or radius= for the hard "
+            "AFN, not both"
+        )
+    if radius is not None:
+        return None, check_positive(radius, "radius")
+    return check_positive(1.0 if delta is None else delta, "delta"), None
+
+
+def adaptive_feature_norm(
+    features: Tensor, *, delta: float | None = None, radius: float | None = None
+) -> Tensor:
+    r"""Adaptive feature norm (AFN, Xu et al. 2019): push feature norms up.
+
+    Larger feature norms on the target domain make the classifier transfer better (the
+    "smaller-norm" hypothesis of the paper). Two variants, with
+    :math:`h_i = \|f_i\|_2`:
+
+    - stepwise AFN (SAFN, the default; ``delta`` = :math:`\Delta r`, 1.0 in the paper):
+
+      .. math:: \mathcal{L} = \frac{1}{N} \sum_i \big(\mathrm{sg}(h_i) + \Delta r -
+          h_i\big)^2
+
+      with ``sg`` stop-gradient. Its value is always :math:`\Delta r^2`; its gradient
+      enlarges every norm by a step of :math:`\Delta r` per update.
+    - hard AFN (HAFN; pass ``radius`` = ``R``, 25 in the paper):
+
+      .. math:: \mathcal{L} = \Big(\frac{1}{N} \sum_i h_i - R\Big)^2
+
+      the squared distance of the batch's mean norm to ``R``, as in the paper's eq. 2
+      and code. Call it once per domain and add the two terms.
+
+    Add ``0.05 * adaptive_feature_norm(features)`` (the paper's weight for SAFN on
+    Office-31; HAFN used 0.05 as well) for source and target features, on the
+    bottleneck features before the last linear layer. The norm has a zero gradient at
+    ``f_i = 0`` (no NaN).
+
+    Args:
+        features: a feature batch (source and target concatenated, or one domain).
+        delta: the step :math:`\Delta r > 0` of SAFN; default 1.0 when ``radius`` is not
+            given.
+        radius: the target norm ``R > 0`` of HAFN; selects the hard variant.
+
+    Returns:
+        A 0-d tensor (fp32 for half-precision inputs).
+
+    Shape:
+        - features: ``(N, D)``, ``N >= 1``.
+        - Output: ``()``.
+
+    Raises:
+        ValueError: non-2-D, empty or non-finite features, non-positive ``delta`` /
+            ``radius``, or both given.
+        TypeError: non-tensor or non-floating features, or non-numeric options.
+
+    Examples:
+        >>> f = torch.tensor([[3.0, 4.0], [0.0, 1.0]], requires_grad=True)
+        >>> float(adaptive_feature_norm(f, delta=0.5))  # always delta ** 2
+        0.25
+        >>> float(adaptive_feature_norm(f, radius=5.0))  # (mean(5, 1) - 5) ** 2
+        4.0
+    """
+    check_features(features, "features")
+    step, target_norm = _check_afn_options(delta, radius)
+    with no_autocast(features.device):
+        norms: Tensor = torch.linalg.vector_norm(as_compute(features), dim=1)
+        if target_norm is not None:
+            return (norms.mean() - target_norm) ** 2
+        assert step is not None
+        return ((norms.detach() + step - norms) ** 2).mean()
+
+
+class AdaptiveFeatureNormLoss(nn.Module):
+    """Adaptive feature norm as a module; see :func:`adaptive_feature_norm`.
+
+    Args:
+        delta: the step of stepwise AFN (default 1.0 when ``radius`` is not given).
+        radius: the target norm ``R`` of hard AFN; selects the hard variant.
+
+    Shape:
+        - features: ``(N, D)``.
+        - Output: ``()``.
+
+    Examples:
+        >>> float(AdaptiveFeatureNormLoss()(torch.randn(4, 3)))  # SAFN, delta = 1
+        1.0
+        >>> AdaptiveFeatureNormLoss(radius=25.0)
+        AdaptiveFeatureNormLoss(radius=25)
+    """
+
+    def __init__(self, *, delta: float | None = None, radius: float | None = None) -> None:
+        super().__init__()
+        self.delta, self.radius = _check_afn_options(delta, radius)
+
+    def extra_repr(self) -> str:
+        """Constructor arguments shown by ``repr``."""
+        if self.radius is not None:
+            return f"radius={self.radius:g}"
+        return f"delta={self.delta:g}"
+
+    def forward(self, features: Tensor) -> Tensor:
+        """The AFN penalty of ``features``."""
+        if self.radius is not None:
+            return adaptive_feature_norm(features, radius=self.radius)
+        return adaptive_feature_norm(features, delta=self.delta)
 
 
 # --------------------------------------------------------------------------- fine-tuning
