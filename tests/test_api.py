@@ -14,13 +14,14 @@ TOP_LEVEL = [
     "ClassifierHead", "find_head", "replace_head",
     "FeatureExtractor", "extract_features",
     "grad_reverse", "GradientReversal", "WarmStartSchedule", "DomainDiscriminator",
-    "DomainAdversarialLoss", "ConditionalDomainAdversarialLoss",
+    "DomainAdversarialLoss", "ConditionalDomainAdversarialLoss", "MarginDisparityDiscrepancy",
 ]  # fmt: skip
 QUALIFIED = {
     "kernels": ["GaussianKernel", "LinearKernel", "PolynomialKernel", "LaplacianKernel"],
     "losses": [
         "mmd", "MMDLoss", "JointMMDLoss", "coral", "CORALLoss", "distillation", "L2SP",
-        "entropy", "bss",
+        "entropy", "bss", "mcc", "MCCLoss", "bnm", "BNMLoss", "adaptive_feature_norm",
+        "AdaptiveFeatureNormLoss",
     ],
     "sklearn": [
         "DeepFeatures", "TorchKernelSVC", "CORAL", "TCA", "SubspaceAlignment",

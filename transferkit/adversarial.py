@@ -740,10 +740,16 @@ class MarginDisparityDiscrepancy(nn.Module):
     to disagree with it on the target, i.e. to maximise the disparity discrepancy
     :math:`D = \mathbb{E}_t[\log(1 - p')] + \gamma\,\mathbb{E}_s[\log p'] = -\mathcal{L}`;
     the reversed gradient trains the feature extractor to minimise it. ``gamma > 1``
-    (4 in the paper and TLlib) is the margin: it weights source agreement more. The
-    shifted target term :math:`\log(1 - p')` is computed exactly as
-    ``logsumexp`` over the other classes minus ``logsumexp`` over all, so it needs no
-    ``1e-6`` offset and keeps its gradient when ``p'`` is near 1.
+    (4 in the paper and TLlib) is the margin: it weights source agreement more.
+
+    The target term is the shifted log-loss :math:`-\log(1 - p' + \epsilon)` (clamped
+    at 0) with ``offset`` :math:`\epsilon` = 1e-6, as in TLlib. ``1 - p'`` itself is
+    computed exactly (``logsumexp`` over the other classes minus ``logsumexp`` over
+    all). The offset is not only numerical: it caps the target term at
+    :math:`-\log \epsilon \approx 13.8` and flattens its gradient once the adversary
+    agrees with the main classifier almost surely, which keeps the feature extractor
+    (which maximises this term through the reversal) from pushing without bound;
+    ``offset=0`` gives the exact :math:`-\log(1 - p')`.
 
     How to use it in a training loop::
 
@@ -768,6 +774,7 @@ class MarginDisparityDiscrepancy(nn.Module):
             with the same architecture as the main classifier (e.g. a fresh
             ``nn.Linear(D, C)`` or a ``ClassifierHead``).
         margin: the margin factor ``gamma > 0`` (4.0 in the paper).
+        offset: the shift :math:`\epsilon \in [0, 1)` of the target log-loss.
         grl: the reversal layer; default ``GradientReversal(0.1)``.
 
     Call arguments:
@@ -799,6 +806,7 @@ class MarginDisparityDiscrepancy(nn.Module):
         adversarial_head: nn.Module,
         *,
         margin: float = 4.0,
+        offset: float = 1e-6,
         grl: GradientReversal | None = None,
     ) -> None:
         super().__init__()
@@ -813,6 +821,9 @@ class MarginDisparityDiscrepancy(nn.Module):
             )
         self.adversarial_head = adversarial_head
         self.margin = check_positive(margin, "margin")
+        self.offset = check_positive(offset, "offset", strict=False)
+        if self.offset >= 1.0:
+            raise ValueError(f"offset: expected a value in [0, 1), got {offset!r}")
         self.grl = grl if grl is not None else GradientReversal(0.1)
         self._disagreement: Tensor | None = None
 
@@ -877,14 +888,17 @@ class MarginDisparityDiscrepancy(nn.Module):
             source_term = F.nll_loss(log_p[:num_source], labels[:num_source])
             target_adv, target_labels = adversarial[num_source:], labels[num_source:]
             chosen = F.one_hot(target_labels, classes).bool()
-            # log(1 - p_y) = logsumexp over the other classes - logsumexp over all
+            # log(1 - p_y) = logsumexp over the other classes - logsumexp over all: exact,
+            # no cancellation in 1 - p_y when p_y is close to 1.
             log_rest = torch.logsumexp(target_adv.masked_fill(chosen, -math.inf), dim=1)
             log_not_y = log_rest - torch.logsumexp(target_adv, dim=1)
+            if self.offset > 0:
+                log_not_y = torch.log((log_not_y.exp() + self.offset).clamp(max=1.0))
             loss = self.margin * source_term - log_not_y.mean()
             with torch.no_grad():
                 self._disagreement = (target_adv.argmax(dim=1) != target_labels).float().mean()
         return loss
 
     def extra_repr(self) -> str:
-        """The margin, for ``print(module)``."""
-        return f"margin={self.margin:g}"
+        """The margin and offset, for ``print(module)``."""
+        return f"margin={self.margin:g}, offset={self.offset:g}"

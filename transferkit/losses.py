@@ -792,11 +792,16 @@ def mcc(target_logits: Tensor, temperature: float = 2.5) -> Tensor:
 
     ``M`` is the class-confusion matrix (how much mass the batch puts on class ``j`` and
     ``k`` at once); category normalisation divides each column by its sum so that rare
-    classes count as much as frequent ones. The value lies in ``[0, 1)``: 0 when every
-    sample is confidently one class, ``(C - 1) / C`` for uniform predictions. The
+    classes count as much as frequent ones. The value lies in ``[0, 1]``: ``(C - 1) / C``
+    for uniform predictions, 0 when every sample is confidently one class. The
     entropy weights ``w`` are detached, as in the reference implementation, so the
-    gradient reaches the logits through ``P`` only. A class that receives no mass at all
-    (possible only when the softmax underflows) contributes 0 instead of NaN.
+    gradient reaches the logits through ``P`` only.
+
+    Category normalisation makes a class that no sample predicts count as fully confused
+    (its column of :math:`\tilde M` is all off-diagonal), so the value is near 0 only
+    when the batch is confident *and* covers every class; use batches of at least ``C``
+    samples. A class whose softmax mass underflows to exactly 0 gets that limit, 1, not
+    NaN.
 
     Add ``mcc_weight * mcc(target_logits)`` (the paper uses 1.0) to the source
     cross-entropy; it needs no source batch and no extra network.
@@ -823,6 +828,8 @@ def mcc(target_logits: Tensor, temperature: float = 2.5) -> Tensor:
         >>> confident = 100.0 * torch.eye(3)  # each sample sure of a different class
         >>> float(mcc(confident)) < 1e-6
         True
+        >>> round(float(mcc(100.0 * torch.eye(3)[[0, 0, 1]])), 4)  # class 2 never predicted
+        0.3333
     """
     _check_class_logits(target_logits, "target_logits")
     temp = check_positive(temperature, "temperature")
@@ -835,9 +842,12 @@ def mcc(target_logits: Tensor, temperature: float = 2.5) -> Tensor:
             certainty = 1.0 + torch.exp((p * log_p).sum(1))  # 1 + exp(-H)
             weights = batch * certainty / certainty.sum()
         confusion = (p * weights.unsqueeze(1)).T @ p
-        column_sums = confusion.sum(0, keepdim=True)
-        normalised = confusion / column_sums.clamp_min(torch.finfo(confusion.dtype).tiny)
-        return (normalised.sum() - normalised.diagonal().sum()) / classes
+        # sum_{j != k} M~_jk = sum_k (1 - M_kk / sum_l M_lk); a column without mass is
+        # given its limit, 1, instead of 0 / 0.
+        column_sums = confusion.sum(0)
+        massless = column_sums <= 0
+        own_share = confusion.diagonal() / torch.where(massless, 1.0, column_sums)
+        return (1.0 - torch.where(massless, 0.0, own_share)).sum() / classes
 
 
 class MCCLoss(nn.Module):
