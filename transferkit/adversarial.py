@@ -15,7 +15,7 @@ reversal layer (GRL) between them: identity in the forward pass, gradient multip
 * [`ConditionalDomainAdversarialLoss`][] -- CDAN(+E) (Long et al., NeurIPS 2018): the
   discriminator sees the multilinear map of features and class predictions (randomized
   when large), optionally weighted by prediction certainty.
-* :class:`MarginDisparityDiscrepancy` -- MDD (Zhang et al., ICML 2019): an adversarial
+* [`MarginDisparityDiscrepancy`][] -- MDD (Zhang et al., ICML 2019): an adversarial
   classifier head behind the reversal, trained to disagree with the main classifier on
   the target and agree on the source.
 
@@ -730,26 +730,26 @@ class MarginDisparityDiscrepancy(nn.Module):
     classifier's logits (no gradient), ``p' = softmax(f'(R(f)))`` and margin factor
     ``gamma``, it returns
 
-    .. math::
-
-        \mathcal{L}_{mdd} = \gamma\,\frac{1}{n_s}\sum_{i} -\log p'_{i, y_i}
-            \;+\; \frac{1}{n_t}\sum_{j} -\log\big(1 - p'_{j, y_j}\big)
+    $$
+    \mathcal{L}_{mdd} = \gamma\,\frac{1}{n_s}\sum_{i} -\log p'_{i, y_i}
+        \;+\; \frac{1}{n_t}\sum_{j} -\log\big(1 - p'_{j, y_j}\big)
+    $$
 
     (source terms over source samples, target terms over target samples). Minimising
     it trains the adversarial head to agree with the main classifier on the source and
     to disagree with it on the target, i.e. to maximise the disparity discrepancy
-    :math:`D = \mathbb{E}_t[\log(1 - p')] + \gamma\,\mathbb{E}_s[\log p'] = -\mathcal{L}`;
+    $D = \mathbb{E}_t[\log(1 - p')] + \gamma\,\mathbb{E}_s[\log p'] = -\mathcal{L}$;
     the reversed gradient trains the feature extractor to minimise it. ``gamma > 1``
     (4 in the paper and TLlib) is the margin: it weights source agreement more.
 
-    The target term is the shifted log-loss :math:`-\log(1 - p' + \epsilon)` (clamped
-    at 0) with ``offset`` :math:`\epsilon` = 1e-6, as in TLlib. ``1 - p'`` itself is
+    The target term is the shifted log-loss $-\log(1 - p' + \epsilon)$ (clamped
+    at 0) with ``offset`` $\epsilon$ = 1e-6, as in TLlib. ``1 - p'`` itself is
     computed exactly (``logsumexp`` over the other classes minus ``logsumexp`` over
     all). The offset is not only numerical: it caps the target term at
-    :math:`-\log \epsilon \approx 13.8` and flattens its gradient once the adversary
+    $-\log \epsilon \approx 13.8$ and flattens its gradient once the adversary
     agrees with the main classifier almost surely, which keeps the feature extractor
     (which maximises this term through the reversal) from pushing without bound;
-    ``offset=0`` gives the exact :math:`-\log(1 - p')`.
+    ``offset=0`` gives the exact $-\log(1 - p')$.
 
     How to use it in a training loop::
 
@@ -774,12 +774,12 @@ class MarginDisparityDiscrepancy(nn.Module):
             with the same architecture as the main classifier (e.g. a fresh
             ``nn.Linear(D, C)`` or a ``ClassifierHead``).
         margin: the margin factor ``gamma > 0`` (4.0 in the paper).
-        offset: the shift :math:`\epsilon \in [0, 1)` of the target log-loss.
+        offset: the shift $\epsilon \in [0, 1)$ of the target log-loss.
         grl: the reversal layer; default ``GradientReversal(0.1)``.
 
     Call arguments:
         source_logits, source_features, target_logits, target_features (the order of
-        :class:`ConditionalDomainAdversarialLoss`).
+        [`ConditionalDomainAdversarialLoss`][]).
 
     Shape:
         - ``source_logits``: ``(N_s, C)``, ``source_features``: ``(N_s, D)``.

@@ -6,6 +6,12 @@ biased, unbiased or linear-time), [`JointMMDLoss`][] (JMMD over several layers) 
 [`coral`][] / [`CORALLoss`][]. [`distillation`][] and [`entropy`][] work on
 logits; [`L2SP`][] and [`bss`][] regularise fine-tuning.
 
+Target regularisers need no source batch: [`mcc`][] / [`MCCLoss`][] (minimum class
+confusion) and [`bnm`][] / [`BNMLoss`][] (batch nuclear-norm maximisation) act on
+target logits, [`adaptive_feature_norm`][] / [`AdaptiveFeatureNormLoss`][] (AFN) on
+features. MDD, which trains an adversarial head, is
+[`MarginDisparityDiscrepancy`][transferkit.adversarial.MarginDisparityDiscrepancy].
+
 Every loss validates its input (shapes, feature dimensions, NaN/inf, devices, dtypes)
 and computes in fp32 when given fp16/bf16 tensors, also under `torch.autocast`.
 Validation reads a few values back from the device (e.g. the NaN check); while
@@ -778,17 +784,17 @@ def mcc(target_logits: Tensor, temperature: float = 2.5) -> Tensor:
 
     With ``B`` samples, ``C`` classes and temperature ``T``:
 
-    .. math::
+    $$
+    p_i = \mathrm{softmax}(z_i / T), \qquad
+    H_i = -\sum_c p_{ic} \log p_{ic}, \qquad
+    w_i = \frac{B\,(1 + e^{-H_i})}{\sum_k (1 + e^{-H_k})}
+    $$
 
-        p_i = \mathrm{softmax}(z_i / T), \qquad
-        H_i = -\sum_c p_{ic} \log p_{ic}, \qquad
-        w_i = \frac{B\,(1 + e^{-H_i})}{\sum_k (1 + e^{-H_k})}
-
-    .. math::
-
-        M = P^\top \mathrm{diag}(w)\, P \in \mathbb{R}^{C \times C}, \qquad
-        \tilde M_{jk} = \frac{M_{jk}}{\sum_l M_{lk}}, \qquad
-        \mathrm{MCC} = \frac{1}{C} \sum_{j \ne k} \tilde M_{jk}
+    $$
+    M = P^\top \mathrm{diag}(w)\, P \in \mathbb{R}^{C \times C}, \qquad
+    \tilde M_{jk} = \frac{M_{jk}}{\sum_l M_{lk}}, \qquad
+    \mathrm{MCC} = \frac{1}{C} \sum_{j \ne k} \tilde M_{jk}
+    $$
 
     ``M`` is the class-confusion matrix (how much mass the batch puts on class ``j`` and
     ``k`` at once); category normalisation divides each column by its sum so that rare
@@ -798,7 +804,7 @@ def mcc(target_logits: Tensor, temperature: float = 2.5) -> Tensor:
     gradient reaches the logits through ``P`` only.
 
     Category normalisation makes a class that no sample predicts count as fully confused
-    (its column of :math:`\tilde M` is all off-diagonal), so the value is near 0 only
+    (its column of $\tilde M$ is all off-diagonal), so the value is near 0 only
     when the batch is confident *and* covers every class; use batches of at least ``C``
     samples. A class whose softmax mass underflows to exactly 0 gets that limit, 1, not
     NaN.
@@ -851,7 +857,7 @@ def mcc(target_logits: Tensor, temperature: float = 2.5) -> Tensor:
 
 
 class MCCLoss(nn.Module):
-    """Minimum class confusion as a module; see :func:`mcc`.
+    """Minimum class confusion as a module; see [`mcc`][].
 
     Args:
         temperature: softmax temperature ``T > 0`` (2.5 in the paper).
@@ -882,14 +888,16 @@ class MCCLoss(nn.Module):
 def bnm(logits: Tensor) -> Tensor:
     r"""Batch nuclear-norm maximisation (BNM, Cui et al. 2020), as a loss to minimise.
 
-    .. math:: \mathcal{L}_{bnm} = -\frac{1}{B} \|A\|_\star, \qquad
+    $$
+    \mathcal{L}_{bnm} = -\frac{1}{B} \|A\|_\star, \qquad
         A = \mathrm{softmax}(z) \in \mathbb{R}^{B \times C}
+    $$
 
-    where :math:`\|A\|_\star = \sum_k \sigma_k(A)` is the nuclear norm (sum of singular
+    where $\|A\|_\star = \sum_k \sigma_k(A)$ is the nuclear norm (sum of singular
     values). Maximising it raises both prediction confidence (the Frobenius norm) and
     prediction diversity (the rank), which counters the collapse onto a few majority
     classes that plain entropy minimisation causes. Bounds:
-    :math:`-\sqrt{\min(B, C) / B} \le \mathcal{L}_{bnm} \le -1/\sqrt{BC}`; the lower
+    $-\sqrt{\min(B, C) / B} \le \mathcal{L}_{bnm} \le -1/\sqrt{BC}$; the lower
     bound is reached by confident predictions spread evenly over ``min(B, C)`` classes.
     The paper's code divides by ``min(B, C)`` (``-mean(svd(A))``) instead of ``B``; with
     ``B <= C`` the two agree.
@@ -926,7 +934,7 @@ def bnm(logits: Tensor) -> Tensor:
 
 
 class BNMLoss(nn.Module):
-    """Batch nuclear-norm maximisation as a module; see :func:`bnm`.
+    """Batch nuclear-norm maximisation as a module; see [`bnm`][].
 
     Shape:
         - logits: ``(B, C)`` with ``B, C >= 2``.
@@ -960,18 +968,22 @@ def adaptive_feature_norm(
 
     Larger feature norms on the target domain make the classifier transfer better (the
     "smaller-norm" hypothesis of the paper). Two variants, with
-    :math:`h_i = \|f_i\|_2`:
+    $h_i = \|f_i\|_2$:
 
-    - stepwise AFN (SAFN, the default; ``delta`` = :math:`\Delta r`, 1.0 in the paper):
+    - stepwise AFN (SAFN, the default; ``delta`` = $\Delta r$, 1.0 in the paper):
 
-      .. math:: \mathcal{L} = \frac{1}{N} \sum_i \big(\mathrm{sg}(h_i) + \Delta r -
+      $$
+      \mathcal{L} = \frac{1}{N} \sum_i \big(\mathrm{sg}(h_i) + \Delta r -
           h_i\big)^2
+      $$
 
-      with ``sg`` stop-gradient. Its value is always :math:`\Delta r^2`; its gradient
-      enlarges every norm by a step of :math:`\Delta r` per update.
+      with ``sg`` stop-gradient. Its value is always $\Delta r^2$; its gradient
+      enlarges every norm by a step of $\Delta r$ per update.
     - hard AFN (HAFN; pass ``radius`` = ``R``, 25 in the paper):
 
-      .. math:: \mathcal{L} = \Big(\frac{1}{N} \sum_i h_i - R\Big)^2
+      $$
+      \mathcal{L} = \Big(\frac{1}{N} \sum_i h_i - R\Big)^2
+      $$
 
       the squared distance of the batch's mean norm to ``R``, as in the paper's eq. 2
       and code. Call it once per domain and add the two terms.
@@ -983,7 +995,7 @@ def adaptive_feature_norm(
 
     Args:
         features: a feature batch (source and target concatenated, or one domain).
-        delta: the step :math:`\Delta r > 0` of SAFN; default 1.0 when ``radius`` is not
+        delta: the step $\Delta r > 0$ of SAFN; default 1.0 when ``radius`` is not
             given.
         radius: the target norm ``R > 0`` of HAFN; selects the hard variant.
 
@@ -1017,7 +1029,7 @@ def adaptive_feature_norm(
 
 
 class AdaptiveFeatureNormLoss(nn.Module):
-    """Adaptive feature norm as a module; see :func:`adaptive_feature_norm`.
+    """Adaptive feature norm as a module; see [`adaptive_feature_norm`][].
 
     Args:
         delta: the step of stepwise AFN (default 1.0 when ``radius`` is not given).
