@@ -1,0 +1,267 @@
+"""Fault injection for the feature cache: nothing lost, nothing stale.
+
+Kills at random points (SIGKILL of a child process), corrupted bytes in complete and in
+interrupted caches, two concurrent writer processes, a read-only folder and a full disk
+(a small tmpfs; mounting needs root, else those tests are skipped with the reason). After
+every fault the cache either gives exactly (bit for bit) what an uninterrupted run gives,
+or raises a clear error; it never returns stale or damaged rows.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+import transferkit as tk
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = "tests._feature_fault_worker"
+
+
+def worker(cache: Path, out: Path, *, delay: float = 0.0, kind: str = "dataset") -> Any:
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
+    env["OMP_NUM_THREADS"] = "1"
+    command = [sys.executable, "-m", WORKER, str(cache), str(out), "--delay", str(delay)]
+    return subprocess.Popen(
+        [*command, "--kind", kind],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(process: Any) -> tuple[int, str]:
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    calls = [line for line in stdout.splitlines() if line.startswith("calls=")]
+    return int(calls[-1].split("=")[1]), stdout
+
+
+def load(out: Path) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(out) as npz:
+        return npz["features"], npz["labels"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[np.ndarray, np.ndarray]:
+    """An uninterrupted run in a child process (same code path as the faulty runs)."""
+    folder = tmp_path_factory.mktemp("reference")
+    calls, _ = finish(worker(folder / "cache", folder / "out.npz"))
+    assert calls == 12
+    return load(folder / "out.npz")
+
+
+def temp_files(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_sigkill_at_random_points_then_resume_is_bit_identical(
+    tmp_path: Path, reference: tuple[np.ndarray, np.ndarray]
+) -> None:
+    rng = random.Random(14)
+    cache = tmp_path / "cache"
+    kills = 0
+    for _ in range(3):  # three kills, each after a random number of batches plus a jitter
+        after = rng.randint(1, 4)
+        process = worker(cache, tmp_path / "partial.npz", delay=0.02)
+        assert process.stdout is not None
+        seen = 0
+        for line in process.stdout:
+            seen += line.strip() == "batch"
+            if seen >= after:
+                break
+        if seen >= after:
+            import time
+
+            time.sleep(rng.uniform(0.0, 0.03))
+            process.send_signal(signal.SIGKILL)
+            kills += process.wait() == -signal.SIGKILL
+        else:
+            process.wait()
+    assert kills >= 2  # the run did not simply finish before every kill
+    calls, _ = finish(worker(cache, tmp_path / "out.npz"))
+    assert calls < 12  # resumed: some rows written before the kills were kept
+    features, labels = load(tmp_path / "out.npz")
+    np.testing.assert_array_equal(features, reference[0])
+    np.testing.assert_array_equal(labels, reference[1])
+    header = json.loads((cache / "header.json").read_text())
+    assert header["complete"] and header["rows_done"] == 96
+    assert temp_files(cache) == []  # what the killed runs left was cleaned up
+
+
+def test_two_concurrent_writers_serialise_and_both_get_every_row(
+    tmp_path: Path, reference: tuple[np.ndarray, np.ndarray]
+) -> None:
+    cache = tmp_path / "cache"
+    first = worker(cache, tmp_path / "a.npz", delay=0.02)
+    second = worker(cache, tmp_path / "b.npz", delay=0.02)
+    calls = [finish(first)[0], finish(second)[0]]
+    assert sorted(calls) == [0, 12]  # one computed everything, the other waited and reused
+    for out in ("a.npz", "b.npz"):
+        features, labels = load(tmp_path / out)
+        np.testing.assert_array_equal(features, reference[0])
+        np.testing.assert_array_equal(labels, reference[1])
+
+
+# --------------------------------------------------------------------------- in process
+
+
+def small_model() -> nn.Module:
+    torch.manual_seed(0)
+    return tk.models.SmallCNN(num_classes=10, width=8, feature_dim=16).eval()
+
+
+class FailAt(nn.Module):
+    def __init__(self, net: nn.Module, fail_at: int) -> None:
+        super().__init__()
+        self.net, self.fail_at, self.calls = net, fail_at, 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise KeyboardInterrupt
+        out: Tensor = self.net(x)
+        return out
+
+
+X = torch.randn(64, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+Y = torch.arange(64) % 10
+
+
+def extract(cache: Path | None, fail_at: int = -1) -> Any:
+    """Features of (X, Y) through a SmallCNN wrapped in ``FailAt`` (same cache key)."""
+    return tk.extract_features(
+        FailAt(small_model(), fail_at),
+        torch.utils.data.TensorDataset(X, Y),
+        layers="net.neck",
+        batch_size=8,
+        cache=cache,
+        progress=False,
+    )
+
+
+EXPECTED = extract(None)
+
+
+def data_files(cache: Path) -> list[Path]:
+    return sorted(cache.glob("*.npy"))
+
+
+def flip(path: Path, position: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[position] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_corrupt_bytes_in_a_complete_cache_never_come_back(tmp_path: Path, seed: int) -> None:
+    extract(tmp_path)
+    rng = random.Random(seed)
+    path = rng.choice([*data_files(tmp_path), tmp_path / "header.json"])
+    position = rng.randrange(path.stat().st_size)
+    flip(path, position)
+    try:
+        result, message = extract(tmp_path), ""
+    except ValueError as err:
+        result, message = None, str(err)
+    if result is None:  # a clear error that names the damage and the way out
+        assert message.startswith("cache:") and "delete" in message
+    else:  # or exactly the right rows
+        np.testing.assert_array_equal(result[0], EXPECTED[0])
+        np.testing.assert_array_equal(result[1], EXPECTED[1])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_corrupt_bytes_in_an_interrupted_cache_are_recomputed(
+    tmp_path: Path, seed: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    rng = random.Random(100 + seed)
+    with pytest.raises(KeyboardInterrupt):
+        extract(tmp_path, fail_at=rng.randint(2, 7))
+    header = json.loads((tmp_path / "header.json").read_text())
+    done = header["rows_done"]
+    assert 0 < done < 64 and not header["complete"]
+    for _ in range(3):  # damage rows recorded as done
+        path = rng.choice(data_files(tmp_path))
+        array = np.load(path, mmap_mode="r")
+        offset = int(array.offset)
+        row = array.nbytes // len(array)
+        del array
+        flip(path, offset + rng.randrange(done * row))
+    with caplog.at_level(logging.WARNING, logger="transferkit.features"):
+        features, labels = extract(tmp_path)
+    assert "failed their checksum" in caplog.text
+    np.testing.assert_array_equal(features, EXPECTED[0])
+    np.testing.assert_array_equal(labels, EXPECTED[1])
+    assert json.loads((tmp_path / "header.json").read_text())["complete"]
+
+
+# --------------------------------------------------------------------------- mounts
+
+
+@pytest.fixture
+def mount_point(tmp_path: Path) -> Iterator[Path]:
+    point = tmp_path / f"mnt-{uuid.uuid4().hex[:8]}"
+    point.mkdir()
+    yield point
+    gc.collect()  # memory-mapped results keep the mount busy
+    while subprocess.run(["umount", str(point)], capture_output=True, check=False).returncode == 0:
+        pass  # a bind mount remounted read-only may be stacked
+
+
+def mount(*args: str) -> None:
+    done = subprocess.run(["mount", *args], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount ({' '.join(args)}): {done.stderr.strip()} (needs root)")
+
+
+def test_a_read_only_folder_serves_a_complete_cache_and_refuses_to_write(
+    mount_point: Path,
+) -> None:
+    cache = mount_point / "cache"
+    extract(cache)
+    empty = mount_point / "empty"
+    empty.mkdir()
+    mount("--bind", str(mount_point), str(mount_point))
+    mount("-o", "remount,bind,ro", str(mount_point))
+    features, labels = extract(cache)  # reading and verifying needs no write
+    np.testing.assert_array_equal(features, EXPECTED[0])
+    np.testing.assert_array_equal(labels, EXPECTED[1])
+    del features, labels
+    with pytest.raises(OSError, match=r"cache: cannot write to .*empty.*Read-only"):
+        extract(empty)
+
+
+def test_a_full_disk_raises_and_a_later_run_resumes_exactly(mount_point: Path) -> None:
+    mount("-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mount_point))
+    cache = mount_point / "cache"
+    x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(3))  # 768 KiB out
+    net = nn.Flatten()
+    expected = tk.extract_features(net, x, batch_size=8, progress=False)
+    with pytest.raises(OSError, match=r"cache: cannot write to .*No space left"):
+        tk.extract_features(net, x, batch_size=8, cache=cache, progress=False)
+    assert temp_files(cache) == []
+    mount("-o", "remount,size=4m", str(mount_point))
+    resumed = tk.extract_features(net, x, batch_size=8, cache=cache, progress=False)
+    np.testing.assert_array_equal(resumed, expected)
+    del resumed
+    assert temp_files(cache) == []
