@@ -15,6 +15,8 @@ TOP_LEVEL = [
     "FeatureExtractor", "extract_features",
     "grad_reverse", "GradientReversal", "WarmStartSchedule", "DomainDiscriminator",
     "DomainAdversarialLoss", "ConditionalDomainAdversarialLoss", "MarginDisparityDiscrepancy",
+    "adapt_batchnorm", "DomainSpecificBatchNorm", "convert_domain_bn", "bn_domain",
+    "PseudoLabeler", "FixMatchLoss", "recipe", "Recipe",
 ]  # fmt: skip
 QUALIFIED = {
     "kernels": ["GaussianKernel", "LinearKernel", "PolynomialKernel", "LaplacianKernel"],
@@ -32,6 +34,8 @@ QUALIFIED = {
     ],
     "datasets": ["DomainTask", "digits", "moons"],
     "metrics": ["proxy_a_distance"],
+    "augment": ["random_affine", "color_jitter", "cutout", "weak", "strong"],
+    "recipes": ["recipe", "available", "Recipe"],
     "distributed": ["all_gather"],
 }  # fmt: skip
 

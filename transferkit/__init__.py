@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 
 from . import (
+    augment,
     datasets,
     distributed,
     kernels,
@@ -20,6 +21,7 @@ from . import (
     meta,
     metrics,
     models,
+    recipes,
     selection,
     sklearn,
     training,
@@ -33,10 +35,13 @@ from .adversarial import (
     WarmStartSchedule,
     grad_reverse,
 )
+from .batchnorm import DomainSpecificBatchNorm, adapt_batchnorm, bn_domain, convert_domain_bn
 from .device import autocast, dataloader_kwargs, resolve_device, seed_everything, to_device
 from .features import FeatureExtractor, extract_features
 from .freezing import GradualUnfreezing, freeze, param_groups, trainable_summary, unfreeze
 from .heads import ClassifierHead, find_head, replace_head
+from .recipes import Recipe, recipe
+from .self_training import FixMatchLoss, PseudoLabeler, PseudoLabels
 from .training import EarlyStopping, class_weights
 
 __version__ = "0.1.0"
@@ -58,15 +63,24 @@ __all__ = [
     "ConditionalDomainAdversarialLoss",
     "DomainAdversarialLoss",
     "DomainDiscriminator",
+    "DomainSpecificBatchNorm",
     "EarlyStopping",
     "FeatureExtractor",
+    "FixMatchLoss",
     "GradientReversal",
     "GradualUnfreezing",
     "MarginDisparityDiscrepancy",
+    "PseudoLabeler",
+    "PseudoLabels",
+    "Recipe",
     "WarmStartSchedule",
     "__version__",
+    "adapt_batchnorm",
+    "augment",
     "autocast",
+    "bn_domain",
     "class_weights",
+    "convert_domain_bn",
     "dataloader_kwargs",
     "datasets",
     "distributed",
@@ -80,6 +94,8 @@ __all__ = [
     "metrics",
     "models",
     "param_groups",
+    "recipe",
+    "recipes",
     "replace_head",
     "resolve_device",
     "seed_everything",

@@ -1,0 +1,110 @@
+"""`tk.recipe`: published defaults and the helpers that put them into a loop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import transferkit as tk
+
+
+@pytest.mark.parametrize("method", tk.recipes.available())
+def test_every_recipe_is_valid_and_serialisable(method: str) -> None:
+    r = tk.recipe(method)
+    assert r.method == method and r.reference
+    data = r.to_dict()
+    assert data["method"] == method and isinstance(data["options"], dict)
+    assert r.lr_at(0.0) == r.lr
+    assert 0.0 <= r.tradeoff_at(0.5) <= r.tradeoff
+
+
+def test_annealing_follows_the_dann_formula() -> None:
+    r = tk.recipe("dann")
+    for p in (0.0, 0.3, 1.0):
+        assert r.lr_at(p) == pytest.approx(0.01 * (1 + 10 * p) ** -0.75)
+    assert r.lr_at(2.0) == r.lr_at(1.0)  # clipped
+
+
+def test_dann_ramp_reaches_the_tradeoff_exactly_at_the_end() -> None:
+    r = tk.recipe("dann", tradeoff=0.5)
+    assert r.tradeoff_at(0.0) == 0.0
+    assert r.tradeoff_at(1.0) == 0.5
+    expected = 0.5 * (2 / (1 + math.exp(-2.0)) - 1) / (2 / (1 + math.exp(-10.0)) - 1)
+    assert r.tradeoff_at(0.2) == pytest.approx(expected)
+    assert tk.recipe("afn").tradeoff_at(0.0) == 0.05  # no ramp
+
+
+def test_scheduler_anneals_every_group_from_its_own_lr() -> None:
+    r = tk.recipe("dann")
+    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    optimizer = r.optimizer([{"params": [a]}, {"params": [b], "lr": 0.1}])
+    assert optimizer.defaults["nesterov"] and optimizer.defaults["momentum"] == 0.9
+    scheduler = r.scheduler(optimizer, max_steps=10)
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+    factor = (1 + 10 * 0.5) ** -0.75
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * factor)
+    assert optimizer.param_groups[1]["lr"] == pytest.approx(0.1 * factor)
+
+
+@given(st.floats(0, 1), st.floats(0, 1))
+def test_lr_decreases_and_tradeoff_increases_with_progress(p: float, q: float) -> None:
+    r = tk.recipe("cdan")
+    lo, hi = min(p, q), max(p, q)
+    assert r.lr_at(hi) <= r.lr_at(lo)
+    assert r.tradeoff_at(hi) >= r.tradeoff_at(lo)
+
+
+def test_recipe_pickles_and_copies() -> None:
+    import copy
+    import pickle
+
+    r = tk.recipe("mcc", lr=0.03)
+    assert pickle.loads(pickle.dumps(r)) == r
+    assert copy.deepcopy(r) == r
+
+
+def test_recipe_is_frozen() -> None:
+    r = tk.recipe("mcc")
+    with pytest.raises(AttributeError):
+        r.lr = 1.0  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        r.options["temperature"] = 1.0  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "match"),
+    [
+        (("danm",), {}, ValueError, "did you mean .*'dann'"),
+        ((3,), {}, TypeError, "method"),
+        (("dann",), {"learning_rate": 0.1}, ValueError, "learning_rate"),
+        (("dann",), {"lr": -0.1}, ValueError, "lr"),
+        (("dann",), {"lr": float("nan")}, ValueError, "lr"),
+        (("dann",), {"momentum": 2.0}, ValueError, "momentum"),
+        (("dann",), {"ramp": "cosine"}, ValueError, "ramp"),
+        (("dann",), {"bn": "batch"}, ValueError, "bn"),
+        (("dann",), {"batch_size": 0}, ValueError, "batch_size"),
+        (("dann",), {"nesterov": 1}, TypeError, "nesterov"),
+    ],
+)
+def test_recipe_rejects_bad_input(
+    args: tuple[object, ...], kwargs: dict[str, object], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        tk.recipe(*args, **kwargs)  # type: ignore[arg-type]
+
+
+def test_helpers_reject_bad_progress_and_steps() -> None:
+    r = tk.recipe("dann")
+    with pytest.raises(TypeError, match="progress"):
+        r.lr_at("end")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="progress"):
+        r.tradeoff_at(float("nan"))
+    optimizer = r.optimizer([torch.nn.Parameter(torch.zeros(1))])
+    with pytest.raises(ValueError, match="max_steps"):
+        r.scheduler(optimizer, max_steps=0)

@@ -1,0 +1,345 @@
+"""Pseudo-labels (`tk.PseudoLabeler`), FixMatch consistency and the augmentations."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import transferkit as tk
+from transferkit.self_training import ramp_value
+
+# --------------------------------------------------------------------------- PseudoLabeler
+
+
+def test_threshold_selects_confident_predictions_only() -> None:
+    labeler = tk.PseudoLabeler(3, threshold=0.8)
+    probs = torch.tensor([[0.9, 0.05, 0.05], [0.5, 0.4, 0.1], [0.1, 0.1, 0.8], [0.0, 0.21, 0.79]])
+    pseudo = labeler(probs.clamp_min(1e-9).log())
+    assert pseudo.labels.tolist() == [0, 0, 2, 2]
+    assert pseudo.mask.tolist() == [True, False, True, False]
+    torch.testing.assert_close(pseudo.confidence, probs.max(1).values, rtol=1e-5, atol=1e-6)
+    assert pseudo.fraction == 0.5
+
+
+def test_loss_is_masked_cross_entropy_averaged_over_the_whole_batch() -> None:
+    labeler = tk.PseudoLabeler(4, threshold=0.6, max_weight=2.0)
+    weak = torch.randn(10, 4) * 3
+    strong = torch.randn(10, 4)
+    pseudo = labeler(weak)
+    expected = (
+        2.0
+        * (F.cross_entropy(strong, pseudo.labels, reduction="none") * pseudo.mask.float()).sum()
+        / 10
+    )
+    torch.testing.assert_close(labeler.loss(strong, pseudo), expected)
+
+
+def test_loss_is_float32_under_bfloat16_autocast() -> None:
+    labeler = tk.PseudoLabeler(3, threshold=0.0)
+    logits = torch.randn(6, 3)
+    pseudo = labeler(logits)
+    reference = labeler.loss(logits, pseudo)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = labeler.loss(logits.bfloat16(), pseudo)
+    assert value.dtype == torch.float32
+    assert math.isclose(float(value), float(reference), rel_tol=0.02)
+
+
+def test_no_gradient_flows_through_the_pseudo_labels() -> None:
+    logits = torch.randn(5, 3, requires_grad=True)
+    labeler = tk.PseudoLabeler(3, threshold=0.0)
+    pseudo = labeler(logits)
+    assert not pseudo.confidence.requires_grad
+    strong = torch.randn(5, 3, requires_grad=True)
+    labeler.loss(strong, pseudo).backward()
+    assert logits.grad is None and strong.grad is not None
+
+
+def test_ramp_weight_rises_from_zero_to_max_weight() -> None:
+    labeler = tk.PseudoLabeler(2, max_weight=3.0, rampup_steps=10, ramp="linear")
+    weights = []
+    for _ in range(12):
+        weights.append(labeler.weight)
+        labeler.step()
+    assert weights[0] == 0.0
+    assert weights[5] == pytest.approx(1.5)
+    assert weights[10:] == [3.0, 3.0]
+    assert all(a <= b for a, b in itertools.pairwise(weights))
+    assert tk.PseudoLabeler(2, max_weight=3.0).weight == 3.0  # no ramp
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "linear", "dann"])
+def test_ramps_are_monotone_from_about_zero_to_one(kind: str) -> None:
+    values = [ramp_value(p, kind) for p in np.linspace(0, 1, 21)]  # type: ignore[arg-type]
+    assert values[0] < 0.01 and values[-1] == 1.0
+    assert all(a <= b for a, b in itertools.pairwise(values))
+
+
+def test_class_thresholds_lower_the_threshold_of_rare_predictions() -> None:
+    labeler = tk.PseudoLabeler(2, threshold=0.9, balance="class_threshold", momentum=0.0)
+    # the network predicts class 0 mostly: class 1 gets a lower threshold
+    logits = torch.tensor([[4.0, 0.0]] * 9 + [[0.0, 1.0]])
+    labeler(logits)
+    probs = logits.softmax(1).mean(0)
+    expected = 0.9 * probs / probs.max()
+    torch.testing.assert_close(labeler.thresholds, expected)
+    assert labeler.thresholds[1] < labeler.thresholds[0] == pytest.approx(0.9)
+    # a 0.8-confident class-1 prediction now passes; a class-0 one would not
+    pseudo = labeler(torch.tensor([[0.0, math.log(4.0)], [math.log(4.0), 0.0]]), update=False)
+    assert pseudo.mask.tolist() == [True, False]
+
+
+def test_distribution_alignment_pulls_predictions_towards_the_prior() -> None:
+    labeler = tk.PseudoLabeler(2, threshold=0.0, balance="distribution", momentum=0.0)
+    logits = torch.tensor([[2.0, 0.0]] * 8 + [[0.0, 0.5]] * 2)
+    pseudo = labeler(logits)
+    probs = logits.softmax(1)
+    aligned = probs * (0.5 / probs.mean(0))
+    aligned = aligned / aligned.sum(1, keepdim=True)
+    torch.testing.assert_close(pseudo.confidence, aligned.max(1).values)
+    # the aligned class-1 share is larger than the raw one
+    assert float(aligned[:, 1].mean()) > float(probs[:, 1].mean())
+
+
+def test_update_false_leaves_the_class_statistics_alone() -> None:
+    labeler = tk.PseudoLabeler(3, balance="distribution")
+    before = labeler.class_mean.clone()
+    labeler(torch.randn(4, 3), update=False)
+    assert torch.equal(labeler.class_mean, before)
+    labeler(torch.randn(4, 3))
+    assert not torch.equal(labeler.class_mean, before)
+
+
+def test_state_dict_round_trip_resumes_the_ramp_and_statistics() -> None:
+    labeler = tk.PseudoLabeler(3, balance="class_threshold", rampup_steps=5)
+    labeler(torch.randn(8, 3) * 3)
+    labeler.step()
+    labeler.step()
+    other = tk.PseudoLabeler(3, balance="class_threshold", rampup_steps=5)
+    other.load_state_dict(labeler.state_dict())
+    assert other.weight == labeler.weight and other.steps == 2
+    torch.testing.assert_close(other.thresholds, labeler.thresholds)
+
+
+@given(
+    st.lists(st.floats(-20, 20), min_size=4, max_size=40),
+    st.floats(0.0, 1.0),
+    st.sampled_from(["none", "class_threshold", "distribution"]),
+)
+def test_mask_agrees_with_confidence_and_labels_in_range(
+    values: list[float], threshold: float, balance: str
+) -> None:
+    n = len(values) // 4
+    logits = torch.tensor(values[: 4 * n]).view(n, 4)
+    labeler = tk.PseudoLabeler(4, threshold=threshold, balance=balance)  # type: ignore[arg-type]
+    pseudo = labeler(logits)
+    assert pseudo.labels.dtype == torch.int64 and bool((pseudo.labels < 4).all())
+    taus = labeler.thresholds[pseudo.labels]
+    assert torch.equal(pseudo.mask, pseudo.confidence >= taus)
+    assert bool((labeler.thresholds <= threshold + 1e-6).all())
+    assert bool((pseudo.confidence >= 0.25 - 1e-6).all())  # the max of 4 probabilities
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"num_classes": 1}, ValueError, "num_classes"),
+        ({"num_classes": 2.5}, TypeError, "num_classes"),
+        ({"threshold": 1.5}, ValueError, "threshold"),
+        ({"balance": "flex"}, ValueError, "balance"),
+        ({"momentum": 1.0}, ValueError, "momentum"),
+        ({"max_weight": -1.0}, ValueError, "max_weight"),
+        ({"rampup_steps": -1}, ValueError, "rampup_steps"),
+        ({"ramp": "cosine"}, ValueError, "ramp"),
+        ({"prior": torch.tensor([1.0, -1.0, 1.0])}, ValueError, "prior"),
+        ({"prior": torch.tensor([1.0, 1.0])}, ValueError, "prior"),
+    ],
+)
+def test_pseudo_labeler_rejects_bad_arguments(
+    kwargs: dict[str, object], error: type[Exception], match: str
+) -> None:
+    arguments = {"num_classes": 3, **kwargs}
+    with pytest.raises(error, match=match):
+        tk.PseudoLabeler(**arguments)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("logits", "error", "match"),
+    [
+        (torch.randn(4, 2), ValueError, "3 classes"),
+        (torch.randn(4), ValueError, "2-D"),
+        (torch.zeros(0, 3), ValueError, "at least 1"),
+        (torch.tensor([[float("nan"), 0.0, 0.0]]), ValueError, "finite"),
+        (torch.ones(2, 3, dtype=torch.long), TypeError, "floating"),
+        ([[0.0, 1.0, 2.0]], TypeError, "Tensor"),
+    ],
+)
+def test_pseudo_labeler_rejects_bad_logits(
+    logits: object, error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        tk.PseudoLabeler(3)(logits)  # type: ignore[arg-type]
+
+
+def test_pseudo_labeler_loss_rejects_mismatched_batches() -> None:
+    labeler = tk.PseudoLabeler(3)
+    pseudo = labeler(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="5 samples, got 4"):
+        labeler.loss(torch.randn(5, 3), pseudo)
+    with pytest.raises(TypeError, match="PseudoLabels"):
+        labeler.loss(torch.randn(4, 3), pseudo.labels)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="update"):
+        labeler(torch.randn(4, 3), update=1)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- FixMatch
+
+
+def test_fixmatch_trains_the_strong_view_on_weak_view_labels() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3)
+    x = torch.randn(6, 4)
+
+    def weak(v: torch.Tensor) -> torch.Tensor:
+        return v * 2
+
+    def strong(v: torch.Tensor) -> torch.Tensor:
+        return v + 1
+
+    fixmatch = tk.FixMatchLoss(tk.PseudoLabeler(3, threshold=0.5), weak=weak, strong=strong)
+    loss = fixmatch(net, x)
+    probs = net(weak(x)).softmax(1)
+    conf, labels = probs.max(1)
+    expected = (
+        F.cross_entropy(net(strong(x)), labels, reduction="none") * (conf >= 0.5).float()
+    ).mean()
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert net.weight.grad is not None
+    assert fixmatch.last is not None and fixmatch.last.labels.tolist() == labels.tolist()
+
+
+def test_fixmatch_step_advances_the_ramp_and_rejects_non_callables() -> None:
+    fixmatch = tk.FixMatchLoss(
+        tk.PseudoLabeler(3, rampup_steps=4, ramp="linear"),
+        weak=tk.augment.weak,
+        strong=tk.augment.strong,
+    )
+    fixmatch.step()
+    assert fixmatch.labeler.weight == 0.25
+    with pytest.raises(TypeError, match="strong"):
+        tk.FixMatchLoss(tk.PseudoLabeler(3), weak=tk.augment.weak, strong=None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="labeler"):
+        tk.FixMatchLoss(3, weak=tk.augment.weak, strong=tk.augment.weak)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="model"):
+        fixmatch("net", torch.randn(2, 1, 8, 8))  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- augment
+
+AUGMENTS = {
+    "random_affine": lambda x, g: tk.augment.random_affine(
+        x, degrees=20, translate=0.2, scale=(0.8, 1.2), generator=g
+    ),
+    "color_jitter": lambda x, g: tk.augment.color_jitter(
+        x, brightness=0.5, contrast=0.5, saturation=0.5, permute_channels=True, generator=g
+    ),
+    "cutout": lambda x, g: tk.augment.cutout(x, size=5, generator=g),
+    "weak": lambda x, g: tk.augment.weak(x, generator=g),
+    "strong": lambda x, g: tk.augment.strong(x, generator=g),
+}
+
+
+@pytest.mark.parametrize("name", list(AUGMENTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_augmentations_keep_shape_dtype_and_are_deterministic(
+    name: str, dtype: torch.dtype
+) -> None:
+    x = torch.rand(5, 3, 12, 12).to(dtype)
+    original = x.clone()
+    first = AUGMENTS[name](x, torch.Generator().manual_seed(3))
+    second = AUGMENTS[name](x, torch.Generator().manual_seed(3))
+    other = AUGMENTS[name](x, torch.Generator().manual_seed(4))
+    assert first.shape == x.shape and first.dtype == dtype
+    assert torch.equal(first, second)
+    assert not torch.equal(first, other)
+    assert torch.equal(x, original)  # never in place
+
+
+@pytest.mark.parametrize("name", list(AUGMENTS))
+def test_augmentations_draw_independently_per_sample(name: str) -> None:
+    x = torch.rand(1, 3, 12, 12).repeat(6, 1, 1, 1)
+    out = AUGMENTS[name](x, torch.Generator().manual_seed(0))
+    assert len({tuple(o.flatten().tolist()) for o in out}) > 1
+
+
+def test_random_affine_without_randomness_is_the_identity() -> None:
+    x = torch.rand(3, 2, 9, 9, dtype=torch.float64)
+    torch.testing.assert_close(tk.augment.random_affine(x), x)
+
+
+def test_random_affine_zoom_keeps_the_centre_pixel() -> None:
+    x = torch.zeros(2, 1, 9, 9, dtype=torch.float64)
+    x[:, 0, 4, 4] = 1.0
+    out = tk.augment.random_affine(x, scale=(2.0, 2.0))  # zoom in 2x around the centre
+    assert float(out[0, 0, 4, 4]) == pytest.approx(1.0)
+    assert float(out[0, 0, 0, 0]) == 0.0 and float(out.sum()) > 1.0
+
+
+def test_color_jitter_brightness_scales_and_clamps() -> None:
+    x = torch.full((4, 3, 2, 2), 0.5)
+    out = tk.augment.color_jitter(x, brightness=0.5, generator=torch.Generator().manual_seed(0))
+    factors = out[:, 0, 0, 0] / 0.5
+    assert bool(((factors >= 0.5) & (factors <= 1.5)).all())
+    assert torch.allclose(out, out[:, :1, :1, :1].expand_as(out))  # one factor per image
+    bright = tk.augment.color_jitter(torch.ones(2, 1, 2, 2), brightness=1.0)
+    assert float(bright.max()) <= 1.0
+
+
+def test_cutout_zeroes_at_most_one_square_per_image() -> None:
+    out = tk.augment.cutout(torch.ones(20, 2, 10, 10), size=4, generator=torch.Generator())
+    zeros = (out == 0).float().sum(dim=(2, 3))
+    assert bool((zeros <= 16).all()) and bool((zeros[:, 0] == zeros[:, 1]).all())
+    assert float(zeros.sum()) > 0
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: tk.augment.weak(torch.rand(2, 28, 28)), ValueError, "4-D"),
+        (lambda: tk.augment.weak(torch.zeros(2, 1, 4, 4, dtype=torch.long)), TypeError, "float"),
+        (lambda: tk.augment.weak(torch.zeros(0, 1, 4, 4)), ValueError, "empty"),
+        (
+            lambda: tk.augment.random_affine(torch.rand(1, 1, 4, 4), degrees=-1),
+            ValueError,
+            "degrees",
+        ),
+        (
+            lambda: tk.augment.random_affine(torch.rand(1, 1, 4, 4), scale=(2, 1)),
+            ValueError,
+            "scale",
+        ),
+        (
+            lambda: tk.augment.random_affine(torch.rand(1, 1, 4, 4), padding_mode="wrap"),
+            ValueError,
+            "padding_mode",
+        ),
+        (
+            lambda: tk.augment.color_jitter(torch.rand(1, 1, 4, 4), contrast=2),
+            ValueError,
+            "contrast",
+        ),
+        (lambda: tk.augment.cutout(torch.rand(1, 1, 4, 4), size=0), ValueError, "size"),
+        (lambda: tk.augment.weak(torch.rand(1, 1, 4, 4), generator=0), TypeError, "generator"),  # type: ignore[arg-type]
+    ],
+)
+def test_augmentations_reject_bad_input(call: object, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        call()  # type: ignore[operator]
