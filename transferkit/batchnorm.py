@@ -344,7 +344,7 @@ def _batches(data: Any, batch_size: int, device: torch.device) -> tuple[Iterator
     total = None
     if source.num_rows is not None and size:
         total = -(-source.num_rows // size)
-    return (_split_batch(batch)[0] for batch in source.batches(0)), total
+    return (_split_batch(batch)[0] for batch in source.batches(())), total
 
 
 @torch.no_grad()
