@@ -26,8 +26,10 @@ every row is taken to come from the target domain.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import math
+import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
@@ -51,7 +53,7 @@ from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from ._validation import check_option, check_positive
 from .device import resolve_device
@@ -1059,14 +1061,129 @@ class _TransformedRows(Dataset[Tensor]):
         return self.transform(self.rows[index])
 
 
+def _is_text(X: Any) -> bool:
+    """Raw text: a non-empty sequence (list, tuple, 1-D array, Series) of strings."""
+    if isinstance(X, (str, bytes, Mapping, Tensor)):
+        return False
+    if isinstance(X, np.ndarray):
+        return X.ndim == 1 and X.shape[0] > 0 and X.dtype.kind in "UO" and isinstance(X[0], str)
+    if isinstance(X, Sequence) or hasattr(X, "__array__"):
+        try:
+            first = X[0] if isinstance(X, Sequence) else np.asarray(X, dtype=object).ravel()[0]
+        except (IndexError, KeyError, TypeError):
+            return False
+        return isinstance(first, str)
+    return False
+
+
+class _Tokenized(Dataset[dict[str, list[int]]]):
+    """Tokenizer output (unpadded lists) served one sample at a time, in ``order``."""
+
+    def __init__(self, encoding: Mapping[str, Sequence[Any]], order: np.ndarray) -> None:
+        self.columns = {key: list(value) for key, value in encoding.items()}
+        self.order = order
+
+    def __len__(self) -> int:
+        return int(self.order.shape[0])
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        row = int(self.order[index])
+        return {key: value[row] for key, value in self.columns.items()}
+
+
+class _PadBatch:
+    """Collate a list of tokenised samples by the tokenizer's own ``pad`` (to the longest)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, samples: list[dict[str, list[int]]]) -> dict[str, Tensor]:
+        padded = self.tokenizer.pad(samples, padding=True, return_tensors="pt")
+        return {key: value for key, value in padded.items() if isinstance(value, Tensor)}
+
+
+def _token_inputs(X: Mapping[str, Any]) -> dict[str, Tensor]:
+    """A tokenizer's output (dict or ``BatchEncoding`` of arrays/tensors) as tensors."""
+    if len(X) == 0:
+        raise ValueError("X: expected a non-empty dict of token arrays, e.g. input_ids")
+    out: dict[str, Tensor] = {}
+    for key, value in X.items():
+        if isinstance(value, Tensor):
+            tensor = value.detach().cpu()
+        else:
+            try:
+                tensor = torch.as_tensor(np.asarray(value))
+            except (TypeError, ValueError) as error:
+                raise TypeError(
+                    f"X[{key!r}]: expected an array or tensor (pad the tokenizer's output, "
+                    f"e.g. padding=True), got {type(value).__name__}"
+                ) from error
+        if tensor.dim() < 1:
+            raise ValueError(f"X[{key!r}]: expected an (N, ...) array, got a scalar")
+        out[str(key)] = tensor
+    lengths = {key: int(t.shape[0]) for key, t in out.items()}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"X: every entry needs the same number of rows, got {lengths}")
+    if next(iter(lengths.values())) == 0:
+        raise ValueError("X: expected at least 1 sample, got 0")
+    mask = out.get("attention_mask")
+    ids = out.get("input_ids")
+    if mask is not None and ids is not None and mask.shape != ids.shape:
+        raise ValueError(
+            f"X['attention_mask']: expected the shape of input_ids {tuple(ids.shape)}, "
+            f"got {tuple(mask.shape)}"
+        )
+    return out
+
+
+def _fingerprint(X: Any) -> str:
+    """A short hash of the inputs, naming their cache folder."""
+    digest = hashlib.sha256()
+    if isinstance(X, Mapping):
+        for key in sorted(X):
+            digest.update(str(key).encode() + b"\x00")
+            digest.update(_fingerprint(X[key]).encode())
+    elif isinstance(X, (Tensor, np.ndarray)) and not (
+        isinstance(X, np.ndarray) and X.dtype.kind == "O"
+    ):
+        array = X.detach().cpu().numpy() if isinstance(X, Tensor) else X
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype}|{array.shape}|".encode())
+        digest.update(array.tobytes())
+    else:  # text
+        for text in X:
+            digest.update(str(text).encode("utf-8", errors="replace") + b"\x00")
+    return digest.hexdigest()[:24]
+
+
 class DeepFeatures(TransformerMixin, BaseEstimator):  # type: ignore[misc]
     """Transformer: samples in, deep features of a torch model out.
 
     ``transform`` calls [`transferkit.extract_features`][] (inference mode, batched,
     on ``device``). Several ``layers`` are flattened and concatenated in the given order,
     so the output is always a 2-D array. ``fit`` learns nothing (it records
-    ``n_features_in_``); the model is used as it is. ``clone`` (and so ``GridSearchCV``)
-    deep-copies the model.
+    ``n_features_in_`` for array inputs); the model is used as it is. ``clone`` (and so
+    ``GridSearchCV``) deep-copies the model (and the tokenizer).
+
+    Three kinds of ``X``:
+
+    * an ``(N, ...)`` array or tensor: the model's input;
+    * **raw text** (a list, tuple, 1-D array or pandas Series of strings) with
+      ``tokenizer`` set, e.g. a Hugging Face ``AutoTokenizer``: the texts are tokenised
+      (``truncation=True``, ``max_length``), batched by length and padded per batch
+      (``tokenizer.pad``), and the model (e.g. ``AutoModel``) is called with
+      ``input_ids``, ``attention_mask``, ... as keyword arguments. This is the form to use
+      in a ``Pipeline`` with cross-validation or ``GridSearchCV``, which index ``X``
+      by rows;
+    * a **tokenizer's output**: a dict or ``BatchEncoding`` of equally long
+      ``(N, T)`` arrays or tensors (pad it, e.g. ``padding=True``), passed as keyword
+      arguments.
+
+    With token inputs the model's ``(N, T, D)`` output (for a Hugging Face model, the
+    first tensor of its output: ``last_hidden_state``) is reduced by ``pool``; the default
+    ``"avg"`` is the mean over the tokens that ``attention_mask`` marks as real
+    (padding ignored: the sentence-transformers recipe), ``"token"`` takes the first
+    token (``[CLS]``).
 
     Args:
         model: a ``torch.nn.Module`` (or a [`transferkit.FeatureExtractor`][]).
@@ -1078,17 +1195,37 @@ class DeepFeatures(TransformerMixin, BaseEstimator):  # type: ignore[misc]
         device: where the model runs (``"auto"``: CUDA when available).
         input_transform: optional per-sample callable applied to each input row (a torch
             tensor) before the model, like a torchvision ``transform``. (Named so because
-            ``transform`` is the transformer's method.)
+            ``transform`` is the transformer's method.) Array inputs only.
         input_shape: reshape each flat input row to this shape, e.g. ``(1, 16, 16)``, so
-            that image models work on 2-D scikit-learn arrays.
+            that image models work on 2-D scikit-learn arrays. Array inputs only.
         amp: run the model under autocast.
         progress: show a progress bar.
+        tokenizer: turns raw-text ``X`` into model inputs: a Hugging Face tokenizer or
+            any callable ``tokenizer(texts, truncation=True, max_length=...)`` returning
+            a dict of per-text token lists, with a ``pad`` method like Hugging Face's.
+        max_length: tokens kept per text (``None``: the tokenizer's limit).
+        cache: a folder for the features. Each distinct ``X`` (hashed) gets its own
+            sub-folder, handed to [`transferkit.extract_features`][] as its ``cache``:
+            features are reused while the model's weights, the data and the settings
+            match, and recomputed (with a warning) when they do not. So fitting and
+            predicting on the same rows, or re-running a grid search, runs the model
+            once per distinct input.
 
     Examples:
         >>> import torch
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
         >>> DeepFeatures(net, progress=False).fit_transform(np.ones((5, 4))).shape
         (5, 8)
+        >>> class Embed(torch.nn.Module):  # stands in for a Hugging Face encoder
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.embed = torch.nn.Embedding(10, 3)
+        ...     def forward(self, input_ids, attention_mask):
+        ...         return self.embed(input_ids)  # (N, T, 3)
+        >>> tokens = {"input_ids": np.array([[1, 2, 0], [3, 0, 0]]),
+        ...           "attention_mask": np.array([[1, 1, 0], [1, 0, 0]])}
+        >>> DeepFeatures(Embed()).fit_transform(tokens).shape  # masked mean over tokens
+        (2, 3)
     """
 
     def __init__(
@@ -1103,6 +1240,9 @@ class DeepFeatures(TransformerMixin, BaseEstimator):  # type: ignore[misc]
         input_shape: Sequence[int] | None = None,
         amp: bool = False,
         progress: bool = False,
+        tokenizer: Any = None,
+        max_length: int | None = None,
+        cache: str | os.PathLike[str] | None = None,
     ) -> None:
         self.model = model
         self.layers = layers
@@ -1113,11 +1253,15 @@ class DeepFeatures(TransformerMixin, BaseEstimator):  # type: ignore[misc]
         self.input_shape = input_shape
         self.amp = amp
         self.progress = progress
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.cache = cache
 
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
         tags.requires_fit = False
         tags.input_tags.allow_nan = False
+        tags.input_tags.string = self.tokenizer is not None
         return tags
 
     @staticmethod
@@ -1129,40 +1273,121 @@ class DeepFeatures(TransformerMixin, BaseEstimator):  # type: ignore[misc]
             )
         return tensor.float() if not tensor.is_floating_point() else tensor
 
+    def _kind(self, X: Any) -> Literal["array", "text", "tokens"]:
+        if isinstance(X, Mapping):
+            return "tokens"
+        if _is_text(X):
+            if self.tokenizer is None:
+                raise TypeError(
+                    "X: got text; pass tokenizer= (e.g. transformers.AutoTokenizer."
+                    "from_pretrained(...)) to turn it into model inputs"
+                )
+            return "text"
+        if isinstance(X, str):
+            raise TypeError("X: expected a list of texts, got a single string")
+        return "array"
+
+    def _check_params(self, kind: str) -> None:
+        check_positive(self.batch_size, "batch_size", integer=True)
+        if self.max_length is not None:
+            check_positive(self.max_length, "max_length", integer=True)
+        if not isinstance(self.amp, bool):
+            raise TypeError(f"amp: expected a bool, got {type(self.amp).__name__}")
+        if not isinstance(self.progress, bool):
+            raise TypeError(f"progress: expected a bool, got {type(self.progress).__name__}")
+        if self.tokenizer is not None and not callable(self.tokenizer):
+            raise TypeError(
+                f"tokenizer: expected a callable tokenizer, got {type(self.tokenizer).__name__}"
+            )
+        if kind == "text" and not callable(getattr(self.tokenizer, "pad", None)):
+            raise TypeError(
+                "tokenizer: needs a pad() method (as Hugging Face tokenizers have) to batch "
+                "texts of different lengths"
+            )
+        if kind != "array" and (self.input_shape is not None or self.input_transform is not None):
+            raise ValueError(
+                "input_shape/input_transform: apply to array inputs only, not to "
+                f"{'text' if kind == 'text' else 'token dict'} inputs"
+            )
+        if self.cache is not None and not isinstance(self.cache, (str, os.PathLike)):
+            raise TypeError(
+                f"cache: expected a folder path or None, got {type(self.cache).__name__}"
+            )
+
     def fit(self, X: Any, y: Any = None) -> DeepFeatures:
-        """Record ``n_features_in_`` (values per input row); the model is not trained.
+        """Check the inputs and record ``n_features_in_`` (array inputs); no training.
 
         Args:
-            X: inputs, ``(N, ...)``.
+            X: inputs: an ``(N, ...)`` array, raw texts (with ``tokenizer``) or a dict of
+                token arrays.
             y: ignored.
 
         Returns:
             self.
         """
-        self.n_features_in_ = int(np.prod(self._as_tensor(X).shape[1:]))
+        kind = self._kind(X)
+        self._check_params(kind)
+        if kind == "array":
+            self.n_features_in_ = int(np.prod(self._as_tensor(X).shape[1:]))
+        elif kind == "tokens":
+            _token_inputs(X)
+        elif len(X) == 0:
+            raise ValueError("X: expected at least 1 text, got 0")
         return self
 
+    def _cache_dir(self, X: Any) -> str | None:
+        if self.cache is None:
+            return None
+        return os.path.join(os.fspath(self.cache), f"inputs-{_fingerprint(X)}")
+
     def transform(self, X: Any) -> np.ndarray:
-        """Deep features of ``X``, ``(N, F)`` float32.
+        """Deep features of ``X``, ``(N, F)``.
 
         Args:
-            X: inputs, ``(N, ...)`` array or tensor.
+            X: inputs: an ``(N, ...)`` array or tensor, raw texts (with ``tokenizer``) or a
+                tokenizer's output (dict of ``(N, T)`` arrays).
 
         Returns:
             The features of every requested layer, flattened and concatenated.
         """
-        rows = self._as_tensor(X)
-        if self.input_shape is not None:
-            shape = tuple(int(s) for s in self.input_shape)
-            if int(np.prod(rows.shape[1:])) != int(np.prod(shape)):
-                raise ValueError(
-                    f"input_shape: {shape} holds {int(np.prod(shape))} values but the input "
-                    f"rows have {int(np.prod(rows.shape[1:]))}"
-                )
-            rows = rows.reshape(rows.shape[0], *shape)
-        data: Tensor | Dataset[Tensor] = (
-            rows if self.input_transform is None else _TransformedRows(rows, self.input_transform)
-        )
+        kind = self._kind(X)
+        self._check_params(kind)
+        data: Any
+        order: np.ndarray | None = None
+        if kind == "text":
+            texts = [str(text) for text in (X.tolist() if hasattr(X, "tolist") else X)]
+            if not texts:
+                raise ValueError("X: expected at least 1 text, got 0")
+            encoding = self.tokenizer(texts, truncation=True, max_length=self.max_length)
+            ids = encoding["input_ids"]
+            # batches of similar length, each padded to its own longest text only
+            order = np.argsort([len(row) for row in ids], kind="stable")
+            data = DataLoader(
+                _Tokenized(encoding, order),
+                batch_size=int(self.batch_size),
+                shuffle=False,
+                collate_fn=_PadBatch(self.tokenizer),
+            )
+            n = len(texts)
+        elif kind == "tokens":
+            data = _token_inputs(X)
+            n = int(next(iter(data.values())).shape[0])
+        else:
+            rows = self._as_tensor(X)
+            n = int(rows.shape[0])
+            if self.input_shape is not None:
+                shape = tuple(int(s) for s in self.input_shape)
+                if int(np.prod(rows.shape[1:])) != int(np.prod(shape)):
+                    raise ValueError(
+                        f"input_shape: {shape} holds {int(np.prod(shape))} values but the "
+                        f"input rows have {int(np.prod(rows.shape[1:]))}"
+                    )
+                rows = rows.reshape(rows.shape[0], *shape)
+            data = (
+                rows
+                if self.input_transform is None
+                else _TransformedRows(rows, self.input_transform)
+            )
         features = extract_features(
             self.model,
             data,
@@ -1170,6 +1395,7 @@ class DeepFeatures(TransformerMixin, BaseEstimator):  # type: ignore[misc]
             batch_size=self.batch_size,
             device=self.device,
             amp=self.amp,
+            cache=self._cache_dir(X),
             progress=self.progress,
             pool=self.pool,
         )
@@ -1177,10 +1403,16 @@ class DeepFeatures(TransformerMixin, BaseEstimator):  # type: ignore[misc]
             features = features[0]
         if isinstance(features, dict):
             names = [self.layers] if isinstance(self.layers, str) else list(self.layers or [])
-            order = names if set(names) == set(features) else list(features)
-            parts = [np.asarray(features[name]).reshape(rows.shape[0], -1) for name in order]
-            return np.concatenate(parts, axis=1)
-        return np.asarray(features).reshape(rows.shape[0], -1)
+            keys = names if set(names) == set(features) else list(features)
+            parts = [np.asarray(features[name]).reshape(n, -1) for name in keys]
+            out = np.concatenate(parts, axis=1)
+        else:
+            out = np.asarray(features).reshape(n, -1)
+        if order is not None:  # back from length order to the input order
+            unsorted = np.empty_like(out)
+            unsorted[order] = out
+            out = unsorted
+        return out
 
 
 # --------------------------------------------------------------------------- pipeline
