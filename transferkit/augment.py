@@ -1,18 +1,18 @@
 """Batched tensor image augmentations for self-training (weak and strong views).
 
-FixMatch-style self-training (:class:`transferkit.FixMatchLoss`) compares predictions on
+FixMatch-style self-training ([`transferkit.FixMatchLoss`][]) compares predictions on
 a *weakly* and a *strongly* augmented view of the same unlabelled target images. These
 functions produce such views for ``(N, C, H, W)`` float image batches, vectorised: one
 call draws an independent random transform per sample and applies all of them in one
 ``grid_sample`` (geometry) or a few element-wise operations (intensity), on whatever
 device the batch lives.
 
-* :func:`random_affine` -- per-sample rotation, translation and scaling.
-* :func:`color_jitter` -- per-sample brightness, contrast and saturation changes,
+* [`random_affine`][] -- per-sample rotation, translation and scaling.
+* [`color_jitter`][] -- per-sample brightness, contrast and saturation changes,
   optionally a random channel permutation (colour changes for RGB digits such as
   MNIST-M-lite).
-* :func:`cutout` -- one zeroed square per sample, at a random position.
-* :func:`weak` and :func:`strong` -- the two views used in the benchmarks for 28x28
+* [`cutout`][] -- one zeroed square per sample, at a random position.
+* [`weak`][] and [`strong`][] -- the two views used in the benchmarks for 28x28
   digits: ``weak`` shifts by up to 2 pixels; ``strong`` adds rotation, scaling, colour
   jitter and cutout.
 

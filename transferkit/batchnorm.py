@@ -4,10 +4,10 @@ Much of what a network loses under domain shift sits in its BatchNorm statistics
 layers normalise target activations with the *source* mean and variance. Two remedies,
 the first things to try before any adaptation loss:
 
-* :func:`adapt_batchnorm` (AdaBN, Li et al., 2017): after training, re-estimate every
+* [`adapt_batchnorm`][] (AdaBN, Li et al., 2017): after training, re-estimate every
   BatchNorm layer's running mean and variance on unlabelled target data. No gradient,
   no parameter changes, one pass over the target set.
-* :func:`convert_domain_bn` + :func:`bn_domain` (domain-specific BatchNorm, DSBN,
+* [`convert_domain_bn`][] + [`bn_domain`][] (domain-specific BatchNorm, DSBN,
   Chang et al., 2019): during training, source and target batches are normalised with
   their own statistics and each domain keeps its own running statistics; the affine
   scale and shift are shared by default. Evaluate target data under
@@ -46,9 +46,9 @@ AffineMode = Literal["shared", "separate"]
 class DomainSpecificBatchNorm(nn.Module):
     """A BatchNorm layer with one set of statistics per domain (DSBN).
 
-    Holds one BatchNorm of the wrapped kind per domain in :attr:`norms` (a
+    Holds one BatchNorm of the wrapped kind per domain in [`norms`][] (a
     ``ModuleDict``), each a copy of the layer it was built from (same running statistics
-    at the start). The *active* domain (:attr:`domain`, set by :func:`bn_domain`)
+    at the start). The *active* domain ([`domain`][], set by [`bn_domain`][])
     decides which statistics normalise the input and, in training mode, which running
     statistics are updated; the others are untouched.
 
@@ -166,7 +166,7 @@ def convert_domain_bn(
     *,
     affine: AffineMode = "shared",
 ) -> nn.Module:
-    """Replace every BatchNorm layer of ``model`` by a :class:`DomainSpecificBatchNorm`.
+    """Replace every BatchNorm layer of ``model`` by a [`DomainSpecificBatchNorm`][].
 
     Works in place (like ``nn.SyncBatchNorm.convert_sync_batchnorm``) and returns the
     model; call it *before* building the optimizer, since the shared affine terms are new
@@ -225,12 +225,12 @@ def _domain_layers(model: nn.Module) -> list[DomainSpecificBatchNorm]:
 def bn_domain(model: nn.Module, domain: str) -> Iterator[nn.Module]:
     """Select which domain's BatchNorm statistics ``model`` uses inside the block.
 
-    Every :class:`DomainSpecificBatchNorm` of the model switches to ``domain``; on exit
+    Every [`DomainSpecificBatchNorm`][] of the model switches to ``domain``; on exit
     (also after an exception) each goes back to the domain it had before. In training
     mode the block's forward passes update that domain's running statistics only.
 
     Args:
-        model: a network converted with :func:`convert_domain_bn`.
+        model: a network converted with [`convert_domain_bn`][].
         domain: one of the domain names of its layers.
 
     Yields:
@@ -372,8 +372,8 @@ def adapt_batchnorm(
     they were before, also when the pass raises (then the running statistics are
     restored too). Parameters are never touched. Layers without running statistics
     (``track_running_stats=False``), layers frozen with ``tk.freeze(..., bn="eval")``
-    and :class:`transferkit.FrozenBatchNorm` layers keep their statistics. In a model
-    converted with :func:`convert_domain_bn`, only the *active* domain's statistics are
+    and [`transferkit.FrozenBatchNorm`][] layers keep their statistics. In a model
+    converted with [`convert_domain_bn`][], only the *active* domain's statistics are
     re-estimated (use ``with tk.bn_domain(model, "target"):``).
 
     Args:
@@ -383,7 +383,7 @@ def adapt_batchnorm(
             equal batches of at most ``batch_size``), a ``Dataset`` or a ``DataLoader``
             (its own batches; ``(inputs, labels)`` pairs and dicts with a ``"labels"``
             key are accepted, the labels are ignored), as for
-            :func:`transferkit.extract_features`.
+            [`transferkit.extract_features`][].
         batch_size: samples per forward pass for tensors, arrays and Datasets (``>= 2``).
         progress: show a tqdm progress bar.
 

@@ -2,7 +2,7 @@
 
 A method's loss alone does not reproduce its paper: the optimiser, the annealed
 learning rate, the ramp of the trade-off, the bottleneck and the handling of
-BatchNorm matter as much. :func:`recipe` returns them as a frozen :class:`Recipe`,
+BatchNorm matter as much. [`recipe`][] returns them as a frozen [`Recipe`][],
 with helpers that put them into your loop::
 
     r = tk.recipe("dann")
@@ -39,7 +39,7 @@ class Recipe:
     """The training settings of one adaptation method.
 
     Attributes:
-        method: the method's name (see :func:`available`).
+        method: the method's name (see [`available`][]).
         lr: initial learning rate ``lr0`` of SGD.
         momentum: SGD momentum.
         nesterov: Nesterov momentum.
@@ -56,9 +56,9 @@ class Recipe:
             ``tk.models.SmallCNN``'s 128-d neck).
         batch_size: source and target samples per step, each.
         bn: BatchNorm handling: ``"domain"`` (per-domain statistics in training with
-            :func:`transferkit.convert_domain_bn` / :func:`transferkit.bn_domain`, the
+            [`transferkit.convert_domain_bn`][] / [`transferkit.bn_domain`][], the
             target's at test time), ``"adabn"`` (shared BatchNorm, forward each domain's
-            batch separately, then :func:`transferkit.adapt_batchnorm` on target before
+            batch separately, then [`transferkit.adapt_batchnorm`][] on target before
             testing) or ``"shared"`` (one concatenated batch, as in the original code).
         options: method-specific settings (e.g. MCC's ``temperature``, MDD's
             ``margin``, self-training's ``threshold``).
@@ -119,7 +119,7 @@ class Recipe:
         """SGD with this recipe's learning rate, momentum, Nesterov and weight decay.
 
         ``params`` may be parameters or param-group dicts (e.g. from
-        :func:`transferkit.param_groups`); groups that set their own ``lr`` keep it and
+        [`transferkit.param_groups`][]); groups that set their own ``lr`` keep it and
         are annealed by the same factor.
         """
         return torch.optim.SGD(
@@ -235,7 +235,7 @@ _RECIPES: dict[str, Recipe] = {
 
 
 def available() -> list[str]:
-    """The method names :func:`recipe` knows.
+    """The method names [`recipe`][] knows.
 
     Examples:
         >>> "dann" in available() and "self_training" in available()
@@ -248,12 +248,12 @@ def recipe(method: str, **overrides: Any) -> Recipe:
     """The published training defaults of ``method``, optionally with some fields changed.
 
     Args:
-        method: one of :func:`available` (``"dann"``, ``"cdan"``, ``"dan"``, ``"mcc"``,
+        method: one of [`available`][] (``"dann"``, ``"cdan"``, ``"dan"``, ``"mcc"``,
             ``"self_training"``, ...).
-        **overrides: fields of :class:`Recipe` to replace (e.g. ``tradeoff=0.3``).
+        **overrides: fields of [`Recipe`][] to replace (e.g. ``tradeoff=0.3``).
 
     Returns:
-        A frozen :class:`Recipe`.
+        A frozen [`Recipe`][].
 
     Raises:
         ValueError: an unknown method or field, or an invalid value.

@@ -4,13 +4,13 @@ A network's own confident predictions on target data become training labels. Use
 naively this reinforces the network's errors and drifts towards the classes it already
 predicts most; the pieces here carry the usual remedies and slot into your own loop:
 
-* :class:`PseudoLabeler` -- turns logits into pseudo-labels with a confidence mask:
+* [`PseudoLabeler`][] -- turns logits into pseudo-labels with a confidence mask:
   a threshold, class balancing (per-class thresholds or distribution alignment) and a
   ramp-up of the loss weight, so that early, poor predictions count little.
-* :class:`FixMatchLoss` -- FixMatch (Sohn et al., 2020): pseudo-labels come from a
+* [`FixMatchLoss`][] -- FixMatch (Sohn et al., 2020): pseudo-labels come from a
   weakly augmented view, the loss is the cross-entropy of the strongly augmented view
   against them, counted only where the weak prediction is confident. The augmentations
-  are callables you supply (:mod:`transferkit.augment` has batched ones for images).
+  are callables you supply ([`transferkit.augment`][] has batched ones for images).
 """
 
 from __future__ import annotations
@@ -83,8 +83,8 @@ def ramp_value(progress: float, kind: Ramp = "sigmoid") -> float:
 class PseudoLabeler:
     """Confidence-thresholded, class-balanced pseudo-labels with a ramped loss weight.
 
-    Call it on a batch of target logits to get :class:`PseudoLabels`; pass those with
-    the logits you train on to :meth:`loss`; call :meth:`step` once per training step.
+    Call it on a batch of target logits to get [`PseudoLabels`][]; pass those with
+    the logits you train on to [`loss`][]; call [`step`][] once per training step.
 
     Selection: with probabilities ``p = softmax(logits)``, the pseudo-label is
     ``argmax p`` and it is used when ``max p >= tau_c`` for its class ``c``.
@@ -101,7 +101,7 @@ class PseudoLabeler:
       ``p`` is replaced by ``normalise(p * prior / m)`` before thresholding, pulling the
       predicted class frequencies towards ``prior`` (uniform unless given).
 
-    Weight: :attr:`weight` is ``max_weight * ramp_value(step / rampup_steps, ramp)``
+    Weight: [`weight`][] is ``max_weight * ramp_value(step / rampup_steps, ramp)``
     (``max_weight`` from the start when ``rampup_steps == 0``).
 
     Args:
@@ -113,10 +113,10 @@ class PseudoLabeler:
         momentum: EMA momentum of the class statistics, in ``[0, 1)``.
         max_weight: loss weight after the ramp (``>= 0``).
         rampup_steps: steps of the ramp (``0``: no ramp).
-        ramp: ``"sigmoid"``, ``"linear"`` or ``"dann"`` (see :func:`ramp_value`).
+        ramp: ``"sigmoid"``, ``"linear"`` or ``"dann"`` (see [`ramp_value`][]).
 
     Attributes:
-        steps: training steps taken (by :meth:`step`).
+        steps: training steps taken (by [`step`][]).
         class_mean: ``(C,)`` the moving average ``m`` (starts uniform).
 
     Examples:
@@ -211,7 +211,7 @@ class PseudoLabeler:
                 evaluation batches).
 
         Returns:
-            :class:`PseudoLabels` on the logits' device.
+            [`PseudoLabels`][] on the logits' device.
 
         Shape:
             - Input: ``(N, C)``; outputs: ``(N,)``.
@@ -263,7 +263,7 @@ class PseudoLabeler:
         return {"steps": self.steps, "class_mean": self.class_mean.clone()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
+        """Restore what [`state_dict`][] returned."""
         class_mean = check_tensor(state["class_mean"], "class_mean", ndim=1, floating=True)
         if class_mean.shape[0] != self.num_classes:
             raise ValueError(
@@ -287,17 +287,17 @@ class FixMatchLoss:
     turns its logits into pseudo-labels with ``labeler`` and returns
     ``labeler.loss(model(strong(x)), pseudo)``: the cross-entropy of the strong view
     against confident weak-view predictions, times the labeler's ramped weight. Call
-    ``labeler.step()`` (or :meth:`step`) once per training step. Both forward passes run
+    ``labeler.step()`` (or [`step`][]) once per training step. Both forward passes run
     in the model's current mode: in training mode they use target batch statistics (and,
-    with :func:`transferkit.bn_domain`, update the target's running statistics).
+    with [`transferkit.bn_domain`][], update the target's running statistics).
 
     Args:
-        labeler: the :class:`PseudoLabeler` (threshold, balancing, ramp).
+        labeler: the [`PseudoLabeler`][] (threshold, balancing, ramp).
         weak: callable ``x -> x'`` for the weak view (e.g. ``tk.augment.weak``).
         strong: callable ``x -> x''`` for the strong view (e.g. ``tk.augment.strong``).
 
     Attributes:
-        last: the :class:`PseudoLabels` of the last call (``None`` before).
+        last: the [`PseudoLabels`][] of the last call (``None`` before).
 
     Examples:
         >>> import torch, transferkit as tk
