@@ -15,8 +15,10 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
 
 from ._validation import check_in_range, check_option, check_positive, check_tensor
+from .freezing import FrozenBatchNorm
 
 __all__ = ["ClassifierHead", "find_head", "replace_head"]
 
@@ -190,6 +192,12 @@ def _name_of(model: nn.Module, target: nn.Module) -> str | None:
 
 
 def _last_linear(container: nn.Module, prefix: str) -> tuple[str, nn.Module] | None:
+    children = list(container.named_children())
+    if children and isinstance(children[-1][1], nn.Identity):
+        # a headless classifier block (``classifier[-1] = nn.Identity()``): the identity
+        # is the head, not the hidden Linear before it
+        leaf = children[-1][0]
+        return (f"{prefix}.{leaf}" if prefix else leaf), children[-1][1]
     found: tuple[str, nn.Module] | None = None
     for name, module in container.named_modules(prefix=prefix):
         if isinstance(module, nn.Linear):
@@ -208,6 +216,8 @@ def find_head(model: nn.Module) -> tuple[str, nn.Module]:
        MobileNet, EfficientNet ``classifier``; ViT ``heads``) the last ``nn.Linear`` in it
        is the head (``classifier.6``, ``heads.head``); any other module (a ``Linear``, a
        [`ClassifierHead`][], HF ``RobertaClassificationHead``) is the head itself.
+       A Sequential that ends in ``nn.Identity`` (a headless model) has that identity as
+       its head.
     3. A plain ``nn.Sequential`` model: its last ``nn.Linear``.
 
     Args:
@@ -278,6 +288,53 @@ def _in_features(head: nn.Module, name: str) -> int:
     )
 
 
+def _is_headless(head: nn.Module) -> bool:
+    """An ``nn.Identity`` (timm ``num_classes=0``, ``model.fc = nn.Identity()``) or no weights."""
+    return isinstance(head, nn.Identity) or not any(True for _ in head.parameters())
+
+
+def _output_size(module: nn.Module) -> int | None:
+    """Feature size that ``module`` outputs, for the layers that say so."""
+    if isinstance(module, nn.Linear):
+        return int(module.out_features)
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return int(module.out_channels)
+    if isinstance(module, nn.GroupNorm):
+        return int(module.num_channels)
+    if isinstance(module, nn.LayerNorm) and module.normalized_shape:
+        return int(module.normalized_shape[-1])
+    if isinstance(module, (_NormBase, FrozenBatchNorm)):
+        return int(module.num_features)
+    return None
+
+
+def _headless_in_features(model: nn.Module, name: str) -> int:
+    """What a headless model feeds its (identity) classifier.
+
+    timm models say it (``head_hidden_size``, else ``num_features``); otherwise the output
+    size of the last layer with weights defined before the head (torchvision ResNet
+    ``layer4``'s last BatchNorm, VGG's last hidden ``Linear``, ViT's final ``LayerNorm``).
+    """
+    for attribute in ("head_hidden_size", "num_features"):
+        value = getattr(model, attribute, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    found: int | None = None
+    for qualified, module in model.named_modules():
+        if qualified == name or qualified.startswith(name + "."):
+            break
+        size = _output_size(module)
+        if size is not None:
+            found = size
+    if found is None:
+        raise ValueError(
+            f"model: head {name!r} is an identity (a headless model) and the size of its input "
+            f"cannot be read off {type(model).__name__}; build the head yourself, e.g. "
+            "replace_head(model, nn.Linear(num_features, num_classes))"
+        )
+    return found
+
+
 def _out_features(head: nn.Module) -> int | None:
     for attribute in ("out_features", "num_classes"):
         value = getattr(head, attribute, None)
@@ -295,9 +352,15 @@ def replace_head(
     With an ``int``, the new head is ``nn.Linear(in_features, num_classes)`` where
     ``in_features`` is read from the old head (its ``in_features``, or that of its first
     ``nn.Linear``). A given module is used as it is (a mismatching ``in_features``
-    attribute raises). The new head is moved to the old head's device and dtype. Class
+    attribute raises). The new head is moved to the model's device and dtype. Class
     counts kept on the model are updated: timm's ``num_classes``, Hugging Face's
     ``num_labels`` and ``config.num_labels`` (used by their loss).
+
+    Headless models work too: a timm model built with ``num_classes=0`` (its classifier
+    is an ``nn.Identity``) gets its head from timm's own ``reset_classifier(num_classes)``
+    (the input size is ``head_hidden_size``/``num_features``); a torchvision model whose
+    head was set to ``nn.Identity()`` gets a ``Linear`` sized by the output of the last
+    layer with weights before it (512 for ResNet-18).
 
     Args:
         model: the network (changed in place).
@@ -319,6 +382,9 @@ def replace_head(
         >>> head = replace_head(net, tk.ClassifierHead(128, 5, hidden=(), pool=None))
         >>> net(torch.zeros(2, 1, 16, 16)).shape
         torch.Size([2, 5])
+        >>> net.fc = nn.Identity()  # headless
+        >>> replace_head(net, 4)
+        Linear(in_features=128, out_features=4, bias=True)
     """
     model = _unwrap(model)
     if name is None:
@@ -336,13 +402,40 @@ def replace_head(
                 f"name: {name!r} is not a module of {type(model).__name__}"
                 f"{did_you_mean(name, known)}"
             ) from None
-    in_features = _in_features(old, name)
     if isinstance(head_or_num_classes, bool) or not isinstance(
         head_or_num_classes, (int, nn.Module)
     ):
         raise TypeError(
             "head_or_num_classes: expected an nn.Module or a number of classes, got "
             f"{type(head_or_num_classes).__name__}"
+        )
+    headless = _is_headless(old)
+    in_features = _headless_in_features(model, name) if headless else _in_features(old, name)
+    reference = next(iter(old.parameters()), None)
+    if reference is None:
+        reference = next(iter(model.parameters()), None)
+    reset = getattr(model, "reset_classifier", None)
+    if (
+        headless
+        and isinstance(head_or_num_classes, int)
+        and callable(reset)
+        and callable(getattr(model, "get_classifier", None))
+        and _name_of(model, old) == name
+    ):
+        # timm's own way: it also rebuilds pooling/pre-logits bookkeeping for num_classes
+        num_classes = int(check_positive(head_or_num_classes, "head_or_num_classes", integer=True))
+        reset(num_classes)
+        timm_head = model.get_classifier()  # type: ignore[operator]
+        if isinstance(timm_head, nn.Module) and _out_features(timm_head) == num_classes:
+            if reference is not None:
+                timm_head.to(device=reference.device, dtype=reference.dtype)
+            if isinstance(getattr(model, "num_classes", None), int):
+                setattr(model, "num_classes", num_classes)  # noqa: B010 (typed as Module)
+            logger.info("replace_head: %s -> %s (timm reset_classifier)", name, type(timm_head))
+            return timm_head
+        raise ValueError(
+            f"model: {type(model).__name__}.reset_classifier({num_classes}) did not give a "
+            f"head with {num_classes} outputs; pass the head module yourself"
         )
     if isinstance(head_or_num_classes, int):
         num_classes = int(check_positive(head_or_num_classes, "head_or_num_classes", integer=True))
@@ -355,7 +448,6 @@ def replace_head(
                 f"head_or_num_classes: the new head takes {given} features but {name!r} "
                 f"receives {in_features}"
             )
-    reference = next(iter(old.parameters()), None)
     if reference is not None:
         new = new.to(device=reference.device, dtype=reference.dtype)
     parent_name, _, leaf = name.rpartition(".")
