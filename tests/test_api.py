@@ -37,6 +37,7 @@ QUALIFIED = {
     "augment": ["random_affine", "color_jitter", "cutout", "weak", "strong"],
     "recipes": ["recipe", "available", "Recipe"],
     "distributed": ["all_gather"],
+    "schedules": ["extend_scheduler", "FactorSchedule", "one_cycle", "warmup_cosine"],
 }  # fmt: skip
 
 

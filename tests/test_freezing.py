@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -726,3 +726,171 @@ def test_gradual_unfreezing_warns_when_optimizer_already_holds_stage_params(
     schedule.step()
     assert len(optimizer.param_groups) == 1  # nothing added twice
     assert net.neck[1].weight.requires_grad
+
+
+# --------------------------------------------------------------------------- inherited settings
+
+
+def settings_by_parameter(
+    model: nn.Module, groups: list[dict[str, object]]
+) -> dict[str, tuple[float, float]]:
+    """``name -> (lr, weight_decay)`` of the group holding each parameter."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    out: dict[str, tuple[float, float]] = {}
+    for group in groups:
+        lr = float(group.get("initial_lr", group["lr"]))  # type: ignore[arg-type]
+        for p in group["params"]:  # type: ignore[attr-defined]
+            assert names[id(p)] not in out, "a parameter in two groups"
+            out[names[id(p)]] = (lr, float(group["weight_decay"]))  # type: ignore[arg-type]
+    return out
+
+
+def unfreeze_all(net: nn.Module, schedule: tk.GradualUnfreezing) -> None:
+    while not schedule.done:
+        schedule.step()
+    assert all(p.requires_grad for p in net.parameters())
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_gradual_unfreezing_inherits_weight_decay_and_no_decay_split_with_adamw(
+    weight_decay: float,
+) -> None:
+    """A stage used to get AdamW's default weight_decay=0.01 whatever the user chose."""
+    net = make_net()
+    tk.freeze(net, exclude="fc")
+    optimizer = torch.optim.AdamW(tk.param_groups(net, 1e-3, weight_decay=weight_decay))
+    schedule = tk.GradualUnfreezing(net, STAGES, optimizer, lr=1e-4)
+    unfreeze_all(net, schedule)
+    got = settings_by_parameter(net, optimizer.param_groups)
+    for name, (_, wd) in got.items():
+        plain = name.endswith("bias") or name.startswith(("features.1.", "features.5."))
+        assert wd == (0.0 if plain else weight_decay), name
+    assert optimizer.defaults["weight_decay"] == 0.01  # the default never leaked in
+
+
+def test_gradual_unfreezing_inherits_weight_decay_from_a_plain_optimizer() -> None:
+    net = make_net()
+    optimizer = torch.optim.AdamW(net.fc.parameters(), lr=1e-3, weight_decay=0.2)
+    schedule = tk.GradualUnfreezing(net, STAGES, optimizer, lr=1e-4)
+    unfreeze_all(net, schedule)
+    got = settings_by_parameter(net, optimizer.param_groups)
+    assert got["neck.1.weight"] == (1e-4, 0.2) and got["neck.1.bias"] == (1e-4, 0.0)
+    assert got["features.1.weight"][1] == 0.0  # BatchNorm weight: no decay
+    explicit = tk.GradualUnfreezing(
+        make_net(),
+        ["neck"],
+        torch.optim.AdamW(make_net().fc.parameters(), weight_decay=0.2),
+        weight_decay=0.3,
+    )
+    explicit.step()
+    assert [g["weight_decay"] for g in explicit.optimizer.param_groups[1:]] == [0.3, 0.0]  # type: ignore[union-attr]
+
+
+@given(
+    lr=st.floats(1e-5, 1.0),
+    layer_decay=st.floats(0.05, 1.0),
+    weight_decay=st.sampled_from([0.0, 1e-4, 0.05]),
+    explicit=st.booleans(),
+)
+@settings(max_examples=15, deadline=None)
+def test_gradual_unfreezing_layer_decay_gives_param_groups_of_the_unfrozen_model(
+    lr: float, layer_decay: float, weight_decay: float, explicit: bool
+) -> None:
+    """Invariant: after the last stage the optimizer holds, parameter by parameter, the lr
+    and weight decay that param_groups gives the fully unfrozen model."""
+    net = make_net()
+    tk.freeze(net, exclude="fc")
+    groups = tk.param_groups(net, lr, layer_decay=layer_decay, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(groups)
+    schedule = tk.GradualUnfreezing(
+        net, STAGES, optimizer, lr=lr if explicit else None, layer_decay=layer_decay
+    )
+    unfreeze_all(net, schedule)
+    want = tk.param_groups(net, lr, layer_decay=layer_decay, weight_decay=weight_decay)
+    got = settings_by_parameter(net, optimizer.param_groups)
+    expected = settings_by_parameter(net, want)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert got[name] == pytest.approx(expected[name], rel=1e-9), name
+
+
+def test_gradual_unfreezing_continues_a_layer_decay_pattern_it_finds() -> None:
+    """Groups at two depths with lrs falling by one factor: the stages continue it."""
+    net = make_net()
+    tk.freeze(net, exclude=["fc", "neck"])
+    optimizer = torch.optim.AdamW(tk.param_groups(net, 0.1, layer_decay=0.5, weight_decay=0.01))
+    schedule = tk.GradualUnfreezing(net, ["features.[45]", "features.[01]"], optimizer)
+    unfreeze_all(net, schedule)
+    got = settings_by_parameter(net, optimizer.param_groups)
+    want = settings_by_parameter(net, tk.param_groups(net, 0.1, layer_decay=0.5, weight_decay=0.01))
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name] == pytest.approx(want[name], rel=1e-9), name
+    assert got["features.0.weight"] == pytest.approx((0.1 * 0.5**5, 0.01))
+
+
+def test_gradual_unfreezing_layer_decay_validates_arguments() -> None:
+    net = make_net()
+    with pytest.raises(ValueError, match="layer_decay"):
+        tk.GradualUnfreezing(net, ["neck"], layer_decay=0.0)
+    with pytest.raises(ValueError, match="layer_decay"):
+        tk.GradualUnfreezing(net, ["neck"], layer_decay=1.5)
+    with pytest.raises(ValueError, match="lr: with layer_decay"):
+        tk.GradualUnfreezing(net, ["neck", "features"], lr=[0.1, 0.01], layer_decay=0.5)
+    with pytest.raises(TypeError, match="train_bn"):
+        tk.GradualUnfreezing(net, ["neck"], train_bn=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="train_bn"):
+        tk.GradualUnfreezing(net, ["neck"], bn="frozen", train_bn=True)
+
+
+# --------------------------------------------------------------------------- train_bn
+
+
+@pytest.mark.parametrize("bn", ["train", "eval"])
+def test_freeze_train_bn_keeps_batchnorm_affine_trainable(
+    task: tk.datasets.DomainTask, bn: str
+) -> None:
+    """fastai's train_bn=True: frozen backbone, BatchNorm weight/bias keep training; the
+    bn policy still decides the running statistics."""
+    net = make_net()
+    frozen = tk.freeze(net, exclude="fc", bn=bn, train_bn=True)  # type: ignore[arg-type]
+    bn_names = {f"features.{i}.{leaf}" for i in (1, 5) for leaf in ("weight", "bias")}
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable == bn_names | {"fc.weight", "fc.bias"}
+    assert not bn_names & set(frozen)
+    before = snapshot(net)
+    train_steps(net, torch.optim.AdamW(tk.param_groups(net, 1e-2)), task.source_x, task.source_y)
+    after = snapshot(net)
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    stats = {k for k in moved if "running" in k or "num_batches" in k}
+    assert {k for k in moved - stats} == {f"param:{n}" for n in bn_names | {"fc.weight", "fc.bias"}}
+    assert bool(stats) == (bn == "train")
+
+
+def test_freeze_train_bn_validates_and_default_freezes_batchnorm() -> None:
+    net = make_net()
+    with pytest.raises(ValueError, match="train_bn"):
+        tk.freeze(net, bn="frozen", train_bn=True)
+    with pytest.raises(TypeError, match="train_bn"):
+        tk.freeze(net, train_bn="yes")  # type: ignore[arg-type]
+    tk.freeze(net, exclude="fc")
+    assert not net.features[1].weight.requires_grad
+
+
+def test_gradual_unfreezing_train_bn_trains_batchnorm_of_frozen_stages_from_the_start(
+    task: tk.datasets.DomainTask,
+) -> None:
+    net = make_net()
+    tk.freeze(net, exclude="fc")  # the usual first step; train_bn makes BN trainable again
+    optimizer = torch.optim.SGD(net.fc.parameters(), lr=0.05, momentum=0.9)
+    schedule = tk.GradualUnfreezing(net, STAGES, optimizer, lr=0.05, bn="train", train_bn=True)
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert id(net.features[1].weight) in held and id(net.features[0].weight) not in held
+    before = snapshot(net)
+    train_steps(net, optimizer, task.source_x, task.source_y, steps=2)
+    after = snapshot(net)
+    assert not torch.equal(before["param:features.1.weight"], after["param:features.1.weight"])
+    assert torch.equal(before["param:features.0.weight"], after["param:features.0.weight"])
+    groups = len(optimizer.param_groups)
+    unfreeze_all(net, schedule)
+    assert len(optimizer.param_groups) == groups + 3 * 2  # BatchNorm groups not added twice

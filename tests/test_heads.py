@@ -246,3 +246,119 @@ def test_classifier_head_on_frozen_pretrained_features_learns_digits() -> None:
     with torch.no_grad():
         accuracy = float((model(task.target_test_x).argmax(1) == task.target_test_y).float().mean())
     assert accuracy > 0.6
+
+
+# --------------------------------------------------------------------------- headless models
+
+
+class HeadlessTimmLike(nn.Module):
+    """timm's contract for ``num_classes=0``: an identity classifier, ``num_features``,
+    ``head_hidden_size`` (the classifier's input, after a pre-logits layer) and
+    ``reset_classifier``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3)
+        self.conv_head = nn.Linear(6, 10)  # pre-logits: 6 -> 10
+        self.num_features = 6
+        self.head_hidden_size = 10
+        self.num_classes = 0
+        self.classifier: nn.Module = nn.Identity()
+        self.resets = 0
+
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.resets += 1
+        self.num_classes = num_classes
+        self.classifier = nn.Linear(self.head_hidden_size, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.classifier(self.conv_head(self.stem(x).mean((2, 3))))
+        return out
+
+
+def headless_small_cnn() -> nn.Module:
+    net = tk.models.SmallCNN(width=4, feature_dim=24)
+    net.fc = nn.Identity()  # type: ignore[assignment]
+    return net
+
+
+def headless_vgg_like() -> nn.Module:
+    model = vgg_like()
+    model.classifier[3] = nn.Identity()
+    return model
+
+
+def headless_vit_like() -> nn.Module:
+    model = vit_like()
+    model.heads.head = nn.Identity()
+    return model
+
+
+@pytest.mark.parametrize(
+    ("factory", "name", "in_features"),
+    [
+        (headless_small_cnn, "fc", 24),
+        (headless_vgg_like, "classifier.3", 8),
+        (headless_vit_like, "heads.head", 8),
+    ],
+)
+def test_replace_head_on_headless_models_sizes_head_from_the_layer_before(
+    factory: object, name: str, in_features: int
+) -> None:
+    """torchvision-style ``model.fc = nn.Identity()``: the head used to be unreplaceable
+    (or, in a Sequential, the hidden Linear before the identity was replaced)."""
+    model = factory()  # type: ignore[operator]
+    assert tk.find_head(model)[0] == name
+    head = tk.replace_head(model, 3)
+    assert isinstance(head, nn.Linear) and (head.in_features, head.out_features) == (in_features, 3)
+    assert model.get_submodule(name) is head
+
+
+def test_replace_head_on_headless_small_cnn_gives_working_model_in_its_dtype() -> None:
+    model = headless_small_cnn().double()
+    head = tk.replace_head(model, 5)
+    assert head.weight.dtype == torch.float64
+    assert model(torch.zeros(2, 1, 16, 16, dtype=torch.float64)).shape == (2, 5)
+    with pytest.raises(ValueError, match="takes 7 features but 'fc' receives 24"):
+        tk.replace_head(headless_small_cnn(), nn.Linear(7, 2))
+
+
+def test_replace_head_on_headless_timm_model_uses_reset_classifier() -> None:
+    model = HeadlessTimmLike().double()
+    head = tk.replace_head(model, 4)
+    assert model.resets == 1 and model.classifier is head and model.num_classes == 4
+    assert isinstance(head, nn.Linear) and head.in_features == 10  # head_hidden_size
+    assert head.weight.dtype == torch.float64
+    assert model(torch.zeros(2, 3, 5, 5, dtype=torch.float64)).shape == (2, 4)
+    # a given module is checked against the classifier's input size
+    custom = tk.replace_head(HeadlessTimmLike(), tk.ClassifierHead(10, 2, hidden=(), pool=None))
+    assert isinstance(custom, tk.ClassifierHead)
+    with pytest.raises(ValueError, match="receives 10"):
+        tk.replace_head(HeadlessTimmLike(), nn.Linear(6, 2))
+
+
+def test_replace_head_on_headless_model_without_sizes_raises_clearly() -> None:
+    model = nn.Sequential(nn.ReLU(), nn.Identity())
+    with pytest.raises(ValueError, match=r"'1' is an identity \(a headless model\)"):
+        tk.replace_head(model, 3)
+
+
+def test_linear_classifier_head_equals_timm_style_linear_head() -> None:
+    """``ClassifierHead(C, n, hidden=(), dropout=0.0)`` is timm's default head: global
+    average pooling and one Linear (the default ``hidden=(512,)`` adds an MLP layer)."""
+    torch.manual_seed(0)
+    ours = tk.ClassifierHead(6, 4, hidden=(), dropout=0.0)
+    reference = nn.Linear(6, 4)
+    with torch.no_grad():
+        ours.fc.weight.copy_(reference.weight)
+        ours.fc.bias.copy_(reference.bias)
+    x = torch.randn(3, 6, 5, 5)
+    ours.train()  # no dropout layer, so train and eval agree
+    torch.testing.assert_close(ours(x), reference(x.mean((2, 3))))
+    assert not any(isinstance(m, nn.Dropout) for m in ours.modules())
+    default = tk.ClassifierHead(6, 4)
+    assert [type(m).__name__ for m in default.hidden] == ["Linear", "ReLU", "Dropout"]
+    assert default.hidden[0].out_features == 512 and default.hidden[2].p == 0.5

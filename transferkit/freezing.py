@@ -535,8 +535,9 @@ def freeze(
       instead, since replacing them would drop their extra behaviour).
 
     ``train_bn=True`` keeps the affine ``weight`` and ``bias`` of those BatchNorm layers
-    trainable (fastai's ``train_bn=True``): everything else in the selection freezes, the
-    BatchNorm layers still get the ``bn`` policy for their *statistics*. fastai's
+    trainable (fastai's ``train_bn=True``; also when an earlier call froze them):
+    everything else in the selection freezes, the BatchNorm layers still get the ``bn``
+    policy for their *statistics*. fastai's
     behaviour is ``bn="train", train_bn=True`` (statistics and affine terms adapt to the
     new data); ``bn="eval", train_bn=True`` keeps the statistics fixed and trains only the
     affine terms. LayerNorm/GroupNorm are not BatchNorm: exclude them by name
@@ -617,7 +618,10 @@ def freeze(
         )
     changed: list[str] = []
     for name, owner, param in selection.entries:
-        if param is None or (train_bn and isinstance(owner, _BatchNorm)):
+        if param is None:
+            continue
+        if train_bn and isinstance(owner, _BatchNorm):
+            param.requires_grad_(True)  # trainable afterwards, even if frozen before
             continue
         if param.requires_grad:
             changed.append(name)

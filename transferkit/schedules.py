@@ -316,7 +316,7 @@ class _CycleFactor:
                 progress = (1.0 - math.cos(math.pi * progress)) / 2.0
             return self.start + (1.0 - self.start) * progress
         span = self.total_steps - self.warmup_steps
-        progress = (step - self.warmup_steps) / span if span > 0 else 1.0
+        progress = (step - self.warmup_steps) / span if span > 0 else 0.0  # all warmup: peak
         return self.end + (1.0 - self.end) * (1.0 + math.cos(math.pi * progress)) / 2.0
 
 
