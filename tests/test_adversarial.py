@@ -821,3 +821,40 @@ def test_mdd_rejects_bad_construction_and_wrong_head_output() -> None:
     one_class = (torch.randn(4, 1), torch.randn(4, 5), torch.randn(4, 1), torch.randn(4, 5))
     with pytest.raises(ValueError, match="2 classes"):
         tk.MarginDisparityDiscrepancy(nn.Linear(5, 1))(*one_class)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_domain_adversarial_loss_accepts_half_and_double_features(dtype: torch.dtype) -> None:
+    # An fp32 discriminator used to fail with a raw "mat1 and mat2 must have the same
+    # dtype" on fp16/bf16/fp64 features; CDAN accepted half precision already.
+    torch.manual_seed(0)
+    criterion = tk.DomainAdversarialLoss(tk.DomainDiscriminator(6, hidden=16))
+    criterion.eval()  # no dropout, fixed BatchNorm statistics: calls are comparable
+    source = torch.randn(8, 6).to(dtype).requires_grad_(True)
+    target = (torch.randn(5, 6) + 1).to(dtype).requires_grad_(True)
+    loss = criterion(source, target)
+    assert loss.dtype == torch.float32 and bool(torch.isfinite(loss))
+    loss.backward()
+    assert source.grad is not None and source.grad.dtype == dtype
+    assert target.grad is not None and bool(torch.isfinite(target.grad.float()).all())
+    assert all(p.grad is not None for p in criterion.parameters())
+    # Same value as the fp32 computation on the same (rounded) features.
+    reference = criterion(source.detach().float(), target.detach().float())
+    torch.testing.assert_close(loss.detach(), reference, rtol=2e-2, atol=2e-2)
+    # The reversed gradient reaches the features in their own dtype, with the fp32 value.
+    s32 = source.detach().float().requires_grad_(True)
+    criterion(s32, target.detach().float()).backward()
+    torch.testing.assert_close(source.grad.float(), s32.grad, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_conditional_adversarial_loss_accepts_half_and_double_features(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    criterion = tk.ConditionalDomainAdversarialLoss(
+        tk.DomainDiscriminator(12, hidden=8), num_classes=3, features_dim=4
+    )
+    features = torch.randn(5, 4).to(dtype).requires_grad_(True)
+    loss = criterion(
+        torch.randn(5, 3).to(dtype), features, torch.randn(4, 3).to(dtype), torch.randn(4, 4).to(dtype)
+    )
+    loss.backward()
+    assert bool(torch.isfinite(loss)) and features.grad is not None
+    assert features.grad.dtype == dtype

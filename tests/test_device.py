@@ -152,10 +152,24 @@ def test_seed_everything_reproduces_all_generators() -> None:
     assert not torch.equal(first[2], third[2])
 
 
-@pytest.mark.parametrize("bad", [-1, 1.5, "0", True])
-def test_seed_everything_rejects_bad_seeds(bad: object) -> None:
-    with pytest.raises(ValueError, match="seed"):
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [(-1, ValueError), (2**64, ValueError), (1.5, TypeError), ("0", TypeError), (True, TypeError)],
+)
+def test_seed_everything_rejects_bad_seeds(bad: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match="seed"):
         tk.seed_everything(bad)  # type: ignore[arg-type]
+
+
+def test_seed_everything_names_the_valid_range_and_accepts_its_ends() -> None:
+    # 2**64 used to fail inside torch ("Overflow when unpacking long long").
+    with pytest.raises(ValueError, match=r"seed: expected an integer in \[0, 2\*\*64 - 1\]"):
+        tk.seed_everything(2**64)
+    for seed in (0, 2**64 - 1):
+        tk.seed_everything(seed)
+        first = torch.rand(3)
+        tk.seed_everything(seed)
+        assert torch.equal(first, torch.rand(3))
 
 
 def test_seed_everything_deterministic_flag_sets_torch_mode() -> None:

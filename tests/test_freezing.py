@@ -637,10 +637,15 @@ def test_gradual_unfreezing_validates_arguments() -> None:
     net = make_net()
     with pytest.raises(ValueError, match="stages"):
         tk.GradualUnfreezing(net, [])
-    with pytest.raises(ValueError, match="stages"):
+    with pytest.raises(TypeError, match="stages: expected a list of patterns"):
         tk.GradualUnfreezing(net, "neck")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="include: pattern 'nek'"):
+    # The pattern is reported under the argument the user passed (it said "include").
+    with pytest.raises(ValueError, match="stages\\[0\\]: pattern 'nek'"):
         tk.GradualUnfreezing(net, ["nek"])
+    with pytest.raises(ValueError, match="stages\\[1\\]: pattern 'nek'"):
+        tk.GradualUnfreezing(net, ["neck", ["fc", "nek"]])
+    with pytest.raises(TypeError, match="stages\\[0\\]: expected a glob pattern"):
+        tk.GradualUnfreezing(net, [None])  # type: ignore[list-item]
     with pytest.raises(ValueError, match="lr: expected one value per stage"):
         tk.GradualUnfreezing(net, ["neck"], lr=[0.1, 0.2])
     with pytest.raises(ValueError, match="every"):
@@ -894,3 +899,28 @@ def test_gradual_unfreezing_train_bn_trains_batchnorm_of_frozen_stages_from_the_
     groups = len(optimizer.param_groups)
     unfreeze_all(net, schedule)
     assert len(optimizer.param_groups) == groups + 3 * 2  # BatchNorm groups not added twice
+def test_freeze_clears_stale_grads_so_adamw_leaves_frozen_weights_alone() -> None:
+    # zero_grad(set_to_none=False) leaves zero-filled .grad tensors; AdamW steps every
+    # parameter whose .grad is not None, so without freeze clearing .grad a frozen
+    # weight would keep moving (decoupled weight decay and Adam momentum).
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    optimizer = torch.optim.AdamW(net.parameters(), lr=0.1, weight_decay=0.5)
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=False)
+        nn.functional.cross_entropy(net(x), y).backward()
+        optimizer.step()
+
+    for _ in range(3):
+        step()
+    tk.freeze(net, include="0")
+    frozen = {n: p.detach().clone() for n, p in net[0].named_parameters()}
+    head = net[2].weight.detach().clone()
+    for _ in range(3):
+        step()
+    for name, param in net[0].named_parameters():
+        assert torch.equal(param, frozen[name]), name
+    assert not torch.equal(net[2].weight, head)  # the rest still trains
+    assert net[0].weight.grad is None and net[0].bias.grad is None

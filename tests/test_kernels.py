@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -184,3 +186,103 @@ def test_kernel_inputs_are_validated(name: str) -> None:
         kernel(torch.randn(3, 2), torch.randn(3, 2, dtype=torch.float64))
     with pytest.raises(TypeError, match="floating"):
         kernel(torch.ones(3, 2, dtype=torch.long), torch.ones(3, 2, dtype=torch.long))
+
+
+# ----------------------------------------------------------------- extreme magnitudes
+
+FP32_MAX = float(torch.finfo(torch.float32).max)
+MAGNITUDES = {
+    "1e20": (1e20, 1e20),
+    "1e30": (1e30, 1e30),
+    "1e-20": (1e-20, 1e-20),
+    "1e-30": (1e-30, 1e-30),
+    "mixed": (1.0, 1e20),  # x of order one, y of order 1e20
+}
+
+
+def _extreme_points(magnitude: str, seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """fp32-representable points (as float64) at the given magnitudes."""
+    rng = np.random.default_rng(seed)
+    sx, sy = MAGNITUDES[magnitude]
+    x = (rng.normal(size=(9, 4)) * sx).astype(np.float32).astype(np.float64)
+    y = ((rng.normal(size=(7, 4)) + 0.5) * sy).astype(np.float32).astype(np.float64)
+    return x, y
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("magnitude", list(MAGNITUDES))
+@pytest.mark.parametrize("name", list(KERNELS))
+def test_every_kernel_at_extreme_magnitudes_matches_float64_or_raises_clearly(
+    name: str, magnitude: str, precision: str
+) -> None:
+    # Finite inputs of magnitude 1e20 used to give NaN (inf - inf in the GEMM form) and
+    # 1e-20 lost all precision in subnormal squares. Now the result matches the float64
+    # formula, and a ValueError comes only when the true values do not fit in fp32.
+    x, y = _extreme_points(magnitude)
+    expected = reference_kernel(name, x, y)
+    tx, ty = torch.from_numpy(x).float(), torch.from_numpy(y).float()
+    context = (
+        torch.autocast("cpu", dtype=torch.bfloat16)
+        if precision == "bf16-autocast"
+        else torch.autocast("cpu", enabled=False)
+    )
+    fits = np.abs(expected).max() * 16 < FP32_MAX
+    with context:
+        if not fits:
+            with pytest.raises(ValueError, match=r"x and y: expected features whose .* fit"):
+                KERNELS[name](tx, ty)
+            return
+        got = KERNELS[name](tx, ty)
+    assert got.dtype == torch.float32 and bool(torch.isfinite(got).all())
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(
+        got.double().numpy(), expected, rtol=2e-5, atol=max(2e-5 * scale, 1e-44)
+    )
+
+
+@pytest.mark.parametrize("magnitude", ["1e20", "1e30", "1e-20", "1e-30"])
+def test_heuristic_kernels_are_scale_free_at_any_finite_magnitude(magnitude: str) -> None:
+    x, y = _extreme_points(magnitude)
+    scale = MAGNITUDES[magnitude][0]
+    unit_x, unit_y = torch.from_numpy(x / scale).float(), torch.from_numpy(y / scale).float()
+    for kernel in (GaussianKernel(), LaplacianKernel()):
+        big = kernel(torch.from_numpy(x).float(), torch.from_numpy(y).float())
+        torch.testing.assert_close(big, kernel(unit_x, unit_y), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["gaussian-heuristic", "laplacian-heuristic", "gaussian-fixed"])
+def test_kernel_gradients_at_magnitude_1e20_are_finite_and_rescaled(name: str) -> None:
+    x, y = _extreme_points("1e20")
+    tx = torch.from_numpy(x).float().requires_grad_(True)
+    KERNELS[name](tx, torch.from_numpy(y).float()).sum().backward()
+    assert tx.grad is not None and bool(torch.isfinite(tx.grad).all())
+    if name != "gaussian-fixed":  # scale-free kernels: d k(c x) / d(c x) = (1 / c) d k(x) / dx
+        ux = torch.from_numpy(x / 1e20).float().requires_grad_(True)
+        KERNELS[name](ux, torch.from_numpy(y / 1e20).float()).sum().backward()
+        torch.testing.assert_close(tx.grad * 1e20, ux.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_pairwise_squared_distances_at_1e18_match_float64_and_raise_beyond_fp32() -> None:
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(6, 3)) * 1e18).astype(np.float32).astype(np.float64)
+    y = (rng.normal(size=(5, 3)) * 1e18).astype(np.float32).astype(np.float64)
+    got = pairwise_squared_distances(torch.from_numpy(x).float(), torch.from_numpy(y).float())
+    np.testing.assert_allclose(got.double().numpy(), cdist(x, y, "sqeuclidean"), rtol=1e-5)
+    same = pairwise_squared_distances(torch.from_numpy(x).float())
+    assert torch.equal(same.diagonal(), torch.zeros(6))
+    with pytest.raises(ValueError, match="x and y: expected features whose squared distances"):
+        pairwise_squared_distances(torch.from_numpy(x * 100).float())
+
+
+def test_ordinary_magnitudes_take_exactly_the_unscaled_path() -> None:
+    # The rescaling is confined to extreme inputs: ordinary ones are bit-identical to the
+    # formula without it.
+    from transferkit.kernels import rescale_factor
+
+    assert rescale_factor(1e6, 512, torch.float32) == 1.0
+    assert rescale_factor(1e-12, 512, torch.float32) == 1.0
+    assert rescale_factor(1e20, 4, torch.float64) == 1.0
+    for largest in (1e20, 1e30, 1e-20, 1e-30):
+        scale = rescale_factor(largest, 4, torch.float32)
+        assert math.frexp(scale)[0] == 0.5  # a power of two: the division is exact
+        assert rescale_factor(largest / scale, 4, torch.float32) == 1.0

@@ -980,3 +980,120 @@ def test_target_regularisers_accept_single_sample_afn_and_show_their_options() -
     assert float(L.adaptive_feature_norm(torch.ones(1, 4))) == pytest.approx(1.0)
     assert repr(L.MCCLoss(3.0)) == "MCCLoss(temperature=3)"
     assert repr(L.AdaptiveFeatureNormLoss()) == "AdaptiveFeatureNormLoss(delta=1)"
+# ----------------------------------------------------------------- extreme magnitudes
+
+FP32_MAX = float(torch.finfo(torch.float32).max)
+MAGNITUDES = {"1e20": (1e20, 1e20), "1e-20": (1e-20, 1e-20), "mixed": (1.0, 1e20)}
+
+
+def _fp32_sample(magnitude: str, n: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    s, t = sample(n, m, d=4, seed=5)
+    sx, sy = MAGNITUDES[magnitude]
+    return (
+        (s * sx).astype(np.float32).astype(np.float64),
+        (t * sy).astype(np.float32).astype(np.float64),
+    )
+
+
+def _max_gram(name: str, s: np.ndarray, t: np.ndarray) -> float:
+    z = np.concatenate([s, t])
+    return float(np.abs(ref_gram(name, z, z, ref_sigma2(s, t))).max())
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("magnitude", list(MAGNITUDES))
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("name", list(KERNELS))
+def test_mmd_at_extreme_magnitudes_matches_float64_or_raises_clearly(
+    name: str, estimator: str, magnitude: str, precision: str
+) -> None:
+    # 1e20 features used to give NaN silently (and 1e-20 lost its precision).
+    s, t = _fp32_sample(magnitude, 12, 12 if estimator == "linear" else 9)
+    source = torch.from_numpy(s).float().requires_grad_(True)
+    target = torch.from_numpy(t).float()
+    context = (
+        torch.autocast("cpu", dtype=torch.bfloat16)
+        if precision == "bf16-autocast"
+        else torch.autocast("cpu", enabled=False)
+    )
+    with context:
+        if _max_gram(name, s, t) * 16 >= FP32_MAX:  # the true kernel values do not fit
+            with pytest.raises(ValueError, match="source and target: expected features whose"):
+                L.mmd(source, target, KERNELS[name], estimator)
+            return
+        got = L.mmd(source, target, KERNELS[name], estimator)
+    expected = ref_mmd(name, s, t, estimator)
+    assert got.dtype == torch.float32 and bool(torch.isfinite(got))
+    # With a fixed bandwidth of 1.7 and rows of order 1 next to rows of order 1e20, the
+    # order-one distances are below the GEMM form's resolution (1e-7 of the spread in
+    # fp32, 1e-16 in fp64): such a value is finite but not comparable to the reference.
+    if not (magnitude == "mixed" and name == "laplacian"):
+        tolerance = 1e-5 * _max_gram(name, s, t)
+        np.testing.assert_allclose(float(got), expected, rtol=1e-4, atol=tolerance)
+    got.backward()
+    assert source.grad is not None and bool(torch.isfinite(source.grad).all())
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_mmd_gradient_at_magnitude_1e20_is_the_rescaled_unit_gradient(estimator: str) -> None:
+    s, t = sample(10, 10, d=4, seed=2)
+    big = torch.from_numpy(s * 1e20).float().requires_grad_(True)
+    unit = torch.from_numpy(s).float().requires_grad_(True)
+    value_big = L.mmd(big, torch.from_numpy(t * 1e20).float(), estimator=estimator)
+    value_unit = L.mmd(unit, torch.from_numpy(t).float(), estimator=estimator)
+    torch.testing.assert_close(value_big, value_unit, rtol=1e-5, atol=1e-6)
+    value_big.backward()
+    value_unit.backward()
+    assert big.grad is not None and unit.grad is not None
+    torch.testing.assert_close(big.grad * 1e20, unit.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("magnitude", list(MAGNITUDES))
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_joint_mmd_at_extreme_magnitudes_is_finite_and_matches_float64(
+    estimator: str, magnitude: str
+) -> None:
+    s1, t1 = _fp32_sample(magnitude, 10, 10)
+    rng = np.random.default_rng(1)
+    s2 = softmax(rng.normal(size=(10, 3)), 1).astype(np.float32).astype(np.float64)
+    t2 = softmax(rng.normal(size=(10, 3)), 1).astype(np.float32).astype(np.float64)
+    kernels = [GaussianKernel(), GaussianKernel(bandwidth=0.92, multipliers=(1.0,))]
+    loss = L.JointMMDLoss(kernels, estimator=estimator)
+    got = loss(
+        [torch.from_numpy(s1).float(), torch.from_numpy(s2).float()],
+        [torch.from_numpy(t1).float(), torch.from_numpy(t2).float()],
+    )
+    # Reference: the same loss in float64, where these magnitudes are harmless.
+    expected = L.joint_mmd(
+        [torch.from_numpy(s1), torch.from_numpy(s2)],
+        [torch.from_numpy(t1), torch.from_numpy(t2)],
+        kernels,
+        estimator,
+    )
+    assert bool(torch.isfinite(got))
+    np.testing.assert_allclose(float(got), float(expected), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1e-20, 1e8, 3e9, 1e10, 1e20])
+def test_coral_at_extreme_magnitudes_matches_float64_or_raises_clearly(scale: float) -> None:
+    # Covariance products grow as |x|^4: fp32 CORAL overflowed to inf from about 1e9 on.
+    s, t = sample(16, 12, d=4, seed=9)
+    s = (s * scale).astype(np.float32).astype(np.float64)
+    t = (t * scale).astype(np.float32).astype(np.float64)
+    expected = float(L.coral(torch.from_numpy(s), torch.from_numpy(t)))  # float64: no overflow
+    source, target = torch.from_numpy(s).float(), torch.from_numpy(t).float()
+    if expected >= FP32_MAX:
+        with pytest.raises(ValueError, match="source and target: expected features whose CORAL"):
+            L.coral(source, target)
+        return
+    got = L.coral(source.requires_grad_(True), target)
+    np.testing.assert_allclose(float(got), expected, rtol=1e-4, atol=1e-38)
+    got.backward()
+    assert source.grad is not None and bool(torch.isfinite(source.grad).all())
+
+
+def test_l2sp_rejects_non_string_exclude_patterns() -> None:
+    net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    for bad in ([1], 1, [None], ["1.*", 2.0]):
+        with pytest.raises(TypeError, match="exclude: expected a glob pattern"):
+            L.L2SP(net, exclude=bad)  # type: ignore[arg-type]

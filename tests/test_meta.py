@@ -241,3 +241,22 @@ def test_prototype_init_rejects_missing_classes_and_modules_without_linear() -> 
         prototype_init(nn.Linear(4, 2), x, torch.arange(6) % 2, metric="l1")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="scale"):
         prototype_init(nn.Linear(4, 2), x, torch.arange(6) % 2, scale=0.0)
+
+
+def test_prototype_init_names_features_when_the_head_cannot_take_them() -> None:
+    labels = torch.tensor([0, 1, 0, 1])
+    with pytest.raises(ValueError, match=r"features: head Linear cannot take features of shape"):
+        prototype_init(nn.Linear(3, 2), torch.randn(4, 5), labels)
+    head = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))
+    with pytest.raises(ValueError, match=r"features: head Sequential cannot take"):
+        prototype_init(head, torch.randn(4, 4), labels)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_prototype_init_takes_features_in_another_precision(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    features, labels = torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, 2])
+    expected = prototype_init(nn.Linear(3, 3), features.to(dtype).float(), labels)
+    got = prototype_init(nn.Linear(3, 3), features.to(dtype), labels)
+    torch.testing.assert_close(got.weight, expected.weight)
+    torch.testing.assert_close(got.bias, expected.bias)

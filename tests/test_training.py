@@ -324,3 +324,43 @@ def test_class_weights_raise_minority_recall_on_imbalanced_digits() -> None:
             pred = model(test_x).argmax(1)
         recalls[name] = float((pred[test_y == 3] == 3).float().mean())
     assert recalls["weighted"] > recalls["plain"]
+
+
+def test_early_stopping_state_dict_returns_copies_of_the_best_weights() -> None:
+    model = nn.Linear(3, 2)
+    stopper = EarlyStopping(patience=2)
+    stopper.step(1.0, model)
+    best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = stopper.state_dict()
+    # Editing what state_dict() returned (tensors in place, or the mapping itself) must
+    # not reach the snapshot that restore_best loads.
+    for tensor in state["best_state"].values():
+        tensor.add_(100.0)
+    state["best_state"]["weight"] = torch.zeros(2, 3)
+    state["best_state"].pop("bias")
+    with torch.no_grad():
+        model.weight.mul_(3.0)
+    stopper.step(2.0, model)
+    stopper.step(3.0, model)  # patience exhausted: the best weights are restored
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, best[key]), key
+    fresh = stopper.state_dict()["best_state"]
+    assert all(torch.equal(fresh[k], best[k]) for k in best)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int32, torch.uint16, torch.uint32, torch.uint64])
+def test_class_weights_accept_every_integer_dtype(dtype: torch.dtype) -> None:
+    labels = [0, 0, 0, 1, 2, 2]
+    expected = class_weights(torch.tensor(labels))
+    torch.testing.assert_close(class_weights(torch.tensor(labels, dtype=dtype)), expected)
+    np_dtype = {torch.uint16: np.uint16, torch.uint32: np.uint32, torch.uint64: np.uint64}
+    if dtype in np_dtype:
+        torch.testing.assert_close(class_weights(np.array(labels, dtype=np_dtype[dtype])), expected)
+    torch.testing.assert_close(class_weights(torch.tensor(labels, dtype=dtype), 4)[:3], expected)
+
+
+def test_class_weights_name_labels_for_out_of_range_unsigned_values() -> None:
+    with pytest.raises(ValueError, match=r"labels: expected class indices in \[0, 2\]"):
+        class_weights(np.array([0, 5], dtype=np.uint64), num_classes=3)
+    with pytest.raises(ValueError, match="labels: expected class indices below 2"):
+        class_weights(np.array([0, 2**63 + 1], dtype=np.uint64))

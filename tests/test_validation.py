@@ -4,8 +4,11 @@ import pytest
 import torch
 
 from transferkit._validation import (
+    check_binary_mask,
+    check_bool,
     check_features,
     check_labels,
+    check_not_meta,
     check_option,
     check_pair,
     check_positive,
@@ -61,3 +64,49 @@ def test_check_positive() -> None:
 
 def test_did_you_mean_empty_when_nothing_close() -> None:
     assert did_you_mean("zzz", ["layer1"]) == ""
+
+
+@pytest.mark.parametrize("bad", ["no", "False", 1, 0, 1.0, None, torch.tensor(True)])
+def test_check_bool_rejects_truthy_stand_ins(bad: object) -> None:
+    with pytest.raises(TypeError, match="progress: expected True or False, got"):
+        check_bool(bad, "progress")
+
+
+def test_check_bool_accepts_bools_and_optional_none() -> None:
+    assert check_bool(True, "amp") is True
+    assert check_bool(None, "randomized", optional=True) is None
+    with pytest.raises(TypeError, match="randomized: expected True, False or None"):
+        check_bool("auto", "randomized", optional=True)
+
+
+def test_meta_tensors_are_refused_with_the_argument_name() -> None:
+    meta = torch.empty(4, 3, device="meta")
+    with pytest.raises(ValueError, match="source: expected a tensor with data, got a meta-device"):
+        check_not_meta(meta, "source")
+    with pytest.raises(ValueError, match="target: expected a tensor with data"):
+        check_features(meta, "target")
+
+
+@pytest.mark.parametrize(
+    "mask", [torch.tensor([[1, 2]]), torch.tensor([[0.5, 1.0]]), torch.tensor([[-1, 0]])]
+)
+def test_check_binary_mask_rejects_values_other_than_zero_and_one(mask: torch.Tensor) -> None:
+    with pytest.raises(ValueError, match="attention_mask: expected entries 0 or 1"):
+        check_binary_mask(mask, "attention_mask")
+
+
+def test_check_binary_mask_accepts_bool_int_and_float_masks() -> None:
+    for mask in (torch.tensor([[True, False]]), torch.tensor([[1, 0]]), torch.tensor([[1.0, 0.0]])):
+        check_binary_mask(mask, "attention_mask")
+
+
+def test_masked_mean_rejects_masks_outside_zero_and_one() -> None:
+    # A mask of 2s (or 0.5s) used to weight tokens silently instead of selecting them.
+    from transferkit.features import masked_mean
+
+    hidden = torch.randn(2, 3, 4)
+    for mask in (torch.tensor([[1, 2, 0], [1, 1, 1]]), torch.tensor([[1.0, 0.5, 0], [1, 1, 1]])):
+        with pytest.raises(ValueError, match="attention_mask: expected entries 0 or 1"):
+            masked_mean(hidden, mask)
+    keep = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    torch.testing.assert_close(masked_mean(hidden, keep)[0], hidden[0, :2].mean(0))

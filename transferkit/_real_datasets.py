@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._validation import check_in_range, check_option, check_positive
+from ._validation import check_bool, check_in_range, check_option, check_positive
 
 if TYPE_CHECKING:
     from .datasets import DomainTask
@@ -752,6 +752,7 @@ def encode_texts(
         raise ValueError("texts: expected at least one sentence")
     check_positive(batch_size, "batch_size", integer=True)
     check_positive(max_length, "max_length", integer=True)
+    check_bool(progress, "progress")
     model_path = _minilm_path()
     cache_file: Path | None = None
     if cache is not None:
@@ -836,6 +837,7 @@ def tweet_topics(
     if source == target:
         raise ValueError(f"target: expected a topic other than the source {source!r}")
     check_in_range(test_fraction, "test_fraction", 0.05, 0.95)
+    check_bool(progress, "progress")
     rng = np.random.default_rng(seed)
 
     def domain(topic: TopicName) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:

@@ -16,10 +16,13 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "check_binary_mask",
+    "check_bool",
     "check_features",
     "check_finite",
     "check_in_range",
     "check_labels",
+    "check_not_meta",
     "check_option",
     "check_pair",
     "check_positive",
@@ -28,6 +31,11 @@ __all__ = [
 ]
 
 T = TypeVar("T", bound=str)
+
+#: Unsigned integer dtypes beyond uint8, which most torch reductions do not support.
+UNSIGNED_WIDE = tuple(
+    getattr(torch, name) for name in ("uint16", "uint32", "uint64") if hasattr(torch, name)
+)
 
 
 def did_you_mean(name: str, candidates: Iterable[str], *, n: int = 3) -> str:
@@ -55,6 +63,61 @@ def check_option(value: object, name: str, options: Sequence[T]) -> T:
         hint = did_you_mean(value, options) if isinstance(value, str) else ""
         raise ValueError(f"{name}: expected one of {choices}, got {value!r}{hint}")
     return value  # type: ignore[return-value]
+
+
+def check_bool(value: object, name: str, *, optional: bool = False) -> bool:
+    """Check that ``value`` is a ``bool`` (not ``1``, ``"no"`` or ``np.bool_``); return it.
+
+    A truthy string such as ``"no"`` would silently switch a flag on, so flags accept
+    ``True``/``False`` only (``None`` too when ``optional``).
+
+    Examples:
+        >>> check_bool(False, "progress")
+        False
+        >>> check_bool("no", "progress")
+        Traceback (most recent call last):
+        ...
+        TypeError: progress: expected True or False, got str 'no'
+    """
+    if isinstance(value, bool) or (optional and value is None):
+        return value  # type: ignore[return-value]
+    allowed = "True, False or None" if optional else "True or False"
+    raise TypeError(f"{name}: expected {allowed}, got {type(value).__name__} {value!r}")
+
+
+def check_binary_mask(mask: Tensor, name: str) -> None:
+    """Raise ``ValueError`` unless every entry of ``mask`` is 0 or 1 (any dtype, or bool).
+
+    A mask of 2s or 0.5s would silently weight tokens instead of selecting them. Skipped
+    while ``torch.compile`` traces (a read-back would break the graph).
+
+    Examples:
+        >>> check_binary_mask(torch.tensor([[1, 0, 1]]), "attention_mask")
+    """
+    if mask.dtype == torch.bool or torch.compiler.is_compiling():
+        return
+    if mask.is_complex():
+        raise TypeError(f"{name}: expected a bool, integer or float mask, got dtype {mask.dtype}")
+    bad = (mask != 0) & (mask != 1)
+    if bool(bad.any()):
+        examples = sorted(set(mask[bad].tolist()))[:4]
+        raise ValueError(
+            f"{name}: expected entries 0 or 1 (or a bool mask), got values such as {examples}"
+        )
+
+
+def check_not_meta(x: Tensor, name: str) -> None:
+    """Raise ``ValueError`` for a tensor on the ``meta`` device (shape only, no data).
+
+    Examples:
+        >>> check_not_meta(torch.zeros(2), "source")
+    """
+    if x.is_meta:
+        raise ValueError(
+            f"{name}: expected a tensor with data, got a meta-device tensor of shape "
+            f"{tuple(x.shape)}; materialise it first (e.g. module.to_empty(device='cpu') and "
+            "load weights, or build the inputs on a real device)"
+        )
 
 
 def check_positive(
@@ -132,6 +195,7 @@ def check_tensor(
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    check_not_meta(x, name)
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         if x.dim() not in allowed:
@@ -199,7 +263,13 @@ def check_labels(
     if num_samples is not None and labels.shape[0] != num_samples:
         raise ValueError(f"{name}: expected {num_samples} labels, got {labels.shape[0]}")
     if labels.numel() > 0:
-        low, high = int(labels.min()), int(labels.max())
+        if labels.dtype in UNSIGNED_WIDE:  # no min/max kernels in torch: read via NumPy
+            host = labels.detach().cpu().numpy()
+            low, high = int(host.min()), int(host.max())
+            if high > torch.iinfo(torch.int64).max:
+                raise ValueError(f"{name}: expected class indices below 2**63, got {high}")
+        else:
+            low, high = int(labels.min()), int(labels.max())
         if low < 0 or (num_classes is not None and high >= num_classes):
             limit = f"[0, {num_classes - 1}]" if num_classes is not None else ">= 0"
             raise ValueError(f"{name}: expected class indices in {limit}, got [{low}, {high}]")

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._validation import check_features, check_pair, check_positive, check_tensor
+from ._validation import check_bool, check_features, check_pair, check_positive, check_tensor
 
 __all__ = [
     "ConditionalDomainAdversarialLoss",
@@ -403,6 +403,12 @@ def _check_weights(weights: object, name: str, num_samples: int, like: Tensor) -
 
 
 def _logits_of(discriminator: nn.Module, inputs: Tensor) -> Tensor:
+    # Features may come in any floating dtype (fp16/bf16 from autocast or a half model,
+    # fp64 in tests): the discriminator gets them in its own parameters' dtype, and the
+    # cast sends gradients back in the features' dtype.
+    param = next((p for p in discriminator.parameters() if p.is_floating_point()), None)
+    if param is not None and param.dtype != inputs.dtype:
+        inputs = inputs.to(param.dtype)
     logits = discriminator(inputs)
     if not isinstance(logits, Tensor) or logits.numel() != inputs.shape[0]:
         got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
@@ -612,12 +618,8 @@ class ConditionalDomainAdversarialLoss(_AdversarialLossBase):
             if features_dim is None
             else int(check_positive(features_dim, "features_dim", integer=True))
         )
-        for flag, name in (
-            (entropy_conditioning, "entropy_conditioning"),
-            (randomized, "randomized"),
-        ):
-            if flag is not None and not isinstance(flag, bool):
-                raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
+        check_bool(entropy_conditioning, "entropy_conditioning")
+        check_bool(randomized, "randomized", optional=True)
         self.entropy_conditioning = entropy_conditioning
         self.randomized_dim = int(check_positive(randomized_dim, "randomized_dim", integer=True))
         known = self.num_classes is not None and self.features_dim is not None

@@ -25,7 +25,7 @@ from scipy import ndimage
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from ._validation import check_in_range, check_option, check_positive, check_tensor
+from ._validation import check_bool, check_in_range, check_option, check_positive, check_tensor
 
 __all__ = [
     "Blur",
@@ -538,6 +538,8 @@ def make_loader(
             raise ValueError(f"y: expected {x.shape[0]} labels to match x, got {y.shape[0]}")
         tensors.append(y)
     check_positive(batch_size, "batch_size", integer=True)
+    check_bool(shuffle, "shuffle")
+    check_bool(drop_last, "drop_last")
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         TensorDataset(*tensors),

@@ -18,9 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._validation import check_bool
+
 __all__ = ["autocast", "dataloader_kwargs", "resolve_device", "seed_everything", "to_device"]
 
 logger = logging.getLogger(__name__)
+
+#: The largest seed torch's generators accept.
+MAX_SEED = 2**64 - 1
 
 DeviceLike = str | torch.device | None
 
@@ -114,6 +119,7 @@ def to_device(obj: Any, device: DeviceLike, non_blocking: bool = True) -> Any:
         >>> moved["x"].device, moved["meta"]
         (device(type='cpu'), ['a', 'b'])
     """
+    check_bool(non_blocking, "non_blocking")
     target = resolve_device(device)
     return _move(obj, target, non_blocking)
 
@@ -181,6 +187,7 @@ def autocast(
         >>> dt is None
         True
     """
+    check_bool(enabled, "enabled")
     target = resolve_device(device)
     chosen = _autocast_dtype(target, dtype)
     if not enabled or chosen is None:
@@ -198,8 +205,12 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     setting that deterministic GEMMs need).
 
     Args:
-        seed: a non-negative integer.
+        seed: an integer in ``[0, 2**64 - 1]`` (the range torch's generators accept).
         deterministic: trade speed for bit-reproducible kernels.
+
+    Raises:
+        TypeError: ``seed`` is not an integer or ``deterministic`` not a bool.
+        ValueError: ``seed`` is outside ``[0, 2**64 - 1]``.
 
     Examples:
         >>> seed_everything(0); a = torch.rand(2)
@@ -207,8 +218,11 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         >>> bool((a == b).all())
         True
     """
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed: expected an integer, got {type(seed).__name__} {seed!r}")
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed: expected an integer in [0, 2**64 - 1], got {seed}")
+    check_bool(deterministic, "deterministic")
     random.seed(seed)
     np.random.seed(seed % 2**32)  # noqa: NPY002 - seeds the legacy global generator users rely on
     torch.manual_seed(seed)

@@ -37,7 +37,13 @@ from tqdm.auto import tqdm
 
 from ._feature_cache import _batch_digest, _CacheSink, _model_fingerprint
 from ._feature_shard import _columns, _concat, _shard
-from ._validation import check_option, check_positive, check_tensor, did_you_mean
+from ._validation import (
+    check_binary_mask,
+    check_option,
+    check_positive,
+    check_tensor,
+    did_you_mean,
+)
 from .device import autocast, dataloader_kwargs, resolve_device, to_device
 from .distributed import get_rank, get_world_size, is_distributed
 
@@ -89,6 +95,7 @@ def masked_mean(hidden: Tensor, attention_mask: Tensor) -> Tensor:
             f"attention_mask: expected shape {tuple(hidden.shape[:2])} to match hidden "
             f"(N, T), got {tuple(attention_mask.shape)}"
         )
+    check_binary_mask(attention_mask, "attention_mask")
     dtype = torch.promote_types(hidden.dtype, torch.float32)
     weights = attention_mask.to(device=hidden.device, dtype=dtype).unsqueeze(-1)
     total = (hidden.to(dtype) * weights).sum(dim=1)

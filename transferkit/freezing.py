@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
-from ._validation import check_in_range, check_option, check_positive, did_you_mean
+from ._validation import check_bool, check_in_range, check_option, check_positive, did_you_mean
 from .distributed import unwrap_model
 from .schedules import _SCHEDULER_TYPES, Scheduler, extend_scheduler
 
@@ -140,8 +140,8 @@ class FrozenBatchNorm(nn.Module):
             raise TypeError(f"bn_class: expected a BatchNorm class, got {bn_class!r}")
         self.num_features = int(num_features)
         self.eps = float(eps)
-        self.affine = bool(affine)
-        self.track_running_stats = bool(track_running_stats)
+        self.affine = check_bool(affine, "affine")
+        self.track_running_stats = check_bool(track_running_stats, "track_running_stats")
         self.bn_class = bn_class
         self.momentum = momentum
         self.register_buffer("weight", torch.ones(num_features) if affine else None)
@@ -440,8 +440,10 @@ class _Selection:
         exclude: str | Sequence[str] | None,
         until: str | None,
         types: type[nn.Module] | tuple[type[nn.Module], ...] | None,
+        *,
+        include_name: str = "include",
     ) -> None:
-        self.include = _as_patterns(include, "include")
+        self.include = _as_patterns(include, include_name)
         self.exclude = _as_patterns(exclude, "exclude") or []
         self.until = None if until is None else _until_prefixes(model, until)
         if types is not None:
@@ -463,7 +465,7 @@ class _Selection:
         entries = list(_entries(model))
         entry_names = [name for name, _, _ in entries]
         modules = [name for name, _ in model.named_modules() if name]
-        for label, patterns in (("include", self.include or []), ("exclude", self.exclude)):
+        for label, patterns in ((include_name, self.include or []), ("exclude", self.exclude)):
             for pattern in patterns:
                 if not any(_matches(name, pattern) for name in entry_names):
                     hint = did_you_mean(pattern, modules + entry_names) or (
@@ -1144,12 +1146,21 @@ class GradualUnfreezing:
         self._ddp = _find_ddp(model) if isinstance(model, nn.Module) else None
         self.model = _unwrap(model, "GradualUnfreezing")
         self._target: nn.Module = self._ddp if self._ddp is not None else self.model
-        if isinstance(stages, str) or not isinstance(stages, Sequence) or not stages:
-            raise ValueError(
-                "stages: expected a non-empty list of patterns (one entry per stage, top "
-                f"first), got {stages!r}"
+        if isinstance(stages, str) or not isinstance(stages, Sequence):
+            raise TypeError(
+                "stages: expected a list of patterns (one entry per stage, top first), e.g. "
+                f"['fc', 'layer4'], got {type(stages).__name__} {stages!r}"
             )
-        self.stages = [_as_patterns(s, f"stages[{i}]") or [] for i, s in enumerate(stages)]
+        if not stages:
+            raise ValueError("stages: expected at least one stage, got an empty list")
+        self.stages: list[list[str]] = []
+        for i, stage in enumerate(stages):
+            patterns = _as_patterns(stage, f"stages[{i}]")
+            if patterns is None:
+                raise TypeError(f"stages[{i}]: expected a glob pattern or a list of them, got None")
+            # Checked here, so that a pattern matching nothing is reported as stages[i].
+            _Selection(self.model, patterns, None, None, None, include_name=f"stages[{i}]")
+            self.stages.append(patterns)
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}"

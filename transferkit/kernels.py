@@ -12,6 +12,15 @@ block by block without autograd graphs of size ``(N, M)``:
 Distances are computed as ``||x||^2 + ||y||^2 - 2 x y^T`` (one matrix multiplication,
 after subtracting a common, detached centre for accuracy), clamped at zero. Half
 precision inputs (fp16/bf16, e.g. under `torch.autocast`) are computed in fp32.
+
+**Extreme magnitudes.** Finite inputs whose squares would overflow (``|x|`` near
+``1e19`` in fp32) or fall into the subnormal range (``|x|`` below about ``1e-16``) are
+divided by a detached power of two before the distances are formed; power-of-two
+scaling is exact, so the kernel values are those of the unscaled formula, and inputs of
+ordinary magnitude take exactly the old path. The distance kernels are then finite at
+any finite scale (the bandwidth is rescaled with the data). Where the true result
+itself does not fit the dtype (a linear kernel on ``1e20`` features, squared distances
+above ``3e38`` in fp32) a ``ValueError`` says so instead of returning NaN or inf.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-from ._validation import check_features, check_pair, check_positive
+from ._validation import check_features, check_pair, check_positive, check_tensor
 
 __all__ = [
     "GaussianKernel",
@@ -53,6 +62,55 @@ def as_compute(x: Tensor) -> Tensor:
 def no_autocast(device: torch.device) -> torch.autocast:
     """A context that disables autocast on ``device`` so that fp32 stays fp32."""
     return torch.autocast(device.type, enabled=False)
+
+
+def screen_features(x: object, name: str, min_samples: int = 1) -> float:
+    """`check_features` in one pass; returns ``max |x|`` (``nan`` while compiling).
+
+    The infinity norm (one reduction, like a sum) is finite exactly when every entry is,
+    so it screens for NaN/inf and gives the magnitude `rescale_factor` needs. The
+    exact, counting check runs only when the screen fails.
+    """
+    tensor = check_tensor(x, name, ndim=2, floating=True, min_samples=min_samples, finite=False)
+    if tensor.shape[1] == 0:
+        check_features(tensor, name, min_samples=min_samples)  # the shared message
+    if torch.compiler.is_compiling():
+        return math.nan  # a read-back would break the graph: no screen, no rescaling
+    largest = float(torch.linalg.vector_norm(tensor.detach(), math.inf))
+    if not math.isfinite(largest):
+        check_features(tensor, name, min_samples=min_samples)  # raises, counting the entries
+    return largest
+
+
+def rescale_factor(largest: float, dim: int, dtype: torch.dtype, *, power: int = 2) -> float:
+    """A power of two ``c`` to divide inputs by so that degree-``power`` terms stay normal.
+
+    ``largest`` is ``max |x|`` over the inputs, ``dim`` the feature dimension. Squared
+    distances (``power=2``) reach ``4 D max|x|^2``, covariance products (``power=4``) the
+    square of that; ``c = 1`` (no rescaling, bit-identical results) while those stay a
+    factor 64 below the dtype's maximum and ``max|x|^power`` above ``2^24`` times its
+    smallest normal number. Otherwise ``c`` is the power of two that moves ``max|x|`` just
+    inside that range (a factor 16 from its edge), not to one: the smaller values of
+    mixed-scale data then stay as far from the subnormal range as they can.
+    """
+    if not math.isfinite(largest) or largest == 0.0:
+        return 1.0
+    info = torch.finfo(compute_dtype(torch.empty(0, dtype=dtype)))
+    high = (info.max / 64.0) ** (1.0 / power) / (2.0 * math.sqrt(dim))
+    low = (info.tiny * 2.0**24) ** (1.0 / power)
+    if low <= largest <= high:
+        return 1.0
+    target = high / 16.0 if largest > high else low * 16.0
+    return math.ldexp(1.0, math.frexp(largest)[1] - math.frexp(target)[1])
+
+
+def overflow_error(names: str, largest: float, dtype: torch.dtype, what: str) -> ValueError:
+    """The error for a result that does not fit ``dtype`` (NaN/inf would come back)."""
+    return ValueError(
+        f"{names}: expected features whose {what} fit {dtype} (max about "
+        f"{torch.finfo(dtype).max:.1e}), got values up to {largest:.1e}; standardise the "
+        "features (e.g. divide by their norm) or pass float64 tensors"
+    )
 
 
 def pooled_mean_squared_distance(x: Tensor, y: Tensor | None = None) -> Tensor:
@@ -107,7 +165,8 @@ def pairwise_squared_distances(x: Tensor, y: Tensor | None = None) -> Tensor:
         - Output: ``(N, M)``.
 
     Raises:
-        ValueError: if an input is not a finite 2-D tensor or the feature dimensions differ.
+        ValueError: if an input is not a finite 2-D tensor, the feature dimensions differ,
+            or a squared distance exceeds the dtype's range.
         TypeError: for non-floating inputs or mixed dtypes.
 
     Examples:
@@ -116,18 +175,26 @@ def pairwise_squared_distances(x: Tensor, y: Tensor | None = None) -> Tensor:
         tensor([[ 0., 25.],
                 [25.,  0.]])
     """
-    check_features(x, "x")
+    largest = screen_features(x, "x")
     same = y is None or y is x
     if y is not None and not same:
-        check_features(y, "y")
+        largest = max(largest, screen_features(y, "y"))
         check_pair(x, y, ("x", "y"))
     with no_autocast(x.device):
         xc = as_compute(x)
         yc = xc if same or y is None else as_compute(y)
+        scale = rescale_factor(largest, xc.shape[1], xc.dtype)
+        if scale != 1.0:
+            xc = xc / scale
+            yc = xc if same else yc / scale
         rows = xc.detach() if same else torch.cat([xc.detach(), yc.detach()])
         out = _sq_distances_raw(xc, yc, rows.mean(0))
         if same:
             out = torch.diagonal_scatter(out, out.new_zeros(out.shape[0]))
+        if scale != 1.0:
+            out = out * scale * scale  # two steps: scale**2 alone may overflow the dtype
+            if not bool(torch.isfinite(out.detach()).all()):
+                raise overflow_error("x and y", largest, out.dtype, "squared distances")
     return out
 
 
@@ -154,17 +221,54 @@ class Kernel(ABC):
         Returns:
             The ``(N, M)`` kernel matrix (fp32 for half-precision inputs).
         """
-        check_features(x, "x")
-        check_features(y, "y")
+        largest = max(screen_features(x, "x"), screen_features(y, "y"))
         check_pair(x, y, ("x", "y"))
         with no_autocast(x.device):
             xc = as_compute(x)
             yc = xc if y is x else as_compute(y)
-            state = self.prepare(xc, yc)
+            scale = rescale_factor(largest, xc.shape[1], xc.dtype)
+            if scale != 1.0 and self.family == "distance":
+                xc = xc / scale
+                yc = xc if y is x else yc / scale
+            state = self.prepare_rescaled(xc, yc, scale)
             base = self.base(xc, yc, state)
             if y is x and self.family == "distance":
                 base = torch.diagonal_scatter(base, base.new_zeros(base.shape[0]))
-            return self.from_base(base, state)
+            out = self.from_base(base, state)
+            if self.may_overflow(largest, xc.shape[1], xc.dtype) and not bool(
+                torch.isfinite(out.detach()).all()
+            ):
+                raise overflow_error("x and y", largest, out.dtype, f"{self!r} values")
+            return out
+
+    def prepare_rescaled(self, x: Tensor, y: Tensor, scale: float) -> Tensor:
+        """`prepare` for distance-kernel inputs already divided by ``scale``.
+
+        ``scale`` is 1 for inputs of ordinary magnitude (then this is `prepare`).
+        A data-driven parameter (a bandwidth heuristic) is scale-free; a fixed one must
+        be divided by ``scale`` too, which kernels with one override. The default raises
+        for ``scale != 1``, so a custom kernel never silently mixes units.
+        """
+        if scale == 1.0 or self.family == "inner":
+            return self.prepare(x, y)
+        raise ValueError(
+            f"x: {type(self).__name__} got inputs whose squared distances overflow "
+            f"{x.dtype} and does not support rescaling them; standardise the features"
+        )
+
+    def value_bound(self, largest: float, dim: int) -> float:
+        """An upper bound on ``|k(x, y)|`` for ``max |x|, max |y| <= largest`` (inf: unknown)."""
+        return math.inf
+
+    def may_overflow(self, largest: float, dim: int, dtype: torch.dtype) -> bool:
+        """Whether kernel values (or sums of them) might overflow ``dtype``."""
+        if math.isnan(largest):
+            return False  # compiling: no read-backs
+        try:
+            bound = self.value_bound(largest, dim)
+        except OverflowError:
+            return True
+        return not bound * 16.0 < torch.finfo(compute_dtype(torch.empty(0, dtype=dtype))).max
 
     def base(self, x: Tensor, y: Tensor, state: Tensor) -> Tensor:
         """The base matrix: squared distances (distance family) or ``x @ y.T`` (inner)."""
@@ -201,6 +305,18 @@ def _positive_or_one(value: Tensor) -> Tensor:
 
 def _check_bandwidth(bandwidth: float | None) -> float | None:
     return None if bandwidth is None else check_positive(bandwidth, "bandwidth")
+
+
+def _fixed_state(value: float, x: Tensor, smallest_multiplier: float = 1.0) -> Tensor:
+    """A fixed, rescaled kernel parameter as a 0-d tensor, kept inside the normal range.
+
+    The clamp keeps ``-1 / (m * value)`` finite: where it acts, every off-diagonal
+    kernel value is already ``exp(-huge) = 0`` or ``exp(-tiny) = 1`` to working precision.
+    """
+    dtype = compute_dtype(x)
+    info = torch.finfo(dtype)
+    floor = 4.0 * info.tiny / min(smallest_multiplier, 1.0)
+    return torch.tensor(min(max(value, floor), info.max), dtype=dtype, device=x.device)
 
 
 class GaussianKernel(Kernel):
@@ -256,6 +372,16 @@ class GaussianKernel(Kernel):
         if self.bandwidth is not None:
             return torch.tensor(self.bandwidth**2, dtype=compute_dtype(x), device=x.device)
         return _positive_or_one(pooled_mean_squared_distance(x, y))
+
+    def prepare_rescaled(self, x: Tensor, y: Tensor, scale: float) -> Tensor:
+        """``sigma^2`` in the units of inputs divided by ``scale`` (the heuristic is scale-free)."""
+        if scale == 1.0 or self.bandwidth is None:
+            return self.prepare(x, y)
+        return _fixed_state((self.bandwidth / scale) ** 2, x, min(self.multipliers))
+
+    def value_bound(self, largest: float, dim: int) -> float:
+        """Each of the ``len(multipliers)`` terms is at most one."""
+        return float(len(self.multipliers))
 
     def from_base(self, base: Tensor, state: Tensor) -> Tensor:
         """``sum_m exp(-d / (2 m sigma^2))`` for squared distances ``d``."""
@@ -325,6 +451,16 @@ class LaplacianKernel(Kernel):
             return torch.tensor(self.bandwidth, dtype=compute_dtype(x), device=x.device)
         return _positive_or_one(pooled_mean_squared_distance(x, y)).sqrt()
 
+    def prepare_rescaled(self, x: Tensor, y: Tensor, scale: float) -> Tensor:
+        """``sigma`` in the units of inputs divided by ``scale`` (the heuristic is scale-free)."""
+        if scale == 1.0 or self.bandwidth is None:
+            return self.prepare(x, y)
+        return _fixed_state(self.bandwidth / scale, x)
+
+    def value_bound(self, largest: float, dim: int) -> float:
+        """The kernel is at most one."""
+        return 1.0
+
     def from_base(self, base: Tensor, state: Tensor) -> Tensor:
         """``exp(-sqrt(d) / sigma)`` with a zero gradient where ``d == 0``."""
         positive = base > 0
@@ -359,6 +495,10 @@ class LinearKernel(Kernel):
     def prepare(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """No parameters: an empty tensor."""
         return torch.empty(0, dtype=compute_dtype(x), device=x.device)
+
+    def value_bound(self, largest: float, dim: int) -> float:
+        """``|x . y| <= D max|x|^2``."""
+        return dim * largest * largest
 
     def from_base(self, base: Tensor, state: Tensor) -> Tensor:
         """The inner products themselves."""
@@ -402,6 +542,11 @@ class PolynomialKernel(Kernel):
         """``gamma`` as a 0-d tensor."""
         gamma = 1.0 / x.shape[1] if self.gamma is None else self.gamma
         return torch.tensor(gamma, dtype=compute_dtype(x), device=x.device)
+
+    def value_bound(self, largest: float, dim: int) -> float:
+        """``(gamma D max|x|^2 + |coef0|) ** degree``."""
+        gamma = 1.0 / dim if self.gamma is None else self.gamma
+        return float((gamma * dim * largest * largest + abs(self.coef0)) ** self.degree)
 
     def from_base(self, base: Tensor, state: Tensor) -> Tensor:
         """``(gamma * g + coef0) ** degree``."""

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -49,7 +50,16 @@ from ._validation import (
     check_tensor,
     did_you_mean,
 )
-from .kernels import GaussianKernel, Kernel, as_compute, compute_dtype, no_autocast
+from .kernels import (
+    GaussianKernel,
+    Kernel,
+    as_compute,
+    compute_dtype,
+    no_autocast,
+    overflow_error,
+    rescale_factor,
+    screen_features,
+)
 
 __all__ = [
     "L2SP",
@@ -253,21 +263,13 @@ def _stacked_weights(w: Tensor, v: Tensor) -> Tensor:
     return torch.cat([top, bottom])
 
 
-def _check_features_fast(x: object, name: str, min_samples: int) -> None:
-    """``check_features`` with a one-pass NaN/inf screen (a sum) before the exact check."""
-    tensor = check_tensor(x, name, ndim=2, floating=True, min_samples=min_samples, finite=False)
-    if tensor.shape[1] == 0 or (
-        not torch.compiler.is_compiling() and not bool(torch.isfinite(tensor.detach().sum()))
-    ):
-        check_features(tensor, name, min_samples=min_samples)  # exact check, shared message
-
-
 def _check_pair_inputs(
     source: Tensor, target: Tensor, estimator: Estimator, names: tuple[str, str]
-) -> None:
+) -> float:
+    """Validate one layer's pair; return ``max |value|`` over both (``nan`` while compiling)."""
     minimum = 1 if estimator == "biased" else 2
-    _check_features_fast(source, names[0], minimum)
-    _check_features_fast(target, names[1], minimum)
+    largest = screen_features(source, names[0], minimum)
+    largest = max(largest, screen_features(target, names[1], minimum))
     check_pair(source, target, names)
     if estimator == "linear" and source.shape[0] != target.shape[0]:
         raise ValueError(
@@ -275,6 +277,32 @@ def _check_pair_inputs(
             f"equal batch sizes, got {source.shape[0]} and {target.shape[0]}; use "
             "estimator='unbiased' for unequal sizes"
         )
+    return largest
+
+
+def _rescaled(
+    kernel: Kernel, source: Tensor, target: Tensor, largest: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Compute-dtype inputs (divided by a power of two where needed) and the kernel state.
+
+    Distance kernels on inputs of extreme magnitude get inputs divided by
+    `transferkit.kernels.rescale_factor` (exact; the state is rescaled with them);
+    anything else is unchanged.
+    """
+    s, t = as_compute(source), as_compute(target)
+    scale = 1.0
+    if kernel.family == "distance":
+        scale = rescale_factor(largest, s.shape[1], s.dtype)
+        if scale != 1.0:
+            s, t = s / scale, t / scale
+    return s, t, kernel.prepare_rescaled(s, t, scale)
+
+
+def _check_result(value: Tensor, names: str, largest: float, risky: bool) -> Tensor:
+    """Raise instead of returning a NaN/inf that overflow (not bad input) produced."""
+    if risky and not bool(torch.isfinite(value.detach()).all()):
+        raise overflow_error(names, largest, value.dtype, "kernel values")
+    return value
 
 
 def _check_kernel(kernel: object, name: str = "kernel") -> Kernel:
@@ -365,11 +393,12 @@ def mmd(
     """
     estimator = check_option(estimator, "estimator", ESTIMATORS)
     kernel = _check_kernel(kernel)
-    _check_pair_inputs(source, target, estimator, ("source", "target"))
+    largest = _check_pair_inputs(source, target, estimator, ("source", "target"))
     if estimator == "linear" and (source_weights is not None or target_weights is not None):
         raise ValueError("source_weights/target_weights: not supported by estimator='linear'")
+    risky = kernel.may_overflow(largest, source.shape[1], source.dtype)
     with no_autocast(source.device):
-        s, t = as_compute(source), as_compute(target)
+        s, t, state = _rescaled(kernel, source, target, largest)
         w = _check_weights(source_weights, "source_weights", s.shape[0], s)
         v = _check_weights(target_weights, "target_weights", t.shape[0], t)
         if estimator == "unbiased":
@@ -380,9 +409,9 @@ def mmd(
                         f"{name}: the unbiased estimator needs at least two samples "
                         "with positive weight"
                     )
-        state = kernel.prepare(s, t)
         if estimator == "linear":
-            return _linear_mmd([s], [t], [kernel], [state])
+            linear = _linear_mmd([s], [t], [kernel], [state])
+            return _check_result(linear, "source and target", largest, risky)
         z = torch.cat([s, t])
         if kernel.family == "distance":
             z = z - z.detach().mean(0)
@@ -397,7 +426,8 @@ def mmd(
         forms, diagonal = _KernelQuadraticForms.apply(  # type: ignore[no-untyped-call]
             z, weights, s.shape[0], kernel, state, rows
         )
-        return _assemble(forms, diagonal, w, v, estimator)
+        value = _assemble(forms, diagonal, w, v, estimator)
+        return _check_result(value, "source and target", largest, risky)
 
 
 def _linear_mmd(
@@ -534,21 +564,39 @@ def joint_mmd(
             f"{len(source)}, {len(target)} and {len(kernels)}"
         )
     checked = [_check_kernel(k, f"kernels[{i}]") for i, k in enumerate(kernels)]
+    largest: list[float] = []
     for layer, (s, t) in enumerate(zip(source, target, strict=True)):
         names = (f"source[{layer}]", f"target[{layer}]")
-        _check_pair_inputs(s, t, estimator, names)
+        largest.append(_check_pair_inputs(s, t, estimator, names))
         if s.shape[0] != source[0].shape[0] or t.shape[0] != target[0].shape[0]:
             raise ValueError(
                 f"{names[0]} and {names[1]}: expected the batch sizes of layer 0 "
                 f"({source[0].shape[0]}, {target[0].shape[0]}), got {s.shape[0]}, {t.shape[0]}"
             )
         check_pair(s, source[0], (names[0], "source[0]"), same_dim=False)
+    # The joint kernel is a product: a layer may be safe alone and the product not.
+    risky = any(
+        k.may_overflow(big, s.shape[1], s.dtype)
+        for k, big, s in zip(checked, largest, source, strict=True)
+    )
+    if not risky and len(checked) > 1 and not math.isnan(largest[0]):
+        bound = math.prod(
+            k.value_bound(big, s.shape[1])
+            for k, big, s in zip(checked, largest, source, strict=True)
+        )
+        risky = not bound * 16.0 < torch.finfo(compute_dtype(source[0])).max
     with no_autocast(source[0].device):
-        srcs = [as_compute(s) for s in source]
-        tgts = [as_compute(t) for t in target]
-        states = [k.prepare(s, t) for k, s, t in zip(checked, srcs, tgts, strict=True)]
+        layers = [
+            _rescaled(k, s, t, big)
+            for k, s, t, big in zip(checked, source, target, largest, strict=True)
+        ]
+        srcs = [s for s, _, _ in layers]
+        tgts = [t for _, t, _ in layers]
+        states = [state for _, _, state in layers]
+        top = max(largest)
         if estimator == "linear":
-            return _linear_mmd(srcs, tgts, checked, states)
+            linear = _linear_mmd(srcs, tgts, checked, states)
+            return _check_result(linear, "source and target", top, risky)
         joint: Tensor | None = None
         for kernel, s, t, state in zip(checked, srcs, tgts, states, strict=True):
             z = torch.cat([s, t])
@@ -563,7 +611,8 @@ def joint_mmd(
         v = torch.full((m,), 1.0 / m, dtype=joint.dtype, device=joint.device)
         weights = _stacked_weights(w, v)
         forms = weights.T @ joint @ weights
-        return _assemble(forms, joint.diagonal(), w, v, estimator)
+        value = _assemble(forms, joint.diagonal(), w, v, estimator)
+        return _check_result(value, "source and target", top, risky)
 
 
 class JointMMDLoss(nn.Module):
@@ -630,7 +679,8 @@ def coral(source: Tensor, target: Tensor) -> Tensor:
 
     Raises:
         ValueError: non-2-D or non-finite input, fewer than 2 samples, different feature
-            dimensions or devices.
+            dimensions or devices, or a loss beyond the dtype's range (features of
+            magnitude ``1e10`` and more in fp32; smaller ones are rescaled exactly).
         TypeError: non-floating input or mixed dtypes.
 
     Examples:
@@ -641,13 +691,23 @@ def coral(source: Tensor, target: Tensor) -> Tensor:
         >>> bool(coral(x, 2.0 * x) > 0)
         True
     """
-    check_features(source, "source", min_samples=2)
-    check_features(target, "target", min_samples=2)
+    largest = max(screen_features(source, "source", 2), screen_features(target, "target", 2))
     check_pair(source, target, ("source", "target"))
     with no_autocast(source.device):
         s, t = as_compute(source), as_compute(target)
         dim = s.shape[1]
-        return ((_covariance(s) - _covariance(t)) ** 2).sum() / (4.0 * dim * dim)
+        # Covariance products grow as |x|^4 (fp32 overflows from |x| ~ 1e9): extreme
+        # magnitudes are computed in float64 (a D x D problem, cheap) and the result is
+        # checked to fit the input's precision.
+        extreme = rescale_factor(largest, dim, s.dtype, power=4) != 1.0
+        if extreme:
+            s, t = s.double(), t.double()
+        loss = ((_covariance(s) - _covariance(t)) ** 2).sum() / (4.0 * dim * dim)
+        if extreme:
+            loss = loss.to(compute_dtype(source))
+            if not bool(torch.isfinite(loss.detach())):
+                raise overflow_error("source and target", largest, loss.dtype, "CORAL loss")
+        return loss
 
 
 def _covariance(x: Tensor) -> Tensor:
@@ -1136,6 +1196,7 @@ class L2SP(nn.Module):
     Raises:
         ValueError: negative ``alpha``/``beta`` or an ``exclude`` pattern that matches no
             trainable parameter.
+        TypeError: ``model`` is not a module or ``exclude`` holds non-strings.
 
     Examples:
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
@@ -1164,6 +1225,13 @@ class L2SP(nn.Module):
         self.beta = check_positive(beta, "beta", strict=False)
         if isinstance(exclude, str):
             exclude = [exclude]
+        if exclude is not None and (
+            not isinstance(exclude, Sequence) or not all(isinstance(p, str) for p in exclude)
+        ):
+            raise TypeError(
+                f"exclude: expected a glob pattern or a list of them (strings such as 'fc*'), "
+                f"got {exclude!r}"
+            )
         patterns = list(exclude or [])
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         names = [n for n, _ in trainable]

@@ -27,7 +27,14 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ._validation import check_labels, check_option, check_positive, check_tensor
+from ._validation import (
+    check_bool,
+    check_labels,
+    check_not_meta,
+    check_option,
+    check_positive,
+    check_tensor,
+)
 
 __all__ = ["MetaTask", "adapt", "fomaml", "prototype_init", "reptile"]
 
@@ -101,7 +108,9 @@ def prototype_init(
         - ``features``: ``(N, ...)`` as ``head`` accepts; ``labels``: ``(N,)``.
 
     Raises:
-        ValueError: no linear layer, a class without samples, mismatched lengths, NaN.
+        ValueError: no linear layer, a class without samples, mismatched lengths, NaN,
+            or features the head cannot take (wrong shape or device; the message names
+            ``features``). Features in another floating dtype are cast to the head's.
         TypeError: non-tensor inputs or non-integer labels.
 
     Examples:
@@ -128,12 +137,21 @@ def prototype_init(
     def record(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
         recorded.append(inputs[0].detach())
 
+    param = next((p for p in head.parameters() if p.is_floating_point()), None)
+    if param is not None:
+        check_not_meta(param, "head")
+        x = x.to(param.dtype)  # features in another precision than the head's weights
     was_training = head.training
     handle = linear.register_forward_pre_hook(record)
     try:
         head.eval()
         with torch.no_grad():
             head(x)
+    except RuntimeError as error:  # a shape or device the head cannot take
+        raise ValueError(
+            f"features: head {type(head).__name__} cannot take features of shape "
+            f"{tuple(x.shape)} on {x.device}: {error}"
+        ) from error
     finally:
         handle.remove()
         head.train(was_training)
@@ -309,6 +327,7 @@ def _meta_train(
         check_positive(value, name, integer=True)
     check_positive(inner_lr, "inner_lr")
     check_positive(meta_lr, "meta_lr")
+    check_bool(progress, "progress")
     generator = torch.Generator().manual_seed(seed)
     if isinstance(tasks, Sequence):
         if len(tasks) == 0:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._validation import check_features, check_labels, check_option, check_positive
+from ._validation import check_bool, check_features, check_labels, check_option, check_positive
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -357,6 +357,7 @@ def curves(
         if np.isnan(array).all():
             raise ValueError(f"history[{name!r}]: every value is nan")
         series[name] = array
+    check_bool(split, "split")
     ax = _new_axes(ax)
     losses = [name for name in series if "loss" in name.lower()]
     others = [name for name in series if name not in losses]

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._validation import check_option, check_positive, did_you_mean
+from ._validation import check_bool, check_option, check_positive, did_you_mean
 from .metrics import as_numpy_features, as_numpy_labels, make_domain_classifier
 
 __all__ = [
@@ -1042,6 +1042,7 @@ def iwcv(
         >>> bool(abs(weighted - true_risk) < abs(plain - true_risk))
         True
     """
+    check_bool(self_normalize, "self_normalize")
     losses, w = _losses_and_weights(
         source_losses,
         source_features,

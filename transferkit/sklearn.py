@@ -55,7 +55,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from ._validation import check_option, check_positive
+from ._validation import check_bool, check_not_meta, check_option, check_positive
 from .device import resolve_device
 from .features import PoolName, extract_features
 
@@ -78,6 +78,22 @@ _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 # --------------------------------------------------------------------------- kernels
+
+
+def _host(data: Any) -> Any:
+    """Torch tensors as NumPy arrays: detached, on the CPU, fp16/bf16 widened to fp32.
+
+    NumPy has no bfloat16 and cannot read a tensor that requires grad; estimators take
+    the values (they never backpropagate), so any tensor is accepted. Other inputs pass
+    through unchanged for scikit-learn's own validation.
+    """
+    if not isinstance(data, Tensor):
+        return data
+    check_not_meta(data, "X")
+    tensor = data.detach().cpu()
+    if tensor.dtype in (torch.float16, torch.bfloat16):
+        tensor = tensor.float()
+    return tensor.numpy()
 
 
 def _resolve_gamma(gamma: object, kernel: object, x: np.ndarray) -> float:
@@ -432,10 +448,12 @@ class TorchKernelSVC(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         Raises:
             ValueError: for invalid input, a single class or unknown option names.
         """
-        X, y = validate_data(self, X, y, dtype=np.float64, order="C")
+        X, y = validate_data(self, _host(X), _host(y), dtype=np.float64, order="C")
         X, y, sample_weight = _drop_unlabelled(X, y, sample_weight, self.unlabelled)
         check_classification_targets(y)
         check_positive(self.C, "C")
+        check_bool(self.probability, "probability")
+        check_bool(self.break_ties, "break_ties")
         solver = check_option(self.solver, "solver", ("auto", "exact", "nystroem"))
         self.gamma_ = _resolve_gamma(self.gamma, self.kernel, X)
         if solver == "auto":
@@ -511,7 +529,7 @@ class TorchKernelSVC(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
 
     def _apply(self, X: Any, method: str) -> np.ndarray:
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=np.float64, order="C", reset=False)
+        X = validate_data(self, _host(X), dtype=np.float64, order="C", reset=False)
         size = int(check_positive(self.chunk_size, "chunk_size", integer=True))
         if self.solver_ == "exact":
             # libsvm needs writable buffers; a memory-mapped unpickled model has none.
@@ -653,7 +671,7 @@ class PrototypeClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         Raises:
             ValueError: for invalid input, an unknown metric or a single class.
         """
-        X, y = validate_data(self, X, y, dtype=np.float64)
+        X, y = validate_data(self, _host(X), _host(y), dtype=np.float64)
         X, y, _ = _drop_unlabelled(X, y, None, self.unlabelled)
         check_classification_targets(y)
         check_option(self.metric, "metric", ("cosine", "euclidean"))
@@ -670,7 +688,7 @@ class PrototypeClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
 
     def _scores(self, X: Any) -> np.ndarray:
         check_is_fitted(self)
-        X = self._prepare(validate_data(self, X, dtype=np.float64, reset=False))
+        X = self._prepare(validate_data(self, _host(X), dtype=np.float64, reset=False))
         similarity: np.ndarray = X @ self.prototypes_.T
         if self.metric == "cosine":
             return similarity
@@ -720,23 +738,33 @@ class PrototypeClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
 # --------------------------------------------------------------------------- alignment
 
 
-def _domains(y: Any, n: int, unlabelled: Any) -> tuple[np.ndarray, np.ndarray]:
+def _domains(
+    y: Any, n: int, unlabelled: Any, estimator: str, minimum: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
     """Boolean masks ``(source, target)``: target rows are those with ``y == unlabelled``.
 
-    Without ``y`` every row is target; without target rows (or without source rows) the
-    single domain plays both roles, which makes each aligner a plain one-domain map.
+    Each domain needs ``minimum`` rows: fitted on one domain only, an aligner would
+    silently become a one-domain map (identity, PCA, kernel PCA), so that raises.
     """
     if y is None:
-        target = np.ones(n, dtype=bool)
-    else:
-        labels = np.asarray(y)
-        if labels.shape[0] != n:
-            raise ValueError(f"y: expected {n} labels to match X, got {labels.shape[0]}")
-        target = np.asarray(labels == unlabelled, dtype=bool).reshape(n)
+        raise ValueError(
+            f"y: {estimator} requires y to be passed, but the target y is None; pass the "
+            f"source labels with unlabelled={unlabelled!r} marking the target rows"
+        )
+    labels = np.asarray(_host(y))
+    if labels.ndim != 1 or labels.shape[0] != n:
+        raise ValueError(f"y: expected {n} labels to match X, got shape {labels.shape}")
+    target = np.asarray(labels == unlabelled, dtype=bool).reshape(n)
     source = ~target
-    if not source.any() or not target.any():
-        everything = np.ones(n, dtype=bool)
-        return everything, everything
+    for mask, domain, how in (
+        (target, "target", f"labelled unlabelled={unlabelled!r}"),
+        (source, "source", f"labelled other than unlabelled={unlabelled!r}"),
+    ):
+        if int(mask.sum()) < minimum:
+            raise ValueError(
+                f"y: {estimator} expected at least {minimum} {domain} rows ({how}), got "
+                f"{int(mask.sum())}; stack source and target rows in X"
+            )
     return source, target
 
 
@@ -772,7 +800,8 @@ class CORAL(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):  # type: ign
     for standardised features. ``fit_transform(X, y)`` maps the source rows and returns
     target rows unchanged; ``transform`` (prediction time: target-domain input) is the
     identity. A classifier trained after it thus sees source features with target
-    statistics. Without target rows (or without ``y``) the map is the identity.
+    statistics. ``fit`` raises ``ValueError`` without ``y`` or with fewer than two rows
+    of either domain (a one-domain fit would silently be the identity).
 
     Args:
         reg: covariance regularisation $\lambda \ge 0$, relative to the mean variance.
@@ -797,6 +826,12 @@ class CORAL(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):  # type: ign
         self.reg = reg
         self.unlabelled = unlabelled
 
+    def __sklearn_tags__(self) -> Any:
+        # Fitting needs y to tell source rows from target rows.
+        tags = super().__sklearn_tags__()
+        tags.target_tags.required = True
+        return tags
+
     def fit(self, X: Any, y: Any = None) -> CORAL:
         """Learn the source-to-target recolouring.
 
@@ -807,11 +842,9 @@ class CORAL(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):  # type: ign
         Returns:
             The fitted transformer.
         """
-        X = validate_data(self, X, dtype=np.float64, ensure_min_samples=2)
+        X = validate_data(self, _host(X), dtype=np.float64, ensure_min_samples=2)
         reg = check_positive(self.reg, "reg", strict=False)
-        source, target = _domains(y, X.shape[0], self.unlabelled)
-        if min(source.sum(), target.sum()) < 2:
-            raise ValueError("X: CORAL needs at least 2 source rows and 2 target rows")
+        source, target = _domains(y, X.shape[0], self.unlabelled, "CORAL", minimum=2)
         self.source_mean_ = X[source].mean(0)
         self.target_mean_ = X[target].mean(0)
         self.matrix_ = _matrix_power(_regularised_covariance(X[source], reg), -0.5) @ (
@@ -822,17 +855,16 @@ class CORAL(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):  # type: ign
     def fit_transform(self, X: Any, y: Any = None, **fit_params: Any) -> np.ndarray:
         """Fit, then map the source rows; target rows are returned unchanged."""
         self.fit(X, y)
-        X = validate_data(self, X, dtype=np.float64, reset=False)
-        source, target = _domains(y, X.shape[0], self.unlabelled)
+        X = validate_data(self, _host(X), dtype=np.float64, reset=False)
+        source, _ = _domains(y, X.shape[0], self.unlabelled, "CORAL")
         out: np.ndarray = X.copy()
-        if not (source & target).all():
-            out[source] = (X[source] - self.source_mean_) @ self.matrix_ + self.target_mean_
+        out[source] = (X[source] - self.source_mean_) @ self.matrix_ + self.target_mean_
         return out
 
     def transform(self, X: Any) -> np.ndarray:
         """Target-domain rows: returned unchanged (a validated float64 copy)."""
         check_is_fitted(self)
-        out: np.ndarray = validate_data(self, X, dtype=np.float64, reset=False, copy=True)
+        out: np.ndarray = validate_data(self, _host(X), dtype=np.float64, reset=False, copy=True)
         return out
 
 
@@ -843,7 +875,7 @@ class SubspaceAlignment(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     (``(D, k)``) and $M = P_s^\top P_t$, source rows map to
     $(x - \mu_s) P_s M$ and target rows to $(x - \mu_t) P_t$. Target rows are
     marked by ``y == unlabelled`` as for [`CORAL`][]; ``transform`` applies the target
-    map. With one domain only it is PCA.
+    map. ``fit`` raises ``ValueError`` without ``y`` or without rows of both domains.
 
     Args:
         n_components: dimension ``k`` of the subspaces.
@@ -866,6 +898,12 @@ class SubspaceAlignment(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         self.n_components = n_components
         self.unlabelled = unlabelled
 
+    def __sklearn_tags__(self) -> Any:
+        # Fitting needs y to tell source rows from target rows.
+        tags = super().__sklearn_tags__()
+        tags.target_tags.required = True
+        return tags
+
     @staticmethod
     def _basis(x: np.ndarray, k: int) -> np.ndarray:
         _, _, vt = np.linalg.svd(x - x.mean(0), full_matrices=False)
@@ -884,9 +922,9 @@ class SubspaceAlignment(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         Returns:
             The fitted transformer.
         """
-        X = validate_data(self, X, dtype=np.float64, ensure_min_samples=2)
+        X = validate_data(self, _host(X), dtype=np.float64, ensure_min_samples=2)
         k = int(check_positive(self.n_components, "n_components", integer=True))
-        source, target = _domains(y, X.shape[0], self.unlabelled)
+        source, target = _domains(y, X.shape[0], self.unlabelled, "SubspaceAlignment")
         n_min = int(min(source.sum(), target.sum()))
         if k > min(n_min, X.shape[1]):
             raise ValueError(
@@ -904,12 +942,11 @@ class SubspaceAlignment(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     def fit_transform(self, X: Any, y: Any = None, **fit_params: Any) -> np.ndarray:
         """Fit, then map source rows with the aligned basis and target rows with theirs."""
         self.fit(X, y)
-        X = validate_data(self, X, dtype=np.float64, reset=False)
-        source, target = _domains(y, X.shape[0], self.unlabelled)
+        X = validate_data(self, _host(X), dtype=np.float64, reset=False)
+        source, _ = _domains(y, X.shape[0], self.unlabelled, "SubspaceAlignment")
         out = self._target_map(X)
-        if not (source & target).all():
-            projection = self.source_components_ @ self.alignment_
-            out[source] = (X[source] - self.source_mean_) @ projection
+        projection = self.source_components_ @ self.alignment_
+        out[source] = (X[source] - self.source_mean_) @ projection
         return out
 
     def _target_map(self, X: np.ndarray) -> np.ndarray:
@@ -919,7 +956,7 @@ class SubspaceAlignment(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     def transform(self, X: Any) -> np.ndarray:
         """Target-domain rows: projected on the target basis, ``(N, n_components)``."""
         check_is_fitted(self)
-        rows: np.ndarray = validate_data(self, X, dtype=np.float64, reset=False)
+        rows: np.ndarray = validate_data(self, _host(X), dtype=np.float64, reset=False)
         return self._target_map(rows)
 
 
@@ -937,7 +974,8 @@ class TCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # 
 
     i.e. they maximise the embedded variance while keeping the domains' means close. Any
     row (either domain, or new data) maps to $k(x, X_{fit}) W$, so ``transform``
-    and ``fit_transform`` agree. With one domain only it is kernel PCA. The cost is
+    and ``fit_transform`` agree. ``fit`` raises ``ValueError`` without ``y`` or without
+    rows of both domains (a one-domain fit would silently be kernel PCA). The cost is
     ``O(n^3)`` in the number of fitted rows (a few thousand at most).
 
     Args:
@@ -983,6 +1021,12 @@ class TCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # 
         self.coef0 = coef0
         self.unlabelled = unlabelled
 
+    def __sklearn_tags__(self) -> Any:
+        # Fitting needs y to tell source rows from target rows.
+        tags = super().__sklearn_tags__()
+        tags.target_tags.required = True
+        return tags
+
     def _kernel_matrix(self, x: np.ndarray, y: np.ndarray | None) -> np.ndarray:
         degree, coef0, _ = _check_kernel_params(self.degree, self.coef0, (1.0,))
         function = _make_kernel(self.kernel, self.gamma_, degree, coef0, (0.5, 1.0, 2.0))
@@ -1000,20 +1044,18 @@ class TCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # 
         Returns:
             The fitted transformer.
         """
-        X = validate_data(self, X, dtype=np.float64, ensure_min_samples=2)
+        X = validate_data(self, _host(X), dtype=np.float64, ensure_min_samples=2)
         k = int(check_positive(self.n_components, "n_components", integer=True))
         mu = check_positive(self.mu, "mu")
         if k > X.shape[0]:
             raise ValueError(f"n_components: expected at most n_samples = {X.shape[0]}, got {k}")
         check_option(self.kernel, "kernel", KERNELS)
-        source, target = _domains(y, X.shape[0], self.unlabelled)
+        source, target = _domains(y, X.shape[0], self.unlabelled, "TCA")
         self.gamma_ = _resolve_gamma(self.gamma, self.kernel, X)
         gram = self._kernel_matrix(X, None)
         n = X.shape[0]
         # L = e e^T with e = 1/n_s on source rows and -1/n_t on target rows.
-        e = np.zeros(n)
-        if not (source & target).all():
-            e = source / source.sum() - target / target.sum()
+        e = source / source.sum() - target / target.sum()
         centred = gram - gram.mean(0)
         spread = centred.T @ centred  # K H K (H is idempotent)
         # K L K + mu I = mu I + v v^T (v = K e): its inverse square root is
@@ -1039,7 +1081,7 @@ class TCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # 
     def transform(self, X: Any) -> np.ndarray:
         """Embed rows of either domain: $k(x, X_{fit}) W$, ``(N, n_components)``."""
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=np.float64, reset=False)
+        X = validate_data(self, _host(X), dtype=np.float64, reset=False)
         embedded: np.ndarray = self._kernel_matrix(X, self.fit_data_) @ self.components_
         return embedded
 
@@ -1463,6 +1505,7 @@ def make_deep_svm_pipeline(
         >>> [name for name, _ in pipe.steps]
         ['features', 'scale', 'align', 'svc']
     """
+    check_bool(scale, "scale")
     steps: list[tuple[str, Any]] = [
         ("features", DeepFeatures(model, layers=layers, **dict(feature_params or {})))
     ]

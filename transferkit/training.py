@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._validation import check_labels, check_option, check_positive
+from ._validation import UNSIGNED_WIDE, check_bool, check_labels, check_option, check_positive
 
 __all__ = ["EarlyStopping", "class_weights"]
 
@@ -86,9 +86,7 @@ class EarlyStopping:
         self.patience = int(check_positive(patience, "patience", integer=True))
         self.min_delta = check_positive(min_delta, "min_delta", strict=False)
         self.mode: Mode = check_option(mode, "mode", ("min", "max"))
-        if not isinstance(restore_best, bool):
-            raise TypeError(f"restore_best: expected a bool, got {type(restore_best).__name__}")
-        self.restore_best = restore_best
+        self.restore_best = check_bool(restore_best, "restore_best")
         self.best: float | None = None
         self.best_step = -1
         self.num_bad_steps = 0
@@ -236,7 +234,9 @@ class EarlyStopping:
             "num_bad_steps": self.num_bad_steps,
             "steps": self.steps,
             "stopped": self.stopped,
-            "best_state": None if self._best_state is None else dict(self._best_state),
+            # Copies: a caller editing the returned tensors must not change the snapshot
+            # that restore_best would load.
+            "best_state": None if self._best_state is None else _cpu_copy(self._best_state),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -378,6 +378,8 @@ def class_weights(
     if num_classes is not None:
         num_classes = int(check_positive(num_classes, "num_classes", integer=True))
     tensor = check_labels(tensor, "labels", num_classes=num_classes)
+    if tensor.dtype in UNSIGNED_WIDE:
+        tensor = tensor.to(torch.int64)  # check_labels bounded the values below 2**63
     if tensor.numel() == 0:
         raise ValueError("labels: expected at least one label, got 0")
     size = num_classes if num_classes is not None else int(tensor.max()) + 1
