@@ -821,6 +821,8 @@ def test_mdd_rejects_bad_construction_and_wrong_head_output() -> None:
     one_class = (torch.randn(4, 1), torch.randn(4, 5), torch.randn(4, 1), torch.randn(4, 5))
     with pytest.raises(ValueError, match="2 classes"):
         tk.MarginDisparityDiscrepancy(nn.Linear(5, 1))(*one_class)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_domain_adversarial_loss_accepts_half_and_double_features(dtype: torch.dtype) -> None:
     # An fp32 discriminator used to fail with a raw "mat1 and mat2 must have the same
@@ -853,7 +855,10 @@ def test_conditional_adversarial_loss_accepts_half_and_double_features(dtype: to
     )
     features = torch.randn(5, 4).to(dtype).requires_grad_(True)
     loss = criterion(
-        torch.randn(5, 3).to(dtype), features, torch.randn(4, 3).to(dtype), torch.randn(4, 4).to(dtype)
+        torch.randn(5, 3).to(dtype),
+        features,
+        torch.randn(4, 3).to(dtype),
+        torch.randn(4, 4).to(dtype),
     )
     loss.backward()
     assert bool(torch.isfinite(loss)) and features.grad is not None

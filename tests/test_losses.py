@@ -980,6 +980,8 @@ def test_target_regularisers_accept_single_sample_afn_and_show_their_options() -
     assert float(L.adaptive_feature_norm(torch.ones(1, 4))) == pytest.approx(1.0)
     assert repr(L.MCCLoss(3.0)) == "MCCLoss(temperature=3)"
     assert repr(L.AdaptiveFeatureNormLoss()) == "AdaptiveFeatureNormLoss(delta=1)"
+
+
 # ----------------------------------------------------------------- extreme magnitudes
 
 FP32_MAX = float(torch.finfo(torch.float32).max)

@@ -348,7 +348,9 @@ def test_early_stopping_state_dict_returns_copies_of_the_best_weights() -> None:
     assert all(torch.equal(fresh[k], best[k]) for k in best)
 
 
-@pytest.mark.parametrize("dtype", [torch.uint8, torch.int32, torch.uint16, torch.uint32, torch.uint64])
+@pytest.mark.parametrize(
+    "dtype", [torch.uint8, torch.int32, torch.uint16, torch.uint32, torch.uint64]
+)
 def test_class_weights_accept_every_integer_dtype(dtype: torch.dtype) -> None:
     labels = [0, 0, 0, 1, 2, 2]
     expected = class_weights(torch.tensor(labels))
