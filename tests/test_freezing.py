@@ -899,6 +899,8 @@ def test_gradual_unfreezing_train_bn_trains_batchnorm_of_frozen_stages_from_the_
     groups = len(optimizer.param_groups)
     unfreeze_all(net, schedule)
     assert len(optimizer.param_groups) == groups + 3 * 2  # BatchNorm groups not added twice
+
+
 def test_freeze_clears_stale_grads_so_adamw_leaves_frozen_weights_alone() -> None:
     # zero_grad(set_to_none=False) leaves zero-filled .grad tensors; AdamW steps every
     # parameter whose .grad is not None, so without freeze clearing .grad a frozen
