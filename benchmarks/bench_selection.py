@@ -297,6 +297,12 @@ def to_markdown(result: dict[str, Any]) -> str:
             f"| {r['score']} | {r['shape']} | {r['tk_ms']:.2f} | {r['numpy_ms']:.2f} "
             f"| {r['ratio']:.2f} | {r['rel_diff']:.0e} |"
         )
+    lines += [
+        "",
+        "LogME with D > N: the values differ by design (transferkit keeps the log-alpha terms "
+        "of the zero singular values, which the authors' truncated SVD drops; see the "
+        "selection guide). NCE times are microseconds: the ratio there is call overhead.",
+    ]
     return "\n".join(lines) + "\n"
 
 
