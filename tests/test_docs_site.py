@@ -79,3 +79,24 @@ def test_api_pages_link_cross_references(site: Path) -> None:
         r'<a class="autorefs autorefs-internal"[^>]*href="#transferkit\.freezing\.freeze"'
     )
     assert link.search(html)
+
+
+def test_comparison_covers_the_fine_tuning_toolkits_users_already_have() -> None:
+    # timm, fastai and Lightning, each with the features it already provides
+    text = (ROOT / "docs" / "comparison.md").read_text(encoding="utf-8")
+    for needle in (
+        "timm",
+        "reset_classifier",
+        "num_classes=0",
+        "layer_decay",
+        "fastai",
+        "freeze_to",
+        "fit_one_cycle",
+        "train_bn",
+        "fine_tune",
+        "Lightning",
+        "BaseFinetuning",
+        "BackboneFinetuning",
+        "unfreeze_and_add_param_group",
+    ):
+        assert needle in text, f"docs/comparison.md does not mention {needle}"

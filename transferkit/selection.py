@@ -9,7 +9,8 @@ higher is better for every score. No fine-tuning is needed.
 * [`logme`][] -- log maximum evidence of a Bayesian linear model (You et al., 2021).
 * [`leep`][] -- log expected empirical prediction of the source classifier
   (Nguyen et al., 2020).
-* [`hscore`][] -- H-score (Bao et al., 2019).
+* [`hscore`][] -- H-score (Bao et al., 2019), by default with the Ledoit-Wolf
+  regularised covariance of Ibrahim et al. (2022), so that noise does not rank first.
 * [`nce`][] -- negative conditional entropy of target labels given source labels
   (Tran et al., 2019).
 * [`knn_score`][], [`linear_probe_score`][] -- cross-validated baselines.
