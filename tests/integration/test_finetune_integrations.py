@@ -7,6 +7,7 @@ tests skip when ``transformers`` is not installed.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 
 import pytest
@@ -207,6 +208,184 @@ def test_timm_batchnormact_frozen_policy_keeps_statistics(caplog: pytest.LogCapt
     with caplog.at_level(logging.WARNING, logger="transferkit.freezing"):
         check_frozen_backbone_never_moves(model, "classifier", image_batch(3), bn="frozen")
     assert "BatchNorm subclass" in caplog.text
+
+
+# --------------------------------------------------------------- headless heads, train_bn
+
+
+@pytest.mark.vision
+@pytest.mark.parametrize(
+    ("name", "kwargs", "head", "in_features"),
+    [
+        ("resnet18", {}, "fc", 512),
+        ("mobilenetv3_small_050", {}, "classifier", 1024),  # head_hidden_size, not 288
+        ("convnext_atto", {}, "head.fc", 320),
+        ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2}, "head", 192),
+    ],
+)
+def test_timm_headless_models_get_a_head(
+    name: str, kwargs: dict[str, object], head: str, in_features: int
+) -> None:
+    timm = pytest.importorskip("timm")
+    model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    assert tk.find_head(model) == (head, model.get_submodule(head))
+    assert isinstance(model.get_submodule(head), nn.Identity)
+    new = tk.replace_head(model, 3)
+    assert isinstance(new, nn.Linear) and (new.in_features, new.out_features) == (in_features, 3)
+    assert model.get_submodule(head) is new and model.num_classes == 3
+    model.eval()
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
+@pytest.mark.vision
+@pytest.mark.parametrize(
+    ("factory", "head", "in_features"),
+    [
+        (lambda m: m.resnet18(weights=None), "fc", 512),
+        (lambda m: m.mobilenet_v3_small(weights=None), "classifier.3", 1024),
+        (
+            lambda m: m.VisionTransformer(
+                image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64
+            ),
+            "heads.head",
+            32,
+        ),
+    ],
+)
+def test_torchvision_identity_heads_are_replaced_in_place(
+    factory: Callable[[object], nn.Module], head: str, in_features: int
+) -> None:
+    models = pytest.importorskip("torchvision.models")
+    model = factory(models)
+    parent, _, leaf = head.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, nn.Identity())
+    assert tk.find_head(model)[0] == head
+    new = tk.replace_head(model, 5)
+    assert isinstance(new, nn.Linear) and new.in_features == in_features
+    assert model.get_submodule(head) is new
+    model.eval()
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 5)
+
+
+@pytest.mark.vision
+def test_timm_train_bn_keeps_batchnormact_affine_training() -> None:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=3)
+    tk.freeze(model, exclude="classifier*", bn="train", train_bn=True)
+    bn_params = {
+        f"{n}.{leaf}"
+        for n, m in model.named_modules()
+        if isinstance(m, nn.BatchNorm2d)
+        for leaf, _ in m.named_parameters(recurse=False)
+    }
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert bn_params and trainable == bn_params | {"classifier.weight", "classifier.bias"}
+    before = snapshot(model)
+    optimizer = torch.optim.AdamW(tk.param_groups(model, 1e-2))
+    train(model, optimizer, image_batch(3), cross_entropy, steps=2)
+    after = snapshot(model)
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    params_moved = {k[len("param:") :] for k in moved if k.startswith("param:")}
+    assert params_moved <= trainable and params_moved & bn_params
+    assert any("running_mean" in k for k in moved)  # bn="train": statistics adapt
+
+
+@pytest.mark.vision
+def test_linear_classifier_head_equals_timm_classifier_head() -> None:
+    layers = pytest.importorskip("timm.layers")
+    torch.manual_seed(0)
+    theirs = layers.ClassifierHead(16, 4, pool_type="avg", drop_rate=0.0)
+    ours = tk.ClassifierHead(16, 4, hidden=(), dropout=0.0)
+    ours.fc.load_state_dict(theirs.fc.state_dict())
+    x = torch.randn(3, 16, 5, 5)
+    torch.testing.assert_close(ours(x), theirs(x))
+
+
+# --------------------------------------------------------------------------- one-cycle end to end
+
+
+def torch_one_cycle_lr(peak: float, step: int, total: int) -> float:
+    """torch's OneCycleLR defaults written out: cos, pct_start=0.3, div 25, final div 1e4."""
+    start, end = peak / 25.0, peak / 25.0 / 1e4
+    warm_end = 0.3 * total - 1
+
+    def cos(a: float, b: float, pct: float) -> float:
+        return b + (a - b) / 2.0 * (math.cos(math.pi * pct) + 1)
+
+    if step <= warm_end:
+        return cos(start, peak, step / warm_end)
+    return cos(peak, end, (step - warm_end) / (total - 1 - warm_end))
+
+
+def resnet18_headless(source: str) -> nn.Module:
+    torch.manual_seed(0)
+    if source == "timm":
+        timm = pytest.importorskip("timm")
+        model: nn.Module = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    else:
+        models = pytest.importorskip("torchvision.models")
+        model = models.resnet18(weights=None)
+        model.fc = nn.Identity()  # type: ignore[assignment]
+    tk.replace_head(model, 3)
+    return model
+
+
+@pytest.mark.vision
+@pytest.mark.parametrize("source", ["timm", "torchvision"])
+def test_resnet_gradual_unfreezing_under_one_cycle_end_to_end(source: str) -> None:
+    """Head first, then layer4, layer3, the rest, under torch's OneCycleLR with layer-wise
+    decay: loss finite, every group's lr on the one-cycle curve of its own peak at every
+    step, frozen stages bit-identical (parameters and BatchNorm statistics) until their
+    stage comes, and moving after."""
+    model = resnet18_headless(source)
+    tk.freeze(model, exclude="fc")
+    optimizer = torch.optim.AdamW(tk.param_groups(model, 1e-3, weight_decay=0.02))
+    total = 10
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total
+    )
+    stages: list[str | list[str]] = ["layer4", "layer3", ["layer2", "layer1", "conv1", "bn1"]]
+    schedule = tk.GradualUnfreezing(
+        model, stages, optimizer, every=2, layer_decay=0.5, scheduler=scheduler
+    )
+    prefixes = [("layer4.",), ("layer3.",), ("layer2.", "layer1.", "conv1.", "bn1.")]
+    initial = snapshot(model)
+    batch = image_batch(3)
+    model.train()
+    for step in range(total - 1):
+        for group in optimizer.param_groups:
+            expected = torch_one_cycle_lr(group["max_lr"], step, total)
+            assert group["lr"] == pytest.approx(expected, rel=1e-9), (step, group["name"])
+        x, y = batch(step)
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        assert torch.isfinite(loss)
+        loss.backward()
+        optimizer.step()
+        current = snapshot(model)
+        for stage, stage_prefixes in enumerate(prefixes[schedule.stage :], schedule.stage):
+            for key, value in current.items():
+                if key.split(":", 1)[1].startswith(stage_prefixes):
+                    assert torch.equal(value, initial[key]), (step, stage, key)
+        scheduler.step()
+        schedule.step()
+    assert schedule.done and all(p.requires_grad for p in model.parameters())
+    final = snapshot(model)
+    for stage_prefixes in prefixes[:2]:
+        assert any(
+            not torch.equal(final[k], initial[k])
+            for k in final
+            if k.startswith("param:") and k[len("param:") :].startswith(stage_prefixes)
+        )
+    peaks = {g["name"]: g["max_lr"] for g in optimizer.param_groups}
+    assert peaks["fc"] == pytest.approx(1e-3)
+    assert peaks["stage 0: layer4.1"] == pytest.approx(1e-3 * 0.5)
+    assert peaks["stage 0: layer4.0"] == pytest.approx(1e-3 * 0.5**2)
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert held == {id(p) for p in model.parameters()}
+    for group in optimizer.param_groups:
+        assert group["weight_decay"] == (0.0 if "no_decay" in group["name"] else 0.02)
 
 
 # --------------------------------------------------------------------------- Hugging Face
