@@ -225,6 +225,21 @@ def test_recipes_and_extend_validate_arguments() -> None:
         warmup_cosine(optimizer, 10, warmup="cosine")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="factor"):
         FactorSchedule(optimizer, 0.5)  # type: ignore[arg-type]
+    for build in (lambda o: one_cycle(o, 5), lambda o: warmup_cosine(o, 5)):
+        with pytest.raises(TypeError, match="optimizer: expected a torch.optim.Optimizer"):
+            build([new_param()])
+    with pytest.raises(ValueError, match="pct_start"):
+        one_cycle(optimizer, 10, pct_start=float("nan"))
+    with pytest.raises(ValueError, match="start_factor"):
+        warmup_cosine(optimizer, 10, start_factor=float("nan"))
+    with pytest.raises(ValueError, match="factor: expected a finite, non-negative"):
+        FactorSchedule(optimizer, lambda step: float("nan"))
+    bad = FactorSchedule(optimizer, lambda step: 1.0 - step)
+    optimizer.step()
+    bad.step()  # factor 0 at step 1 is fine
+    optimizer.step()
+    with pytest.raises(ValueError, match="at step 2"):
+        bad.step()
     with pytest.raises(TypeError, match="scheduler: expected"):
         extend_scheduler(optimizer)  # type: ignore[arg-type]
     two = torch.optim.SGD([new_param(), new_param()], lr=1.0)

@@ -17,6 +17,10 @@ here is built to rule them out:
   re-applies the stage's freezing.
 * Layer-wise learning-rate decay ignored by schedulers: [`param_groups`][] writes the
   decay into real per-group ``lr`` values, which every torch scheduler scales.
+* Unfrozen groups that break the lr scheduler or drop the user's settings:
+  [`GradualUnfreezing`][] puts new groups on the schedule (``scheduler=``, see
+  [`transferkit.schedules`][]) and gives them the weight decay, no-decay split and
+  layer-wise lr decay of the existing groups, not the optimizer's defaults.
 * DDP "unused parameters" errors and ranks drifting apart. Freezing *before* wrapping
   with ``DistributedDataParallel`` always works (frozen parameters are never registered).
   To freeze or unfreeze *after* wrapping, build DDP with every parameter trainable and
@@ -597,8 +601,7 @@ def freeze(
     ddp = _find_ddp(model) if isinstance(model, nn.Module) else None
     model = _unwrap(model, "freeze")
     bn = check_option(bn, "bn", _BN_POLICIES)
-    if not isinstance(train_bn, bool):
-        raise TypeError(f"train_bn: expected True or False, got {train_bn!r}")
+    train_bn = check_bool(train_bn, "train_bn")
     if train_bn and bn == "frozen":
         raise ValueError(
             "train_bn: True keeps BatchNorm weight/bias trainable, but bn='frozen' turns them "
@@ -1189,8 +1192,7 @@ class GradualUnfreezing:
                     "lr * layer_decay**depth), not one per stage"
                 )
         self.bn: BNPolicy = check_option(bn, "bn", _BN_POLICIES)
-        if not isinstance(train_bn, bool):
-            raise TypeError(f"train_bn: expected True or False, got {train_bn!r}")
+        train_bn = check_bool(train_bn, "train_bn")
         if train_bn and self.bn == "frozen":
             raise ValueError("train_bn: True needs bn='train' or 'eval', not 'frozen'")
         self.train_bn = train_bn

@@ -280,6 +280,7 @@ class FactorSchedule(torch_schedulers.LambdaLR):
         factor: Callable[[int], float],
         last_epoch: int = -1,
     ) -> None:
+        _check_optimizer(optimizer)
         if not callable(factor):
             raise TypeError(f"factor: expected a function of the step, got {factor!r}")
         super().__init__(optimizer, factor, last_epoch)
@@ -290,6 +291,12 @@ class FactorSchedule(torch_schedulers.LambdaLR):
         if len(self.optimizer.param_groups) > known:
             new = list(range(known, len(self.optimizer.param_groups)))
             _extend_lists(self, new, [float(self.optimizer.param_groups[i]["lr"]) for i in new])
+        value = self.lr_lambdas[0](self.last_epoch)
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(
+                f"factor: expected a finite, non-negative multiplier at step {self.last_epoch}, "
+                f"got {value!r}"
+            )
         return super().get_lr()
 
 
@@ -318,6 +325,13 @@ class _CycleFactor:
         span = self.total_steps - self.warmup_steps
         progress = (step - self.warmup_steps) / span if span > 0 else 0.0  # all warmup: peak
         return self.end + (1.0 - self.end) * (1.0 + math.cos(math.pi * progress)) / 2.0
+
+
+def _check_optimizer(optimizer: object) -> None:
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
 
 
 def _check_steps(total_steps: object) -> int:
@@ -367,6 +381,7 @@ def one_cycle(
         >>> lrs
         [0.1, 0.55, 1.0, 0.933, 0.75, 0.5, 0.25, 0.067]
     """
+    _check_optimizer(optimizer)
     steps = _check_steps(total_steps)
     pct = check_in_range(pct_start, "pct_start", 0.0, 1.0)
     for value, name in ((div_factor, "div_factor"), (final_div_factor, "final_div_factor")):
@@ -420,6 +435,7 @@ def warmup_cosine(
         >>> lrs
         [0.0, 0.5, 1.0, 0.8536, 0.5, 0.1464]
     """
+    _check_optimizer(optimizer)
     steps = _check_steps(total_steps)
     if (
         isinstance(warmup_steps, bool)
