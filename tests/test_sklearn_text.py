@@ -83,8 +83,21 @@ def test_raw_text_with_a_tokenizer_gives_masked_mean_pooled_features(tiny_bert, 
     assert out.shape == (len(TEXTS), 16)
     # batched by length and padded per batch, yet in input order and padding-free
     np.testing.assert_allclose(out, reference_masked_mean(tiny_bert, tokenizer, TEXTS), atol=1e-5)
-    # numpy arrays of strings (what a DataFrame column gives) work too
+    # numpy arrays of strings and pandas Series (a DataFrame column) work too
     np.testing.assert_allclose(features.transform(np.array(TEXTS, dtype=object)), out, atol=1e-6)
+    np.testing.assert_allclose(features.transform(np.array(TEXTS)), out, atol=1e-6)
+
+    class SeriesLike:  # what matters of a pandas Series: .values, .iloc, label indexing
+        values = np.array(TEXTS, dtype=object)
+        iloc = values
+
+        def __len__(self) -> int:
+            return len(TEXTS)
+
+        def __getitem__(self, label: int) -> str:
+            raise KeyError(label)  # index labels start at 10, say
+
+    np.testing.assert_allclose(features.transform(SeriesLike()), out, atol=1e-6)
     short = DeepFeatures(tiny_bert, tokenizer=tokenizer, max_length=5, device="cpu")
     expected = reference_masked_mean(tiny_bert, tokenizer, TEXTS, max_length=5)
     np.testing.assert_allclose(short.fit_transform(TEXTS), expected, atol=1e-5)
@@ -185,6 +198,10 @@ def test_bad_text_inputs_raise_clear_errors(tiny_bert, tokenizer) -> None:
         DeepFeatures(tiny_bert, tokenizer=tokenizer, max_length=0).fit_transform(TEXTS)
     with pytest.raises(TypeError, match="cache"):
         DeepFeatures(tiny_bert, tokenizer=tokenizer, cache=3).fit_transform(TEXTS)
+    with pytest.raises(TypeError, match="only strings, got int at row 1"):
+        DeepFeatures(tiny_bert, tokenizer=tokenizer).fit_transform(["a text", 3])
+    with pytest.raises(TypeError, match="only strings"):
+        DeepFeatures(tiny_bert, tokenizer=tokenizer).fit(np.array(["a", None], dtype=object))
     with pytest.raises(TypeError, match="pad"):
         DeepFeatures(tiny_bert, tokenizer=lambda texts, **kw: {}).fit_transform(TEXTS)
 

@@ -1104,18 +1104,26 @@ class _TransformedRows(Dataset[Tensor]):
 
 
 def _is_text(X: Any) -> bool:
-    """Raw text: a non-empty sequence (list, tuple, 1-D array, Series) of strings."""
+    """Raw text: a non-empty list, tuple, 1-D array or pandas Series whose first item is a str."""
     if isinstance(X, (str, bytes, Mapping, Tensor)):
         return False
     if isinstance(X, np.ndarray):
-        return X.ndim == 1 and X.shape[0] > 0 and X.dtype.kind in "UO" and isinstance(X[0], str)
-    if isinstance(X, Sequence) or hasattr(X, "__array__"):
-        try:
-            first = X[0] if isinstance(X, Sequence) else np.asarray(X, dtype=object).ravel()[0]
-        except (IndexError, KeyError, TypeError):
-            return False
-        return isinstance(first, str)
+        return X.ndim == 1 and X.size > 0 and X.dtype.kind in "UO" and isinstance(X[0], str)
+    values = getattr(X, "values", None)  # a pandas Series
+    if isinstance(values, np.ndarray) and hasattr(X, "iloc"):
+        return _is_text(values)
+    if isinstance(X, Sequence) and len(X) > 0:
+        return isinstance(X[0], str)
     return False
+
+
+def _texts(X: Any) -> list[str]:
+    values = getattr(X, "values", X) if hasattr(X, "iloc") else X
+    texts = values.tolist() if isinstance(values, np.ndarray) else list(values)
+    for row, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"X: expected only strings, got {type(text).__name__} at row {row}")
+    return texts
 
 
 class _Tokenized(Dataset[dict[str, list[int]]]):
@@ -1373,8 +1381,8 @@ class DeepFeatures(TransformerMixin, BaseEstimator):  # type: ignore[misc]
             self.n_features_in_ = int(np.prod(self._as_tensor(X).shape[1:]))
         elif kind == "tokens":
             _token_inputs(X)
-        elif len(X) == 0:
-            raise ValueError("X: expected at least 1 text, got 0")
+        else:
+            _texts(X)
         return self
 
     def _cache_dir(self, X: Any) -> str | None:
@@ -1397,9 +1405,7 @@ class DeepFeatures(TransformerMixin, BaseEstimator):  # type: ignore[misc]
         data: Any
         order: np.ndarray | None = None
         if kind == "text":
-            texts = [str(text) for text in (X.tolist() if hasattr(X, "tolist") else X)]
-            if not texts:
-                raise ValueError("X: expected at least 1 text, got 0")
+            texts = _texts(X)
             encoding = self.tokenizer(texts, truncation=True, max_length=self.max_length)
             ids = encoding["input_ids"]
             # batches of similar length, each padded to its own longest text only
