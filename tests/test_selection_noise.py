@@ -222,3 +222,40 @@ def test_leave_one_out_nce_equals_loop_reference(z: np.ndarray, y: np.ndarray) -
     value = selection.nce(z, y, estimator="leave_one_out")
     assert value == pytest.approx(reference_leave_one_out_nce(z, y), abs=1e-12)
     assert value <= 0.0
+
+
+# --------------------------------------------------------------------------- invariants
+
+
+@given(seed=st.integers(0, 10_000), scale=st.floats(0.01, 100.0))
+def test_regularised_hscore_is_invariant_to_rotation_translation_scale_and_order(
+    seed: int, scale: float
+) -> None:
+    rng = np.random.default_rng(seed)
+    n, d = 40, int(rng.integers(2, 60))  # both D < N and D > N
+    y = rng.integers(0, 3, size=n)
+    f = rng.normal(size=(3, d))[y] + rng.normal(size=(n, d))
+    rotation, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    moved = scale * f @ rotation + rng.normal(size=d)
+    order = rng.permutation(n)
+    expected = selection.hscore(f, y)
+    assert selection.hscore(moved, y) == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    assert selection.hscore(f[order], (y[order] + 5) * 2) == pytest.approx(expected, rel=1e-9)
+
+
+@given(seed=st.integers(0, 10_000))
+def test_leave_one_out_scores_ignore_sample_order_and_class_names(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n, z = 30, int(rng.integers(2, 40))
+    y = rng.integers(0, 3, size=n)
+    p = _softmax(rng.normal(size=(n, z)))
+    order, columns = rng.permutation(n), rng.permutation(z)
+    renamed = np.array([7, 2, 11])[y]
+    value = selection.leep(p, y, estimator="leave_one_out")
+    moved = selection.leep(p[order][:, columns], renamed[order], estimator="leave_one_out")
+    assert moved == pytest.approx(value, rel=1e-9)
+    hard = p.argmax(1)
+    value = selection.nce(hard, y, estimator="leave_one_out")
+    assert selection.nce(hard[order] * 3 + 1, renamed[order], estimator="leave_one_out") == (
+        pytest.approx(value, rel=1e-9)
+    )

@@ -119,6 +119,16 @@ def test_a_tokenizer_output_dict_is_passed_as_keyword_arguments(tiny_bert, token
     np.testing.assert_allclose(cls, hidden[:, 0].numpy(), atol=1e-6)
 
 
+def test_an_inner_layer_is_mask_pooled_too(tiny_bert, tokenizer) -> None:
+    features = DeepFeatures(tiny_bert, tokenizer=tokenizer, layers="encoder.layer.0", device="cpu")
+    out = features.fit_transform(TEXTS)
+    enc = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = tiny_bert(**enc, output_hidden_states=True).hidden_states[1].numpy()
+    mask = enc["attention_mask"].numpy()[:, :, None]
+    np.testing.assert_allclose(out, (hidden * mask).sum(1) / mask.sum(1), atol=1e-5)
+
+
 def test_padding_does_not_change_a_text_s_features(tiny_bert, tokenizer) -> None:
     features = DeepFeatures(tiny_bert, tokenizer=tokenizer, device="cpu")
     alone = features.fit_transform(["ok"])
