@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import logging
 import math
@@ -893,3 +895,94 @@ def test_an_extractor_survives_deepcopy_with_its_lock() -> None:
     x = images(3)
     with torch.no_grad():
         assert torch.equal(clone(x), extractor(x))
+
+
+@settings(max_examples=40)
+@given(
+    payload=st.binary(min_size=0, max_size=700),
+    cuts=st.lists(st.integers(0, 700), max_size=6),
+    threads=st.booleans(),
+)
+def test_the_tree_hash_depends_only_on_the_bytes(
+    payload: bytes, cuts: list[int], threads: bool
+) -> None:
+    from transferkit import _feature_cache as fc
+
+    saved_leaf, saved_pool = fc._LEAF_BYTES, fc._hash_pool
+    fc._LEAF_BYTES = 64  # many leaves from a small payload
+    if not threads:
+        fc._hash_pool = lambda: None  # type: ignore[assignment]
+    try:
+        whole = fc._TreeHash()
+        whole.update(payload)
+        pieces = fc._TreeHash()
+        bounds = sorted({0, len(payload), *(c for c in cuts if c <= len(payload))})
+        for a, b in itertools.pairwise(bounds):
+            pieces.update(payload[a:b])
+        assert pieces.hexdigest() == whole.hexdigest()
+        reference = hashlib.blake2b(digest_size=16)
+        for i in range(0, len(payload) - len(payload) % 64, 64):
+            reference.update(hashlib.blake2b(payload[i : i + 64], digest_size=32).digest())
+        if len(payload) % 64:
+            tail = payload[len(payload) - len(payload) % 64 :]
+            reference.update(hashlib.blake2b(tail, digest_size=32).digest())
+        reference.update(len(payload).to_bytes(8, "little"))
+        assert whole.hexdigest() == reference.hexdigest()  # an independent re-derivation
+    finally:
+        fc._LEAF_BYTES, fc._hash_pool = saved_leaf, saved_pool
+
+
+@settings(max_examples=40)
+@given(
+    shape=st.lists(st.integers(1, 5), min_size=1, max_size=4),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.int64, torch.bool]),
+    seed=st.integers(0, 2**16),
+)
+def test_a_tensor_digest_ignores_memory_layout_but_sees_every_element(
+    shape: list[int], dtype: torch.dtype, seed: int
+) -> None:
+    from transferkit import _feature_cache as fc
+
+    def digest(t: Tensor) -> str:
+        h = fc._TreeHash()
+        fc._update_tensor(h, t)
+        return h.hexdigest()
+
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(shape, generator=g) * 100).to(dtype)
+    order = torch.randperm(len(shape), generator=g).tolist()
+    strided = (
+        base.permute(order).contiguous().permute(sorted(range(len(shape)), key=order.__getitem__))
+    )
+    assert torch.equal(strided, base)
+    assert digest(strided) == digest(base) == digest(base.clone())
+    flat = base.reshape(-1)
+    if flat.numel() > 1 and not torch.equal(flat[0], flat[-1]):
+        changed = base.clone().reshape(-1)
+        changed[[0, -1]] = flat[[-1, 0]]  # swap two different elements
+        assert digest(changed.reshape(shape)) != digest(base)
+    assert digest(base.to(torch.float16 if dtype != torch.float16 else torch.float32)) != digest(
+        base
+    )
+
+
+def test_hashing_still_works_in_a_forked_child() -> None:
+    import multiprocessing
+
+    from transferkit import _feature_cache as fc
+
+    big = np.arange(3 * fc._LEAF_BYTES // 8, dtype=np.int64)  # several leaves: uses the pool
+    parent = fc._TreeHash()
+    parent.update(big)
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as pool:  # the child inherits the pool object without its threads
+        child = pool.apply_async(_digest_in_child, (big,)).get(timeout=20)
+    assert child == parent.hexdigest()
+
+
+def _digest_in_child(array: np.ndarray) -> str:
+    from transferkit import _feature_cache as fc
+
+    h = fc._TreeHash()
+    h.update(array)
+    return h.hexdigest()

@@ -45,7 +45,8 @@ _FORMAT = "transferkit-features"
 _VERSION = 2
 _HEADER = "header.json"
 _LOCK = ".lock"
-_HEADER_INTERVAL_S = 1.0
+_HEADER_INTERVAL_S = 1.0  # the header is saved at most this often...
+_HEADER_COST_FACTOR = 20.0  # ...and at most this many times less often than it takes
 _LEAF_BYTES = 1 << 22  # tree-hash leaf: 4 MiB
 _CHUNK_BYTES = 1 << 24  # non-contiguous / device tensors are hashed 16 MiB at a time
 _DATA_NAME = re.compile(r"(features_[0-9]{1,6}|labels)\.npy")
@@ -68,6 +69,14 @@ def _hash_pool() -> ThreadPoolExecutor | None:
         if _pool is None:
             _pool = ThreadPoolExecutor(workers, thread_name_prefix="transferkit-hash")
         return _pool
+
+
+def _forget_pool() -> None:  # a forked child has the pool object but none of its threads
+    global _pool
+    _pool = None
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _leaf_digest(view: memoryview) -> bytes:
@@ -351,6 +360,7 @@ class _CacheSink:
         self.row_bytes: list[int] = []
         self.dtypes: list[np.dtype[Any]] = []
         self.last_save = 0.0
+        self.save_cost = 0.0
 
     @property
     def header_path(self) -> Path:
@@ -659,7 +669,9 @@ class _CacheSink:
             sums.append(h.hexdigest())
         self.chunks[start] = _Chunk(start, stop, data, sums)
         bisect.insort(self.starts, start)
-        if time.monotonic() - self.last_save >= _HEADER_INTERVAL_S:
+        # At most once a second, and at most ~5% of the time even when the header is long.
+        wait = max(_HEADER_INTERVAL_S, _HEADER_COST_FACTOR * self.save_cost)
+        if time.monotonic() - self.last_save >= wait:
             self.save()
 
     def _drop(self, start: int, stop: int) -> None:
@@ -679,11 +691,13 @@ class _CacheSink:
         assert self.header is not None
         self.header["chunks"] = [self.chunks[s].to_json() for s in self.starts]
         self.header["rows_done"] = self.rows_done
+        began = time.monotonic()
         try:
             _write_json_atomic(self.header_path, self.header)
         except OSError as err:
             raise _cannot_write(self.directory, err) from err
         self.last_save = time.monotonic()
+        self.save_cost = self.last_save - began
 
     def save(self, *, complete: bool = False) -> None:
         """Record the chunks written so far in the header (after an fsync when complete)."""
