@@ -70,7 +70,7 @@ def measure_hashing(repeats: int, mib: int) -> dict[str, Any]:
     tensor = torch.randn(mib << 18)  # float32: 4 bytes per element
     square = tensor.view(mib << 8, 1024)
     transposed = square.t()  # same bytes, non-contiguous
-    images = tensor.view(-1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    images = tensor.view(-1, 4, 64, 64).contiguous(memory_format=torch.channels_last)
     nbytes = tensor.numel() * 4
 
     def tree(t: torch.Tensor) -> None:
@@ -88,7 +88,7 @@ def measure_hashing(repeats: int, mib: int) -> dict[str, Any]:
 
     contenders = {
         "tree hash, contiguous": lambda: tree(tensor),
-        "tree hash, channels_last images (N, 3, 64, 64)": lambda: tree(images),
+        "tree hash, channels_last images (N, 4, 64, 64)": lambda: tree(images),
         "tree hash, transposed 2-D view": lambda: tree(transposed),
         "tree hash, one thread": one_thread,
         "hashlib.blake2b one call (floor)": lambda: hashlib.blake2b(
