@@ -11,6 +11,9 @@ Every recipe gets the same labelled samples and the same number of steps:
 * fine-tune       -- everything trains with one learning rate;
 * LP-FT           -- linear probe first, then unfreeze everything with layer-wise lr decay;
 * gradual unfr.   -- the head first, then the upper, then the lower blocks join;
+* one-cycle GU    -- the same stages under fastai's one-cycle lr schedule, with layer-wise
+                     lr decay continued to each new stage (``GradualUnfreezing(...,
+                     scheduler=tk.schedules.one_cycle(...), layer_decay=0.5)``);
 * L2-SP           -- fine-tune with a pull towards the pretrained weights.
 
 Prints target-test accuracy, mean +- std over 3 seeds (``--smoke``: 1 seed, fewer steps).
@@ -52,8 +55,12 @@ def fit(
     seed: int,
     penalty: Callable[[], torch.Tensor] | None = None,
     on_epoch: Callable[[], object] | None = None,
+    on_step: Callable[[], object] | None = None,
 ) -> None:
-    """Mini-batch training for a fixed number of steps; ``on_epoch`` after each pass."""
+    """Mini-batch training for a fixed number of steps.
+
+    ``on_step`` runs after each optimizer step, ``on_epoch`` after each pass.
+    """
     loader = tk.datasets.make_loader(x, y, batch_size=32, seed=seed)
     done = 0
     while done < steps:
@@ -65,6 +72,8 @@ def fit(
                 loss = loss + penalty()
             loss.backward()
             optimizer.step()
+            if on_step is not None:
+                on_step()
             done += 1
             if done == steps:
                 return
@@ -125,6 +134,25 @@ def run(
         optimizer = torch.optim.Adam(tk.param_groups(model, 3e-3))
         schedule = tk.GradualUnfreezing(model, STAGES, optimizer, every=every, lr=1e-3)
         fit(model, optimizer, x, y, steps=steps, seed=seed, on_epoch=schedule.step)
+    elif method == "one-cycle GU":
+        epochs = steps // -(-len(x) // 32)
+        every = max(1, epochs // (len(STAGES) + 1))
+        tk.freeze(model, exclude="fc")
+        optimizer = torch.optim.Adam(tk.param_groups(model, 3e-3))
+        scheduler = tk.schedules.one_cycle(optimizer, steps)
+        schedule = tk.GradualUnfreezing(
+            model, STAGES, optimizer, every=every, layer_decay=0.5, scheduler=scheduler
+        )
+        fit(
+            model,
+            optimizer,
+            x,
+            y,
+            steps=steps,
+            seed=seed,
+            on_epoch=schedule.step,
+            on_step=scheduler.step,
+        )
     elif method == "L2-SP":
         l2sp = L2SP(model, alpha=0.1, beta=1e-3, exclude=["fc*"])
         optimizer = torch.optim.Adam(tk.param_groups(model, 1e-3))
@@ -134,7 +162,15 @@ def run(
     return model
 
 
-METHODS = ["scratch", "linear probe", "fine-tune", "LP-FT", "gradual unfreezing", "L2-SP"]
+METHODS = [
+    "scratch",
+    "linear probe",
+    "fine-tune",
+    "LP-FT",
+    "gradual unfreezing",
+    "one-cycle GU",
+    "L2-SP",
+]
 
 
 def main() -> None:

@@ -78,7 +78,9 @@ SCHEDULERS: dict[str, Factory] = {
     ),
 }
 BASES = [0.1, 0.03, 0.01]
-ADDED_AT = {1: 4, 2: 11}  # group index -> step at which it is added
+# group index -> step at which it is added: mid-phase, and on phase boundaries (step 5:
+# the SequentialLR milestone and the end of the warmups; step 1: the first step)
+ADDED_AT = [{1: 4, 2: 11}, {1: 1, 2: 5}]
 
 
 def new_param() -> nn.Parameter:
@@ -103,14 +105,17 @@ def reference_run(factory: Factory, steps: int) -> list[list[tuple[float, float]
     return values
 
 
+@pytest.mark.parametrize("added_at", ADDED_AT, ids=["mid-phase", "boundaries"])
 @pytest.mark.parametrize("name", list(SCHEDULERS))
-def test_group_added_mid_run_follows_schedule_as_if_present_from_start(name: str) -> None:
+def test_group_added_mid_run_follows_schedule_as_if_present_from_start(
+    name: str, added_at: dict[int, int]
+) -> None:
     factory = SCHEDULERS[name]
     expected = reference_run(factory, TOTAL)
     optimizer = torch.optim.SGD([new_param()], lr=BASES[0], momentum=0.9)
     scheduler = factory(optimizer)
     for step in range(TOTAL):
-        for index, at in ADDED_AT.items():
+        for index, at in added_at.items():
             if step == at:
                 optimizer.add_param_group({"params": [new_param()], "lr": BASES[index]})
                 assert extend_scheduler(scheduler) == [index]
