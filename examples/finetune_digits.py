@@ -224,7 +224,7 @@ def main() -> None:
     for shots in args.shots:
         scratch = statistics.mean(results[("scratch", shots)])
         gains = []
-        for method in ("fine-tune", "LP-FT", "gradual unfreezing", "L2-SP"):
+        for method in ("fine-tune", "LP-FT", "gradual unfreezing", "one-cycle GU", "L2-SP"):
             transfer = statistics.mean(results[(method, shots)])
             assert transfer > scratch, (
                 f"{method} ({transfer:.3f}) should beat scratch ({scratch:.3f}) at {shots}/class"

@@ -22,6 +22,7 @@ def test_finetune_digits_smoke_transfer_beats_scratch() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    for method in ("scratch", "linear probe", "fine-tune", "LP-FT", "gradual unfreezing", "L2-SP"):
+    methods = ("scratch", "linear probe", "fine-tune", "LP-FT", "gradual unfreezing", "L2-SP")
+    for method in (*methods, "one-cycle GU"):
         assert f"\n{method} " in result.stdout, method
     assert "5 labels/class" in result.stdout and "10 labels/class" in result.stdout
