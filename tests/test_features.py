@@ -794,26 +794,34 @@ class BadBatch(Dataset[Tensor]):
 
 
 @pytest.mark.parametrize("failure", ["meta", "oom-during-move", "bad-batch", "forward"])
-def test_a_failed_extraction_leaves_the_model_exactly_as_it_was(failure: str) -> None:
+def test_a_failed_extraction_leaves_the_model_exactly_as_it_was(
+    failure: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     net: nn.Module = small_cnn().double()
     net.train()
     net.fc.eval()  # per-submodule modes must come back too
     net.features[0].weight.grad = torch.ones_like(net.features[0].weight)
+    assert isinstance(net.features[0].weight.grad, Tensor)
     data: Any = images(12).double()
     device = "auto"
     if failure == "meta":
         device = "meta"
     elif failure == "oom-during-move":
         net.add_module("late", FailsToMove())
-        device = "meta"
+        monkeypatch.setattr(tk.features, "_same_device", lambda a, b: False)  # force a move
+        monkeypatch.setattr(tk.features, "_check_not_meta", lambda model, device: None)
+        device = "meta"  # the move itself loses the data of every module moved before "late"
     elif failure == "bad-batch":
         data = BadBatch()
     else:
         net = Counting(net, fail_at=2)
     before = snapshot(net)
-    with pytest.raises((RuntimeError, NotImplementedError, OSError, ValueError)):
+    with pytest.raises((RuntimeError, NotImplementedError, OSError, ValueError)) as raised:
         tk.extract_features(net, data, batch_size=4, device=device, progress=False)
+    if failure == "meta":
+        assert "device: 'meta' holds no data" in str(raised.value)
     assert_unchanged(net, before)
+    monkeypatch.undo()
     first = next(m for m in net.modules() if isinstance(m, nn.Conv2d))
     assert first.weight.grad is not None and bool((first.weight.grad == 1).all())
     assert first.weight.grad.device.type == "cpu"
@@ -986,3 +994,10 @@ def _digest_in_child(array: np.ndarray) -> str:
     h = fc._TreeHash()
     h.update(array)
     return h.hexdigest()
+
+
+def test_a_model_on_the_meta_device_is_refused_clearly() -> None:
+    with torch.device("meta"):
+        net = tk.models.SmallCNN()
+    with pytest.raises(ValueError, match=r"model: .* is on the meta device.*to_empty"):
+        tk.extract_features(net, images(2), progress=False)

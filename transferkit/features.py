@@ -602,6 +602,22 @@ def _choose_device(model: nn.Module, device: str | torch.device | None) -> torch
     return resolve_device(device)
 
 
+def _check_not_meta(model: nn.Module, device: str | torch.device | None) -> None:
+    """Meta tensors hold no data: refuse them before the model is touched."""
+    on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if on_meta:
+        raise ValueError(
+            f"model: {on_meta[0]!r} (and {len(on_meta) - 1} more) is on the meta device, so it "
+            "holds no weights; materialise the model first (e.g. model.to_empty(device='cpu') "
+            "and load_state_dict)"
+        )
+    if _choose_device(model, device).type == "meta":
+        raise ValueError(
+            f"device: {device!r} holds no data, so no features can be computed there; "
+            "pass 'auto', 'cpu', 'cuda' or 'mps'"
+        )
+
+
 def _same_device(a: torch.device, b: torch.device) -> bool:
     if a.type != b.type:
         return False
@@ -1121,6 +1137,7 @@ def extract_features(
             "distributed: True needs an initialised torch.distributed process group "
             "(launch with torchrun and call torch.distributed.init_process_group first)"
         )
+    _check_not_meta(extractor.model, device)
     try:
         with _model_lock(extractor.model):
             if (distributed is None and is_distributed() and get_world_size() > 1) or (
