@@ -54,6 +54,10 @@ def test_mmd_compiles_without_graph_breaks(estimator: str, bandwidth: float | No
             lambda s, t: tk.losses.mmd(s, t, tk.kernels.LinearKernel()), id="mmd-linear-kernel"
         ),
         pytest.param(lambda s, t: (tk.GradientReversal(0.5)(s) * t).sum(), id="GradientReversal"),
+        pytest.param(lambda s, t: tk.losses.mcc(s), id="mcc"),
+        pytest.param(lambda s, t: tk.losses.bnm(s), id="bnm"),
+        pytest.param(lambda s, t: tk.losses.adaptive_feature_norm(s), id="safn"),
+        pytest.param(lambda s, t: tk.losses.adaptive_feature_norm(s, radius=2.0), id="hafn"),
     ],
 )
 def test_losses_and_grl_compile_without_graph_breaks(loss: Loss) -> None:
@@ -68,3 +72,5 @@ def test_validation_still_rejects_nan_outside_compile() -> None:
         tk.losses.mmd(source, target)
     with pytest.raises(ValueError, match="source"):
         tk.losses.coral(source, target)
+    with pytest.raises(ValueError, match="target_logits"):
+        tk.losses.mcc(source)
