@@ -863,3 +863,54 @@ def test_conditional_adversarial_loss_accepts_half_and_double_features(dtype: to
     loss.backward()
     assert bool(torch.isfinite(loss)) and features.grad is not None
     assert features.grad.dtype == dtype
+
+
+def _mdd_target_accuracy(
+    task: tk.datasets.DomainTask, seed: int, adapt: bool, warmup: int = 150, steps: int = 300
+) -> float:
+    """BatchNorm-bottleneck MLP, ``warmup`` source-only steps then ``steps`` more with or
+    without MDD (a one-hidden-layer adversarial head, fixed reversal 0.1); target accuracy."""
+    tk.seed_everything(seed)
+    body = nn.Sequential(
+        nn.Linear(task.source_x.shape[1], 128),
+        nn.ReLU(),
+        nn.Linear(128, 64),
+        nn.BatchNorm1d(64),
+        nn.ReLU(),
+    )
+    head = nn.Linear(64, task.num_classes)
+    mdd = tk.MarginDisparityDiscrepancy(
+        tk.ClassifierHead(64, task.num_classes, hidden=(64,), dropout=0.0, pool=None)
+    )
+    params = [*body.parameters(), *head.parameters(), *mdd.parameters()]
+    optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9)
+    source = tk.datasets.infinite(
+        tk.datasets.make_loader(task.source_x, task.source_y, batch_size=64, seed=seed)
+    )
+    target = tk.datasets.infinite(
+        tk.datasets.make_loader(task.target_x, batch_size=64, seed=seed + 1)
+    )
+    for step in range(warmup + steps):
+        (xs, ys), (xt,) = next(source), next(target)
+        features = body(torch.cat([xs, xt]))
+        fs, ft = features[: len(xs)], features[len(xs) :]
+        logits_s, logits_t = head(fs), head(ft)
+        loss = nn.functional.cross_entropy(logits_s, ys)
+        if adapt and step >= warmup:
+            loss = loss + mdd(logits_s, fs, logits_t, ft)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    body.eval()
+    with torch.no_grad():
+        predictions = head(body(task.target_test_x)).argmax(1)
+    return float((predictions == task.target_test_y).float().mean())
+
+
+@pytest.mark.slow
+def test_mdd_improves_target_accuracy_on_rotated_digits() -> None:
+    task = tk.datasets.digits("rotate", size=8, seed=0).flat()
+    source_only = [_mdd_target_accuracy(task, seed, adapt=False) for seed in range(3)]
+    adapted = [_mdd_target_accuracy(task, seed, adapt=True) for seed in range(3)]
+    # measured: 0.280 +- 0.018 -> 0.366 +- 0.020 (3 seeds); require a clear margin only
+    assert np.mean(adapted) > np.mean(source_only) + 0.04, (source_only, adapted)

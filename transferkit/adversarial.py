@@ -770,11 +770,17 @@ class MarginDisparityDiscrepancy(nn.Module):
       is a fixed ``0.1`` (the value TLlib ramps to); for TLlib's ramp pass
       ``grl=GradientReversal(WarmStartSchedule(max_steps, alpha=1.0, hi=0.1))`` and call
       ``mdd.grl.schedule.step()`` once per iteration.
+    * Give the adversarial head at least one hidden layer (TLlib uses the main head's
+      2-layer architecture), e.g. ``ClassifierHead(D, C, hidden=(256,), pool=None)``.
+      With a single linear adversary on the 8x8-digits tests, the features collapsed
+      (source accuracy fell to chance, ``target_disagreement`` stuck at 1.0). Use
+      normalised (BatchNorm) bottleneck features, and start from a network that
+      already classifies the source (pretrained, or a source-only warm-up).
 
     Args:
         adversarial_head: a module mapping ``(N, D)`` features to ``(N, C)`` logits,
-            with the same architecture as the main classifier (e.g. a fresh
-            ``nn.Linear(D, C)`` or a ``ClassifierHead``).
+            e.g. a fresh [`ClassifierHead`][transferkit.heads.ClassifierHead] with a
+            hidden layer (see above).
         margin: the margin factor ``gamma > 0`` (4.0 in the paper).
         offset: the shift $\epsilon \in [0, 1)$ of the target log-loss.
         grl: the reversal layer; default ``GradientReversal(0.1)``.
@@ -796,7 +802,8 @@ class MarginDisparityDiscrepancy(nn.Module):
 
     Examples:
         >>> _ = torch.manual_seed(0)
-        >>> mdd = MarginDisparityDiscrepancy(nn.Linear(16, 4), margin=4.0)
+        >>> head = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+        >>> mdd = MarginDisparityDiscrepancy(head, margin=4.0)
         >>> loss = mdd(torch.randn(8, 4), torch.randn(8, 16), torch.randn(6, 4),
         ...            torch.randn(6, 16))
         >>> loss.shape, bool(loss > 0), mdd.grl.coeff

@@ -19,8 +19,9 @@ Validation reads a few values back from the device (e.g. the NaN check); while
 checks are skipped (shapes, dtypes and options are still checked) and [`mmd`][] uses
 plain autograd ops instead of its blocked custom function, so ``mmd`` (every estimator,
 fixed or heuristic bandwidth), [`coral`][], [`entropy`][], [`distillation`][],
-[`mcc`][], [`bnm`][] and [`adaptive_feature_norm`][] compile with ``fullgraph=True``. Unweighted calls only: explicit sample weights are
-still checked with a read-back.
+[`mcc`][], [`bnm`][] and [`adaptive_feature_norm`][] compile with
+``fullgraph=True``. Unweighted calls only: explicit sample weights are still checked
+with a read-back.
 
 The quadratic MMD estimators never build an autograd graph over the ``(N + M)^2``
 kernel matrix: a custom autograd function evaluates the kernel in row blocks, keeps
