@@ -865,6 +865,31 @@ def test_conditional_adversarial_loss_accepts_half_and_double_features(dtype: to
     assert features.grad.dtype == dtype
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_mdd_accepts_half_and_double_features_with_an_fp32_head(dtype: torch.dtype) -> None:
+    # Without the cast: "mat1 and mat2 must have the same dtype" from inside the head.
+    torch.manual_seed(0)
+    mdd = tk.MarginDisparityDiscrepancy(nn.Linear(5, 4))
+    batch32 = mdd_batch(5, torch.float32)
+    batch = [x.to(dtype) for x in batch32]
+    batch[1].requires_grad_(True)
+    loss = mdd(*batch)
+    assert loss.dtype == torch.float32 and bool(torch.isfinite(loss))
+    loss.backward()
+    assert batch[1].grad is not None and batch[1].grad.dtype == dtype
+    reference = mdd(*(x.detach().float() for x in batch))
+    torch.testing.assert_close(loss.detach(), reference, rtol=2e-2, atol=2e-2)
+
+
+def test_mdd_rejects_a_head_that_overflows() -> None:
+    mdd = tk.MarginDisparityDiscrepancy(nn.Linear(5, 4))
+    with torch.no_grad():
+        mdd.adversarial_head.weight.fill_(1e30)  # type: ignore[operator]
+    batch = [x * 1e10 for x in mdd_batch(0, torch.float32)]
+    with pytest.raises(ValueError, match="adversarial_head: produced non-finite"):
+        mdd(*batch)
+
+
 def _mdd_target_accuracy(
     task: tk.datasets.DomainTask, seed: int, adapt: bool, warmup: int = 150, steps: int = 300
 ) -> float:

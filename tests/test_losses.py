@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy.spatial.distance import cdist
-from scipy.special import log_softmax, softmax
+from scipy.special import entr, log_softmax, softmax
 from torch import nn
 
 import transferkit as tk
@@ -682,7 +682,7 @@ def ref_mcc(z: np.ndarray, temperature: float, weights_from: np.ndarray | None =
     batch, classes = z.shape
     p = softmax(z / temperature, axis=1)
     q = p if weights_from is None else softmax(weights_from / temperature, axis=1)
-    entropy_ = -(q * np.log(q)).sum(axis=1)
+    entropy_ = entr(q).sum(axis=1)  # -q log q, 0 at q = 0
     w = 1.0 + np.exp(-entropy_)
     w = batch * w / w.sum()
     confusion = np.zeros((classes, classes))
@@ -1203,3 +1203,38 @@ def test_hard_afn_moves_the_mean_feature_norm_to_the_radius() -> None:
         L.adaptive_feature_norm(layer(x), radius=10.0).backward()
         optimizer.step()
     assert start < 5.0 and float(layer(x).norm(dim=1).mean()) == pytest.approx(10.0, rel=1e-3)
+
+
+@pytest.mark.parametrize("scale", [1e-20, 1e20])
+def test_mcc_and_bnm_at_extreme_magnitudes_match_float64(scale: float) -> None:
+    z = np.random.default_rng(11).normal(size=(8, 4))
+    z[np.arange(4), np.arange(4)] += 5.0  # every class is somebody's prediction
+    z = (z * scale).astype(np.float32).astype(np.float64)
+    for loss, ref in ((L.mcc, lambda x: ref_mcc(x, 2.5)), (L.bnm, ref_bnm)):
+        logits = torch.from_numpy(z).float().requires_grad_(True)
+        got = loss(logits)
+        np.testing.assert_allclose(float(got.detach()), ref(z), rtol=1e-5, atol=1e-6)
+        got.backward()
+        assert logits.grad is not None and bool(torch.isfinite(logits.grad).all())
+
+
+@pytest.mark.parametrize("scale", [1e-20, 1.0, 1e20])
+def test_afn_at_extreme_magnitudes_matches_float64_or_raises_clearly(scale: float) -> None:
+    # fp32 norms of 1e20 rows used to overflow to inf (NaN loss), 1e-20 rows to underflow,
+    # and sg(h) + delta - h rounded to 0 at h ~ 1e20.
+    f = (np.random.default_rng(12).normal(size=(6, 4)) * scale).astype(np.float32)
+    f64 = f.astype(np.float64)
+    norms = np.linalg.norm(f64, axis=1, keepdims=True)
+    features = torch.from_numpy(f).requires_grad_(True)
+    value = L.adaptive_feature_norm(features, delta=0.5)
+    value.backward()
+    assert float(value.detach()) == pytest.approx(0.25, rel=1e-6)
+    assert features.grad is not None
+    np.testing.assert_allclose(features.grad.numpy(), -2 * 0.5 / 6 * f64 / norms, rtol=1e-5)
+    hard_expected = float((norms.mean() - 3.0) ** 2)
+    if hard_expected >= FP32_MAX:
+        with pytest.raises(ValueError, match="features: the hard AFN penalty .* overflows"):
+            L.adaptive_feature_norm(torch.from_numpy(f), radius=3.0)
+        return
+    hard = L.adaptive_feature_norm(torch.from_numpy(f), radius=3.0)
+    assert float(hard) == pytest.approx(hard_expected, rel=1e-5)

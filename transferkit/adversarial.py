@@ -878,6 +878,13 @@ class MarginDisparityDiscrepancy(nn.Module):
         check_pair(source_logits, target_logits, ("source_logits", "target_logits"))
         num_source, classes = source_logits.shape
         features = self.grl(torch.cat([source_features, target_features], dim=0))
+        # As for the discriminators: the head gets the features in its parameters' dtype
+        # (fp16/bf16/fp64 features, fp32 head); the cast sends gradients back unchanged.
+        param = next(
+            (p for p in self.adversarial_head.parameters() if p.is_floating_point()), None
+        )
+        if param is not None and param.dtype != features.dtype:
+            features = features.to(param.dtype)
         adversarial = self.adversarial_head(features)
         expected = (features.shape[0], classes)
         if not isinstance(adversarial, Tensor) or tuple(adversarial.shape) != expected:
@@ -889,6 +896,11 @@ class MarginDisparityDiscrepancy(nn.Module):
             raise ValueError(
                 f"adversarial_head: expected logits of shape {expected} (one row per sample, "
                 f"one column per class of the main classifier), got {got}"
+            )
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(adversarial).all()):
+            raise ValueError(
+                "adversarial_head: produced non-finite logits (NaN/inf); the features or "
+                "the head's weights are too large for its dtype"
             )
         with _full_precision(features.device):
             adversarial = _at_least_fp32(adversarial)

@@ -1052,7 +1052,9 @@ def adaptive_feature_norm(
     Add ``0.05 * adaptive_feature_norm(features)`` (the paper's weight for SAFN on
     Office-31; HAFN used 0.05 as well) for source and target features, on the
     bottleneck features before the last linear layer. The norm has a zero gradient at
-    ``f_i = 0`` (no NaN).
+    ``f_i = 0`` (no NaN), and norms are computed scaled by each row's largest entry, so
+    fp32 features of magnitude 1e20 or 1e-20 give the float64 result; a hard-AFN value
+    that does not fit in the dtype raises instead of returning ``inf``.
 
     Args:
         features: a feature batch (source and target concatenated, or one domain).
@@ -1069,7 +1071,7 @@ def adaptive_feature_norm(
 
     Raises:
         ValueError: non-2-D, empty or non-finite features, non-positive ``delta`` /
-            ``radius``, or both given.
+            ``radius``, both given, or a hard-AFN penalty that overflows the dtype.
         TypeError: non-tensor or non-floating features, or non-numeric options.
 
     Examples:
@@ -1082,11 +1084,32 @@ def adaptive_feature_norm(
     check_features(features, "features")
     step, target_norm = _check_afn_options(delta, radius)
     with no_autocast(features.device):
-        norms: Tensor = torch.linalg.vector_norm(as_compute(features), dim=1)
-        if target_norm is not None:
-            return (norms.mean() - target_norm) ** 2
-        assert step is not None
-        return ((norms.detach() + step - norms) ** 2).mean()
+        norms = _row_norms(as_compute(features))
+        if target_norm is None:
+            assert step is not None
+            # (sg(h) + delta - h)^2 written as (delta - (h - sg(h)))^2: h - sg(h) is exactly
+            # 0, so the value is delta^2 even where h + delta rounds to h (h ~ 1e20).
+            return ((step - (norms - norms.detach())) ** 2).mean()
+        penalty = (norms.mean() - target_norm) ** 2
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(penalty)):
+            raise ValueError(
+                f"features: the hard AFN penalty (mean norm - radius)^2 overflows "
+                f"{penalty.dtype} (mean feature norm {float(norms.mean().detach()):.3g}, "
+                f"radius {target_norm:g}); scale the features down or pass float64"
+            )
+        return penalty
+
+
+def _row_norms(x: Tensor) -> Tensor:
+    """Euclidean row norms, scaled so that squares of 1e20 or 1e-20 stay in fp32 range.
+
+    Each row is divided by its largest entry (detached) before the norm and the norm is
+    multiplied back; zero rows keep a zero gradient.
+    """
+    scale = x.detach().abs().amax(dim=1, keepdim=True)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    norms: Tensor = torch.linalg.vector_norm(x / scale, dim=1) * scale.squeeze(1)
+    return norms
 
 
 class AdaptiveFeatureNormLoss(nn.Module):
