@@ -880,9 +880,7 @@ class MarginDisparityDiscrepancy(nn.Module):
         features = self.grl(torch.cat([source_features, target_features], dim=0))
         # As for the discriminators: the head gets the features in its parameters' dtype
         # (fp16/bf16/fp64 features, fp32 head); the cast sends gradients back unchanged.
-        param = next(
-            (p for p in self.adversarial_head.parameters() if p.is_floating_point()), None
-        )
+        param = next((p for p in self.adversarial_head.parameters() if p.is_floating_point()), None)
         if param is not None and param.dtype != features.dtype:
             features = features.to(param.dtype)
         adversarial = self.adversarial_head(features)
