@@ -103,7 +103,27 @@ def test_probability_scores_rank_a_trained_classifier_above_noise(digits, score,
         warnings.simplefilter("error")
         assert selection.rank(few, labels, score=score).best == "trained classifier"
     with pytest.warns(UserWarning, match="estimator='leave_one_out'"):
-        getattr(selection, score)(candidates["noise, Z >= N"], labels)
+        getattr(selection, score)(candidates["noise, Z >= N"], labels, estimator="empirical")
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("score", ["leep", "nce"])
+def test_default_probability_scores_rank_noise_below_a_trained_classifier(
+    digits, score, seed
+) -> None:
+    # the default estimator ("auto") switches to leave-one-out where the paper's formula
+    # would overfit, so rank() with the plain score name never puts noise first
+    candidates, labels = _candidates(digits, seed, "probs")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        table = selection.rank(candidates, labels, score=score)
+    assert table.best == "trained classifier", str(table)
+    assert table.names[-1].startswith("noise"), str(table)
+    # where every source class has enough samples, "auto" is the paper's formula
+    few = candidates["trained classifier"]
+    assert getattr(selection, score)(few, labels) == getattr(selection, score)(
+        few, labels, estimator="empirical"
+    )
 
 
 def test_in_sample_leep_and_nce_reward_many_random_source_classes() -> None:
@@ -112,9 +132,12 @@ def test_in_sample_leep_and_nce_reward_many_random_source_classes() -> None:
     labels = rng.integers(0, 10, size=200)
     noise = _softmax(30.0 * rng.normal(size=(200, 1000)))
     with pytest.warns(UserWarning, match="leep: 200 target samples"):
-        assert selection.leep(noise, labels) > -0.5  # looks nearly perfect
+        assert selection.leep(noise, labels, estimator="empirical") > -0.5  # nearly perfect
     with pytest.warns(UserWarning, match="nce: 200 target samples"):
-        assert selection.nce(noise, labels) > -0.5
+        assert selection.nce(noise, labels, estimator="empirical") > -0.5
+    # the default ("auto") holds the estimate out here
+    assert selection.leep(noise, labels) < -2.0
+    assert selection.nce(noise, labels) < -2.0
     # held out, the same noise carries no information (about -log 10 = -2.3)
     assert selection.leep(noise, labels, estimator="leave_one_out") < -2.0
     assert selection.nce(noise, labels, estimator="leave_one_out") < -2.0

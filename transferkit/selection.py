@@ -195,8 +195,8 @@ def logme(features: ArrayLike, labels: ArrayLike) -> float:
     return float(evidence.mean())
 
 
-Estimator = Literal["empirical", "leave_one_out"]
-ESTIMATORS: tuple[Estimator, ...] = ("empirical", "leave_one_out")
+Estimator = Literal["auto", "empirical", "leave_one_out"]
+ESTIMATORS: tuple[Estimator, ...] = ("auto", "empirical", "leave_one_out")
 # Fewer target samples than this per source class (on average) and the in-sample
 # estimate of P(y | z) that LEEP and NCE rest on overfits: a random source model with
 # many classes then scores close to a perfect one.
@@ -244,6 +244,23 @@ def _dense_labels(y: np.ndarray) -> tuple[np.ndarray, int]:
     return index.reshape(-1), int(classes.shape[0])
 
 
+def _resolve_estimator(
+    score: str, estimator: Estimator, samples: int, source_classes: float
+) -> Estimator:
+    """``"auto"``: the paper's formula unless it would overfit (too few samples per class)."""
+    per_class = samples / max(source_classes, 1.0)
+    if estimator != "auto":
+        if estimator == "empirical":
+            _warn_few_per_source_class(score, samples, source_classes)
+        return estimator
+    if per_class >= _MIN_SAMPLES_PER_SOURCE_CLASS:
+        return "empirical"
+    logger.info(
+        "%s: %.1f target samples per source class in use: leave-one-out estimate", score, per_class
+    )
+    return "leave_one_out"
+
+
 def _warn_few_per_source_class(score: str, samples: int, source_classes: float) -> None:
     per_class = samples / max(source_classes, 1.0)
     if per_class < _MIN_SAMPLES_PER_SOURCE_CLASS:
@@ -260,9 +277,7 @@ def _check_estimator(estimator: object) -> Estimator:
     return check_option(estimator, "estimator", ESTIMATORS)
 
 
-def leep(
-    source_probs: ArrayLike, labels: ArrayLike, *, estimator: Estimator = "empirical"
-) -> float:
+def leep(source_probs: ArrayLike, labels: ArrayLike, *, estimator: Estimator = "auto") -> float:
     r"""LEEP: log expected empirical prediction (Nguyen et al., 2020).
 
     With $\theta(x)$ the source classifier's probabilities over its $Z$
@@ -275,7 +290,7 @@ def leep(
     \text{LEEP} = \frac1N \sum_i \log \sum_z \hat P(y_i | z)\, \theta(x_i)_z.
     $$
 
-    ``estimator="empirical"`` (default) is this formula of the paper. It estimates
+    ``estimator="empirical"`` is this formula of the paper. It estimates
     $\hat P(y | z)$ on the same samples it scores, so with few target samples per
     source class (e.g. a 1000-class ImageNet model on a few hundred target images) it
     overfits: confident random predictions then score close to 0, above informative
@@ -298,8 +313,9 @@ def leep(
         source_probs: the source model's softmax outputs on the target inputs (rows sum
             to 1; apply ``softmax`` to logits first).
         labels: target class labels.
-        estimator: ``"empirical"`` (the paper's in-sample formula) or
-            ``"leave_one_out"`` (see above).
+        estimator: ``"auto"`` (default: ``"empirical"`` with at least 5 samples per
+            source class in use, else ``"leave_one_out"``), ``"empirical"`` (the paper's
+            in-sample formula) or ``"leave_one_out"`` (see above).
 
     Returns:
         The LEEP score, ``<= 0``; higher means better transferability.
@@ -335,6 +351,9 @@ def leep(
     marginal = joint.sum(0)
     if not np.isfinite(marginal).all():  # any NaN/inf in p reaches its column's sum
         raise ValueError("source_probs: expected finite values, got NaN or inf")
+    nonzero = marginal[marginal > 0] / n
+    effective = float(np.exp(-(nonzero * np.log(nonzero)).sum()))
+    estimator = _resolve_estimator("leep", estimator, n, effective)
     if estimator == "empirical":
         conditional = np.divide(joint, marginal, out=np.zeros_like(joint), where=marginal > 0)
         predictions = p @ conditional.T  # (N, C)
@@ -342,9 +361,6 @@ def leep(
         # so the rows of `predictions` sum like the rows of p: the sum-to-1 (and NaN/inf)
         # check costs no extra pass over p
         _check_row_sums(predictions.sum(1), "source_probs")
-        nonzero = marginal[marginal > 0] / n
-        effective = float(np.exp(-(nonzero * np.log(nonzero)).sum()))
-        _warn_few_per_source_class("leep", n, effective)
         expected = predictions[np.arange(n), index]
         return float(np.log(expected).mean())
     _check_row_sums(p.sum(1), "source_probs")
@@ -499,7 +515,7 @@ def _check_shrinkage(shrinkage: object) -> float | Literal["ledoit_wolf"] | None
 
 
 def nce(
-    source_labels_pred: ArrayLike, labels: ArrayLike, *, estimator: Estimator = "empirical"
+    source_labels_pred: ArrayLike, labels: ArrayLike, *, estimator: Estimator = "auto"
 ) -> float:
     r"""NCE: negative conditional entropy of target labels given source labels.
 
@@ -510,7 +526,7 @@ def nce(
     \text{NCE} = -H(Y | Z) = \sum_{y, z} \hat P(y, z) \log \hat P(y | z).
     $$
 
-    ``estimator="empirical"`` (default) is this formula. Like [`leep`][] it is an
+    ``estimator="empirical"`` is this formula. Like [`leep`][] it is an
     in-sample estimate: a source class predicted for a single target sample "determines"
     its label, so random predictions over many source classes score close to 0. A
     ``UserWarning`` says so when there are fewer than 5 samples per predicted source
@@ -519,13 +535,15 @@ def nce(
     $\hat P_{-i}(y | z) = (n_{yz} - [y = y_i] + \pi_{-i}(y)) / n_z$ (counts without
     sample $i$ plus one pseudo-sample distributed like the target labels,
     $\pi_{-i}(y) = (n_y - [y = y_i] + 1) / (N - 1 + C)$): a held-out estimate of
-    $-H(Y | Z)$ that does not reward noise.
+    $-H(Y | Z)$ that does not reward noise. The default ``estimator="auto"`` uses the
+    paper's formula with at least 5 samples per predicted source class, else this one.
 
     Args:
         source_labels_pred: predicted source classes ``(N,)`` (integers), or source
             probabilities/logits ``(N, Z)`` whose ``argmax`` is taken.
         labels: target class labels.
-        estimator: ``"empirical"`` (the paper's formula) or ``"leave_one_out"``.
+        estimator: ``"auto"`` (default; see above), ``"empirical"`` (the paper's
+            formula) or ``"leave_one_out"``.
 
     Returns:
         NCE in nats, ``<= 0``; higher (closer to 0) means better transferability.
@@ -569,13 +587,13 @@ def nce(
     counts = np.bincount(z_index * num_classes + y_index, minlength=z_classes * num_classes)
     joint = counts.reshape(z_classes, num_classes).astype(np.float64)
     marginal = joint.sum(1)
+    if n >= 2 or estimator == "auto":
+        estimator = _resolve_estimator("nce", estimator, n, float(z_classes))
     if estimator == "leave_one_out":
         class_counts = joint.sum(0)
         prior = class_counts[y_index] / (n - 1 + num_classes)
         held_out = (joint[z_index, y_index] - 1.0 + prior) / marginal[z_index]
         return float(np.log(held_out).mean())
-    if n >= 2:
-        _warn_few_per_source_class("nce", n, float(z_classes))
     ratio = np.divide(joint, marginal[:, None], out=np.ones_like(joint), where=joint > 0)
     return float((joint * np.log(ratio)).sum() / n) + 0.0
 
