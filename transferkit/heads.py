@@ -45,6 +45,14 @@ class ClassifierHead(nn.Module):
     ``fc`` is ``Linear(hidden[-1], num_classes)``. Without hidden layers, dropout is
     applied to the pooled features before ``fc``.
 
+    The defaults (``hidden=(512,)``, ``dropout=0.5``) give a one-hidden-layer MLP head,
+    more capacity for a new task on frozen features. timm's default classifier is
+    linear: global average pooling, ``Dropout(drop_rate=0.0)`` and one ``Linear``, which is
+    ``ClassifierHead(C, n, hidden=(), dropout=0.0)`` exactly (use it for a linear probe
+    or LP-FT). fastai's ``create_head`` is close to
+    ``ClassifierHead(C, n, pool="avgmax", norm="batch")`` (fastai also puts BatchNorm and
+    dropout before the first Linear).
+
     Pooling by input rank:
 
     * ``(N, C, H, W)`` maps: ``"avg"``/``"max"`` over ``H, W``; ``"avgmax"`` concatenates
