@@ -214,7 +214,7 @@ def test_recipes_and_extend_validate_arguments() -> None:
     optimizer = torch.optim.SGD([new_param()], lr=1.0)
     with pytest.raises(ValueError, match="total_steps"):
         one_cycle(optimizer, 0)
-    with pytest.raises(ValueError, match="total_steps"):
+    with pytest.raises(TypeError, match="total_steps"):  # a bool is not a step count
         warmup_cosine(optimizer, True)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="pct_start"):
         one_cycle(optimizer, 10, pct_start=1.5)

@@ -39,7 +39,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._validation import check_bool, check_in_range, check_option, check_positive
+from ._validation import (
+    check_bool,
+    check_in_range,
+    check_labels,
+    check_not_meta,
+    check_option,
+    check_positive,
+    check_seed,
+    check_tensor,
+)
 
 if TYPE_CHECKING:
     from .datasets import DomainTask
@@ -124,6 +133,14 @@ class ImageSplits:
     test_images: Tensor
     test_labels: Tensor
 
+    def __post_init__(self) -> None:
+        for images, targets, name in (
+            (self.train_images, self.train_labels, "train"),
+            (self.test_images, self.test_labels, "test"),
+        ):
+            check_tensor(images, f"{name}_images", finite=False)
+            check_labels(targets, f"{name}_labels", num_samples=images.shape[0])
+
     @staticmethod
     def float_images(images: Tensor) -> Tensor:
         """Scale ``uint8`` images to float32 in ``[0, 1]``.
@@ -136,6 +153,14 @@ class ImageSplits:
 
 
 # --------------------------------------------------------------------------- idx files
+
+
+def _check_path(value: object, name: str) -> Path:
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(
+            f"{name}: expected a path (str or os.PathLike), got {type(value).__name__} {value!r}"
+        )
+    return Path(value)
 
 
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
@@ -157,7 +182,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
         >>> read_idx(path).tolist()
         [7, 8, 9]
     """
-    path = Path(path)
+    path = _check_path(path, "path")
     data = path.read_bytes()
     if data[:2] == b"\x1f\x8b":  # gzip magic: the name may or may not end in .gz
         data = gzip.decompress(data)
@@ -266,7 +291,7 @@ def mnist(root: str | os.PathLike[str] | None = None) -> ImageSplits:
     """
     if root is None:
         return _to_splits("mnist", DIGIT_CLASSES, _packaged_mnist())
-    folder = _find_idx_dir(Path(root))
+    folder = _find_idx_dir(_check_path(root, "root"))
     if folder is None:
         raise MissingDataError(
             f"root: no MNIST idx files (train-images-idx3-ubyte[.gz], ...) in {root}; pass "
@@ -324,7 +349,7 @@ def fashion_mnist(root: str | os.PathLike[str] | None = None) -> ImageSplits:
         ('T-shirt/top', 'Trouser')
     """
     candidates = (
-        [Path(root)]
+        [_check_path(root, "root")]
         if root is not None
         else [d / FASHION_SUBDIR for d in data_dirs()] + [Path("/usr/share/datasets/fashion-mnist")]
     )
@@ -385,6 +410,7 @@ def mnist_m_blend(digits: Tensor, *, seed: int = 0, photos: np.ndarray | None = 
     """
     if not isinstance(digits, Tensor) or digits.dtype != torch.uint8:
         raise TypeError("digits: expected a uint8 torch.Tensor of grey images")
+    check_not_meta(digits, "digits")
     if digits.dim() == 4 and digits.shape[1] == 1:
         digits = digits[:, 0]
     if digits.dim() != 3:
@@ -395,7 +421,7 @@ def mnist_m_blend(digits: Tensor, *, seed: int = 0, photos: np.ndarray | None = 
     n, height, width = digits.shape
     if pics.shape[1] < height or pics.shape[2] < width:
         raise ValueError(f"photos: each photo must be at least {height}x{width} pixels")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(check_seed(seed))
     which = rng.integers(0, pics.shape[0], size=n)
     top = rng.integers(0, pics.shape[1] - height + 1, size=n)
     left = rng.integers(0, pics.shape[2] - width + 1, size=n)
@@ -444,7 +470,7 @@ def mnist_m_lite(
         torch.Size([100, 3, 28, 28])
     """
     source = mnist(root)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(check_seed(seed))
     train = torch.from_numpy(_subset(len(source.train_labels), train_size, rng, "train_size"))
     test = torch.from_numpy(_subset(len(source.test_labels), test_size, rng, "test_size"))
     return ImageSplits(
@@ -500,7 +526,7 @@ def mnist_to_digits(
 
     check_in_range(test_fraction, "test_fraction", 0.05, 0.95)
     data = mnist(root)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(check_seed(seed))
     s_train = torch.from_numpy(_subset(len(data.train_labels), source_size, rng, "source_size"))
     s_test = torch.from_numpy(
         _subset(len(data.test_labels), source_test_size, rng, "source_test_size")
@@ -562,7 +588,7 @@ def mnist_to_mnist_m_lite(
         check_positive(value, name, integer=True)
     check_positive(test_size, "test_size", integer=True)
     data = mnist(root)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(check_seed(seed))
     n_train, n_test = len(data.train_labels), len(data.test_labels)
     if source_size + target_size > n_train:
         raise ValueError(f"source_size + target_size: expected at most {n_train}")
@@ -838,7 +864,7 @@ def tweet_topics(
         raise ValueError(f"target: expected a topic other than the source {source!r}")
     check_in_range(test_fraction, "test_fraction", 0.05, 0.95)
     check_bool(progress, "progress")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(check_seed(seed))
 
     def domain(topic: TopicName) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
         texts, labels_t = tweets(topic)

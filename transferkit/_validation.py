@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 from typing import TypeVar
 
@@ -26,6 +27,7 @@ __all__ = [
     "check_option",
     "check_pair",
     "check_positive",
+    "check_seed",
     "check_tensor",
     "did_you_mean",
 ]
@@ -138,6 +140,24 @@ def check_positive(
         bound = "> 0" if strict else ">= 0"
         raise ValueError(f"{name}: expected a finite value {bound}, got {value!r}")
     return number
+
+
+#: The largest seed torch's and NumPy's generators both accept.
+MAX_SEED = 2**64 - 1
+
+
+def check_seed(value: object, name: str = "seed") -> int:
+    """Check a random seed: an integer in ``[0, 2**64 - 1]``; return it as an ``int``.
+
+    Examples:
+        >>> check_seed(0)
+        0
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an integer, got {type(value).__name__} {value!r}")
+    if not 0 <= int(value) <= MAX_SEED:
+        raise ValueError(f"{name}: expected an integer in [0, 2**64 - 1], got {value}")
+    return int(value)
 
 
 def check_in_range(value: object, name: str, low: float, high: float) -> float:

@@ -25,7 +25,15 @@ from scipy import ndimage
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from ._validation import check_bool, check_in_range, check_option, check_positive, check_tensor
+from ._validation import (
+    check_bool,
+    check_in_range,
+    check_labels,
+    check_option,
+    check_positive,
+    check_seed,
+    check_tensor,
+)
 
 __all__ = [
     "Blur",
@@ -82,6 +90,17 @@ class DomainTask:
     target_test_y: Tensor
     target_y: Tensor = field(repr=False)
 
+    def __post_init__(self) -> None:
+        classes = int(check_positive(self.num_classes, "num_classes", integer=True))
+        for x_name, y_name in (
+            ("source_x", "source_y"),
+            ("source_test_x", "source_test_y"),
+            ("target_x", "target_y"),
+            ("target_test_x", "target_test_y"),
+        ):
+            x = check_tensor(getattr(self, x_name), x_name, finite=False)
+            check_labels(getattr(self, y_name), y_name, num_samples=x.shape[0], num_classes=classes)
+
     @property
     def input_shape(self) -> tuple[int, ...]:
         """Shape of one input sample, e.g. ``(1, 16, 16)``."""
@@ -103,7 +122,7 @@ class DomainTask:
             (50, [5, 5, 5, 5, 5, 5, 5, 5, 5, 5])
         """
         check_positive(k, "k", integer=True)
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(check_seed(seed))
         labels = self.target_y.numpy()
         chosen: list[np.ndarray] = []
         for cls in range(self.num_classes):
@@ -163,6 +182,9 @@ class Rotate(Shift):
 
     degrees: float
 
+    def __post_init__(self) -> None:
+        check_in_range(self.degrees, "degrees", -360.0, 360.0)
+
     def apply(self, images: np.ndarray, scale: float, rng: np.random.Generator) -> np.ndarray:
         """Rotate with bilinear interpolation, keeping the image size."""
         out: np.ndarray = ndimage.rotate(images, self.degrees, axes=(2, 1), reshape=False, order=1)
@@ -190,6 +212,9 @@ class Noise(Shift):
 
     std: float
 
+    def __post_init__(self) -> None:
+        check_positive(self.std, "std")
+
     def apply(self, images: np.ndarray, scale: float, rng: np.random.Generator) -> np.ndarray:
         """Add noise drawn from the task's seeded generator."""
         out: np.ndarray = images + rng.normal(0.0, self.std, size=images.shape)
@@ -201,6 +226,9 @@ class Blur(Shift):
     """Gaussian blur with standard deviation ``sigma`` (in 8x8-grid pixels)."""
 
     sigma: float
+
+    def __post_init__(self) -> None:
+        check_positive(self.sigma, "sigma")
 
     def apply(self, images: np.ndarray, scale: float, rng: np.random.Generator) -> np.ndarray:
         """Blur each image separately (no blur across the batch axis)."""
@@ -214,6 +242,9 @@ class Translate(Shift):
     """Shift every image by ``pixels`` (8x8-grid pixels) right and down, zero-filled."""
 
     pixels: float
+
+    def __post_init__(self) -> None:
+        check_in_range(self.pixels, "pixels", -4.0, 4.0)
 
     def apply(self, images: np.ndarray, scale: float, rng: np.random.Generator) -> np.ndarray:
         """Translate with bilinear interpolation."""
@@ -378,7 +409,7 @@ def digits(
     bunch = load_digits()
     images = np.asarray(bunch.images, dtype=np.float64) / 16.0
     labels = np.asarray(bunch.target, dtype=np.int64)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(check_seed(seed))
     source_index, target_index = _stratified_split(labels, 0.5, rng)
 
     def make_domain(index: np.ndarray, shifts: list[Shift]) -> np.ndarray:
@@ -436,6 +467,9 @@ def rotate_points(
     points = np.asarray(points, dtype=np.float64)
     if points.ndim != 2 or points.shape[1] != 2:
         raise ValueError(f"points: expected an (N, 2) array, got shape {points.shape}")
+    if not np.isfinite(points).all():
+        raise ValueError("points: expected finite values, found NaN/inf")
+    check_in_range(degrees, "degrees", -360.0, 360.0)
     theta = math.radians(degrees)
     rotation = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
     c = np.asarray(center, dtype=np.float64)
@@ -480,7 +514,7 @@ def moons(
         raise ValueError(f"n_samples: expected at least 10, got {n_samples}")
     check_positive(noise, "noise", strict=False)
     check_in_range(test_fraction, "test_fraction", 0.05, 0.95)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(check_seed(seed))
     source, source_labels = make_moons(n_samples, noise=noise, random_state=seed)
     target, target_labels = make_moons(n_samples, noise=noise, random_state=seed + 10_000)
     target = rotate_points(target, angle)
@@ -540,7 +574,7 @@ def make_loader(
     check_positive(batch_size, "batch_size", integer=True)
     check_bool(shuffle, "shuffle")
     check_bool(drop_last, "drop_last")
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(check_seed(seed))
     return DataLoader(
         TensorDataset(*tensors),
         batch_size=batch_size,

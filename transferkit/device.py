@@ -18,14 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._validation import check_bool
+from ._validation import check_bool, check_seed
 
 __all__ = ["autocast", "dataloader_kwargs", "resolve_device", "seed_everything", "to_device"]
 
 logger = logging.getLogger(__name__)
-
-#: The largest seed torch's generators accept.
-MAX_SEED = 2**64 - 1
 
 DeviceLike = str | torch.device | None
 
@@ -218,10 +215,7 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         >>> bool((a == b).all())
         True
     """
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed: expected an integer, got {type(seed).__name__} {seed!r}")
-    if not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"seed: expected an integer in [0, 2**64 - 1], got {seed}")
+    seed = check_seed(seed)
     check_bool(deterministic, "deterministic")
     random.seed(seed)
     np.random.seed(seed % 2**32)  # noqa: NPY002 - seeds the legacy global generator users rely on

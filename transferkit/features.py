@@ -39,6 +39,7 @@ from ._feature_cache import _batch_digest, _CacheSink, _model_fingerprint
 from ._feature_shard import _columns, _concat, _shard
 from ._validation import (
     check_binary_mask,
+    check_bool,
     check_option,
     check_positive,
     check_tensor,
@@ -266,7 +267,7 @@ class FeatureExtractor(nn.Module):
         self.model = model
         self.layers = _check_layers(model, layers)
         self.pool: PoolName | None = pool
-        self.early_stop = bool(early_stop)
+        self.early_stop = check_bool(early_stop, "early_stop")
         self._single = layers is None or isinstance(layers, str)
         self._closed = False
         self._handles: list[torch.utils.hooks.RemovableHandle] = []

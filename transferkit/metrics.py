@@ -16,7 +16,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._validation import check_features, check_in_range, check_labels, check_option, check_positive
+from ._validation import (
+    check_features,
+    check_in_range,
+    check_labels,
+    check_not_meta,
+    check_option,
+    check_positive,
+)
 
 __all__ = ["proxy_a_distance"]
 
@@ -42,6 +49,7 @@ def as_numpy_features(x: object, name: str, *, min_samples: int = 2) -> np.ndarr
     elif isinstance(x, Tensor):
         if x.is_complex() or x.dtype == torch.bool:
             raise TypeError(f"{name}: expected a real numeric tensor, got dtype {x.dtype}")
+        check_not_meta(x, name)
         tensor = x.detach().to("cpu", torch.float64)
     else:
         raise TypeError(f"{name}: expected a numpy array or torch.Tensor, got {type(x).__name__}")
@@ -62,6 +70,7 @@ def as_numpy_labels(y: object, name: str, *, num_samples: int) -> np.ndarray:
             raise TypeError(f"{name}: expected an integer array, got dtype {y.dtype}")
         tensor = torch.from_numpy(np.asarray(y, dtype=np.int64))
     elif isinstance(y, Tensor):
+        check_not_meta(y, name)
         tensor = y.detach().to("cpu")
     else:
         raise TypeError(f"{name}: expected a numpy array or torch.Tensor, got {type(y).__name__}")

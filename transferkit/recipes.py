@@ -26,7 +26,13 @@ from typing import Any, Literal
 
 import torch
 
-from ._validation import check_in_range, did_you_mean
+from ._validation import (
+    check_bool,
+    check_in_range,
+    check_option,
+    check_positive,
+    did_you_mean,
+)
 
 __all__ = ["Recipe", "available", "recipe"]
 
@@ -90,6 +96,16 @@ class Recipe:
     reference: str = ""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.method, str):
+            raise TypeError(f"method: expected a str, got {type(self.method).__name__}")
+        for name in ("lr", "weight_decay", "lr_gamma", "lr_power", "tradeoff"):
+            check_positive(getattr(self, name), name, strict=name == "lr")
+        check_in_range(self.momentum, "momentum", 0.0, 1.0)
+        check_bool(self.nesterov, "nesterov")
+        check_option(self.ramp, "ramp", ("dann", "sigmoid", "linear", "none"))
+        check_option(self.bn, "bn", ("domain", "adabn", "shared"))
+        for name in ("bottleneck_dim", "batch_size"):
+            check_positive(getattr(self, name), name, integer=True)
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
 
     def lr_factor(self, progress: float) -> float:

@@ -335,7 +335,12 @@ def _check_optimizer(optimizer: object) -> None:
 
 
 def _check_steps(total_steps: object) -> int:
-    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int):
+        raise TypeError(
+            f"total_steps: expected a positive integer, got {type(total_steps).__name__} "
+            f"{total_steps!r}"
+        )
+    if total_steps < 1:
         raise ValueError(f"total_steps: expected a positive integer, got {total_steps!r}")
     return total_steps
 
