@@ -753,13 +753,15 @@ class MarginDisparityDiscrepancy(nn.Module):
     (which maximises this term through the reversal) from pushing without bound;
     ``offset=0`` gives the exact $-\log(1 - p')$.
 
-    How to use it in a training loop::
+    How to use it in a training loop:
 
-        features_s, features_t = backbone(x_s), backbone(x_t)   # e.g. bottleneck features
-        logits_s, logits_t = head(features_s), head(features_t)
-        loss = F.cross_entropy(logits_s, y_s) + trade_off * mdd(
-            logits_s, features_s, logits_t, features_t)
-        loss.backward()
+    ```python
+    features_s, features_t = backbone(x_s), backbone(x_t)   # e.g. bottleneck features
+    logits_s, logits_t = head(features_s), head(features_t)
+    loss = F.cross_entropy(logits_s, y_s) + trade_off * mdd(
+        logits_s, features_s, logits_t, features_t)
+    loss.backward()
+    ```
 
     * ``features_*`` are the inputs of the main classifier ``head`` (the adversarial
       head must accept them); ``logits_*`` are ``head``'s outputs (only their argmax is
