@@ -127,6 +127,36 @@ def test_group_added_mid_run_follows_schedule_as_if_present_from_start(
         scheduler.step()
 
 
+@given(
+    name=st.sampled_from([n for n in SCHEDULERS if not n.startswith("hf_")]),
+    at=st.integers(0, TOTAL - 1),
+    base=st.floats(1e-5, 1.0),
+)
+@settings(max_examples=60, deadline=None)
+def test_any_add_step_and_lr_matches_a_group_present_from_the_start(
+    name: str, at: int, base: float
+) -> None:
+    """Invariant over the add step and the new group's lr, for every scheduler."""
+    factory = SCHEDULERS[name]
+    reference = torch.optim.SGD(
+        [{"params": [new_param()], "lr": BASES[0]}, {"params": [new_param()], "lr": base}],
+        momentum=0.9,
+    )
+    reference_scheduler = factory(reference)
+    optimizer = torch.optim.SGD([new_param()], lr=BASES[0], momentum=0.9)
+    scheduler = factory(optimizer)
+    for step in range(TOTAL):
+        if step == at:
+            optimizer.add_param_group({"params": [new_param()], "lr": base})
+            extend_scheduler(scheduler)
+        live = group_values(optimizer)
+        expected = group_values(reference)[: len(live)]
+        np.testing.assert_allclose(live, expected, rtol=1e-9, atol=1e-15)
+        for opt, s in ((optimizer, scheduler), (reference, reference_scheduler)):
+            opt.step()
+            s.step()
+
+
 def test_reduce_on_plateau_keeps_new_group_lr_and_reduces_it_later() -> None:
     optimizer = torch.optim.SGD([new_param()], lr=0.1)
     scheduler = sched.ReduceLROnPlateau(optimizer, factor=0.5, patience=0, min_lr=1e-3)
