@@ -1167,6 +1167,70 @@ rows(
         ("bn unknown", lambda: tk.GradualUnfreezing(net(), ["3"], bn="frozen2"), ValueError, "bn"),
     ],
 )
+flag_rows(
+    "freezing.GradualUnfreezing",
+    lambda v: tk.GradualUnfreezing(net(), ["3"], train_bn=v),
+    "train_bn",
+)
+
+
+def sgd_on(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+rows(
+    "freezing.GradualUnfreezing",
+    [
+        (
+            "layer_decay 0",
+            lambda: tk.GradualUnfreezing(net(), ["3"], layer_decay=0.0),
+            ValueError,
+            "layer_decay",
+        ),
+        (
+            "layer_decay NaN",
+            lambda: tk.GradualUnfreezing(net(), ["3"], layer_decay=NAN),
+            ValueError,
+            "layer_decay",
+        ),
+        (
+            "layer_decay with one lr per stage",
+            lambda: tk.GradualUnfreezing(net(), ["3", "0"], lr=[0.1, 0.2], layer_decay=0.5),
+            ValueError,
+            "lr",
+        ),
+        (
+            "scheduler a string",
+            lambda: tk.GradualUnfreezing(net(), ["3"], sgd_on(net()), scheduler="cos"),
+            TypeError,
+            "scheduler",
+        ),
+        (
+            "scheduler of another optimizer",
+            lambda: tk.GradualUnfreezing(
+                net(),
+                ["3"],
+                sgd_on(net()),
+                scheduler=torch.optim.lr_scheduler.LambdaLR(sgd_on(net()), lambda s: 1.0),
+            ),
+            ValueError,
+            "scheduler",
+        ),
+        (
+            "train_bn with bn frozen",
+            lambda: tk.GradualUnfreezing(net(), ["1"], bn="frozen", train_bn=True),
+            ValueError,
+            "train_bn",
+        ),
+    ],
+)
+add(
+    "freezing.freeze",
+    "train_bn with bn frozen",
+    lambda: tk.freeze(net(), bn="frozen", train_bn=True),
+    ValueError,
+    "train_bn",
+)
 positive_rows(
     "freezing.FrozenBatchNorm", lambda v: freezing.FrozenBatchNorm(v), "num_features", integer=True
 )
@@ -1562,6 +1626,41 @@ add(
     ValueError,
     "pct_start",
 )
+rows(
+    "schedules.one_cycle",
+    [
+        (
+            "div_factor below 1",
+            lambda: schedules.one_cycle(sgd(), 10, div_factor=0.5),
+            ValueError,
+            "div_factor",
+        ),
+        (
+            "final_div_factor NaN",
+            lambda: schedules.one_cycle(sgd(), 10, final_div_factor=NAN),
+            ValueError,
+            "final_div_factor",
+        ),
+        ("optimizer a list", lambda: schedules.one_cycle([], 10), TypeError, "optimizer"),
+    ],
+)
+rows(
+    "schedules.FactorSchedule",
+    [
+        (
+            "factor NaN at step 0",
+            lambda: schedules.FactorSchedule(sgd(), lambda s: NAN),
+            ValueError,
+            "factor",
+        ),
+        (
+            "factor negative at step 0",
+            lambda: schedules.FactorSchedule(sgd(), lambda s: -1.0),
+            ValueError,
+            "factor",
+        ),
+    ],
+)
 positive_rows(
     "schedules.warmup_cosine",
     lambda v: schedules.warmup_cosine(sgd(), v),
@@ -1583,6 +1682,19 @@ rows(
             ValueError,
             "warmup",
         ),
+        (
+            "start_factor NaN",
+            lambda: schedules.warmup_cosine(sgd(), 10, start_factor=NAN),
+            ValueError,
+            "start_factor",
+        ),
+        (
+            "final_factor above 1",
+            lambda: schedules.warmup_cosine(sgd(), 10, final_factor=2.0),
+            ValueError,
+            "final_factor",
+        ),
+        ("optimizer a list", lambda: schedules.warmup_cosine([], 10), TypeError, "optimizer"),
     ],
 )
 rows(
