@@ -385,6 +385,42 @@ positive_rows(
     lambda v: losses.adaptive_feature_norm(feats(), delta=v),
     "delta",
 )
+rows(
+    "losses.mcc",
+    [
+        ("a single sample", lambda: losses.mcc(feats(1, 4)), ValueError, "target_logits"),
+        ("one class", lambda: losses.mcc(feats(6, 1)), ValueError, "target_logits"),
+    ],
+)
+rows(
+    "losses.bnm",
+    [
+        ("a single sample", lambda: losses.bnm(feats(1, 4)), ValueError, "logits"),
+        ("one class", lambda: losses.bnm(feats(6, 1)), ValueError, "logits"),
+    ],
+)
+positive_rows(
+    "losses.adaptive_feature_norm",
+    lambda v: losses.adaptive_feature_norm(feats(), radius=v),
+    "radius",
+)
+rows(
+    "losses.adaptive_feature_norm",
+    [
+        (
+            "delta and radius both",
+            lambda: losses.adaptive_feature_norm(feats(), delta=1.0, radius=2.0),
+            ValueError,
+            "delta and radius",
+        ),
+        (
+            "hard AFN value overflows fp32",
+            lambda: losses.adaptive_feature_norm(feats() * 1e20, radius=2.0),
+            ValueError,
+            "features",
+        ),
+    ],
+)
 tensor_rows("losses.AdaptiveFeatureNormLoss", losses.AdaptiveFeatureNormLoss(), "features")
 positive_rows(
     "losses.AdaptiveFeatureNormLoss", lambda v: losses.AdaptiveFeatureNormLoss(radius=v), "radius"
@@ -549,6 +585,14 @@ def mdd(**kwargs: Any) -> adversarial.MarginDisparityDiscrepancy:
     return adversarial.MarginDisparityDiscrepancy(nn.Linear(3, 4), **kwargs)
 
 
+def overflowing_mdd() -> adversarial.MarginDisparityDiscrepancy:
+    criterion = mdd()
+    with torch.no_grad():
+        for param in criterion.parameters():
+            param.fill_(1e30)
+    return criterion
+
+
 module_rows(
     "adversarial.MarginDisparityDiscrepancy",
     lambda v: adversarial.MarginDisparityDiscrepancy(v),
@@ -559,6 +603,55 @@ pair_rows(
     "adversarial.MarginDisparityDiscrepancy",
     lambda s, t: mdd()(feats(6, 4), s, feats(5, 4, seed=1), t),
     ("source_features", "target_features"),
+)
+logits_rows(
+    "adversarial.MarginDisparityDiscrepancy",
+    lambda z: mdd()(z, feats(6, 3), feats(5, 4, seed=1), feats(5, 3, seed=1)),
+    "source_logits",
+)
+positive_rows("adversarial.MarginDisparityDiscrepancy", lambda v: mdd(offset=v), "offset")
+rows(
+    "adversarial.MarginDisparityDiscrepancy",
+    [
+        (
+            "target_logits NaN",
+            lambda: mdd()(feats(6, 4), feats(), with_value(feats(5, 4), NAN), feats(5, 3)),
+            ValueError,
+            "target_logits",
+        ),
+        (
+            "logits and features of different lengths",
+            lambda: mdd()(feats(6, 4), feats(5, 3), feats(5, 4), feats(5, 3)),
+            ValueError,
+            "source_logits and source_features",
+        ),
+        (
+            "logits with different class counts",
+            lambda: mdd()(feats(6, 4), feats(), feats(5, 3), feats(5, 3)),
+            ValueError,
+            "source_logits and target_logits",
+        ),
+        (
+            "one class",
+            lambda: mdd()(feats(6, 1), feats(), feats(5, 1), feats(5, 3)),
+            ValueError,
+            "source_logits",
+        ),
+        ("offset 1", lambda: mdd(offset=1.0), ValueError, "offset"),
+        ("grl a number", lambda: mdd(grl=0.1), TypeError, "grl"),
+        (
+            "head gives the wrong number of classes",
+            lambda: mdd()(feats(6, 5), feats(), feats(5, 5), feats(5, 3)),
+            ValueError,
+            "adversarial_head",
+        ),
+        (
+            "head overflows",
+            lambda: overflowing_mdd()(feats(6, 4), feats() * 1e20, feats(5, 4), feats(5, 3)),
+            ValueError,
+            "adversarial_head",
+        ),
+    ],
 )
 
 # --------------------------------------------------------------------------- augment
