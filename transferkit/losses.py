@@ -859,8 +859,8 @@ def mcc(target_logits: Tensor, temperature: float = 2.5) -> Tensor:
 
     ``M`` is the class-confusion matrix (how much mass the batch puts on class ``j`` and
     ``k`` at once); category normalisation divides each column by its sum so that rare
-    classes count as much as frequent ones. The value lies in ``[0, 1]``: ``(C - 1) / C``
-    for uniform predictions, 0 when every sample is confidently one class. The
+    classes count as much as frequent ones. The value lies in ``[0, (C - 1) / C]``: the
+    upper end for uniform predictions, 0 when every sample is confidently one class. The
     entropy weights ``w`` are detached, as in the reference implementation, so the
     gradient reaches the logits through ``P`` only.
 
