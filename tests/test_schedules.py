@@ -420,6 +420,25 @@ def test_scheduler_built_before_unfreezing_no_longer_breaks_its_next_step(name: 
     assert added == pytest.approx([first * 0.5] * 2, rel=1e-9)  # same factor, own base
 
 
+def test_gradual_unfreezing_default_lr_is_the_first_group_peak_under_any_scheduler() -> None:
+    """lr=None: the new stage gets the first group's base lr (OneCycleLR: max_lr; CyclicLR:
+    its upper bound), so it runs on the same curve as the head."""
+    for name in ("OneCycleLR", "CyclicLR", "CosineAnnealingLR", "tk.one_cycle"):
+        net = make_net()
+        optimizer = torch.optim.SGD(net.fc.parameters(), lr=0.1, momentum=0.9)
+        scheduler = SCHEDULERS[name](optimizer)
+        schedule = tk.GradualUnfreezing(net, ["neck"], optimizer, scheduler=scheduler)
+        for _ in range(3):
+            optimizer.step()
+            scheduler.step()
+        schedule.step()
+        for _ in range(2):
+            lrs = [g["lr"] for g in optimizer.param_groups]
+            assert lrs == pytest.approx([lrs[0]] * 3, rel=1e-12), name
+            optimizer.step()
+            scheduler.step()
+
+
 def test_gradual_unfreezing_warns_when_a_scheduler_it_does_not_know_exists(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

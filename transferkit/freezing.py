@@ -50,6 +50,7 @@ from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from ._validation import check_bool, check_in_range, check_option, check_positive, did_you_mean
 from .distributed import unwrap_model
 from .schedules import _SCHEDULER_TYPES, Scheduler, extend_scheduler
+from .schedules import _nodes as _scheduler_nodes
 
 __all__ = [
     "FrozenBatchNorm",
@@ -1295,6 +1296,15 @@ class GradualUnfreezing:
                 return float(group[key])
         raise ValueError("optimizer: a parameter group has no 'lr'")
 
+    def _reference_lr(self) -> float:
+        """The base lr of the optimizer's first group (CyclicLR keeps its peak in a list)."""
+        assert self.optimizer is not None
+        if self.scheduler is not None:
+            for node in _scheduler_nodes(self.scheduler):
+                if isinstance(node, torch.optim.lr_scheduler.CyclicLR):
+                    return float(node.max_lrs[0])
+        return self._base_lr(self.optimizer.param_groups[0])
+
     def _existing_depths(self) -> list[tuple[float, int]]:
         """``(base lr, depth)`` of the existing groups whose parameters share one depth."""
         assert self.optimizer is not None
@@ -1348,7 +1358,7 @@ class GradualUnfreezing:
                 return lr, self.layer_decay
             found = self._existing_depths()
             if not found:
-                return self._base_lr(self.optimizer.param_groups[0]), self.layer_decay
+                return self._reference_lr(), self.layer_decay
             base, depth = min(found, key=lambda item: item[1])
             return base / self.layer_decay**depth, self.layer_decay
         if lr is not None:
@@ -1361,7 +1371,7 @@ class GradualUnfreezing:
                 *pattern,
             )
             return pattern
-        return self._base_lr(self.optimizer.param_groups[0]), None
+        return self._reference_lr(), None
 
     def _add_to_optimizer(self, k: int, *, batchnorm_only: bool = False) -> None:
         optimizer = self.optimizer
