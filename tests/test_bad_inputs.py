@@ -2229,6 +2229,95 @@ rows(
     ],
 )
 
+# --------------------------------------------------------------------------- meta modules
+
+# A module on the meta device has shapes but no data: refused by name, not a raw torch
+# error about devices (or a meta-device result).
+rows(
+    "adversarial.DomainAdversarialLoss",
+    [
+        (
+            "discriminator on meta",
+            lambda: adversarial.DomainAdversarialLoss(
+                adversarial.DomainDiscriminator(3, hidden=4).to("meta")
+            )(feats(), feats(seed=1)),
+            ValueError,
+            "discriminator",
+        )
+    ],
+)
+rows(
+    "adversarial.MarginDisparityDiscrepancy",
+    [
+        (
+            "adversarial_head on meta",
+            lambda: adversarial.MarginDisparityDiscrepancy(nn.Linear(3, 4).to("meta"))(
+                feats(6, 4), feats(), feats(5, 4, seed=1), feats(5, 3)
+            ),
+            ValueError,
+            "adversarial_head",
+        )
+    ],
+)
+rows(
+    "heads.ClassifierHead",
+    [
+        (
+            "head on meta",
+            lambda: tk.ClassifierHead(3, 2).to("meta")(feats()),
+            ValueError,
+            "ClassifierHead",
+        )
+    ],
+)
+rows("losses.L2SP", [("model on meta", lambda: losses.L2SP(net().to("meta")), ValueError, "model")])
+rows(
+    "meta.adapt",
+    [
+        (
+            "model on meta",
+            lambda: meta.adapt(nn.Linear(3, 2).to("meta"), feats(), labels()),
+            ValueError,
+            "model",
+        )
+    ],
+)
+rows(
+    "meta.prototype_init",
+    [
+        (
+            "head on meta",
+            lambda: meta.prototype_init(nn.Linear(3, 2).to("meta"), feats(), labels()),
+            ValueError,
+            "head",
+        )
+    ],
+)
+rows(
+    "batchnorm.adapt_batchnorm",
+    [
+        (
+            "model on meta",
+            lambda: batchnorm.adapt_batchnorm(bn_net().to("meta"), feats()),
+            ValueError,
+            "model",
+        )
+    ],
+)
+rows(
+    "sklearn.DeepFeatures",
+    [
+        (
+            "model on meta",
+            lambda: tk_sklearn.DeepFeatures(nn.Linear(3, 2).to("meta"), device="cpu").fit_transform(
+                XS
+            ),
+            ValueError,
+            "model",
+        )
+    ],
+)
+
 # --------------------------------------------------------------------------- the sweep
 
 # Public callables without rows, each with the reason. Keep this list short: a new name

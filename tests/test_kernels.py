@@ -209,7 +209,7 @@ def _extreme_points(magnitude: str, seed: int = 3) -> tuple[np.ndarray, np.ndarr
     return x, y
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast", "fp16-autocast"])
 @pytest.mark.parametrize("magnitude", list(MAGNITUDES))
 @pytest.mark.parametrize("name", list(KERNELS))
 def test_every_kernel_at_extreme_magnitudes_matches_float64_or_raises_clearly(
@@ -221,10 +221,10 @@ def test_every_kernel_at_extreme_magnitudes_matches_float64_or_raises_clearly(
     x, y = _extreme_points(magnitude)
     expected = reference_kernel(name, x, y)
     tx, ty = torch.from_numpy(x).float(), torch.from_numpy(y).float()
-    context = (
-        torch.autocast("cpu", dtype=torch.bfloat16)
-        if precision == "bf16-autocast"
-        else torch.autocast("cpu", enabled=False)
+    context = torch.autocast(
+        "cpu",
+        dtype=torch.float16 if precision == "fp16-autocast" else torch.bfloat16,
+        enabled=precision != "fp32",
     )
     fits = np.abs(expected).max() * 16 < FP32_MAX
     with context:

@@ -1002,7 +1002,7 @@ def _max_gram(name: str, s: np.ndarray, t: np.ndarray) -> float:
     return float(np.abs(ref_gram(name, z, z, ref_sigma2(s, t))).max())
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast", "fp16-autocast"])
 @pytest.mark.parametrize("magnitude", list(MAGNITUDES))
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("name", list(KERNELS))
@@ -1013,10 +1013,10 @@ def test_mmd_at_extreme_magnitudes_matches_float64_or_raises_clearly(
     s, t = _fp32_sample(magnitude, 12, 12 if estimator == "linear" else 9)
     source = torch.from_numpy(s).float().requires_grad_(True)
     target = torch.from_numpy(t).float()
-    context = (
-        torch.autocast("cpu", dtype=torch.bfloat16)
-        if precision == "bf16-autocast"
-        else torch.autocast("cpu", enabled=False)
+    context = torch.autocast(
+        "cpu",
+        dtype=torch.float16 if precision == "fp16-autocast" else torch.bfloat16,
+        enabled=precision != "fp32",
     )
     with context:
         if _max_gram(name, s, t) * 16 >= FP32_MAX:  # the true kernel values do not fit
@@ -1031,7 +1031,7 @@ def test_mmd_at_extreme_magnitudes_matches_float64_or_raises_clearly(
     # fp32, 1e-16 in fp64): such a value is finite but not comparable to the reference.
     if not (magnitude == "mixed" and name == "laplacian"):
         tolerance = 1e-5 * _max_gram(name, s, t)
-        np.testing.assert_allclose(float(got), expected, rtol=1e-4, atol=tolerance)
+        np.testing.assert_allclose(float(got.detach()), expected, rtol=1e-4, atol=tolerance)
     got.backward()
     assert source.grad is not None and bool(torch.isfinite(source.grad).all())
 
@@ -1089,7 +1089,7 @@ def test_coral_at_extreme_magnitudes_matches_float64_or_raises_clearly(scale: fl
             L.coral(source, target)
         return
     got = L.coral(source.requires_grad_(True), target)
-    np.testing.assert_allclose(float(got), expected, rtol=1e-4, atol=1e-38)
+    np.testing.assert_allclose(float(got.detach()), expected, rtol=1e-4, atol=1e-38)
     got.backward()
     assert source.grad is not None and bool(torch.isfinite(source.grad).all())
 

@@ -563,3 +563,16 @@ def test_aligners_compose_with_plain_sklearn_pipelines():
     pipe = make_pipeline(StandardScaler(), CORAL(), TorchKernelSVC(unlabelled=-1)).fit(x, y)
     assert pipe.predict(target).shape == (len(target),)
     assert set(pipe.classes_) == {0, 1}
+
+
+@pytest.mark.parametrize("kind", ["requires_grad", "bfloat16"])
+def test_deep_features_take_grad_and_bfloat16_tensors(kind):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
+    rows = torch.randn(10, 4)
+    given = rows.clone().requires_grad_(True) if kind == "requires_grad" else rows.bfloat16()
+    expected = DeepFeatures(net, device="cpu", progress=False).fit_transform(
+        given.detach().float().numpy()
+    )
+    got = DeepFeatures(net, device="cpu", progress=False).fit_transform(given)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)

@@ -8,13 +8,14 @@ the call without reading the source.
 from __future__ import annotations
 
 import difflib
+import itertools
 import math
 import numbers
 from collections.abc import Iterable, Sequence
 from typing import TypeVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
     "check_binary_mask",
@@ -23,6 +24,7 @@ __all__ = [
     "check_finite",
     "check_in_range",
     "check_labels",
+    "check_module_data",
     "check_not_meta",
     "check_option",
     "check_pair",
@@ -106,6 +108,20 @@ def check_binary_mask(mask: Tensor, name: str) -> None:
         raise ValueError(
             f"{name}: expected entries 0 or 1 (or a bool mask), got values such as {examples}"
         )
+
+
+def check_module_data(module: nn.Module, name: str) -> None:
+    """Raise ``ValueError`` if a parameter or buffer of ``module`` is on the ``meta`` device.
+
+    Examples:
+        >>> check_module_data(nn.Linear(2, 2), "head")
+    """
+    for label, tensor in itertools.chain(module.named_parameters(), module.named_buffers()):
+        if tensor.is_meta:
+            raise ValueError(
+                f"{name}: expected a module with data, but {label!r} is on the meta device; "
+                "materialise it first (module.to_empty(device='cpu') and load its weights)"
+            )
 
 
 def check_not_meta(x: Tensor, name: str) -> None:

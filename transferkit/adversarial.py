@@ -35,7 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._validation import check_bool, check_features, check_pair, check_positive, check_tensor
+from ._validation import (
+    check_bool,
+    check_features,
+    check_module_data,
+    check_pair,
+    check_positive,
+    check_tensor,
+)
 
 __all__ = [
     "ConditionalDomainAdversarialLoss",
@@ -406,6 +413,7 @@ def _logits_of(discriminator: nn.Module, inputs: Tensor) -> Tensor:
     # Features may come in any floating dtype (fp16/bf16 from autocast or a half model,
     # fp64 in tests): the discriminator gets them in its own parameters' dtype, and the
     # cast sends gradients back in the features' dtype.
+    check_module_data(discriminator, "discriminator")
     param = next((p for p in discriminator.parameters() if p.is_floating_point()), None)
     if param is not None and param.dtype != inputs.dtype:
         inputs = inputs.to(param.dtype)
@@ -882,6 +890,7 @@ class MarginDisparityDiscrepancy(nn.Module):
         features = self.grl(torch.cat([source_features, target_features], dim=0))
         # As for the discriminators: the head gets the features in its parameters' dtype
         # (fp16/bf16/fp64 features, fp32 head); the cast sends gradients back unchanged.
+        check_module_data(self.adversarial_head, "adversarial_head")
         param = next((p for p in self.adversarial_head.parameters() if p.is_floating_point()), None)
         if param is not None and param.dtype != features.dtype:
             features = features.to(param.dtype)

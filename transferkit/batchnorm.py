@@ -26,7 +26,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._validation import check_option, check_positive, did_you_mean
+from ._validation import (
+    check_module_data,
+    check_option,
+    check_positive,
+    did_you_mean,
+)
 
 __all__ = [
     "DomainSpecificBatchNorm",
@@ -409,6 +414,7 @@ def adapt_batchnorm(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    check_module_data(model, "model")
     batch_size = int(check_positive(batch_size, "batch_size", integer=True))
     if batch_size < 2:
         raise ValueError(

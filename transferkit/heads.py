@@ -17,7 +17,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from ._validation import check_in_range, check_option, check_positive, check_tensor
+from ._validation import (
+    check_in_range,
+    check_module_data,
+    check_option,
+    check_positive,
+    check_tensor,
+)
 from .freezing import FrozenBatchNorm
 
 __all__ = ["ClassifierHead", "find_head", "replace_head"]
@@ -170,6 +176,7 @@ class ClassifierHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits, ``(N, num_classes)``."""
+        check_module_data(self, "ClassifierHead")
         out: Tensor = self.fc(self.hidden(self.pool(x)))
         return out
 

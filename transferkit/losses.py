@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from ._validation import (
     check_features,
+    check_module_data,
     check_option,
     check_pair,
     check_positive,
@@ -1257,6 +1258,7 @@ class L2SP(nn.Module):
                 f"got {exclude!r}"
             )
         patterns = list(exclude or [])
+        check_module_data(model, "model")
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         names = [n for n, _ in trainable]
         for pattern in patterns:

@@ -30,6 +30,7 @@ from torch.func import functional_call
 from ._validation import (
     check_bool,
     check_labels,
+    check_module_data,
     check_not_meta,
     check_option,
     check_positive,
@@ -285,6 +286,7 @@ def adapt(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    check_module_data(model, "model")
     check_tensor(x, "x", min_samples=1)
     check_tensor(y, "y", finite=True)
     if y.shape[0] != x.shape[0]:
