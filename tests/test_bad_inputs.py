@@ -15,6 +15,7 @@ that test with a message saying what to add.
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
 import re
 from collections.abc import Callable
@@ -2229,6 +2230,13 @@ rows(
     ],
 )
 
+for flag in ("amp", "early_stop", "distributed"):
+    flag_rows(
+        "features.extract_features",
+        lambda v, flag=flag: features.extract_features(net(), feats(), progress=False, **{flag: v}),
+        flag,
+    )
+
 # --------------------------------------------------------------------------- meta modules
 
 # A module on the meta device has shapes but no data: refused by name, not a raw torch
@@ -2374,6 +2382,35 @@ def test_every_public_callable_has_bad_input_rows() -> None:
     stale = sorted((covered | set(EXEMPT)) - set(public))
     assert not stale, f"rows or exemptions for names that are not public (renamed?): {stale}"
     assert not covered & set(EXEMPT), "a name is both exempt and covered"
+
+
+def _bool_parameters(value: object) -> list[str]:
+    """Names of the ``bool``-annotated parameters of a function, or a class's methods."""
+    functions: list[object] = [value]
+    if isinstance(value, type):
+        functions = [value.__init__] + [
+            getattr(value, m) for m in ("forward", "__call__", "step") if m in value.__dict__
+        ]
+    names: list[str] = []
+    for function in functions:
+        try:
+            parameters = inspect.signature(function).parameters.values()  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            continue
+        names += [p.name for p in parameters if re.search(r"\bbool\b", str(p.annotation))]
+    return names
+
+
+def test_every_bool_flag_of_the_public_api_has_non_bool_rows() -> None:
+    # A flag given "no" or 1 must raise, not be read as truthy: each flag needs its rows.
+    flagged = {(case.target, case.label.split("=")[0]) for case in CASES if '="no"' in case.label}
+    missing = [
+        f"{target}({name}=)"
+        for target, value in _public_callables().items()
+        for name in _bool_parameters(value)
+        if (target, name) not in flagged
+    ]
+    assert not missing, f"bool flags without flag_rows(...) in tests/test_bad_inputs.py: {missing}"
 
 
 @pytest.mark.filterwarnings("ignore")
