@@ -2237,6 +2237,24 @@ for flag in ("amp", "early_stop", "distributed"):
         flag,
     )
 
+rows(
+    "sklearn.TorchKernelSVC",
+    [
+        (
+            "float32 Gram of 1e20 features",
+            lambda: tk_sklearn.TorchKernelSVC(dtype="float32", device="cpu").fit(XS * 1e20, YL),
+            ValueError,
+            "X",
+        ),
+        (
+            "dtype unknown",
+            lambda: tk_sklearn.TorchKernelSVC(dtype="float16", device="cpu").fit(XS, YL),
+            ValueError,
+            "dtype",
+        ),
+    ],
+)
+
 # --------------------------------------------------------------------------- meta modules
 
 # A module on the meta device has shapes but no data: refused by name, not a raw torch

@@ -576,3 +576,17 @@ def test_deep_features_take_grad_and_bfloat16_tensors(kind):
     )
     got = DeepFeatures(net, device="cpu", progress=False).fit_transform(given)
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-20])
+@pytest.mark.parametrize("kernel", ["rbf", "linear", "laplacian"])
+def test_float32_gram_refuses_magnitudes_it_cannot_resolve(kernel, scale):
+    # float32 Gram matrices of 1e20 / 1e-20 features came back NaN (an sklearn error that
+    # names nothing) or silently wrong (rbf at 1e20 scored chance); float64 handles them.
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 3)) * scale, np.arange(40) % 2
+    with pytest.raises(ValueError, match="X: values up to .* use dtype='float64'"):
+        TorchKernelSVC(kernel=kernel, dtype="float32", device="cpu").fit(x, y)
+    wide = TorchKernelSVC(kernel=kernel, device="cpu").fit(x / scale, y).score(x / scale, y)
+    if kernel != "linear":  # libsvm's linear dual diverges at 1e20 in any precision
+        assert TorchKernelSVC(kernel=kernel, device="cpu").fit(x, y).score(x, y) == wide

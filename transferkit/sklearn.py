@@ -58,6 +58,7 @@ from torch.utils.data import DataLoader, Dataset
 from ._validation import check_bool, check_not_meta, check_option, check_positive
 from .device import resolve_device
 from .features import PoolName, extract_features
+from .kernels import rescale_factor
 
 __all__ = [
     "CORAL",
@@ -201,6 +202,14 @@ def _chunks(n: int, size: int) -> Iterator[slice]:
 
 
 def _to_tensor(x: np.ndarray, device: torch.device, dtype: torch.dtype) -> Tensor:
+    # Squared norms of float32 rows overflow from |x| ~ 1e18 (and lose all precision below
+    # ~1e-16): such Gram matrices came back NaN or silently wrong. float64 has the range.
+    largest = float(np.abs(x).max()) if x.size else 0.0
+    if dtype != torch.float64 and rescale_factor(largest, max(x.shape[1], 1), dtype) != 1.0:
+        raise ValueError(
+            f"X: values up to {largest:.1e} are outside what {dtype} Gram matrices resolve; "
+            "use dtype='float64' (the default) or standardise the features"
+        )
     # torch cannot wrap read-only arrays (e.g. memory-mapped after unpickling): copy those.
     array = x if x.flags.writeable else x.copy()
     return torch.as_tensor(array, device=device).to(dtype)
