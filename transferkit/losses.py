@@ -96,79 +96,75 @@ CACHE_BLOCK_ELEMENTS = 2**16
 # --------------------------------------------------------------------------- MMD core
 
 
-def _fill_base(kernel: Kernel, out: Tensor, rows: Tensor, z: Tensor, sq: Tensor | None) -> None:
-    """Write the GEMM part of the base matrix of ``rows`` against ``z`` into ``out``."""
-    if sq is None:
-        torch.mm(rows, z.T, out=out)
-    else:
-        torch.addmm(sq.unsqueeze(0), rows, z.T, alpha=-2.0, out=out)
-
-
-def _evaluate_rows(
+def _tile_values(
     kernels: Sequence[Kernel],
-    bases: Sequence[Tensor],
-    start: int,
+    zs: Sequence[Tensor],
     squares: Sequence[Tensor | None],
     states: Sequence[Tensor],
-    weights: Tensor,
-    products: Tensor,
-    diagonal: Tensor,
-    derivative_diagonal: Tensor,
-) -> None:
-    """Turn ``bases`` (rows ``start:start + r`` of each layer's base matrix) into derivatives.
+    buffers: Sequence[Tensor],
+    rows: tuple[int, int],
+    cols: tuple[int, int],
+) -> tuple[Tensor, list[Tensor]]:
+    """The joint kernel on one tile and, per layer, ``dK/dbase_l`` written into ``buffers``.
 
-    The joint kernel ``K`` is the product of the layers' kernels (one layer: the kernel).
-    Works in cache-sized sub-blocks; writes ``K @ weights`` into ``products``, the
-    diagonal of ``K`` into ``diagonal``, and overwrites each ``bases[l]`` with
-    ``dK/dbase_l`` (the layer's kernel derivative times the other layers' values), whose
-    diagonal goes into ``derivative_diagonal[l]``.
+    The joint kernel ``K`` is the product of the layers' kernels (one layer: the
+    kernel). Each layer's base matrix (squared distances or inner products) is formed
+    with one GEMM into its buffer, then overwritten in place by the layer's kernel
+    derivative times the other layers' kernel values.
     """
-    count, width = bases[0].shape
-    step = max(1, CACHE_BLOCK_ELEMENTS // width)
-    for first in range(0, count, step):
-        offset = start + first
-        values: list[Tensor] = []
-        blocks: list[Tensor] = []
-        for kernel, base, sq, state in zip(kernels, bases, squares, states, strict=True):
-            block = base[first : first + step]
-            if sq is not None:
-                block.add_(sq[offset : offset + block.shape[0]].unsqueeze(1)).clamp_min_(0.0)
-                block.diagonal(offset=offset).zero_()
-            value, derivative = kernel.value_and_derivative(block, state)
-            if derivative.data_ptr() != block.data_ptr():
-                if value.data_ptr() == block.data_ptr():
-                    value = value.clone()  # e.g. the linear kernel returns its base
-                block.copy_(derivative)
-            values.append(value)
-            blocks.append(block)
-        joint = values[0]
-        if len(values) > 1:
-            for layer, block in enumerate(blocks):
-                for other, value in enumerate(values):
-                    if other != layer:
-                        block.mul_(value)
-            joint = torch.mul(values[0], values[1])
-            for value in values[2:]:
-                joint.mul_(value)
-        rows = slice(offset, offset + joint.shape[0])
-        torch.mm(joint, weights, out=products[rows])
-        diagonal[rows] = joint.diagonal(offset=offset)
+    (i0, i1), (j0, j1) = rows, cols
+    values: list[Tensor] = []
+    blocks: list[Tensor] = []
+    for kernel, z, sq, state, buffer in zip(kernels, zs, squares, states, buffers, strict=True):
+        block = buffer[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0)
+        if sq is None:
+            torch.mm(z[i0:i1], z[j0:j1].T, out=block)
+        else:
+            torch.addmm(sq[j0:j1].unsqueeze(0), z[i0:i1], z[j0:j1].T, alpha=-2.0, out=block)
+            block.add_(sq[i0:i1].unsqueeze(1)).clamp_min_(0.0)
+            if i0 == j0:
+                block.diagonal().zero_()
+        value, derivative = kernel.value_and_derivative(block, state)
+        if derivative.data_ptr() != block.data_ptr():
+            if value.data_ptr() == block.data_ptr():
+                value = value.clone()  # e.g. the linear kernel returns its base
+            block.copy_(derivative)
+        values.append(value)
+        blocks.append(block)
+    joint = values[0]
+    if len(values) > 1:
         for layer, block in enumerate(blocks):
-            derivative_diagonal[layer, rows] = block.diagonal(offset=offset)
+            for other, value in enumerate(values):
+                if other != layer:
+                    block.mul_(value)
+        joint = torch.mul(values[0], values[1])
+        for value in values[2:]:
+            joint.mul_(value)
+    return joint, blocks
 
 
-def _augmented(z: Tensor, weights: Tensor, split: int) -> tuple[Tensor, Tensor]:
-    """``[w * z_s, w]`` and ``[v * z_t, v]``: the right factors of the gradient GEMMs."""
-    n, dim = z.shape
-    source_aug = z.new_empty(split, dim + 1)
-    target_aug = z.new_empty(n - split, dim + 1)
-    for aug, part, scale in (
-        (source_aug, z[:split], weights[:split, :1]),
-        (target_aug, z[split:], weights[split:, 1:]),
-    ):
-        torch.mul(part, scale, out=aug[:, :dim])
-        aug[:, dim:] = scale
-    return source_aug, target_aug
+def _form_coefficients(c_ss: float, c_tt: float, c_st: float, like: Tensor) -> Tensor:
+    """The symmetric 2 x 2 matrix ``[[c_ss, c_st / 2], [c_st / 2, c_tt]]`` like ``like``."""
+    half = 0.5 * c_st
+    return torch.tensor([[c_ss, half], [half, c_tt]], dtype=like.dtype, device=like.device)
+
+
+def _uniform_coefficients(
+    n: int, m: int, estimator: Estimator
+) -> tuple[float, float, float, float, float]:
+    """`_BlockedMMD` coefficients of the biased/unbiased estimate with weights 1/N, 1/M."""
+    if estimator == "biased":
+        return 1.0, 1.0, -2.0, 0.0, 0.0
+    return n / (n - 1.0), m / (m - 1.0), -2.0, 1.0 / (n * (n - 1.0)), 1.0 / (m * (m - 1.0))
+
+
+def _sides(start: int, stop: int, split: int) -> list[tuple[int, int, int]]:
+    """``(side, first, last)`` parts of the rows ``start:stop`` (side 0: source rows)."""
+    if stop <= split:
+        return [(0, start, stop)]
+    if start >= split:
+        return [(1, start, stop)]
+    return [(0, start, split), (1, split, stop)]
 
 
 class _BlockedMMD(torch.autograd.Function):
@@ -178,15 +174,15 @@ class _BlockedMMD(torch.autograd.Function):
     source rows first); ``M = [[w, 0], [0, v]]`` holds the source weights on the first
     ``split`` rows and the target weights on the rest.
 
-    One pass over row blocks of ``block_rows`` rows does all the ``O((N + M)^2)`` work:
-    per block and layer one GEMM forms the base matrix (distances or inner products),
-    one elementwise sweep in cache-sized pieces turns it into kernel values (for ``A``)
-    and, in place, the derivative ``dK/dbase_l``, and, when a gradient is wanted
-    (``track``), one more GEMM per layer reduces that derivative to
-    ``P_l = K'_l[:, src] @ [w * z_s, w]`` and ``Q_l = K'_l[:, tgt] @ [v * z_t, v]``,
-    which do not depend on the incoming gradient. The backward pass is then
-    ``O((N + M) D)``: no block is stored or recomputed, memory stays
-    ``O(L * block_rows * (N + M))``.
+    One pass over the tiles ``(I, J)``, ``I <= J``, of the symmetric matrix does all
+    the ``O((N + M)^2)`` work, each tile once: per layer one GEMM forms the base matrix
+    (distances or inner products), one elementwise sweep (the tile fits in cache) turns
+    it into kernel values and, in place, the derivative ``K'_l = dK/dbase_l``; the tile
+    and its transpose then add to ``K @ M`` and, when a gradient is wanted (``track``),
+    to the reductions ``R_l = K'_l @ [m * z_l, m]`` split by the domain of the columns,
+    which do not depend on the incoming gradient. So the forward costs half a Gram
+    matrix plus one gradient GEMM per layer, the backward pass is ``O((N + M) D)`` (no
+    tile is stored or recomputed) and memory stays ``O(L tile^2 + (N + M) D)``.
     """
 
     @staticmethod
@@ -196,82 +192,107 @@ class _BlockedMMD(torch.autograd.Function):
         split: int,
         kernels: Sequence[Kernel],
         states: Sequence[Tensor],
-        block_rows: int,
+        tile: int,
         track: bool,
+        coefficients: tuple[float, float, float, float, float] | None,
         *zs: Tensor,
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor] | Tensor:
         n = zs[0].shape[0]
         layers = len(zs)
         squares = [
             (z * z).sum(1) if k.family == "distance" else None
             for k, z in zip(kernels, zs, strict=True)
         ]
-        products = zs[0].new_empty(n, 2)
+        mass = weights.sum(1)  # each row has one non-zero weight
+        products = zs[0].new_zeros(2, n)  # (K @ M).T
         diagonal = zs[0].new_empty(n)
         derivative_diagonal = zs[0].new_empty(layers, n)
-        rows = min(block_rows, n)
-        buffers = [z.new_empty(rows, n) for z in zs]
-        augmented = [_augmented(z, weights, split) for z in zs] if track else []
-        reduced = [z.new_empty(n, 2, z.shape[1] + 1) for z in zs] if track else []
-        for start in range(0, n, block_rows):
-            stop = min(n, start + block_rows)
-            bases = [buffer[: stop - start] for buffer in buffers]
-            for kernel, base, z, sq in zip(kernels, bases, zs, squares, strict=True):
-                _fill_base(kernel, base, z[start:stop], z, sq)
-            _evaluate_rows(
-                kernels,
-                bases,
-                start,
-                squares,
-                states,
-                weights,
-                products,
-                diagonal,
-                derivative_diagonal,
-            )
-            for base, (source_aug, target_aug), out in zip(bases, augmented, reduced, strict=False):
-                torch.mm(base[:, :split], source_aug, out=out[start:stop, 0])
-                torch.mm(base[:, split:], target_aug, out=out[start:stop, 1])
+        tiles = [(start, min(start + tile, n)) for start in range(0, n, tile)]
+        buffers = [z.new_empty(tile * tile) for z in zs]
+        augmented = (
+            [torch.cat([z * mass.unsqueeze(1), mass.unsqueeze(1)], 1) for z in zs] if track else []
+        )
+        reduced = [z.new_zeros(2, n, z.shape[1] + 1) for z in zs] if track else []
+        for index, rows in enumerate(tiles):
+            i0, i1 = rows
+            for cols in tiles[index:]:
+                j0, j1 = cols
+                joint, blocks = _tile_values(kernels, zs, squares, states, buffers, rows, cols)
+                for side, first, last in _sides(j0, j1, split):
+                    part = slice(first - j0, last - j0)
+                    products[side, i0:i1].addmv_(joint[:, part], mass[first:last])
+                    for aug, out, block in zip(augmented, reduced, blocks, strict=False):
+                        out[side, i0:i1].addmm_(block[:, part], aug[first:last])
+                if i0 == j0:
+                    diagonal[i0:i1] = joint.diagonal()
+                    for layer, block in enumerate(blocks):
+                        derivative_diagonal[layer, i0:i1] = block.diagonal()
+                    continue
+                for side, first, last in _sides(i0, i1, split):
+                    part = slice(first - i0, last - i0)
+                    products[side, j0:j1].addmv_(joint[part].T, mass[first:last])
+                    for aug, out, block in zip(augmented, reduced, blocks, strict=False):
+                        out[side, j0:j1].addmm_(block[part].T, aug[first:last])
+        products = products.T
         ctx.save_for_backward(weights, products, derivative_diagonal, *zs, *reduced)
         ctx.kernels, ctx.layers, ctx.track = kernels, layers, track
-        return weights.T @ products, diagonal
+        ctx.coefficients, ctx.split = coefficients, split
+        forms = weights.T @ products
+        if coefficients is None:
+            return forms, diagonal
+        # The estimate itself: sum_ab C_ab A_ab - d_s sum(diag_s) - d_t sum(diag_t).
+        c_ss, c_tt, c_st, d_s, d_t = coefficients
+        value = (forms * _form_coefficients(c_ss, c_tt, c_st, forms)).sum()
+        if d_s or d_t:
+            value -= d_s * diagonal[:split].sum() + d_t * diagonal[split:].sum()
+        return value
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(
-        ctx: Any, grad_forms: Tensor | None, grad_diagonal: Tensor | None
-    ) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
         weights, products, derivative_diagonal, *rest = ctx.saved_tensors
         layers: int = ctx.layers
         zs, reduced = rest[:layers], rest[layers:]
+        if ctx.coefficients is None:
+            grad_forms, grad_diagonal = grads
+        else:
+            (grad_value,) = grads
+            assert grad_value is not None
+            c_ss, c_tt, c_st, d_s, d_t = ctx.coefficients
+            grad_forms = _form_coefficients(c_ss, c_tt, c_st, weights) * grad_value
+            grad_diagonal = None
+            if (d_s or d_t) and any(k.family == "inner" for k in ctx.kernels):
+                grad_diagonal = weights.new_empty(weights.shape[0])
+                grad_diagonal[: ctx.split] = -d_s * grad_value
+                grad_diagonal[ctx.split :] = -d_t * grad_value
         if grad_forms is None:
             grad_forms = weights.new_zeros(2, 2)
         symmetric = 0.5 * (grad_forms + grad_forms.T)
         grad_weights = 2.0 * products @ symmetric if ctx.needs_input_grad[0] else None
-        grads: list[Tensor | None] = [None] * layers
-        if any(ctx.needs_input_grad[6:]):
+        grads_z: list[Tensor | None] = [None] * layers
+        if any(ctx.needs_input_grad[7:]):
             if not ctx.track:
                 raise RuntimeError("mmd: the forward pass was run without gradient tracking")
-            # H = (M S M^T) * K'_l (+ diag), so H @ z and H @ 1 come from P_l and Q_l;
+            # H = (M S M^T) * K'_l (+ diag), so H @ z and H @ 1 come from R_l;
             # ``left = M S`` scales the rows.
             left = weights @ symmetric
             left_source, left_target = left[:, :1], left[:, 1:]
             for layer, (kernel, z, pq) in enumerate(zip(ctx.kernels, zs, reduced, strict=True)):
-                if not ctx.needs_input_grad[6 + layer]:
+                if not ctx.needs_input_grad[7 + layer]:
                     continue
                 dim = z.shape[1]
-                out = pq[:, 0, :dim] * left_source
-                out.addcmul_(pq[:, 1, :dim], left_target)  # out = H @ z
+                out = pq[0, :, :dim] * left_source
+                out.addcmul_(pq[1, :, :dim], left_target)  # out = H @ z
                 if kernel.family == "distance":
-                    h_sum = left_source * pq[:, 0, dim:] + left_target * pq[:, 1, dim:]
+                    h_sum = left_source * pq[0, :, dim:] + left_target * pq[1, :, dim:]
                     out.mul_(-4.0).addcmul_(z, h_sum, value=4.0)
                 else:
                     out.mul_(2.0)
                     if grad_diagonal is not None:
                         own = derivative_diagonal[layer] * grad_diagonal
                         out.addcmul_(z, own.unsqueeze(1), value=2.0)
-                grads[layer] = out
-        return (grad_weights, None, None, None, None, None, *grads)
+                grads_z[layer] = out
+        return (grad_weights, None, None, None, None, None, None, *grads_z)
 
 
 def _check_weights(weights: Tensor | None, name: str, count: int, like: Tensor) -> Tensor:
@@ -292,7 +313,11 @@ def _check_weights(weights: Tensor | None, name: str, count: int, like: Tensor) 
 
 
 def _assemble(
-    forms: Tensor, diagonal: Tensor, w: Tensor, v: Tensor, estimator: Estimator
+    forms: Tensor,
+    diagonal: Tensor,
+    w: Tensor,
+    v: Tensor,
+    estimator: Estimator,
 ) -> Tensor:
     """Combine ``M^T K M`` and ``diag(K)`` into the biased or unbiased estimate."""
     if estimator == "biased":
@@ -329,13 +354,14 @@ def _check_pair_inputs(
 
 
 def _rescaled(
-    kernel: Kernel, source: Tensor, target: Tensor, largest: float
-) -> tuple[Tensor, Tensor, Tensor]:
+    kernel: Kernel, source: Tensor, target: Tensor, largest: float, *, defer: bool = False
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """Compute-dtype inputs (divided by a power of two where needed) and the kernel state.
 
     Distance kernels on inputs of extreme magnitude get inputs divided by
     `transferkit.kernels.rescale_factor` (exact; the state is rescaled with them);
-    anything else is unchanged.
+    anything else is unchanged. With ``defer=True`` the state is ``None`` where
+    `_pooled_state` can compute it from the centred pooled rows instead.
     """
     s, t = as_compute(source), as_compute(target)
     scale = 1.0
@@ -343,7 +369,25 @@ def _rescaled(
         scale = rescale_factor(largest, s.shape[1], s.dtype)
         if scale != 1.0:
             s, t = s / scale, t / scale
+    if defer and _is_mean_heuristic(kernel):
+        return s, t, None
     return s, t, kernel.prepare_rescaled(s, t, scale)
+
+
+def _is_mean_heuristic(kernel: Kernel) -> bool:
+    """Whether ``kernel`` is a plain `GaussianKernel` with the mean-distance bandwidth."""
+    return type(kernel) is GaussianKernel and kernel.bandwidth is None
+
+
+def _pooled_state(centred: Tensor) -> Tensor:
+    """`GaussianKernel`'s ``sigma^2`` from the centred pooled rows: ``2 sum ||z||^2 / (N - 1)``.
+
+    The same mean off-diagonal squared distance as
+    `transferkit.kernels.pooled_mean_squared_distance`, from the rows `mmd` centres anyway.
+    """
+    spread = centred.detach().square().sum()
+    value = spread * (2.0 / (centred.shape[0] - 1))
+    return torch.where(value > 0, value, torch.ones_like(value))
 
 
 def _check_result(value: Tensor, names: str, largest: float, risky: bool) -> Tensor:
@@ -353,9 +397,13 @@ def _check_result(value: Tensor, names: str, largest: float, risky: bool) -> Ten
     return value
 
 
-def _check_kernel(kernel: object, name: str = "kernel") -> Kernel:
+#: The kernel `mmd` uses when given none (never handed out: `MMDLoss` builds its own).
+_DEFAULT_KERNEL = GaussianKernel()
+
+
+def _check_kernel(kernel: object, name: str = "kernel", *, shared: bool = False) -> Kernel:
     if kernel is None:
-        return GaussianKernel()
+        return _DEFAULT_KERNEL if shared else GaussianKernel()
     if not isinstance(kernel, Kernel):
         raise TypeError(
             f"{name}: expected a transferkit.kernels.Kernel (e.g. GaussianKernel()), "
@@ -365,7 +413,7 @@ def _check_kernel(kernel: object, name: str = "kernel") -> Kernel:
 
 
 def _block_rows(n: int, chunk_size: int | None, layers: int = 1) -> int:
-    """Rows of the pooled kernel matrix per block (``n``: one block).
+    """Most rows of the pooled kernel matrix per block (``n``: one block).
 
     Each of the ``layers`` kernels holds one ``(rows, n)`` block at a time.
     """
@@ -374,6 +422,15 @@ def _block_rows(n: int, chunk_size: int | None, layers: int = 1) -> int:
     if n * n * layers <= MAX_BLOCK_ELEMENTS:
         return n
     return max(1, MAX_BLOCK_ELEMENTS // (n * layers))
+
+
+def _tile_rows(n: int, chunk_size: int | None, layers: int = 1) -> int:
+    """Rows (and columns) of the square tiles the engine works on.
+
+    Tiles hold at most `CACHE_BLOCK_ELEMENTS` values, so a tile's elementwise work
+    stays in cache; ``chunk_size`` (or the `MAX_BLOCK_ELEMENTS` bound) caps them further.
+    """
+    return max(1, min(_block_rows(n, chunk_size, layers), math.isqrt(CACHE_BLOCK_ELEMENTS)))
 
 
 def mmd(
@@ -443,13 +500,13 @@ def mmd(
         0.0
     """
     estimator = check_option(estimator, "estimator", ESTIMATORS)
-    kernel = _check_kernel(kernel)
+    kernel = _check_kernel(kernel, shared=True)
     largest = _check_pair_inputs(source, target, estimator, ("source", "target"))
     if estimator == "linear" and (source_weights is not None or target_weights is not None):
         raise ValueError("source_weights/target_weights: not supported by estimator='linear'")
     risky = kernel.may_overflow(largest, source.shape[1], source.dtype)
     with no_autocast(source.device):
-        s, t, state = _rescaled(kernel, source, target, largest)
+        s, t, deferred = _rescaled(kernel, source, target, largest, defer=estimator != "linear")
         w = _check_weights(source_weights, "source_weights", s.shape[0], s)
         v = _check_weights(target_weights, "target_weights", t.shape[0], t)
         if estimator == "unbiased":
@@ -461,11 +518,13 @@ def mmd(
                         "with positive weight"
                     )
         if estimator == "linear":
-            linear = _linear_mmd([s], [t], [kernel], [state])
+            assert deferred is not None
+            linear = _linear_mmd([s], [t], [kernel], [deferred])
             return _check_result(linear, "source and target", largest, risky)
         z = torch.cat([s, t])
         if kernel.family == "distance":
             z = z - z.detach().mean(0)
+        state = _pooled_state(z) if deferred is None else deferred
         weights = _stacked_weights(w, v)
         if torch.compiler.is_compiling():  # plain autograd ops: traceable without breaks
             base = kernel.base(z, z, state)
@@ -473,12 +532,18 @@ def mmd(
                 base = torch.diagonal_scatter(base, base.new_zeros(base.shape[0]))
             matrix = kernel.from_base(base, state)
             return _assemble(weights.T @ matrix @ weights, matrix.diagonal(), w, v, estimator)
-        rows = _block_rows(z.shape[0], chunk_size)
+        rows = _tile_rows(z.shape[0], chunk_size)
         track = torch.is_grad_enabled() and (z.requires_grad or weights.requires_grad)
-        forms, diagonal = _BlockedMMD.apply(  # type: ignore[no-untyped-call]
-            weights, s.shape[0], (kernel,), (state,), rows, track, z
-        )
-        value = _assemble(forms, diagonal, w, v, estimator)
+        if source_weights is None and target_weights is None:
+            coefficients = _uniform_coefficients(s.shape[0], t.shape[0], estimator)
+            value = _BlockedMMD.apply(  # type: ignore[no-untyped-call]
+                weights, s.shape[0], (kernel,), (state,), rows, track, coefficients, z
+            )
+        else:
+            forms, diagonal = _BlockedMMD.apply(  # type: ignore[no-untyped-call]
+                weights, s.shape[0], (kernel,), (state,), rows, track, None, z
+            )
+            value = _assemble(forms, diagonal, w, v, estimator)
         return _check_result(value, "source and target", largest, risky)
 
 
@@ -645,7 +710,10 @@ def joint_mmd(
         ]
         srcs = [s for s, _, _ in layers]
         tgts = [t for _, t, _ in layers]
-        states = [state for _, _, state in layers]
+        states: list[Tensor] = []
+        for _, _, state in layers:
+            assert state is not None  # not deferred
+            states.append(state)
         top = max(largest)
         if estimator == "linear":
             linear = _linear_mmd(srcs, tgts, checked, states)
@@ -669,11 +737,19 @@ def joint_mmd(
             assert joint is not None
             forms, diagonal = weights.T @ joint @ weights, joint.diagonal()
         else:
-            rows = _block_rows(n + m, None, len(zs))
+            rows = _tile_rows(n + m, None, len(zs))
             track = torch.is_grad_enabled() and any(z.requires_grad for z in zs)
-            forms, diagonal = _BlockedMMD.apply(  # type: ignore[no-untyped-call]
-                weights, n, tuple(checked), tuple(states), rows, track, *zs
+            value = _BlockedMMD.apply(  # type: ignore[no-untyped-call]
+                weights,
+                n,
+                tuple(checked),
+                tuple(states),
+                rows,
+                track,
+                _uniform_coefficients(n, m, estimator),
+                *zs,
             )
+            return _check_result(value, "source and target", top, risky)
         value = _assemble(forms, diagonal, w, v, estimator)
         return _check_result(value, "source and target", top, risky)
 
