@@ -998,6 +998,11 @@ MNIST-M-lite blends MNIST digits with crops of scikit-learn's two sample photos
 images per domain and a few hundred steps on a CPU, so the numbers are comparable in
 pattern, not in value. MNIST -> scikit-learn digits stands in for MNIST -> USPS (USPS is
 not available offline).
+
+**Recipes.** This page measures the losses with one shared recipe. The library's
+per-method recipes (`tk.recipe`), per-domain BatchNorm, AdaBN and self-training are
+compared side by side, with the oracle and the fraction of the gap each closes, by
+`benchmarks/bench_adaptation_recipes.py`: see [adaptation results](guides/adaptation-results.md).
 """
 
 DOCS_FOOTER = """## Reading these numbers (the committed run, 2026-11-25)

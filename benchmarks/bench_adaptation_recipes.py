@@ -1,0 +1,513 @@
+"""Adaptation recipes side by side: MNIST -> MNIST-M-lite and MNIST -> digits, offline.
+
+Every row trains the same network (``tk.models.SmallCNN``, width 16, 128-d bottleneck)
+with the same budget (steps, batches of 64 source + 64 target images, SGD with Nesterov
+momentum 0.9 and weight decay 5e-4, learning rate ``0.03 * (1 + 10 p) ** -0.75`` from
+``tk.recipe``, source batches shifted by ``tk.augment.weak``); only the transfer term
+differs, each with its shipped ``tk.recipe(method)`` trade-off and ramp:
+
+* ``source_only`` (no target data) and ``source_only+adabn`` (the same network with
+  target BatchNorm statistics, ``tk.adapt_batchnorm``);
+* adaptation rows train with domain-specific BatchNorm (``tk.convert_domain_bn``:
+  source and target batches are normalised with their own statistics) and are tested
+  with target statistics re-estimated by ``tk.adapt_batchnorm``: ``dann``, ``cdan``,
+  ``dan`` (MK-MMD), ``mcc``, ``bnm``, ``afn``, ``mdd``, ``self_training``
+  (``tk.FixMatchLoss`` + ``tk.PseudoLabeler``) and combinations such as
+  ``dann+self_training``;
+* ``oracle``: trained on the labelled target training split (the ceiling).
+
+"Gap closed" is ``(method - source_only) / (oracle - source_only)`` of the mean
+accuracies. Run ``python benchmarks/bench_adaptation_recipes.py`` (3 seeds, both
+tasks, two worker processes); it writes ``benchmarks/results/adaptation_recipes.{json,md}``
+and the table of ``docs/guides/adaptation-results.md``. ``--quick`` runs one seed with
+fewer steps and smaller data and checks the direction of the headline results.
+Finished runs are appended to ``.cache/bench_adaptation_recipes/rows.jsonl``;
+``--resume`` reuses them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import transferkit as tk
+from transferkit.datasets import DomainTask, infinite, make_loader
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+CACHE = ROOT / ".cache" / "bench_adaptation_recipes"
+DOCS_PAGE = ROOT / "docs" / "guides" / "adaptation-results.md"
+BEGIN, END = "<!-- recipes-table:begin -->", "<!-- recipes-table:end -->"
+
+METHODS = (
+    "source_only",
+    "dann",
+    "cdan",
+    "dan",
+    "mcc",
+    "bnm",
+    "afn",
+    "mdd",
+    "self_training",
+    "dann+self_training",
+    "mcc+self_training",
+    "oracle",
+)
+QUICK_METHODS = ("source_only", "dann", "dann+self_training")
+LABELS = {
+    "source_only": "source only",
+    "source_only+adabn": "source only + AdaBN",
+    "dann": "DANN",
+    "cdan": "CDAN",
+    "dan": "DAN (MK-MMD)",
+    "mcc": "MCC",
+    "bnm": "BNM",
+    "afn": "AFN (SAFN)",
+    "mdd": "MDD",
+    "self_training": "self-training (FixMatch-style)",
+    "dann+self_training": "DANN + self-training",
+    "mcc+self_training": "MCC + self-training",
+    "oracle": "target-supervised (oracle)",
+}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What every row of one task shares."""
+
+    steps: int
+    batch_size: int = 64
+    lr: float = 0.03
+    width: int = 16
+    feature_dim: int = 128
+    disc_hidden: int = 256
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    size: int
+    budget: Budget
+
+
+def task_specs(quick: bool) -> dict[str, TaskSpec]:
+    if quick:
+        return {
+            "mnist->mnist_m_lite": TaskSpec("mnist->mnist_m_lite", 1000, Budget(steps=120)),
+            "mnist->digits": TaskSpec("mnist->digits", 1000, Budget(steps=100)),
+        }
+    return {
+        "mnist->mnist_m_lite": TaskSpec("mnist->mnist_m_lite", 3000, Budget(steps=400)),
+        "mnist->digits": TaskSpec("mnist->digits", 3000, Budget(steps=300)),
+    }
+
+
+def build_task(name: str, size: int, seed: int) -> DomainTask:
+    if name == "mnist->mnist_m_lite":
+        return tk.datasets.mnist_to_mnist_m_lite(
+            source_size=size, target_size=size, test_size=max(500, size // 3), seed=seed
+        )
+    return tk.datasets.mnist_to_digits(source_size=size, seed=seed)
+
+
+# --------------------------------------------------------------------------- one run
+
+Term = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+def transfer_term(
+    method: str, recipe: tk.Recipe, budget: Budget, num_classes: int, seed: int
+) -> tuple[Term | None, list[nn.Module], bool]:
+    """The transfer term ``term(f_s, logits_s, f_t, logits_t)`` and its modules.
+
+    The flag says whether the loop ramps its weight (adversarial terms ramp their
+    gradient reversal instead).
+    """
+    d = budget.feature_dim
+    if method in ("source_only", "oracle", "self_training"):
+        return None, [], False
+    if method in ("dann", "cdan"):
+        schedule = tk.WarmStartSchedule(budget.steps, alpha=10.0)
+        grl = tk.GradientReversal(schedule)
+        if method == "dann":
+            loss = tk.DomainAdversarialLoss(
+                tk.DomainDiscriminator(d, hidden=budget.disc_hidden), grl=grl
+            )
+            return (lambda fs, ls, ft, lt: loss(fs, ft)), [loss], False
+        cdan = tk.ConditionalDomainAdversarialLoss(
+            tk.DomainDiscriminator(d * num_classes, hidden=budget.disc_hidden),
+            num_classes,
+            d,
+            entropy_conditioning=bool(recipe.options.get("entropy_conditioning", 0.0)),
+            grl=grl,
+            seed=seed,
+        )
+        return (lambda fs, ls, ft, lt: cdan(ls, fs, lt, ft)), [cdan], False
+    if method == "mdd":
+        mdd = tk.MarginDisparityDiscrepancy(
+            nn.Linear(d, num_classes), margin=float(recipe.options["margin"])
+        )
+        return (lambda fs, ls, ft, lt: mdd(ls, fs, lt, ft)), [mdd], True
+    if method == "dan":
+        kernel = tk.kernels.GaussianKernel()
+        return (lambda fs, ls, ft, lt: tk.losses.mmd(fs, ft, kernel)), [], True
+    if method == "mcc":
+        temperature = float(recipe.options["temperature"])
+        return (lambda fs, ls, ft, lt: tk.losses.mcc(lt, temperature=temperature)), [], True
+    if method == "bnm":
+        return (lambda fs, ls, ft, lt: tk.losses.bnm(lt)), [], True
+    if method == "afn":
+        delta = float(recipe.options["delta"])
+        return (
+            (
+                lambda fs, ls, ft, lt: tk.losses.adaptive_feature_norm(
+                    torch.cat([fs, ft]), delta=delta
+                )
+            ),
+            [],
+            True,
+        )
+    raise ValueError(f"unknown method {method!r}")
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    model.eval()
+    correct = sum(
+        int((model(x[i : i + 500]).argmax(1) == y[i : i + 500]).sum())
+        for i in range(0, len(x), 500)
+    )
+    return correct / len(x)
+
+
+def train(method: str, task: DomainTask, budget: Budget, seed: int) -> dict[str, float]:
+    """Train one row; return target-test (and source-test) accuracies."""
+    tk.seed_everything(seed)
+    parts = method.split("+")
+    base, self_training = parts[0], "self_training" in parts
+    model = tk.models.SmallCNN(
+        task.input_shape[0], task.num_classes, width=budget.width, feature_dim=budget.feature_dim
+    )
+    adapt = method not in ("source_only", "oracle")
+    if adapt:
+        tk.convert_domain_bn(model)
+    recipe = tk.recipe(base, lr=budget.lr)
+    term, modules, ramped = transfer_term(base, recipe, budget, task.num_classes, seed)
+    fixmatch = None
+    if self_training:
+        st = tk.recipe("self_training")
+        labeler = tk.PseudoLabeler(
+            task.num_classes,
+            threshold=float(st.options["threshold"]),
+            balance="distribution" if st.options.get("distribution_alignment") else "none",
+            max_weight=st.tradeoff,
+            rampup_steps=budget.steps,
+            ramp=st.ramp if st.ramp != "none" else "linear",  # type: ignore[arg-type]
+        )
+        fixmatch = tk.FixMatchLoss(labeler, weak=tk.augment.weak, strong=tk.augment.strong)
+    params = [*model.parameters(), *(p for m in modules for p in m.parameters())]
+    optimizer = recipe.optimizer(params)
+    scheduler = recipe.scheduler(optimizer, budget.steps)
+    x_source, y_source = (
+        (task.target_x, task.target_y) if method == "oracle" else (task.source_x, task.source_y)
+    )
+    source = infinite(make_loader(x_source, y_source, batch_size=budget.batch_size, seed=seed))
+    target = infinite(
+        make_loader(task.target_x, batch_size=budget.batch_size, drop_last=True, seed=seed + 1)
+    )
+
+    def domain(name: str) -> contextlib.AbstractContextManager[Any]:
+        return tk.bn_domain(model, name) if adapt else contextlib.nullcontext()
+
+    model.train()
+    for module in modules:
+        module.train()
+    for step in range(budget.steps):
+        progress = step / budget.steps
+        x_s, y_s = next(source)
+        with domain("source"):
+            f_s = model.forward_features(tk.augment.weak(x_s))
+            logits_s = model.fc(f_s)
+        loss = F.cross_entropy(logits_s, y_s)
+        if adapt:
+            (x_t,) = next(target)
+            with domain("target"):
+                if term is not None:
+                    f_t = model.forward_features(x_t)
+                    weight = recipe.tradeoff_at(progress) if ramped else recipe.tradeoff
+                    loss = loss + weight * term(f_s, logits_s, f_t, model.fc(f_t))
+                if fixmatch is not None:
+                    loss = loss + fixmatch(model, x_t)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        for module in modules:
+            grl = getattr(module, "grl", None)
+            schedule = getattr(grl, "schedule", None)
+            if schedule is not None:
+                schedule.step()
+        if fixmatch is not None:
+            fixmatch.step()
+    result: dict[str, float] = {}
+    with domain("source"):
+        result["source"] = accuracy(model, task.source_test_x, task.source_test_y)
+    if method == "oracle":
+        result["target"] = accuracy(model, task.target_test_x, task.target_test_y)
+        return result
+    if method == "source_only":
+        result["target"] = accuracy(model, task.target_test_x, task.target_test_y)
+    with domain("target"):
+        tk.adapt_batchnorm(model, task.target_x, progress=False)
+        key = "target_adabn" if method == "source_only" else "target"
+        result[key] = accuracy(model, task.target_test_x, task.target_test_y)
+    return result
+
+
+# --------------------------------------------------------------------------- runner
+
+
+@dataclass(frozen=True)
+class Unit:
+    task: str
+    method: str
+    seed: int
+    quick: bool
+
+
+_TASKS: dict[tuple[str, int, bool], DomainTask] = {}
+
+
+def run_unit(unit: Unit) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    spec = task_specs(unit.quick)[unit.task]
+    key = (unit.task, unit.seed, unit.quick)
+    if key not in _TASKS:
+        _TASKS[key] = build_task(unit.task, spec.size, unit.seed)
+    start = time.perf_counter()
+    acc = train(unit.method, _TASKS[key], spec.budget, unit.seed)
+    wall = time.perf_counter() - start
+    print(
+        f"{unit.task:20s} {unit.method:20s} seed={unit.seed} "
+        + " ".join(f"{k}={v:.3f}" for k, v in acc.items())
+        + f" ({wall:.0f}s)",
+        flush=True,
+    )
+    return {**asdict(unit), "steps": spec.budget.steps, "wall_s": wall, **acc}
+
+
+def unit_key(row: dict[str, Any]) -> str:
+    return json.dumps([row["task"], row["method"], row["seed"], row["quick"], row["steps"]])
+
+
+def run_units(units: list[Unit], jobs: int, *, resume: bool) -> list[dict[str, Any]]:
+    path = CACHE / ("rows-quick.jsonl" if units and units[0].quick else "rows.jsonl")
+    cached: dict[str, dict[str, Any]] = {}
+    if resume and path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                cached[unit_key(row)] = row
+    done: dict[int, dict[str, Any]] = {}
+    todo: list[tuple[int, Unit]] = []
+    for i, unit in enumerate(units):
+        steps = task_specs(unit.quick)[unit.task].budget.steps
+        key = unit_key({**asdict(unit), "steps": steps})
+        if key in cached:
+            done[i] = cached[key]
+        else:
+            todo.append((i, unit))
+    if todo:
+        CACHE.mkdir(parents=True, exist_ok=True)
+        results: Iterator[dict[str, Any]]
+        pool = None
+        if jobs > 1:
+            import multiprocessing
+
+            pool = multiprocessing.get_context("spawn").Pool(jobs)
+            results = pool.imap(run_unit, [u for _, u in todo], chunksize=1)
+        else:
+            results = map(run_unit, [u for _, u in todo])
+        with open(path, "a") as handle:
+            for (i, _), row in zip(todo, results, strict=True):
+                done[i] = row
+                handle.write(json.dumps(row) + "\n")
+                handle.flush()
+        if pool is not None:
+            pool.close()
+            pool.join()
+    return [done[i] for i in sorted(done)]
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    values: dict[str, dict[str, list[float]]] = {}
+    for row in rows:
+        cells = values.setdefault(row["task"], {})
+        cells.setdefault(row["method"], []).append(row["target"])
+        if "target_adabn" in row:
+            cells.setdefault("source_only+adabn", []).append(row["target_adabn"])
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    for task, cells in values.items():
+        table[task] = {}
+        for method in LABELS:
+            if method not in cells:
+                continue
+            accs = cells[method]
+            table[task][method] = {
+                "values": accs,
+                "mean": statistics.fmean(accs),
+                "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            }
+        base, top = table[task].get("source_only"), table[task].get("oracle")
+        for method, cell in table[task].items():
+            if (
+                base
+                and top
+                and top["mean"] > base["mean"]
+                and method not in ("source_only", "oracle")
+            ):
+                cell["gap_closed"] = (cell["mean"] - base["mean"]) / (top["mean"] - base["mean"])
+    return table
+
+
+def markdown(table: dict[str, dict[str, dict[str, Any]]], seeds: list[int]) -> str:
+    tasks = list(table)
+    header = "| method | " + " | ".join(f"{t}: accuracy (%) | gap closed" for t in tasks) + " |"
+    lines = [header, "|---|" + "---|---|" * len(tasks)]
+    for method in LABELS:
+        if not any(method in table[t] for t in tasks):
+            continue
+        cells = []
+        for t in tasks:
+            cell = table[t].get(method)
+            if cell is None:
+                cells += ["n/a", ""]
+                continue
+            partial = (
+                f" [{len(cell['values'])} of {len(seeds)} seeds]"
+                if len(cell["values"]) < len(seeds)
+                else ""
+            )
+            cells.append(f"{100 * cell['mean']:.1f} ± {100 * cell['std']:.1f}{partial}")
+            cells.append(f"{100 * cell['gap_closed']:.0f}%" if "gap_closed" in cell else "")
+        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Target-test accuracy, mean ± standard deviation over seeds {', '.join(map(str, seeds))} "
+        "(the seed also redraws the data subsets); gap closed = (method - source only) / "
+        "(oracle - source only) of the means.",
+    ]
+    return "\n".join(lines)
+
+
+def environment() -> dict[str, Any]:
+    return {
+        "device": "cpu",
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def update_docs(table_md: str, report: dict[str, Any]) -> None:
+    """Replace the generated table in the results page (between the markers)."""
+    if not DOCS_PAGE.is_file():
+        return
+    text = DOCS_PAGE.read_text()
+    if BEGIN not in text or END not in text:
+        return
+    env = report["environment"]
+    block = (
+        f"{BEGIN}\n{table_md}\n\nGenerated by `python benchmarks/bench_adaptation_recipes.py` "
+        f"in {report['wall_s'] / 60:.1f} minutes of wall time ({report['jobs']} worker processes "
+        f"of one thread, {env['cpu_count']} cores, load average {env['load_average_at_start']:.1f} "
+        f"at the start, torch {env['torch']}); raw numbers in "
+        "`benchmarks/results/adaptation_recipes.json`.\n" + END
+    )
+    before, rest = text.split(BEGIN, 1)
+    after = rest.split(END, 1)[1]
+    write_atomic(DOCS_PAGE, before + block + after)
+
+
+def check_quick(table: dict[str, dict[str, dict[str, Any]]]) -> None:
+    """The direction of the headline results, at quick size (one seed)."""
+    cells = table["mnist->mnist_m_lite"]
+    base = cells["source_only"]["mean"]
+    for method in ("dann", "dann+self_training"):
+        if method in cells:
+            assert cells[method]["mean"] > base, f"MNIST-M-lite: {method} did not beat source only"
+    cells = table["mnist->digits"]
+    assert cells["source_only+adabn"]["mean"] > cells["source_only"]["mean"], "AdaBN did not help"
+    print("quick checks passed")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1 seed, fewer steps, asserts")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--tasks", nargs="+", default=None, choices=list(task_specs(False)))
+    parser.add_argument("--methods", nargs="+", default=None, choices=METHODS)
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes (1 thread each)")
+    parser.add_argument("--resume", action="store_true", help="reuse finished runs")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args(argv)
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    tasks = args.tasks or list(task_specs(args.quick))
+    methods = args.methods or list(QUICK_METHODS if args.quick else METHODS)
+    report: dict[str, Any] = {
+        "benchmark": "bench_adaptation_recipes",
+        "quick": args.quick,
+        "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
+        "seeds": seeds,
+        "jobs": args.jobs,
+        "environment": environment(),
+        "budgets": {
+            n: asdict(s.budget) | {"size": s.size} for n, s in task_specs(args.quick).items()
+        },
+        "recipes": {m: tk.recipe(m.split("+")[0]).to_dict() for m in methods},
+    }
+    started = time.perf_counter()
+    units = [Unit(t, m, s, args.quick) for s in seeds for t in tasks for m in methods]
+    rows = run_units(units, args.jobs, resume=args.resume)
+    report["wall_s"] = time.perf_counter() - started
+    report["rows"] = rows
+    table = summarise(rows)
+    report["table"] = table
+    table_md = markdown(table, seeds)
+    print(table_md)
+    if not args.no_write and not args.quick:
+        write_atomic(RESULTS / "adaptation_recipes.json", json.dumps(report, indent=2) + "\n")
+        write_atomic(RESULTS / "adaptation_recipes.md", table_md + "\n")
+        update_docs(table_md, report)
+    if args.quick and set(task_specs(True)) <= set(table):
+        check_quick(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
