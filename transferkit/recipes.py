@@ -73,11 +73,11 @@ class Recipe:
     Examples:
         >>> r = recipe("dann")
         >>> r.lr, r.tradeoff, r.bn
-        (0.01, 1.0, 'domain')
+        (0.01, 0.3, 'domain')
         >>> round(r.lr_at(1.0), 5)  # 0.01 * 11 ** -0.75
         0.00166
         >>> r.tradeoff_at(0.0), r.tradeoff_at(1.0)
-        (0.0, 1.0)
+        (0.0, 0.3)
     """
 
     method: str
@@ -187,12 +187,20 @@ _TLLIB = "TLlib (thuml/Transfer-Learning-Library) defaults"
 
 _RECIPES: dict[str, Recipe] = {
     "source_only": Recipe("source_only", tradeoff=0.0, ramp="none", reference=_GANIN),
-    "dann": Recipe("dann", tradeoff=1.0, reference=f"{_GANIN}; bottleneck 256 from {_TLLIB}"),
+    "dann": Recipe(
+        "dann",
+        tradeoff=0.3,
+        reference=(
+            f"{_GANIN}; bottleneck 256 from {_TLLIB}. Trade-off 0.3 is ours (the papers "
+            "use 1.0): 1.0 lost to source-only + AdaBN on MNIST -> digits (small target set) "
+            "and was no better on MNIST -> MNIST-M-lite"
+        ),
+    ),
     "cdan": Recipe(
         "cdan",
-        tradeoff=1.0,
+        tradeoff=0.3,
         options={"entropy_conditioning": 0.0},
-        reference=f"Long et al., NeurIPS 2018; {_TLLIB}",
+        reference=f"Long et al., NeurIPS 2018; {_TLLIB}. Trade-off 0.3 is ours, as for DANN",
     ),
     "cdan_e": Recipe(
         "cdan_e",
