@@ -34,16 +34,25 @@ def data(kind: str) -> object:
     return x if kind == "tensor" else TensorDataset(x, y)
 
 
+class Probe:
+    """A plain object: fingerprinted by its ``repr``, which does not show the values."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay, self.calls = delay, 0
+
+
 class Announce(nn.Module):
     def __init__(self, net: nn.Module, delay: float) -> None:
         super().__init__()
-        self.net, self.delay, self.calls = net, delay, 0
+        # In a plain object: module attributes are part of the cache key, and runs with
+        # different delays must share the cache.
+        self.net, self.probe = net, Probe(delay)
 
     def forward(self, x: Tensor) -> Tensor:
-        self.calls += 1
+        self.probe.calls += 1
         out: Tensor = self.net(x)
         print("batch", flush=True)
-        time.sleep(self.delay)
+        time.sleep(self.probe.delay)
         return out
 
 
@@ -68,7 +77,7 @@ def main() -> None:
     )
     features, labels = result if isinstance(result, tuple) else (result, np.zeros(0))
     np.savez(args.out, features=np.asarray(features), labels=np.asarray(labels))
-    print(f"calls={net.calls}", flush=True)
+    print(f"calls={net.probe.calls}", flush=True)
     sys.exit(0)
 
 

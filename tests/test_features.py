@@ -52,18 +52,30 @@ def numpy_pool(x: np.ndarray, mode: str | None) -> np.ndarray:
     return np.concatenate([flat.mean(axis=2), flat.max(axis=2)], axis=1)
 
 
+class Probe:
+    """Call count and failure point of a test module, kept out of the cache key: module
+    attributes are fingerprinted by value, a plain object by its ``repr`` (which does not
+    show them)."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.calls, self.fail_at = 0, fail_at
+
+
 class Counting(nn.Module):
     """Counts forward calls; raises on call number ``fail_at`` (simulated interruption)."""
 
     def __init__(self, net: nn.Module, fail_at: int | None = None) -> None:
         super().__init__()
         self.net = net
-        self.calls = 0
-        self.fail_at = fail_at
+        self.probe = Probe(fail_at)
+
+    @property
+    def calls(self) -> int:
+        return self.probe.calls
 
     def forward(self, x: Tensor) -> Tensor:
-        self.calls += 1
-        if self.fail_at is not None and self.calls == self.fail_at:
+        self.probe.calls += 1
+        if self.probe.fail_at is not None and self.probe.calls == self.probe.fail_at:
             raise RuntimeError("interrupted")
         out: Tensor = self.net(x)
         return out
@@ -662,21 +674,48 @@ class Act(nn.Module):
         self.lin = nn.Linear(4, 4)
         self.act = activation
         self.register_buffer("scale", torch.ones(4), persistent=False)
+        self.factor = 2.0  # plain attributes: in neither the state_dict nor the repr
+        self.offset = torch.zeros(4)
+        self.options = {"shift": [0.0]}
 
     def forward(self, x: Tensor) -> Tensor:
-        out: Tensor = self.act(self.lin(x)) * self.scale
-        return out
+        out = self.act(self.lin(x)) * self.scale * self.factor + self.offset
+        return out + self.options["shift"][0]
 
 
-@pytest.mark.parametrize("change", ["relu->tanh", "non-persistent buffer"])
+CHANGES = [
+    "relu->tanh",
+    "non-persistent buffer",
+    "float attribute",
+    "tensor attribute",
+    "nested attribute",
+    "forward hook",
+    "hook's captured value",
+]
+
+
+@pytest.mark.parametrize("change", CHANGES)
 def test_a_model_change_without_parameter_change_recomputes(tmp_path: Path, change: str) -> None:
     torch.manual_seed(0)
     net, x = Act(nn.ReLU()), torch.randn(30, 4)
+    shift = [1.0]
+    if change == "hook's captured value":
+        net.lin.register_forward_hook(lambda module, inputs, out: out + shift[0])
     tk.extract_features(net, x, cache=tmp_path, progress=False)
     if change == "relu->tanh":
         net.act = nn.Tanh()  # same state_dict
-    else:
+    elif change == "non-persistent buffer":
         net.scale.fill_(2.0)  # not in state_dict
+    elif change == "float attribute":
+        net.factor = 3.0
+    elif change == "tensor attribute":
+        net.offset[1] = 1.0
+    elif change == "nested attribute":
+        net.options["shift"][0] = 1.0
+    elif change == "forward hook":
+        net.lin.register_forward_hook(lambda module, inputs, out: out * 2)
+    else:
+        shift[0] = 2.0
     got = tk.extract_features(net, x, cache=tmp_path, progress=False)
     np.testing.assert_array_equal(got, tk.extract_features(net, x, progress=False))
 

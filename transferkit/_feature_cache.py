@@ -4,7 +4,8 @@
   them (4 MiB leaves hashed in parallel threads, so the digest is independent of how the
   bytes were fed and of the number of threads); `_update_tensor` feeds a tensor's
   logical content (independent of its strides); `_model_fingerprint` covers the
-  weights, buffers, module types, ``repr`` and the code of every module class.
+  weights, buffers, module types, ``repr``, the code of every module class, each module's
+  own attributes (numbers, tensors, containers by value) and its forward hooks.
 * `_CacheSink`: preallocated ``.npy`` files filled with positioned writes, an
   atomically rewritten JSON header that records, for every chunk of rows written, a
   digest of the input batch and a checksum of the stored rows, and a lock file that
@@ -20,6 +21,7 @@ from __future__ import annotations
 import bisect
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -238,8 +240,85 @@ def _update_class(h: _TreeHash, cls: type, seen: set[type]) -> None:
                 _update_code(h, code)
 
 
+_MODULE_KEYS = frozenset(vars(nn.Module()))  # nn.Module's own bookkeeping attributes
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks")
+_VALUE_DEPTH = 4
+
+
+def _update_function(h: _TreeHash, function: Any, depth: int) -> None:
+    """Feed a function's name, code, defaults and the values its closure captured."""
+    h.update(f"F{getattr(function, '__qualname__', type(function).__qualname__)}|".encode())
+    code = getattr(function, "__code__", None)
+    if isinstance(code, types.CodeType):
+        _update_code(h, code)
+    for name in ("__defaults__", "__kwdefaults__"):
+        _update_value(h, getattr(function, name, None), depth)
+    for cell in getattr(function, "__closure__", None) or ():
+        try:
+            _update_value(h, cell.cell_contents, depth)
+        except ValueError:  # an empty cell
+            h.update(b"<empty>")
+
+
+def _update_value(h: _TreeHash, value: Any, depth: int) -> None:
+    """Feed a module attribute: numbers, strings, tensors, arrays, containers, functions.
+
+    Containers and closures are followed ``_VALUE_DEPTH`` levels deep; a module is fed by
+    its type, parameters and buffers; anything else by its type and ``repr`` (memory
+    addresses removed).
+    """
+    depth -= 1
+    if value is None or isinstance(value, (str, bytes, int, float, complex, bool)):
+        h.update(f"{type(value).__name__}:{value!r}|".encode())
+    elif isinstance(value, Tensor):
+        _update_tensor(h, value)
+    elif isinstance(value, np.ndarray) and value.dtype != object:
+        _update_item(h, value)
+    elif depth <= 0:
+        h.update(f"{type(value).__qualname__}:{_ADDRESS.sub(' at 0x?', repr(value))}|".encode())
+    elif isinstance(value, nn.Module):
+        h.update(f"M{type(value).__module__}.{type(value).__qualname__}|".encode())
+        for name, tensor in [*value.named_parameters(), *value.named_buffers()]:
+            h.update(f"{name}|".encode())
+            _update_tensor(h, tensor)
+    elif isinstance(value, Mapping):
+        h.update(f"D{len(value)}|".encode())
+        for key, item in value.items():
+            _update_value(h, key, depth)
+            _update_value(h, item, depth)
+    elif isinstance(value, (list, tuple)):
+        h.update(f"L{type(value).__qualname__}{len(value)}|".encode())
+        for item in value:
+            _update_value(h, item, depth)
+    elif isinstance(value, (set, frozenset)):  # in a stable order (set order is per process)
+        h.update(repr(sorted(_ADDRESS.sub(" at 0x?", repr(v)) for v in value)).encode())
+    elif isinstance(value, (types.FunctionType, types.MethodType)):
+        _update_function(h, value, depth)
+    elif isinstance(value, functools.partial):
+        h.update(b"partial|")
+        _update_value(h, value.func, depth)
+        _update_value(h, value.args, depth)
+        _update_value(h, value.keywords, depth)
+    else:
+        h.update(f"{type(value).__qualname__}:{_ADDRESS.sub(' at 0x?', repr(value))}|".encode())
+
+
+def _update_module_state(h: _TreeHash, module: nn.Module) -> None:
+    """Feed a module's own attributes (``self.scale = 2.0``, a plain tensor) and hooks."""
+    for key, value in sorted(vars(module).items()):
+        if key not in _MODULE_KEYS and not key.startswith("_torchdynamo"):  # ids per process
+            h.update(f"A{key}=".encode())
+            _update_value(h, value, _VALUE_DEPTH)
+    for key in _HOOK_DICTS:
+        hooks = getattr(module, key, None) or {}
+        if hooks:
+            h.update(f"{key}{len(hooks)}|".encode())
+            for hook in hooks.values():
+                _update_value(h, hook, _VALUE_DEPTH)
+
+
 def _model_fingerprint(model: nn.Module) -> str:
-    """Hash of the model's structure (types, repr, class code), parameters and buffers."""
+    """Hash of the model's structure (types, repr, code, attributes, hooks) and tensors."""
     h = _TreeHash()
     h.update(_ADDRESS.sub(" at 0x?", repr(model)).encode())
     seen: set[type] = set()
@@ -247,6 +326,7 @@ def _model_fingerprint(model: nn.Module) -> str:
         cls = type(module)
         h.update(f"M{name}:{cls.__module__}.{cls.__qualname__}|".encode())
         _update_class(h, cls, seen)
+        _update_module_state(h, module)
     for name, param in model.named_parameters(remove_duplicate=False):
         h.update(f"P{name}|".encode())
         _update_tensor(h, param)
