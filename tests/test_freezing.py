@@ -453,6 +453,8 @@ def test_param_groups_no_decay_for_bias_and_norm_layers() -> None:
     assert decay == {"0.proj.weight", "1.weight"}
     assert no_decay == set(names.values()) - decay
     assert all(set(g) == {"params", "lr", "weight_decay", "name"} for g in groups)
+    with_decay = tk.param_groups(net, 0.1, layer_decay=0.5)
+    assert all(g["layer_decay"] == 0.5 for g in with_decay)
 
 
 def test_param_groups_layer_decay_gives_real_per_group_lr() -> None:
@@ -926,3 +928,32 @@ def test_freeze_clears_stale_grads_so_adamw_leaves_frozen_weights_alone() -> Non
         assert torch.equal(param, frozen[name]), name
     assert not torch.equal(net[2].weight, head)  # the rest still trains
     assert net[0].weight.grad is None and net[0].bias.grad is None
+
+
+@pytest.mark.parametrize("scheduler", [None, "OneCycleLR"])
+def test_gradual_unfreezing_continues_layer_decay_of_param_groups_built_on_the_head_alone(
+    scheduler: str | None,
+) -> None:
+    """The common recipe: freeze all but the head, AdamW(param_groups(..., layer_decay=d)),
+    GradualUnfreezing without layer_decay=: the stages continue lr * d**depth (the head
+    alone shows one depth, so the factor is read from the groups' layer_decay key)."""
+    net = make_net()
+    tk.freeze(net, exclude="fc")
+    optimizer = torch.optim.AdamW(tk.param_groups(net, 0.1, layer_decay=0.7, weight_decay=0.05))
+    built = None
+    if scheduler is not None:
+        peaks = [g["lr"] for g in optimizer.param_groups]
+        built = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=10)
+    schedule = tk.GradualUnfreezing(net, STAGES, optimizer, scheduler=built)
+    unfreeze_all(net, schedule)
+    key = "lr" if built is None else "max_lr"
+    names = {id(p): n for n, p in net.named_parameters()}
+    got = {
+        names[id(p)]: (g[key], g["weight_decay"])
+        for g in optimizer.param_groups
+        for p in g["params"]
+    }
+    want = settings_by_parameter(net, tk.param_groups(net, 0.1, layer_decay=0.7, weight_decay=0.05))
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name] == pytest.approx(want[name], rel=1e-9), name

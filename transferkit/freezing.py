@@ -972,8 +972,9 @@ def param_groups(
         no_decay: names whose parameters get ``weight_decay=0.0``.
 
     Returns:
-        A list of dicts with keys ``params``, ``lr``, ``weight_decay`` and ``name``, ready
-        for any ``torch.optim`` optimizer.
+        A list of dicts with keys ``params``, ``lr``, ``weight_decay`` and ``name`` (and
+        ``layer_decay`` when given, so that [`GradualUnfreezing`][] continues the decay
+        to the blocks it unfreezes), ready for any ``torch.optim`` optimizer.
 
     Raises:
         ValueError: ``lr``/``weight_decay``/``layer_decay`` out of range, or no parameter
@@ -1009,14 +1010,20 @@ def param_groups(
             continue
         group_lr = base_lr * factor**depth if factor is not None else base_lr
         decay, plain = _split_decay(trainable, owners, tokens)
-        if decay:
-            groups.append(
-                {"params": decay, "lr": group_lr, "weight_decay": decay_value, "name": name}
-            )
-        if plain:
-            groups.append(
-                {"params": plain, "lr": group_lr, "weight_decay": 0.0, "name": f"{name} (no_decay)"}
-            )
+        for tensors, wd, group_name in (
+            (decay, decay_value, name),
+            (plain, 0.0, f"{name} (no_decay)"),
+        ):
+            if tensors:
+                group: dict[str, Any] = {
+                    "params": tensors,
+                    "lr": group_lr,
+                    "weight_decay": wd,
+                    "name": group_name,
+                }
+                if factor is not None:
+                    group["layer_decay"] = factor  # read by GradualUnfreezing
+                groups.append(group)
     if not groups:
         raise ValueError(
             "model: no trainable parameter (every parameter has requires_grad=False); "
@@ -1049,9 +1056,11 @@ class GradualUnfreezing:
     * layer-wise lr decay: with ``layer_decay``, a stage is split into the blocks of
       [`param_groups`][] and the block ``d`` steps below the head gets
       ``lr * layer_decay**d``, so after the last stage the optimizer holds exactly the lrs
-      ``param_groups(model, lr, layer_decay=...)`` gives the unfrozen model. Without it, the
-      pattern is also continued when the existing groups show one (groups at two or more
-      depths whose lrs fall by one factor per block; logged).
+      ``param_groups(model, lr, layer_decay=...)`` gives the unfrozen model. Without it
+      (and without ``lr``), the decay is also continued when the existing groups carry
+      one: the ``layer_decay`` key that ``param_groups(..., layer_decay=...)`` writes into
+      every group (so an optimizer built from the head alone continues it), or groups at
+      two or more depths whose lrs fall by one factor per block (logged).
 
     Learning-rate schedulers: pass ``scheduler=`` (or set [`scheduler`][] once it is
     built) and every new group joins it at its current step, scaled to the group's lr,
@@ -1316,6 +1325,19 @@ class GradualUnfreezing:
                 found.append((self._base_lr(group), depths.pop()))
         return found
 
+    def _recorded_layer_decay(self) -> float | None:
+        """The ``layer_decay`` that [`param_groups`][] wrote into the existing groups."""
+        assert self.optimizer is not None
+        values = {group.get("layer_decay") for group in self.optimizer.param_groups}
+        if len(values) != 1:
+            return None
+        value = values.pop()
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        if not 0.0 < value <= 1.0 or not self._existing_depths():
+            return None
+        return float(value)
+
     def _layer_pattern(self) -> tuple[float, float] | None:
         """``(head lr, factor)`` when the existing groups decay by one factor per block."""
         found = self._existing_depths()
@@ -1363,6 +1385,16 @@ class GradualUnfreezing:
             return base / self.layer_decay**depth, self.layer_decay
         if lr is not None:
             return lr, None
+        recorded = self._recorded_layer_decay()
+        if recorded is not None:
+            found = self._existing_depths()
+            base, depth = min(found, key=lambda item: item[1])
+            logger.info(
+                "GradualUnfreezing: continuing the layer_decay=%.3g of the optimizer's groups "
+                "(from param_groups)",
+                recorded,
+            )
+            return base / recorded**depth, recorded
         pattern = self._layer_pattern()
         if pattern is not None:
             logger.info(
@@ -1421,6 +1453,8 @@ class GradualUnfreezing:
                         "weight_decay": wd,
                         "name": group_name,
                     }
+                    if factor is not None:
+                        group["layer_decay"] = factor
                     if set_initial:
                         group["initial_lr"] = group_lr
                     optimizer.add_param_group(group)
