@@ -351,12 +351,47 @@ def _headless_in_features(model: nn.Module, name: str) -> int:
 
 
 def _out_features(head: nn.Module) -> int | None:
-    for attribute in ("out_features", "num_classes"):
+    for attribute in ("out_features", "num_classes", "out_channels"):  # conv: timm BiT
         value = getattr(head, attribute, None)
         if isinstance(value, int):
             return value
     linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
     return int(linears[-1].out_features) if linears else None
+
+
+def _timm_classifiers(model: nn.Module) -> list[nn.Module]:
+    """What timm's ``get_classifier()`` returns, as a list (distilled models give two)."""
+    try:
+        found = model.get_classifier()  # type: ignore[operator]
+    except Exception:  # a user method
+        return []
+    found = list(found) if isinstance(found, (tuple, list)) else [found]
+    return [m for m in found if isinstance(m, nn.Module)]
+
+
+def _timm_disabled_pool(model: nn.Module) -> str | None:
+    """The class default pool of a timm model built with ``global_pool=''``, else None."""
+    pool = getattr(model, "global_pool", None)
+    if not isinstance(pool, str):
+        pools = [pool] if isinstance(pool, nn.Module) else []
+        pools += [m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] == "global_pool"]
+        kinds = [getattr(m, "pool_type", None) for m in pools]
+        pool = next((kind for kind in kinds if isinstance(kind, str)), None)
+    if pool != "":
+        return None
+    import inspect
+
+    for cls in type(model).__mro__:
+        init = vars(cls).get("__init__")
+        if init is None:
+            continue
+        try:
+            parameter = inspect.signature(init).parameters.get("global_pool")
+        except (TypeError, ValueError):
+            continue
+        if parameter is not None and isinstance(parameter.default, str) and parameter.default:
+            return parameter.default
+    return "avg"
 
 
 def replace_head(
@@ -373,9 +408,17 @@ def replace_head(
 
     Headless models work too: a timm model built with ``num_classes=0`` (its classifier
     is an ``nn.Identity``) gets its head from timm's own ``reset_classifier(num_classes)``
-    (the input size is ``head_hidden_size``/``num_features``); a torchvision model whose
-    head was set to ``nn.Identity()`` gets a ``Linear`` sized by the output of the last
-    layer with weights before it (512 for ResNet-18).
+    (the input size is ``head_hidden_size``/``num_features``); one built with
+    ``global_pool=''`` gets its class's default pool back (logged as a warning), since a
+    classifier needs pooled features. timm's distilled models (DeiT, LeViT: both heads
+    are reset, the first is returned) and 1x1-conv heads (BiT ``ResNetV2``) also go
+    through ``reset_classifier``. A torchvision model whose head was set to
+    ``nn.Identity()`` gets a ``Linear`` sized by the output of the last layer with
+    weights before it (512 for ResNet-18; the ``fc`` of ResNet/RegNet/ShuffleNet, the
+    last item of a ``classifier``/``heads`` Sequential). That guess assumes the identity
+    receives pooled, flattened features of that size: when a whole block is replaced
+    (ConvNeXt's or VGG's entire ``classifier``) or auxiliary heads come later in the
+    definition order (GoogLeNet), build the head yourself and pass it.
 
     Args:
         model: the network (changed in place).
@@ -430,24 +473,38 @@ def replace_head(
     if reference is None:
         reference = next(iter(model.parameters()), None)
     reset = getattr(model, "reset_classifier", None)
+    classifiers = (
+        _timm_classifiers(model) if callable(getattr(model, "get_classifier", None)) else []
+    )
     if (
-        headless
-        and isinstance(head_or_num_classes, int)
+        isinstance(head_or_num_classes, int)
         and callable(reset)
-        and callable(getattr(model, "get_classifier", None))
-        and _name_of(model, old) == name
+        and any(module is old for module in classifiers)
+        and (headless or len(classifiers) > 1 or isinstance(old, nn.Conv2d))
     ):
-        # timm's own way: it also rebuilds pooling/pre-logits bookkeeping for num_classes
+        # timm's own way: it also rebuilds pooling/pre-logits bookkeeping for num_classes,
+        # the distillation head of DeiT/LeViT and the 1x1-conv head of BiT (ResNetV2)
         num_classes = int(check_positive(head_or_num_classes, "head_or_num_classes", integer=True))
-        reset(num_classes)
-        timm_head = model.get_classifier()  # type: ignore[operator]
-        if isinstance(timm_head, nn.Module) and _out_features(timm_head) == num_classes:
-            if reference is not None:
-                timm_head.to(device=reference.device, dtype=reference.dtype)
+        pool = _timm_disabled_pool(model)
+        if pool is None:
+            reset(num_classes)
+        else:
+            logger.warning(
+                "replace_head: %s was built with global_pool='' (no pooling); a classifier "
+                "needs pooled features, so its default pool %r is restored",
+                type(model).__name__,
+                pool,
+            )
+            reset(num_classes, global_pool=pool)
+        new_heads = _timm_classifiers(model)
+        if new_heads and all(_out_features(h) == num_classes for h in new_heads):
+            for timm_head in new_heads:
+                if reference is not None:
+                    timm_head.to(device=reference.device, dtype=reference.dtype)
             if isinstance(getattr(model, "num_classes", None), int):
                 setattr(model, "num_classes", num_classes)  # noqa: B010 (typed as Module)
-            logger.info("replace_head: %s -> %s (timm reset_classifier)", name, type(timm_head))
-            return timm_head
+            logger.info("replace_head: %s -> %s (timm reset_classifier)", name, new_heads)
+            return new_heads[0]
         raise ValueError(
             f"model: {type(model).__name__}.reset_classifier({num_classes}) did not give a "
             f"head with {num_classes} outputs; pass the head module yourself"

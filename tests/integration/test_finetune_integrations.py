@@ -239,6 +239,36 @@ def test_timm_headless_models_get_a_head(
 
 @pytest.mark.vision
 @pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("resnet18", {"num_classes": 0, "global_pool": ""}),  # pooling disabled too
+        ("convnext_atto", {"num_classes": 0, "global_pool": ""}),
+        ("vit_tiny_patch16_224", {"num_classes": 0, "global_pool": "", "img_size": 32}),
+        ("resnetv2_50x1_bit", {"num_classes": 10}),  # a 1x1-conv head
+        ("resnetv2_50x1_bit", {"num_classes": 0}),
+        ("deit_tiny_distilled_patch16_224", {"num_classes": 10, "img_size": 32}),  # two heads
+        ("deit_tiny_distilled_patch16_224", {"num_classes": 0, "img_size": 32}),
+    ],
+)
+def test_timm_head_layouts_give_logits_after_replace_head(
+    name: str, kwargs: dict[str, object], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Used to fail: a Linear on unpooled maps/tokens, a Linear in place of BiT's conv head,
+    DeiT's distillation head left at 10 classes, or 'did not give a head with 5 outputs'."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    with caplog.at_level(logging.WARNING, logger="transferkit.heads"):
+        head = tk.replace_head(model, 5)
+    assert ("global_pool=''" in caplog.text) == (kwargs.get("global_pool") == "")
+    assert model.num_classes == 5 and tk.find_head(model)[1] is head
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 5)
+
+
+@pytest.mark.vision
+@pytest.mark.parametrize(
     ("factory", "head", "in_features"),
     [
         (lambda m: m.resnet18(weights=None), "fc", 512),
