@@ -1040,3 +1040,51 @@ def test_a_model_on_the_meta_device_is_refused_clearly() -> None:
         net = tk.models.SmallCNN()
     with pytest.raises(ValueError, match=r"model: .* is on the meta device.*to_empty"):
         tk.extract_features(net, images(2), progress=False)
+
+
+class NamedItems(Dataset[tuple[Tensor, str]]):
+    """Items whose labels are strings that grow longer with the index."""
+
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, index: int) -> tuple[Tensor, str]:
+        return torch.full((4,), float(index)), "c" * (index + 1)
+
+
+def test_string_labels_longer_than_the_first_batch_are_never_truncated(tmp_path: Path) -> None:
+    net = nn.Linear(4, 3)
+    _, labels = tk.extract_features(net, NamedItems(), batch_size=3, progress=False)
+    assert labels.tolist() == ["c" * (i + 1) for i in range(10)]
+    with pytest.raises(ValueError, match=r"labels: rows 3\.\.6 have dtype <U6.*<U3"):
+        tk.extract_features(net, NamedItems(), batch_size=3, cache=tmp_path, progress=False)
+
+
+class Reshaping(nn.Module):
+    """Per-sample output shape (3, 2) for batches starting with a zero, else ``later``."""
+
+    def __init__(self, later: tuple[int, int]) -> None:
+        super().__init__()
+        self.later = later
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = (3, 2) if bool(x[0, 0] == 0) else self.later
+        return x[:, : shape[0] * shape[1]].reshape(len(x), *shape)
+
+
+@pytest.mark.parametrize(("later", "cache"), [((1, 2), False), ((2, 3), True)])
+def test_a_batch_with_another_output_shape_raises_instead_of_broadcasting(
+    tmp_path: Path, later: tuple[int, int], cache: bool
+) -> None:
+    # (1, 2) rows would broadcast into (3, 2) storage; (2, 3) rows have the same bytes
+    x = torch.ones(6, 6)
+    x[:3] = 0.0
+    with pytest.raises(ValueError, match=r"layers: 'output': rows 3\.\.6 have shape"):
+        tk.extract_features(
+            Reshaping(later),
+            x,
+            batch_size=3,
+            pool=None,
+            cache=tmp_path if cache else None,
+            progress=False,
+        )

@@ -398,6 +398,22 @@ def _cannot_write(directory: Path, err: OSError) -> OSError:
     )
 
 
+def _check_fits(what: str, rows: tuple[int, int], new: np.ndarray, like: np.ndarray) -> None:
+    """Raise unless batch rows ``new`` store into an array like ``like`` without loss."""
+    if new.shape[1:] != like.shape[1:]:
+        raise ValueError(
+            f"{what}: rows {rows[0]}..{rows[1]} have shape {new.shape[1:]} per sample, but the "
+            f"first batch gave {like.shape[1:]}; every batch must give the same shape (with "
+            "pool=None, pad token sequences to one length or pool them)"
+        )
+    if new.dtype != like.dtype and not np.can_cast(new.dtype, like.dtype, "safe"):
+        raise ValueError(
+            f"{what}: rows {rows[0]}..{rows[1]} have dtype {new.dtype}, which does not fit the "
+            f"{like.dtype} of the first batch without loss (e.g. longer strings); give every "
+            "batch the same dtype (map string labels to integers), or pass cache=None"
+        )
+
+
 class _Chunk:
     """Rows ``[start, stop)`` written from one batch: input digest and per-file checksums."""
 
@@ -728,6 +744,12 @@ class _CacheSink:
         if len(columns) != len(self._write_fds):
             raise ValueError("data: some batches carry labels and others do not")
         stop = start + int(outputs[0].shape[0])
+        whats = [f"layers: {name!r}" for name in self.names] + ["labels"]
+        for what, entry, dtype, column in zip(
+            whats, self._entries(), self.dtypes, columns, strict=False
+        ):
+            like = np.empty((0, *entry["shape"][1:]), dtype)
+            _check_fits(what, (start, stop), column, like)
         self._drop(start, stop)
         self.dirty = True
         sums = []

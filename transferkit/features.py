@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler
 from tqdm.auto import tqdm
 
-from ._feature_cache import _batch_digest, _CacheSink, _model_fingerprint
+from ._feature_cache import _batch_digest, _CacheSink, _check_fits, _model_fingerprint
 from ._feature_shard import _columns, _concat, _shard
 from ._validation import (
     check_binary_mask,
@@ -552,8 +552,9 @@ def _labels_to_numpy(labels: Any) -> np.ndarray:
 class _MemorySink:
     """Rows gathered in preallocated arrays (or lists when the length is unknown)."""
 
-    def __init__(self, num_rows: int | None) -> None:
+    def __init__(self, num_rows: int | None, names: Sequence[str]) -> None:
         self.num_rows = num_rows
+        self.names = list(names)
         self.arrays: list[np.ndarray] | None = None
         self.labels: np.ndarray | None = None
         self.parts: list[list[np.ndarray]] = []
@@ -563,7 +564,10 @@ class _MemorySink:
         if self.num_rows is None:
             if not self.parts:
                 self.parts = [[] for _ in outputs]
-            for part, out in zip(self.parts, outputs, strict=True):
+            for index, (part, out) in enumerate(zip(self.parts, outputs, strict=True)):
+                if part and part[0].shape[1:] != out.shape[1:]:
+                    rows = (start, start + out.shape[0])
+                    _check_fits(f"layers: {self.names[index]!r}", rows, out, part[0])
                 part.append(out)
             if labels is not None:
                 self.label_parts.append(labels)
@@ -575,9 +579,14 @@ class _MemorySink:
             self.arrays = [np.empty((self.num_rows, *o.shape[1:]), o.dtype) for o in outputs]
             if labels is not None:
                 self.labels = np.empty((self.num_rows, *labels.shape[1:]), labels.dtype)
-        for array, out in zip(self.arrays, outputs, strict=True):
+        for index, (array, out) in enumerate(zip(self.arrays, outputs, strict=True)):
+            _check_fits(f"layers: {self.names[index]!r}", (start, stop), out, array)
             array[start:stop] = out
         if self.labels is not None and labels is not None:
+            if labels.shape[1:] == self.labels.shape[1:] and labels.dtype != self.labels.dtype:
+                # e.g. a later batch of longer string labels: widen, never truncate
+                self.labels = self.labels.astype(np.result_type(self.labels, labels))
+            _check_fits("labels", (start, stop), labels, self.labels)
             self.labels[start:stop] = labels
 
     def result(self, rows: int) -> tuple[list[np.ndarray], np.ndarray | None]:
@@ -892,7 +901,7 @@ def _extract_local(
         if sink.rows_done:
             logger.info("cache: checking the %d rows already in %s", sink.rows_done, cache)
     else:
-        memory = _MemorySink(source.num_rows)
+        memory = _MemorySink(source.num_rows, names)
 
     param_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     pin = target.type == "cuda" and not isinstance(data, (DataLoader, Dataset))
