@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import pickle
 
@@ -11,7 +12,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from sklearn.base import clone
-from sklearn.datasets import load_digits
+from sklearn.datasets import load_breast_cancer, load_digits
 from sklearn.decomposition import PCA
 from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import make_pipeline
@@ -29,7 +30,9 @@ from transferkit.sklearn import (
     SubspaceAlignment,
     TorchKernelSVC,
     _gram,
+    _kernel_gram,
     _make_kernel,
+    _svc_kernel,
     make_deep_svm_pipeline,
 )
 
@@ -172,6 +175,61 @@ def test_chunked_gram_does_not_depend_on_chunk_size(n, m, chunk, name):
     np.testing.assert_allclose(square, full, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("name", KERNEL_CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_svc_gram_from_transferkit_kernels_matches_numpy_reference(name, dtype):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(37, 6)) + 3.0, rng.normal(size=(23, 6)) + 3.0
+    x[:, 2] = y[:, 2] = 1.5  # a constant column (dropped for distances, kept for products)
+    x[:, 4] = y[:, 4] = 0.0  # an all-zero column (dropped for every kernel)
+    kernel = _svc_kernel(name, 0.2, 3, 0.5, MULTIPLIERS)
+    assert isinstance(kernel, kernels.Kernel)
+    tolerance = 1e-10 if dtype == torch.float64 else 2e-5
+    for chunk in (1, 8, 100):
+        cross = _kernel_gram(kernel, x, y, device=CPU, dtype=dtype, chunk_size=chunk)
+        square = _kernel_gram(kernel, x, None, device=CPU, dtype=dtype, chunk_size=chunk)
+        assert cross.dtype == square.dtype == np.float64
+        scale = np.abs(numpy_kernel(name, x, y, 0.2)).max()
+        np.testing.assert_allclose(
+            cross, numpy_kernel(name, x, y, 0.2), rtol=tolerance, atol=tolerance * scale
+        )
+        np.testing.assert_allclose(
+            square, numpy_kernel(name, x, x, 0.2), rtol=tolerance, atol=tolerance * scale
+        )
+        np.testing.assert_array_equal(square, square.T)  # mirrored, exactly symmetric
+
+
+@given(
+    n=st.integers(1, 40),
+    m=st.integers(1, 30),
+    chunk=st.integers(1, 50),
+    name=st.sampled_from(KERNEL_CASES),
+)
+def test_svc_gram_equals_the_old_gemm_kernels_at_any_chunk_size(n, m, chunk, name):
+    # The SVC's Gram moved from the private GEMM kernels to transferkit.kernels: same values.
+    rng = np.random.default_rng(n * 100 + m)
+    x, y = rng.normal(size=(n, 3)), rng.normal(size=(m, 3))
+    old = _make_kernel(name, 0.5, 2, 1.0, MULTIPLIERS)
+    new = _svc_kernel(name, 0.5, 2, 1.0, MULTIPLIERS)
+    for other in (y, None):
+        before = _gram(old, x, other, device=CPU, dtype=torch.float64, chunk_size=10_000)
+        after = _kernel_gram(new, x, other, device=CPU, dtype=torch.float64, chunk_size=chunk)
+        np.testing.assert_allclose(after, before, rtol=1e-12, atol=1e-12)
+
+
+def test_svc_gram_does_not_modify_its_inputs():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(20, 4)), rng.normal(size=(9, 4))
+    x[:, 1] = 2.0
+    x_copy, y_copy = x.copy(), y.copy()
+    for name in KERNEL_CASES:
+        kernel = _svc_kernel(name, 0.5, 2, 1.0, MULTIPLIERS)
+        _kernel_gram(kernel, x, None, device=CPU, dtype=torch.float64, chunk_size=3)
+        _kernel_gram(kernel, x, y, device=CPU, dtype=torch.float64, chunk_size=3)
+    np.testing.assert_array_equal(x, x_copy)
+    np.testing.assert_array_equal(y, y_copy)
+
+
 # ----------------------------------------------------------------------------- kernel SVM
 
 
@@ -199,6 +257,57 @@ def test_rbf_svm_agrees_with_sklearn_svc_on_digits(digits, C):
     np.testing.assert_allclose(
         ours.decision_function(x_test), theirs.decision_function(x_test), atol=5e-3
     )
+
+
+def assert_same_svm(ours, theirs, x_test):
+    """Identical predictions and support, decision values equal to rounding."""
+    np.testing.assert_array_equal(ours.predict(x_test), theirs.predict(x_test))
+    np.testing.assert_array_equal(ours.support_, theirs.support_)
+    np.testing.assert_array_equal(ours.n_support_, theirs.n_support_)
+    np.testing.assert_allclose(ours.dual_coef_, theirs.dual_coef_, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(
+        ours.decision_function(x_test), theirs.decision_function(x_test), rtol=0, atol=1e-9
+    )
+
+
+@pytest.mark.parametrize("C", [1.0, 10.0])
+@pytest.mark.parametrize("kernel", ["rbf", "poly", "linear"])
+def test_predictions_are_identical_to_sklearn_svc_on_digits(digits, kernel, C):
+    x_train, y_train, x_test, _ = digits
+    ours = TorchKernelSVC(kernel=kernel, C=C, device="cpu", chunk_size=300)
+    theirs = SVC(kernel=kernel, C=C)
+    if kernel != "rbf":
+        ours.set_params(gamma=1e-3)
+        theirs.set_params(gamma=1e-3)
+    assert_same_svm(ours.fit(x_train, y_train), theirs.fit(x_train, y_train), x_test)
+
+
+def test_predictions_are_identical_to_sklearn_svc_on_breast_cancer():
+    # A second real data set: binary, 30 standardised features, class weights.
+    x, y = load_breast_cancer(return_X_y=True)
+    order = np.random.default_rng(0).permutation(len(x))
+    x = StandardScaler().fit_transform(x[order])
+    y = y[order]
+    for params in ({"C": 1.0}, {"C": 10.0, "class_weight": "balanced"}):
+        ours = TorchKernelSVC(device="cpu", chunk_size=64, **params).fit(x[:400], y[:400])
+        theirs = SVC(**params).fit(x[:400], y[:400])
+        assert_same_svm(ours, theirs, x[400:])
+
+
+HAS_MNIST = importlib.util.find_spec("pureml") is not None
+HAS_MNIST = HAS_MNIST and importlib.util.find_spec("zarr") is not None
+
+
+@pytest.mark.skipif(not HAS_MNIST, reason="needs the packaged MNIST (transferkit[data])")
+def test_predictions_are_identical_to_sklearn_svc_on_mnist_pixels():
+    # 784 pixels with dozens of always-blank border columns (dropped from the distances).
+    data = tk.datasets.mnist()
+    x = data.train_images[:1500].reshape(1500, -1).numpy() / 255.0
+    y = data.train_labels[:1500].numpy()
+    x_test = data.test_images[:500].reshape(500, -1).numpy() / 255.0
+    assert (x.min(0) == x.max(0)).sum() > 50
+    ours = TorchKernelSVC(device="cpu", chunk_size=512).fit(x, y)
+    assert_same_svm(ours, SVC().fit(x, y), x_test)
 
 
 @pytest.mark.parametrize("shape", ["ovr", "ovo"])

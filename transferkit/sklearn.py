@@ -58,7 +58,14 @@ from torch.utils.data import DataLoader, Dataset
 from ._validation import check_bool, check_not_meta, check_option, check_positive
 from .device import resolve_device
 from .features import PoolName, extract_features
-from .kernels import rescale_factor
+from .kernels import (
+    GaussianKernel,
+    Kernel,
+    LaplacianKernel,
+    LinearKernel,
+    PolynomialKernel,
+    rescale_factor,
+)
 
 __all__ = [
     "CORAL",
@@ -261,6 +268,112 @@ def _gram(
     return out
 
 
+def _svc_kernel(
+    name: KernelName, gamma: float, degree: int, coef0: float, multipliers: Sequence[float]
+) -> Kernel:
+    """The [`transferkit.kernels`][] object for a named kernel in scikit-learn's ``gamma``.
+
+    ``exp(-gamma d)`` is a Gaussian with ``sigma^2 = 1 / (2 gamma)`` (``"multi_rbf"``: the
+    same ``sigma`` with the multipliers on ``sigma^2``, i.e. ``exp(-gamma d / m)``),
+    ``exp(-gamma ||x - y||)`` a Laplacian with ``sigma = 1 / gamma``, ``"poly"`` is
+    ``(gamma x.y + coef0)^degree``. Kernel values agree with scikit-learn's to rounding
+    (the bandwidth round trip costs an ulp or two of ``gamma``).
+    """
+    if name in ("rbf", "multi_rbf"):
+        factors = (1.0,) if name == "rbf" else tuple(multipliers)
+        return GaussianKernel(bandwidth=math.sqrt(0.5 / gamma), multipliers=factors)
+    if name == "laplacian":
+        return LaplacianKernel(bandwidth=1.0 / gamma)
+    if name == "poly":
+        return PolynomialKernel(degree=degree, gamma=gamma, coef0=coef0)
+    return LinearKernel()
+
+
+def _informative_columns(x: np.ndarray, y: np.ndarray | None, distance: bool) -> np.ndarray | None:
+    """Columns that can change a kernel value, or ``None`` when every column can.
+
+    A column that is constant over all rows adds exactly zero to every distance, and an
+    all-zero column adds zero to every inner product: dropping them (dead ReLU units, the
+    always-blank border pixels of MNIST) shrinks the matrix product and leaves the kernel
+    unchanged.
+    """
+    rows = x if y is None else np.concatenate([x, y])
+    keep = rows.min(0) != rows.max(0) if distance else (rows != 0).any(0)
+    if keep.all():
+        return None
+    if not keep.any():
+        keep[0] = True  # keep one column: the matrix product needs a width
+    index: np.ndarray = np.flatnonzero(keep)
+    return index
+
+
+def _kernel_gram(
+    kernel: Kernel,
+    x: np.ndarray,
+    y: np.ndarray | None,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    chunk_size: int,
+) -> np.ndarray:
+    """``kernel(x, y)`` (``y=None``: ``x``) as a float64 array, from the kernel's own formula.
+
+    The base matrix (squared distances in GEMM form after centring, or inner products) is
+    computed in row strips of ``chunk_size``; the kernel values come from
+    ``kernel.from_base`` of [`transferkit.kernels`][], applied to cache-sized tiles (fresh
+    allocations of whole strips cost more than the arithmetic on the CPU). For ``y=None``
+    only the upper triangle is computed (the strip ``[a:b, a:]``) and mirrored: half the
+    matrix product, an exactly symmetric matrix, self-distances exactly zero. On the CPU in
+    float64 the strips are written straight into the result (no copies).
+    """
+    distance = kernel.family == "distance"
+    columns = _informative_columns(x, y, distance)
+    if columns is not None:
+        x = x[:, columns]
+        y = None if y is None else y[:, columns]
+    xt = _to_tensor(x, device, dtype)
+    yt = xt if y is None else _to_tensor(y, device, dtype)
+    if distance:
+        # Centring leaves distances unchanged and avoids cancellation in the GEMM form.
+        centre = yt.mean(0)
+        xt = xt - centre
+        yt = xt if y is None else yt - centre
+    n, m = xt.shape[0], yt.shape[0]
+    out = np.empty((n, m), dtype=np.float64)
+    host = torch.from_numpy(out)
+    direct = device.type == "cpu" and dtype == torch.float64
+    with torch.inference_mode():
+        state = kernel.prepare(xt[:1], yt[:1])  # fixed parameters: no data dependence
+        x_norm = (xt * xt).sum(1)  # used by the distance kernels only
+        y_norm = x_norm if y is None else (yt * yt).sum(1)
+        tile = max(1, (1 << 18) // max(m, 1)) if device.type == "cpu" else chunk_size
+        for rows in _chunks(n, chunk_size):
+            start = rows.start if y is None else 0  # the upper triangle only
+            # -2 is a power of two: scaling x first is exact and saves a pass.
+            left = xt[rows] * -2.0 if distance else xt[rows]
+            right = yt[start:].T
+            if direct:
+                strip = torch.mm(left, right, out=host[rows, start:])
+            else:
+                strip = torch.mm(left, right)
+            if distance:
+                strip.add_(x_norm[rows, None]).add_(y_norm[start:]).clamp_(min=0.0)
+                if y is None:
+                    strip.diagonal().zero_()
+            for part in _chunks(strip.shape[0], tile):
+                strip[part] = kernel.from_base(strip[part], state)
+            if not direct:
+                host[rows, start:] = strip.to("cpu", torch.float64)
+            if y is None:
+                # Mirror: the diagonal block's upper triangle, then the strip below it.
+                size = rows.stop - rows.start
+                block = host[rows, rows]
+                lower = torch.ones(size, size, dtype=torch.bool).tril_(-1)
+                block[lower] = block.T[lower]
+                host[rows.stop :, rows] = host[rows, rows.stop :].T
+    return out
+
+
 def _check_kernel_params(
     degree: object, coef0: object, multipliers: object
 ) -> tuple[int, float, tuple[float, ...]]:
@@ -429,19 +542,18 @@ class TorchKernelSVC(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         self.random_state = random_state
         self.unlabelled = unlabelled
 
-    def _kernel_function(self) -> KernelFunction:
-        degree, coef0, multipliers = _check_kernel_params(self.degree, self.coef0, self.multipliers)
-        return _make_kernel(self.kernel, self.gamma_, degree, coef0, multipliers)
-
     def _gram(self, x: np.ndarray, y: np.ndarray | None) -> np.ndarray:
-        return _gram(
-            self._kernel_function(),
-            x,
-            y,
-            device=resolve_device(self.device),
-            dtype=_DTYPES[check_option(self.dtype, "dtype", tuple(_DTYPES))],
-            chunk_size=int(check_positive(self.chunk_size, "chunk_size", integer=True)),
-        )
+        degree, coef0, multipliers = _check_kernel_params(self.degree, self.coef0, self.multipliers)
+        device = resolve_device(self.device)
+        dtype = _DTYPES[check_option(self.dtype, "dtype", tuple(_DTYPES))]
+        chunk_size = int(check_positive(self.chunk_size, "chunk_size", integer=True))
+        if callable(self.kernel):
+            custom = _make_kernel(self.kernel, self.gamma_, degree, coef0, multipliers)
+            return _gram(custom, x, y, device=device, dtype=dtype, chunk_size=chunk_size)
+        # Named kernels: the formulas of transferkit.kernels on a symmetric, blocked Gram.
+        name = check_option(self.kernel, "kernel", KERNELS)
+        kernel = _svc_kernel(name, self.gamma_, degree, coef0, multipliers)
+        return _kernel_gram(kernel, x, y, device=device, dtype=dtype, chunk_size=chunk_size)
 
     def fit(self, X: Any, y: Any, sample_weight: np.ndarray | None = None) -> TorchKernelSVC:
         """Compute the training Gram matrix in torch and solve the SVM with libsvm.
