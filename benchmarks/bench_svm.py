@@ -1,17 +1,23 @@
-"""Kernel SVM on deep-feature-like inputs: ``tk.sklearn.TorchKernelSVC`` vs ``sklearn.svm.SVC``.
+"""Kernel SVM, fit + predict: ``tk.sklearn.TorchKernelSVC`` vs ``sklearn.svm.SVC``.
 
-Both fit an RBF SVM (``C=1``, ``gamma="scale"``) on ``n`` training rows of ``d = 512``
-features and predict ``n_test`` rows; the script times fit and predict separately
-(medians over repeats), checks that the predictions are identical, and times the Gram
-step alone: the training Gram matrix from ``tk.sklearn``'s chunked torch path vs
-``sklearn.metrics.pairwise.rbf_kernel``.
+Both fit an RBF SVM (``C=1``, ``gamma="scale"``) on ``n`` training rows and predict
+``n_test`` rows, one thread each (``torch.set_num_threads(1)`` and threadpoolctl limits
+for every BLAS/OpenMP pool). Each repeat runs the two contenders back to back, in
+alternating order (interleaved); the table gives medians over repeats, the total
+(fit + predict) speed-up, whether the predictions are identical, and the machine load
+(``os.getloadavg()``) before and after each size. The Gram step of ``TorchKernelSVC`` is
+timed once on its own to show where the fit time goes.
 
-The inputs imitate CNN features: each row is a scikit-learn digit (64 pixels) plus
-Gaussian noise, sent through a fixed random projection to 512 dimensions and a ReLU
-(non-negative, correlated, with 10 class clusters).
+Two inputs:
 
-Run ``python benchmarks/bench_svm.py`` (n in {2000, 10000}); ``--quick`` runs a small
-version. Results go to ``benchmarks/results/bench_svm.{json,md}``.
+* ``mnist``: MNIST training images as 784 pixels in [0, 1] (``tk.datasets.mnist``, needs
+  the packaged MNIST), test rows from the MNIST test set;
+* ``deep``: deep-feature-like rows, ReLU of a fixed random projection to 512 dimensions
+  of noisy scikit-learn digits (non-negative, correlated, 10 class clusters).
+
+Run ``python benchmarks/bench_svm.py`` (both inputs at n in {10000, 20000}, 3 repeats);
+``--quick`` runs n in {1000, 2000} once. Results go to
+``benchmarks/results/bench_svm.{json,md}``.
 """
 
 from __future__ import annotations
@@ -32,8 +38,8 @@ import numpy as np
 import sklearn
 import torch
 from sklearn.datasets import load_digits
-from sklearn.metrics.pairwise import rbf_kernel
 from sklearn.svm import SVC
+from threadpoolctl import threadpool_limits
 
 import transferkit as tk
 from transferkit.sklearn import TorchKernelSVC
@@ -53,77 +59,86 @@ def deep_like_features(n: int, *, dim: int = 512, seed: int = 0) -> tuple[np.nda
     return features, labels[index]
 
 
-CPU_TIMES: dict[str, float] = {}
-
-
-def median_time(fn: Callable[[], Any], repeats: int, name: str) -> tuple[float, Any]:
-    """Median wall time of ``fn`` (returned) and median process CPU time (in CPU_TIMES).
-
-    The CPU time (all threads) does not depend on other jobs sharing the cores; it counts
-    torch's two GEMM threads twice, so it is pessimistic for the torch path.
-    """
-    times, cpu, result = [], [], None
-    for _ in range(repeats):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        result = fn()
-        times.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
-    CPU_TIMES[name] = statistics.median(cpu)
-    return statistics.median(times), result
-
-
-def run_size(n: int, n_test: int, repeats: int, device: str) -> dict[str, Any]:
+def load_inputs(
+    name: str, n: int, n_test: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``x_train, y_train, x_test, y_test`` for the ``mnist`` or ``deep`` input."""
+    if name == "mnist":
+        data = tk.datasets.mnist()
+        x = data.train_images[:n].reshape(n, -1).numpy() / 255.0
+        x_test = data.test_images[:n_test].reshape(n_test, -1).numpy() / 255.0
+        return x, data.train_labels[:n].numpy(), x_test, data.test_labels[:n_test].numpy()
     x, y = deep_like_features(n + n_test, seed=n)
-    x_train, y_train, x_test = x[:n], y[:n], x[n:]
+    return x[:n], y[:n], x[n:], y[n:]
 
-    def fit_ours() -> TorchKernelSVC:
-        return TorchKernelSVC(kernel="rbf", C=1.0, device=device).fit(x_train, y_train)
 
-    def fit_theirs() -> SVC:
-        return SVC(kernel="rbf", C=1.0).fit(x_train, y_train)
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
 
-    ours_fit, ours = median_time(fit_ours, repeats, "fit_ours")
-    ours_predict, ours_pred = median_time(lambda: ours.predict(x_test), repeats, "pred_ours")
-    theirs_fit, theirs = median_time(fit_theirs, repeats, "fit_sklearn")
-    theirs_predict, theirs_pred = median_time(
-        lambda: theirs.predict(x_test), repeats, "pred_sklearn"
-    )
 
-    gamma = ours.gamma_
-    gram_ours, gram_a = median_time(lambda: ours._gram(x_train, None), repeats, "gram_ours")
-    gram_theirs, gram_b = median_time(
-        lambda: rbf_kernel(x_train, gamma=gamma), repeats, "gram_sklearn"
-    )
-    cpu_ours = CPU_TIMES["fit_ours"] + CPU_TIMES["pred_ours"]
-    cpu_theirs = CPU_TIMES["fit_sklearn"] + CPU_TIMES["pred_sklearn"]
-    total_ours = ours_fit + ours_predict
-    total_theirs = theirs_fit + theirs_predict
+def run_size(name: str, n: int, n_test: int, repeats: int, device: str) -> dict[str, Any]:
+    x_train, y_train, x_test, y_test = load_inputs(name, n, n_test)
+    load_before = os.getloadavg()
+    times: dict[str, list[float]] = {k: [] for k in ("fit_ours", "pred_ours", "fit_sk", "pred_sk")}
+    ours: Any = None
+    theirs: Any = None
+    ours_pred = theirs_pred = np.empty(0)
+
+    def run_ours() -> None:
+        nonlocal ours, ours_pred
+        model = TorchKernelSVC(kernel="rbf", C=1.0, device=device)
+        seconds, ours = timed(lambda: model.fit(x_train, y_train))
+        times["fit_ours"].append(seconds)
+        seconds, ours_pred = timed(lambda: ours.predict(x_test))
+        times["pred_ours"].append(seconds)
+
+    def run_theirs() -> None:
+        nonlocal theirs, theirs_pred
+        model = SVC(kernel="rbf", C=1.0)
+        seconds, theirs = timed(lambda: model.fit(x_train, y_train))
+        times["fit_sk"].append(seconds)
+        seconds, theirs_pred = timed(lambda: theirs.predict(x_test))
+        times["pred_sk"].append(seconds)
+
+    for repeat in range(repeats):
+        for run in (run_ours, run_theirs) if repeat % 2 == 0 else (run_theirs, run_ours):
+            run()
+        print(
+            f"  {name} n={n} repeat {repeat}: { ({k: round(v[-1], 2) for k, v in times.items()}) }"
+        )
+    gram_s, _ = timed(lambda: ours._gram(x_train, None))
+    load_after = os.getloadavg()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    total_ours = med["fit_ours"] + med["pred_ours"]
+    total_theirs = med["fit_sk"] + med["pred_sk"]
     row = {
+        "input": name,
         "n_train": n,
         "n_test": n_test,
-        "dim": x.shape[1],
+        "dim": x_train.shape[1],
         "n_support_ours": len(ours.support_),
         "n_support_sklearn": len(theirs.support_),
-        "fit_s_ours": ours_fit,
-        "fit_s_sklearn": theirs_fit,
-        "predict_s_ours": ours_predict,
-        "predict_s_sklearn": theirs_predict,
+        "same_support": bool(np.array_equal(ours.support_, theirs.support_)),
+        "times_s": times,
+        "fit_s_ours": med["fit_ours"],
+        "fit_s_sklearn": med["fit_sk"],
+        "predict_s_ours": med["pred_ours"],
+        "predict_s_sklearn": med["pred_sk"],
         "total_s_ours": total_ours,
         "total_s_sklearn": total_theirs,
         "speedup": total_theirs / total_ours,
-        "cpu_s_ours": cpu_ours,
-        "cpu_s_sklearn": cpu_theirs,
-        "cpu_speedup": cpu_theirs / cpu_ours,
+        "fit_speedup": med["fit_sk"] / med["fit_ours"],
+        "gram_s_ours": gram_s,
         "identical_predictions": float(np.mean(ours_pred == theirs_pred)),
-        "accuracy_ours": float(np.mean(ours_pred == y[n:])),
-        "accuracy_sklearn": float(np.mean(theirs_pred == y[n:])),
-        "gram_s_ours": gram_ours,
-        "gram_s_sklearn": gram_theirs,
-        "gram_speedup": gram_theirs / gram_ours,
-        "gram_max_abs_diff": float(np.abs(gram_a - gram_b).max()),
+        "accuracy_ours": float(np.mean(ours_pred == y_test)),
+        "accuracy_sklearn": float(np.mean(theirs_pred == y_test)),
+        "load_before": [round(v, 2) for v in load_before],
+        "load_after": [round(v, 2) for v in load_after],
     }
     print(
-        f"n={n}: ours {total_ours:.2f}s sklearn {total_theirs:.2f}s "
+        f"{name} n={n}: ours {total_ours:.2f}s sklearn {total_theirs:.2f}s "
         f"({row['speedup']:.2f}x), identical {row['identical_predictions']:.4f}",
         flush=True,
     )
@@ -132,25 +147,27 @@ def run_size(n: int, n_test: int, repeats: int, device: str) -> dict[str, Any]:
 
 def to_markdown(result: dict[str, Any]) -> str:
     lines = [
-        f"Device: {result['device']}, torch {result['torch']}, scikit-learn "
-        f"{result['sklearn']}, {result['cpu_count']} CPU threads; medians of "
-        f"{result['repeats']} runs; RBF, C=1, gamma='scale', d=512, {result['n_test']} test rows. "
-        "Times are wall-clock seconds; the CPU-time speed-up uses process CPU time (all threads), "
-        "which other jobs on shared cores do not inflate.",
+        f"Device: {result['device']} ({result['device_name']}), torch {result['torch']}, "
+        f"scikit-learn {result['sklearn']}, 1 thread for both (torch and every BLAS/OpenMP "
+        f"pool); medians of {result['repeats']} interleaved repeats; RBF, C=1, "
+        f"gamma='scale', {result['n_test']} test rows. Wall-clock seconds; load = 1-minute "
+        "load average before / after each size (2-core machine shared with other jobs).",
         "",
-        "| n train | fit ours (s) | fit sklearn (s) | predict ours (s) | predict sklearn (s) "
-        "| total speed-up (wall) | speed-up (CPU time) | identical predictions "
-        "| accuracy ours / sklearn | Gram ours (s) | rbf_kernel (s) | Gram speed-up |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| input | n train | fit ours / sklearn (s) | predict ours / sklearn (s) "
+        "| total ours / sklearn (s) | total speed-up | fit speed-up | Gram alone (s) "
+        "| identical predictions | same support | accuracy ours / sklearn | load |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         lines.append(
-            f"| {r['n_train']} | {r['fit_s_ours']:.2f} | {r['fit_s_sklearn']:.2f} "
-            f"| {r['predict_s_ours']:.3f} | {r['predict_s_sklearn']:.3f} "
-            f"| {r['speedup']:.2f}x | {r['cpu_speedup']:.2f}x "
-            f"| {100 * r['identical_predictions']:.2f}% "
+            f"| {r['input']} ({r['dim']}-d) | {r['n_train']} "
+            f"| {r['fit_s_ours']:.2f} / {r['fit_s_sklearn']:.2f} "
+            f"| {r['predict_s_ours']:.2f} / {r['predict_s_sklearn']:.2f} "
+            f"| {r['total_s_ours']:.2f} / {r['total_s_sklearn']:.2f} "
+            f"| {r['speedup']:.2f}x | {r['fit_speedup']:.2f}x | {r['gram_s_ours']:.2f} "
+            f"| {100 * r['identical_predictions']:.2f}% | {'yes' if r['same_support'] else 'no'} "
             f"| {r['accuracy_ours']:.4f} / {r['accuracy_sklearn']:.4f} "
-            f"| {r['gram_s_ours']:.2f} | {r['gram_s_sklearn']:.2f} | {r['gram_speedup']:.2f}x |"
+            f"| {r['load_before'][0]:.1f} / {r['load_after'][0]:.1f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -166,15 +183,19 @@ def write_atomic(path: Path, text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, one repeat")
-    parser.add_argument("--device", default="auto", help="where the Gram matrices are computed")
+    parser.add_argument("--device", default="cpu", help="where the Gram matrices are computed")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--sizes", type=int, nargs="+", default=None)
+    parser.add_argument("--inputs", nargs="+", default=["mnist", "deep"])
     parser.add_argument("--output", type=Path, default=RESULTS / "bench_svm.json")
     args = parser.parse_args(argv)
+    torch.set_num_threads(1)
     device = str(tk.resolve_device(args.device))
-    sizes = (1000, 2000) if args.quick else (2000, 10000)
+    sizes = args.sizes or ((1000, 2000) if args.quick else (10000, 20000))
     repeats = args.repeats or (1 if args.quick else 3)
     n_test = 500 if args.quick else 2000
-    rows = [run_size(n, n_test, repeats, device) for n in sizes]
+    with threadpool_limits(limits=1):
+        rows = [run_size(name, n, n_test, repeats, device) for name in args.inputs for n in sizes]
     result = {
         "benchmark": "bench_svm",
         "quick": args.quick,
@@ -184,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         else platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "sklearn": sklearn.__version__,
-        "cpu_count": torch.get_num_threads(),
+        "threads": 1,
+        "cpu_count": os.cpu_count(),
         "repeats": repeats,
         "n_test": n_test,
         "rows": rows,
