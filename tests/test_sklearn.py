@@ -32,6 +32,7 @@ from transferkit.sklearn import (
     _gram,
     _kernel_gram,
     _make_kernel,
+    _mirror_rows,
     _svc_kernel,
     make_deep_svm_pipeline,
 )
@@ -215,6 +216,16 @@ def test_svc_gram_equals_the_old_gemm_kernels_at_any_chunk_size(n, m, chunk, nam
         before = _gram(old, x, other, device=CPU, dtype=torch.float64, chunk_size=10_000)
         after = _kernel_gram(new, x, other, device=CPU, dtype=torch.float64, chunk_size=chunk)
         np.testing.assert_allclose(after, before, rtol=1e-12, atol=1e-12)
+
+
+@given(n=st.integers(1, 30), chunk=st.integers(1, 31), band=st.integers(1, 9))
+def test_mirroring_row_strips_gives_the_symmetric_matrix_of_the_upper_triangle(n, chunk, band):
+    upper = torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    gram = upper.clone()
+    for start in range(0, n, chunk):
+        _mirror_rows(gram, slice(start, min(start + chunk, n)), band)
+    expected = torch.triu(upper) + torch.triu(upper, 1).T
+    torch.testing.assert_close(gram, expected, rtol=0, atol=0)
 
 
 def test_svc_gram_does_not_modify_its_inputs():
