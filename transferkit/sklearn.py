@@ -234,8 +234,9 @@ def _gram(
     """``kernel(x, y)`` (``y=None``: ``x``) as a float64 array, in row blocks of ``chunk_size``.
 
     On the CPU in float64, the named kernels write each block straight into the result
-    (no copy). Computing whole rows was measured faster on the CPU than computing half of
-    a symmetric matrix and mirroring it (the transposed copy costs more than it saves).
+    (no copy). TCA's Gram matrices and kernel objects take this path; the SVC's named
+    kernels take ``_kernel_gram`` (half the product,
+    mirrored).
     """
     xt = _to_tensor(x, device, dtype)
     yt = xt if y is None else _to_tensor(y, device, dtype)
