@@ -1088,3 +1088,31 @@ def test_a_batch_with_another_output_shape_raises_instead_of_broadcasting(
             cache=tmp_path if cache else None,
             progress=False,
         )
+
+
+class CountsInBuffer(nn.Module):
+    """Updates its buffers in place at every forward, even in eval mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.register_buffer("average", torch.zeros(3), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.lin(x)
+        self.calls += 1
+        self.average.mul_(0.9).add_(0.1 * out.mean(0))
+        return out
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_buffers_updated_in_place_by_forward_are_left_as_they_were(
+    tmp_path: Path, cache: bool
+) -> None:
+    torch.manual_seed(0)
+    net, x = CountsInBuffer(), torch.randn(20, 4)
+    calls, average = net.calls, net.average
+    tk.extract_features(net, x, batch_size=8, cache=tmp_path if cache else None, progress=False)
+    assert net.calls is calls and net.average is average
+    assert int(net.calls) == 0 and not net.average.any()

@@ -715,7 +715,9 @@ class _ModelGuard:
     `prepare` records every module's train/eval flag and the very tensor objects of
     every parameter (with its ``.grad``) and buffer, then sets ``training = False`` on
     every module directly (so an overridden ``train()`` cannot keep BatchNorm updating its
-    statistics), moves the model and applies ``channels_last``. `restore` puts the
+    statistics), moves the model, gives it copies of the buffers the move left in place
+    (so in-place updates in ``forward`` do not reach the caller's) and applies
+    ``channels_last``. `restore` puts the
     recorded objects and flags back, so the model ends exactly as it started (same
     storage, device and dtype) whether the extraction returned or raised, even if a move
     failed half-way (e.g. to the ``meta`` device or out of memory).
@@ -750,6 +752,16 @@ class _ModelGuard:
             original = next(iter(devices)) if len(devices) == 1 else None
             if original is not None and not _same_device(original, self.target):
                 model.to(self.target)
+            # The forward runs on copies of the buffers that were not moved, so a model that
+            # updates a buffer in place even in eval mode (a counter, a running average)
+            # leaves the caller's buffers as they were.
+            copies: dict[int, Tensor] = {}
+            for module, name, buffer, data in self.buffers:
+                if module._buffers.get(name) is buffer and buffer.data_ptr() == data.data_ptr():
+                    copy = copies.get(id(buffer))
+                    if copy is None:
+                        copy = copies[id(buffer)] = buffer.detach().clone()
+                    module._buffers[name] = copy
             if self.channels_last:
                 for tensor in [*model.parameters(), *model.buffers()]:
                     if tensor.dim() == 4:
