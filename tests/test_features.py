@@ -1116,3 +1116,45 @@ def test_buffers_updated_in_place_by_forward_are_left_as_they_were(
     tk.extract_features(net, x, batch_size=8, cache=tmp_path if cache else None, progress=False)
     assert net.calls is calls and net.average is average
     assert int(net.calls) == 0 and not net.average.any()
+
+
+@pytest.mark.parametrize("found", ["labels.npy", "features_0.npy", "header.json"])
+def test_a_folder_holding_other_files_of_those_names_is_left_alone(
+    tmp_path: Path, found: str
+) -> None:
+    mine = tmp_path / found
+    if found == "header.json":
+        mine.write_text('{"project": "mine"}')
+    else:
+        np.save(mine, np.arange(5))
+    before = mine.read_bytes()
+    data = TensorDataset(images(10), torch.arange(10))
+    with pytest.raises(ValueError, match="is not part of a transferkit feature cache"):
+        tk.extract_features(small_cnn(), data, layers="neck", cache=tmp_path, progress=False)
+    assert mine.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".lock", found])
+
+
+def test_a_run_killed_while_allocating_the_files_is_restarted_cleanly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = TensorDataset(images(10), torch.arange(10))
+    kwargs: dict[str, Any] = {"layers": "neck", "batch_size": 4, "progress": False}
+    reference, labels = tk.extract_features(small_cnn(), data, **kwargs)
+    real = np.lib.format.open_memmap
+    calls: list[int] = []
+
+    def killed_at_the_second_file(*args: Any, **kw: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:  # features_0.npy allocated, labels.npy not yet
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(np.lib.format, "open_memmap", killed_at_the_second_file)
+    with pytest.raises(KeyboardInterrupt):
+        tk.extract_features(small_cnn(), data, cache=tmp_path, **kwargs)
+    monkeypatch.undo()
+    assert (tmp_path / "features_0.npy").exists() and not (tmp_path / "labels.npy").exists()
+    got, got_labels = tk.extract_features(small_cnn(), data, cache=tmp_path, **kwargs)
+    np.testing.assert_array_equal(got, reference)
+    np.testing.assert_array_equal(got_labels, labels)

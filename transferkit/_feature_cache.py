@@ -390,6 +390,14 @@ def _no_link(path: Path) -> bool:
     return True
 
 
+def _foreign(path: Path) -> ValueError:
+    return ValueError(
+        f"cache: {path} exists but is not part of a transferkit feature cache (no header "
+        "written by transferkit records it), so it is left alone; pass a new or empty "
+        "folder as cache"
+    )
+
+
 def _cannot_write(directory: Path, err: OSError) -> OSError:
     return type(err)(
         err.errno,
@@ -480,6 +488,10 @@ class _CacheSink:
             self._lock()
             self._clean_tmp()
             self._load()
+            if self.header is None:  # about to create the files: never replace someone's
+                for entry in os.scandir(self.directory):
+                    if _DATA_NAME.fullmatch(entry.name):
+                        raise _foreign(Path(entry.path))
         except BaseException:
             self.close()
             raise
@@ -520,7 +532,7 @@ class _CacheSink:
         try:
             header = json.loads(self.header_path.read_text(encoding="utf-8"))
             if not isinstance(header, dict) or header.get("format") != _FORMAT:
-                raise ValueError(f"not a {_FORMAT} header")
+                raise _foreign(self.header_path)
             version = header.get("version")
             files = dict(header["files"])
             if header["labels"] is not None:
@@ -558,6 +570,9 @@ class _CacheSink:
             return
         if layers != self.names or layers != list(header["files"]):
             raise self._corrupt(str(self.header_path), "inconsistent layers")
+        if not chunks:  # no row recorded (e.g. killed while allocating): start afresh
+            self._discard(paths)
+            return
         entries = [header["files"][n] for n in self.names]
         entries += [header["labels"]] if header["labels"] is not None else []
         for entry in entries:
@@ -670,11 +685,44 @@ class _CacheSink:
     # ------------------------------------------------------------------ writing
 
     def _create(self, outputs: list[np.ndarray], labels: np.ndarray | None) -> None:
-        num_rows = int(self.key["num_rows"])
+        """Write a header that records no rows, then allocate the files it names.
 
-        def allocate(file: str, sample: np.ndarray) -> dict[str, Any]:
-            shape = (num_rows, *sample.shape[1:])
+        A run killed in between leaves a header without chunks, whose files the next run
+        deletes before starting afresh (`_load`); a file that no header names (someone
+        else's ``labels.npy``) is never replaced.
+        """
+        num_rows = int(self.key["num_rows"])
+        samples = {f"features_{i}.npy": sample for i, sample in enumerate(outputs)}
+        if labels is not None:
+            samples["labels.npy"] = labels
+        for file in samples:
+            if os.path.lexists(self.directory / file):
+                raise _foreign(self.directory / file)
+        entries = {
+            file: {"file": file, "shape": [num_rows, *s.shape[1:]], "dtype": str(s.dtype)}
+            for file, s in samples.items()
+        }
+        self.header = {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "fingerprint": self.key,
+            "layers": self.names,
+            "files": {name: entries[f"features_{i}.npy"] for i, name in enumerate(self.names)},
+            "labels": entries.get("labels.npy"),
+            "num_rows": num_rows,
+            "batch_size": self.batch_size,
+            "rows_done": 0,
+            "complete": False,
+            "chunks": [],
+        }
+        try:
+            self._write_header()
+        except BaseException:
+            self.header = None
+            raise
+        for file, sample in samples.items():
             tmp = self.directory / f".{file}.{os.getpid()}.tmp"
+            shape = (num_rows, *sample.shape[1:])
             try:
                 array = np.lib.format.open_memmap(tmp, mode="w+", dtype=sample.dtype, shape=shape)
                 del array
@@ -682,26 +730,6 @@ class _CacheSink:
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
-            return {"file": file, "shape": list(shape), "dtype": str(sample.dtype)}
-
-        files = {
-            name: allocate(f"features_{index}.npy", sample)
-            for index, (name, sample) in enumerate(zip(self.names, outputs, strict=True))
-        }
-        self.header = {
-            "format": _FORMAT,
-            "version": _VERSION,
-            "fingerprint": self.key,
-            "layers": self.names,
-            "files": files,
-            "labels": allocate("labels.npy", labels) if labels is not None else None,
-            "num_rows": num_rows,
-            "batch_size": self.batch_size,
-            "rows_done": 0,
-            "complete": False,
-            "chunks": [],
-        }
-        self._write_header()
 
     def _detach(self) -> None:
         """Give a complete cache's files new inodes and mark it incomplete.
