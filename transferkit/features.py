@@ -1062,8 +1062,8 @@ def extract_features(
     serialises processes and threads that use the same directory; only the cache's own
     file names inside it are ever touched (a header naming anything else, or a symbolic
     link, raises ``ValueError``), and never a file of such a name that no transferkit
-    header records (``ValueError``: give the cache a folder of its own). The result is memory-mapped (copy-on-write). Shuffling
-    DataLoaders cannot be cached.
+    header records (``ValueError``: give the cache a folder of its own). The result is
+    memory-mapped (copy-on-write). Shuffling DataLoaders cannot be cached.
 
     Distributed (``torchrun``): when a ``torch.distributed`` process group is initialised
     (and ``distributed`` is not ``False``), each rank extracts a contiguous shard of the
