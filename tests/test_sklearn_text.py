@@ -66,6 +66,17 @@ def tiny_bert(tokenizer):  # type: ignore[no-untyped-def]
     return BertModel(config).eval()
 
 
+class CallCounter:
+    """A forward hook counting calls. A plain object: the feature cache keys a hook by its
+    ``repr``, while a lambda appending to a captured list would change the key per call."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __call__(self, *args: object) -> None:
+        self.n += 1
+
+
 def reference_masked_mean(model, tokenizer, texts, max_length=None) -> np.ndarray:  # type: ignore[no-untyped-def]
     """All texts padded together; mean of the last hidden state over real tokens."""
     enc = tokenizer(
@@ -151,28 +162,28 @@ def test_clone_and_get_params_keep_tokenizer_max_length_and_cache(
 
 
 def test_cache_runs_the_model_once_per_distinct_input(tiny_bert, tokenizer, tmp_path: Path) -> None:
-    calls = []
-    handle = tiny_bert.register_forward_hook(lambda *args: calls.append(1))
+    calls = CallCounter()
+    handle = tiny_bert.register_forward_hook(calls)
     try:
         features = DeepFeatures(tiny_bert, tokenizer=tokenizer, cache=tmp_path, device="cpu")
         first = features.fit_transform(TEXTS[:5])
-        runs = len(calls)
+        runs = calls.n
         assert runs > 0
         np.testing.assert_allclose(features.transform(TEXTS[:5]), first, atol=0)
-        assert len(calls) == runs  # reused from the cache
+        assert calls.n == runs  # reused from the cache
         other = features.transform(TEXTS[3:])  # different rows: computed, in its own folder
-        assert len(calls) > runs
-        runs = len(calls)
+        assert calls.n > runs
+        runs = calls.n
         np.testing.assert_allclose(features.transform(TEXTS[:5]), first, atol=0)
         np.testing.assert_allclose(features.transform(TEXTS[3:]), other, atol=0)
-        assert len(calls) == runs
+        assert calls.n == runs
         assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2
         # array inputs are cached the same way
         enc = tokenizer(TEXTS, padding=True, return_tensors="np")
         cached = DeepFeatures(tiny_bert, cache=tmp_path, device="cpu").fit_transform(enc)
-        runs = len(calls)
+        runs = calls.n
         again = DeepFeatures(tiny_bert, cache=tmp_path, device="cpu").fit_transform(enc)
-        assert len(calls) == runs
+        assert calls.n == runs
         np.testing.assert_array_equal(cached, again)
     finally:
         handle.remove()
@@ -187,6 +198,31 @@ def test_text_pipeline_with_an_svm_works_in_grid_search(tiny_bert, tokenizer) ->
     search = GridSearchCV(pipe, {"svc__C": [0.1, 10.0]}, cv=2).fit(texts, labels)
     assert search.predict(TEXTS[:3]).shape == (3,)
     assert search.best_estimator_.named_steps["features"].tokenizer is not None
+
+
+def test_pipeline_takes_tokenizer_and_cache_as_keywords_in_grid_search(
+    tiny_bert, tokenizer, tmp_path: Path
+) -> None:
+    """``make_deep_svm_pipeline(model, tokenizer=..., cache=...)`` used to hand them to the
+    SVM (TypeError); the features are computed once per distinct input across the grid."""
+    texts, labels = TEXTS * 3, np.tile(LABELS, 3)
+    pipe = make_deep_svm_pipeline(
+        tiny_bert, tokenizer=tokenizer, max_length=16, cache=tmp_path, device="cpu"
+    )
+    features = pipe.named_steps["features"]
+    assert (features.tokenizer, features.max_length, features.cache) == (tokenizer, 16, tmp_path)
+    calls = CallCounter()
+    handle = tiny_bert.register_forward_hook(calls)
+    try:
+        search = GridSearchCV(pipe, {"svc__C": [0.1, 1.0, 10.0]}, cv=2).fit(texts, labels)
+        runs = calls.n
+        search.fit(texts, labels)  # the same folds again: every feature from the cache
+        assert calls.n == runs
+    finally:
+        handle.remove()
+    assert search.predict(TEXTS[:3]).shape == (3,)
+    with pytest.raises(ValueError, match="cache: given both"):
+        make_deep_svm_pipeline(tiny_bert, cache=tmp_path, feature_params={"cache": tmp_path})
 
 
 def test_bad_text_inputs_raise_clear_errors(tiny_bert, tokenizer) -> None:

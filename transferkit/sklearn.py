@@ -1614,6 +1614,9 @@ def make_deep_svm_pipeline(
     align: Literal["coral", "tca", "subspace"] | BaseEstimator | None = None,
     scale: bool = True,
     feature_params: Mapping[str, Any] | None = None,
+    tokenizer: Any = None,
+    max_length: int | None = None,
+    cache: str | os.PathLike[str] | None = None,
     **svc_params: Any,
 ) -> Pipeline:
     """Model -> deep features -> (standardise) -> (domain alignment) -> kernel SVM.
@@ -1631,13 +1634,18 @@ def make_deep_svm_pipeline(
         scale: standardise the features (fitted on all rows, both domains).
         feature_params: more [`DeepFeatures`][] arguments (``batch_size``,
             ``device``, ``input_shape``, ``input_transform``, ``pool``, ...).
+        tokenizer: [`DeepFeatures`][]' ``tokenizer``: with it the pipeline takes raw
+            texts (a Hugging Face encoder + SVM in one pipeline).
+        max_length: [`DeepFeatures`][]' ``max_length`` (tokens kept per text).
+        cache: [`DeepFeatures`][]' ``cache`` folder (features computed once per input).
         **svc_params: [`TorchKernelSVC`][] arguments (``C``, ``kernel``, ...).
 
     Returns:
         An unfitted ``sklearn.pipeline.Pipeline``.
 
     Raises:
-        ValueError: for an unknown ``align`` name.
+        ValueError: for an unknown ``align`` name, or a [`DeepFeatures`][] argument
+            given both by keyword and in ``feature_params``.
 
     Examples:
         >>> import torch
@@ -1645,11 +1653,20 @@ def make_deep_svm_pipeline(
         >>> pipe = make_deep_svm_pipeline(net, align="coral", C=10.0)
         >>> [name for name, _ in pipe.steps]
         ['features', 'scale', 'align', 'svc']
+
+        With a Hugging Face encoder: ``make_deep_svm_pipeline(AutoModel.from_pretrained(
+        path), tokenizer=AutoTokenizer.from_pretrained(path), cache="features/")`` takes
+        a list of texts in ``fit``/``predict`` (see ``docs/guides/sklearn.md``).
     """
     check_bool(scale, "scale")
-    steps: list[tuple[str, Any]] = [
-        ("features", DeepFeatures(model, layers=layers, **dict(feature_params or {})))
-    ]
+    extra = dict(feature_params or {})
+    named = {"tokenizer": tokenizer, "max_length": max_length, "cache": cache}
+    for key, value in named.items():
+        if value is not None:
+            if key in extra:
+                raise ValueError(f"{key}: given both as a keyword and in feature_params")
+            extra[key] = value
+    steps: list[tuple[str, Any]] = [("features", DeepFeatures(model, layers=layers, **extra))]
     if scale:
         steps.append(("scale", StandardScaler()))
     if align is not None:
