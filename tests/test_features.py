@@ -1158,3 +1158,42 @@ def test_a_run_killed_while_allocating_the_files_is_restarted_cleanly(
     got, got_labels = tk.extract_features(small_cnn(), data, cache=tmp_path, **kwargs)
     np.testing.assert_array_equal(got, reference)
     np.testing.assert_array_equal(got_labels, labels)
+
+
+def test_a_run_killed_while_updating_a_complete_cache_resumes_without_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    net, x = small_cnn(), images(12)
+    kwargs: dict[str, Any] = {"layers": "neck", "batch_size": 4, "progress": False}
+    reference = tk.extract_features(net, x, cache=tmp_path, **kwargs).copy()
+    changed = x.clone()
+    changed[0] += 1.0
+    # Killed right after the changed chunk's rows were written: no header save after them.
+    monkeypatch.setattr(tk.features._CacheSink, "save", lambda self, complete=False: None)
+    tk.extract_features(net, changed, cache=tmp_path, **kwargs)
+    monkeypatch.undo()
+    # The header still has the old chunk, whose rows on disk are now the changed ones.
+    got = tk.extract_features(net, x, cache=tmp_path, **kwargs)
+    np.testing.assert_array_equal(got, reference)
+
+
+def test_python_object_labels_are_never_pickled_into_the_cache(tmp_path: Path) -> None:
+    items = [(torch.full((4,), float(i)), {"id": i}) for i in range(6)]
+    loader = DataLoader(
+        items,  # type: ignore[arg-type]
+        batch_size=3,
+        collate_fn=lambda b: (torch.stack([x for x, _ in b]), [y for _, y in b]),
+    )
+    _, labels = tk.extract_features(nn.Linear(4, 2), loader, progress=False)
+    assert labels.tolist() == [{"id": i} for i in range(6)]
+    with pytest.raises(TypeError, match=r"labels: Python objects \(dtype object\)"):
+        tk.extract_features(nn.Linear(4, 2), loader, cache=tmp_path, progress=False)
+    assert not list(tmp_path.glob("*.npy"))
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_sparse_data_is_refused_by_name(as_dict: bool) -> None:
+    sparse = torch.eye(4).to_sparse()
+    data: Any = {"x": sparse} if as_dict else sparse
+    with pytest.raises(TypeError, match=r"data(\['x'\])?: expected a dense tensor"):
+        tk.extract_features(nn.Identity(), data, progress=False)

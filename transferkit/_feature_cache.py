@@ -695,9 +695,16 @@ class _CacheSink:
         samples = {f"features_{i}.npy": sample for i, sample in enumerate(outputs)}
         if labels is not None:
             samples["labels.npy"] = labels
-        for file in samples:
+        for file, sample in samples.items():
             if os.path.lexists(self.directory / file):
                 raise _foreign(self.directory / file)
+            if sample.dtype.hasobject:
+                what = "labels" if file == "labels.npy" else "layers"
+                raise TypeError(
+                    f"{what}: Python objects (dtype object) cannot be cached without "
+                    "pickling, which the cache never does; give numeric or string labels, "
+                    "or pass cache=None"
+                )
         entries = {
             file: {"file": file, "shape": [num_rows, *s.shape[1:]], "dtype": str(s.dtype)}
             for file, s in samples.items()
@@ -749,6 +756,10 @@ class _CacheSink:
                 raise
         self.complete = False
         self.header = dict(self.header or {}, complete=False)
+        # On disk too, before any row changes: a run killed before its next header save
+        # must find rows that fail their checksum in an incomplete cache (recomputed),
+        # not in a complete one (an error).
+        self._write_header()
 
     def write(
         self,

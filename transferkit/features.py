@@ -476,6 +476,14 @@ def _loader_source(loader: DataLoader[Any]) -> _Source:
     return _Source(num_rows, batches, describe, loader.batch_size, reason)
 
 
+def _check_strided(tensor: Tensor, name: str) -> None:
+    if tensor.layout != torch.strided:
+        raise TypeError(
+            f"{name}: expected a dense tensor, got layout {tensor.layout}; convert it with "
+            ".to_dense() (models take dense batches)"
+        )
+
+
 def _make_source(data: object, batch_size: int, device: torch.device) -> _Source:
     if isinstance(data, np.ndarray):
         if data.dtype == object:
@@ -483,11 +491,14 @@ def _make_source(data: object, batch_size: int, device: torch.device) -> _Source
         array = data if data.flags.writeable else data.copy()
         data = torch.from_numpy(np.ascontiguousarray(array))
     if isinstance(data, Tensor):
+        _check_strided(data, "data")
         check_tensor(data, "data", min_samples=1)
         return _in_memory_source(data, batch_size)
     if isinstance(data, Mapping):
         if not data or not all(isinstance(v, Tensor) for v in data.values()):
             raise TypeError("data: a mapping must hold tensors, e.g. input_ids, attention_mask")
+        for key, value in data.items():
+            _check_strided(value, f"data[{key!r}]")
         return _in_memory_source(dict(data), batch_size)
     if isinstance(data, DataLoader):
         return _loader_source(data)
