@@ -1197,3 +1197,14 @@ def test_sparse_data_is_refused_by_name(as_dict: bool) -> None:
     data: Any = {"x": sparse} if as_dict else sparse
     with pytest.raises(TypeError, match=r"data(\['x'\])?: expected a dense tensor"):
         tk.extract_features(nn.Identity(), data, progress=False)
+
+
+def test_a_model_with_uninitialised_lazy_modules_is_refused_and_left_intact() -> None:
+    torch.manual_seed(0)
+    net, x = nn.Sequential(nn.LazyLinear(3), nn.ReLU()), torch.randn(5, 4)
+    with pytest.raises(ValueError, match="model: '0.weight' .* uninitialised lazy parameter"):
+        tk.extract_features(net, x, progress=False)
+    assert isinstance(net[0], nn.LazyLinear)
+    net(x).sum().backward()  # still initialises and trains normally
+    assert net[0].weight.shape == (3, 4)
+    assert tk.extract_features(net, x, progress=False).shape == (5, 3)

@@ -625,7 +625,15 @@ def _choose_device(model: nn.Module, device: str | torch.device | None) -> torch
 
 def _check_not_meta(model: nn.Module, device: str | torch.device | None) -> None:
     """Meta tensors hold no data: refuse them before the model is touched."""
-    on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    lazy = [n for n, t in tensors if nn.parameter.is_lazy(t)]
+    if lazy:  # their first forward would change the modules' classes: not undoable
+        raise ValueError(
+            f"model: {lazy[0]!r} (and {len(lazy) - 1} more) is an uninitialised lazy "
+            "parameter (nn.LazyLinear, nn.LazyConv2d, ...); run one forward pass on a batch "
+            "(model(x)) to initialise it before extracting features"
+        )
+    on_meta = [n for n, t in tensors if t.is_meta]
     if on_meta:
         raise ValueError(
             f"model: {on_meta[0]!r} (and {len(on_meta) - 1} more) is on the meta device, so it "
