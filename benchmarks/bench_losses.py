@@ -1,23 +1,34 @@
-"""Benchmark: forward+backward of 5-kernel Gaussian MMD against its floor and a broadcast peer.
+"""Benchmark: forward+backward of 5-kernel Gaussian MMD and JMMD against their GEMM floors.
 
 For each batch size ``B`` per domain and feature dimension ``D`` it times, interleaved in
-one process (so machine load affects all three alike):
+one process (the contenders take turns within every round, so machine load affects them
+alike), one torch thread, medians over the rounds:
 
-- ``ours``: ``tk.losses.mmd(source, target)`` (5 bandwidths, unbiased) forward+backward;
+- ``ours``/``ours_biased``: ``tk.losses.mmd(source, target)`` (default ``GaussianKernel``,
+  5 bandwidths, mean heuristic), unbiased / biased, forward+backward;
 - ``floor``: the bare Gram GEMM ``(f @ f.T).sum()`` forward+backward on the pooled
-  ``f = cat([source, target])``: no MMD can need less than one ``(2B)^2 D`` GEMM;
+  ``f = cat([source, target])``: one ``(2B x D) @ (D x 2B)`` GEMM forward and the two
+  GEMMs of its backward. Any MMD that forms the pooled Gram matrix in a GEMM and returns
+  a gradient does this much work (ours exploits symmetry and fuses the gradient
+  reduction, so it can go below it);
 - ``broadcast``: a TLlib-style MK-MMD that forms the ``(2B, 2B, D)`` difference tensor
-  (written below, as TLlib's ``GaussianKernel`` does it). Skipped where that tensor times
-  three (difference, square, gradient) would need more than ``--broadcast-limit-gb``.
+  (skipped where three such tensors would need more than ``--broadcast-limit-gb``);
+- ``skada``/``skada_5``: skada's ``dan_loss`` (default: 33 bandwidths around the median
+  distance; ``_5``: 5 fixed bandwidths) at small B, skipped with a message when skada
+  is not installed (``pip install .[bench]``).
 
-Peak memory of one forward+backward is measured in a fresh subprocess per case: on CUDA
-with ``torch.cuda.max_memory_allocated``, on the CPU as the increase of the process's
-resident-set high-water mark (``ru_maxrss``) over the resident size before the call.
+JMMD rows (``--jan``) time ``tk.losses.JointMMDLoss`` with JAN's kernels (5-bandwidth
+Gaussian on the features, one Gaussian with sigma 0.92 on ``softmax`` outputs of
+``C = 31`` classes) against its floor (the floor above for both layers) and a naive JAN
+in plain torch autograd (GEMM-form distances, every kernel matrix materialised).
 
-Usage: ``python benchmarks/bench_losses.py [--quick] [--device auto] [--large] [--threads N]``.
-On a CPU shared with other jobs, ``--threads 1`` gives steadier numbers: with more
-threads than free cores every small parallel op waits at a barrier for a descheduled
-thread, which penalises elementwise-heavy code far more than one big GEMM.
+Times are the process's CPU time (``time.process_time``; one thread, so this is the
+compute of the call), which stays meaningful on a CPU shared with other jobs; wall time
+on CUDA. Peak memory of one forward+backward is measured in a fresh subprocess per
+case: on CUDA with ``torch.cuda.max_memory_allocated``, on the CPU as the increase of the
+process's resident-set high-water mark over the resident size before the call.
+
+Usage: ``python benchmarks/bench_losses.py [--quick] [--device auto] [--large]``.
 Writes ``benchmarks/results/bench_losses.json`` and ``.md`` and prints the table.
 """
 
@@ -35,6 +46,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -62,14 +74,72 @@ def broadcast_mmd(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (kernels * index).sum()
 
 
+CLASSES = 31
+JAN_SIGMA = 0.92
+
+
+def naive_jan(source: list[torch.Tensor], target: list[torch.Tensor]) -> torch.Tensor:
+    """JAN's unbiased JMMD in plain torch autograd: every (2B)^2 matrix materialised."""
+    joint: torch.Tensor | None = None
+    for layer, (s, t) in enumerate(zip(source, target, strict=True)):
+        z = torch.cat([s, t])
+        sq = (z * z).sum(1)
+        d2 = (sq.unsqueeze(1) + sq.unsqueeze(0) - 2.0 * z @ z.T).clamp_min(0.0)
+        if layer == 0:
+            n = z.shape[0]
+            sigma2 = d2.detach().sum() / (n * (n - 1))
+            k = sum(torch.exp(-d2 / (2.0 * m * sigma2)) for m in MULTIPLIERS)
+        else:
+            k = torch.exp(-d2 / (2.0 * JAN_SIGMA**2))
+        assert isinstance(k, torch.Tensor)
+        joint = k if joint is None else joint * k
+    assert joint is not None
+    b = source[0].shape[0]
+    kss, ktt, kst = joint[:b, :b], joint[b:, b:], joint[:b, b:]
+    within = (kss.sum() - kss.diagonal().sum()) / (b * (b - 1))
+    within = within + (ktt.sum() - ktt.diagonal().sum()) / (b * (b - 1))
+    return within - 2.0 * kst.mean()
+
+
+def skada_dan_loss() -> Callable[..., torch.Tensor] | None:
+    try:
+        from skada.deep.losses import dan_loss
+    except ImportError:
+        return None
+    return dan_loss  # type: ignore[no-any-return]
+
+
 def make_step(name: str, batch: int, dim: int, device: torch.device) -> Callable[[], None]:
     generator = torch.Generator().manual_seed(batch * 10_000 + dim)
     source = torch.randn(batch, dim, generator=generator).to(device).requires_grad_()
     target = (torch.randn(batch, dim, generator=generator) + 0.5).to(device).requires_grad_()
     pooled = torch.cat([source, target]).detach().requires_grad_()
+    if name.startswith("jan"):
+        logits_s = torch.randn(batch, CLASSES, generator=generator).to(device)
+        logits_t = (torch.randn(batch, CLASSES, generator=generator) + 0.3).to(device)
+        probs_s = torch.softmax(logits_s, 1).requires_grad_()
+        probs_t = torch.softmax(logits_t, 1).requires_grad_()
+        pooled_probs = torch.cat([probs_s, probs_t]).detach().requires_grad_()
+        jan = tk.losses.JointMMDLoss(
+            [tk.kernels.GaussianKernel(), tk.kernels.GaussianKernel(JAN_SIGMA, (1.0,))]
+        )
+
+        def jan_floor() -> None:
+            ((pooled @ pooled.T).sum() + (pooled_probs @ pooled_probs.T).sum()).backward()
+
+        def jan_ours() -> None:
+            jan([source, probs_s], [target, probs_t]).backward()
+
+        def jan_naive() -> None:
+            naive_jan([source, probs_s], [target, probs_t]).backward()
+
+        return {"jan_floor": jan_floor, "jan_ours": jan_ours, "jan_naive": jan_naive}[name]
 
     def ours() -> None:
         tk.losses.mmd(source, target).backward()
+
+    def ours_biased() -> None:
+        tk.losses.mmd(source, target, estimator="biased").backward()
 
     def floor() -> None:
         (pooled @ pooled.T).sum().backward()
@@ -77,7 +147,26 @@ def make_step(name: str, batch: int, dim: int, device: torch.device) -> Callable
     def broadcast() -> None:
         broadcast_mmd(source, target).backward()
 
-    return {"ours": ours, "floor": floor, "broadcast": broadcast}[name]
+    steps = {"ours": ours, "ours_biased": ours_biased, "floor": floor, "broadcast": broadcast}
+    dan_loss = skada_dan_loss()
+    if dan_loss is not None:
+        # Fixed bandwidths for skada_5: 5 factors of 2 around the median source distance.
+        median = float(torch.median(torch.cdist(source.detach(), source.detach())))
+        sigmas = [median * m for m in MULTIPLIERS]
+
+        def skada() -> None:
+            dan_loss(source, target).backward()
+
+        def skada_5() -> None:
+            dan_loss(source, target, sigmas=sigmas).backward()
+
+        steps.update(skada=skada, skada_5=skada_5)
+    return steps[name]
+
+
+def clock(device: torch.device) -> float:
+    """CPU time of this (one-thread) process on the CPU; wall time on an accelerator."""
+    return time.process_time() if device.type == "cpu" else time.perf_counter()
 
 
 def sync(device: torch.device) -> None:
@@ -89,18 +178,24 @@ def time_interleaved(
     steps: dict[str, Callable[[], None]], repeats: dict[str, int], device: torch.device
 ) -> dict[str, float]:
     """Median seconds per call; the implementations take turns within every round."""
-    for step in steps.values():
-        step()
+    if max(repeats.values()) > 3:  # warm-up round (large cases are their own warm-up)
+        for step in steps.values():
+            step()
     sync(device)
     times: dict[str, list[float]] = {name: [] for name in steps}
+    order = list(steps)
     for round_index in range(max(repeats.values())):
-        for name, step in steps.items():
+        # Rotate who goes first: a contender that follows a large allocation (page
+        # faults, cold caches) is a different one every round.
+        shift = round_index % len(order)
+        for name in order[shift:] + order[:shift]:
+            step = steps[name]
             if round_index >= repeats[name]:
                 continue
-            start = time.perf_counter()
+            start = clock(device)
             step()
             sync(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock(device) - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -207,76 +302,117 @@ def mib(value: int | None) -> str:
     return "-" if value is None else f"{value / 2**20:,.0f}"
 
 
+def default_repeats(batch: int) -> int:
+    """More rounds where a call is short (and its median noisier)."""
+    if batch <= 64:
+        return 41
+    if batch <= 256:
+        return 15
+    if batch <= 1024:
+        return 5
+    return 3
+
+
+def run_case(
+    kind: str,
+    batch: int,
+    dim: int,
+    device: torch.device,
+    args: argparse.Namespace,
+) -> dict[str, object]:
+    """Time one (kind, B, D) case; contenders interleaved; ratios to the floor."""
+    n = 2 * batch
+    skipped: dict[str, str] = {}
+    if kind == "jan":
+        names = ["jan_floor", "jan_ours", "jan_naive"]
+        floor_name = "jan_floor"
+    else:
+        names = ["floor", "ours", "ours_biased"]
+        floor_name = "floor"
+        broadcast_bytes = 3 * n * n * dim * 4
+        if broadcast_bytes <= args.broadcast_limit_gb * 1e9:
+            names.append("broadcast")
+        else:
+            skipped["broadcast"] = (
+                f"needs ~{broadcast_bytes / 1e9:.1f} GB > {args.broadcast_limit_gb} GB"
+            )
+        if batch <= args.skada_max_batch:
+            if skada_dan_loss() is None:
+                skipped["skada"] = "skada is not installed (pip install '.[bench]')"
+                print(f"  skada row skipped: {skipped['skada']}", flush=True)
+            else:
+                names += ["skada", "skada_5"]
+    steps = {name: make_step(name, batch, dim, device) for name in names}
+    repeats = args.repeats or default_repeats(batch)
+    reps = {
+        name: max(1, min(repeats, 3)) if name in ("broadcast", "skada") else repeats
+        for name in names
+    }
+    medians = time_interleaved(steps, reps, device)
+    memory: dict[str, int | None] = {}
+    if not args.no_memory and batch <= 256:
+        memory = {name: peak_memory(name, batch, dim, device) for name in names}
+    floor = medians[floor_name]
+    row: dict[str, object] = {
+        "kind": kind,
+        "batch": batch,
+        "dim": dim,
+        "seconds": medians,
+        "repeats": reps,
+        "over_floor": {name: value / floor for name, value in medians.items()},
+        "peak_bytes": memory,
+        "skipped": skipped,
+    }
+    print(
+        f"{kind:4s} B={batch:5d} D={dim:5d}  "
+        + "  ".join(
+            f"{name} {value * 1e3:.1f} ms ({value / floor:.2f}x)" for name, value in medians.items()
+        ),
+        flush=True,
+    )
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per case")
-    parser.add_argument("--broadcast-limit-gb", type=float, default=7.0)
+    parser.add_argument("--broadcast-limit-gb", type=float, default=2.0)
+    parser.add_argument("--batches", type=int, nargs="*", default=None, help="B per domain")
+    parser.add_argument("--dims", type=int, nargs="*", default=None, help="feature dims D")
+    parser.add_argument("--jan-batches", type=int, nargs="*", default=None)
+    parser.add_argument("--skada-max-batch", type=int, default=256)
     parser.add_argument(
-        "--large", action="store_true", help="also run B=8192, D=2048 once (chunked path)"
+        "--large", action="store_true", help="also measure peak memory at B=8192, D=256"
     )
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory runs")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--tag", default="", help="suffix of the results file names")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     if args.child:
         name, batch, dim, device_name = args.child
         peak_memory_child(name, int(batch), int(dim), device_name)
         return
 
     device = tk.resolve_device(args.device)
-    sizes = (
-        [(64, 256), (256, 256)]
-        if args.quick
-        else [(b, d) for d in (256, 2048) for b in (64, 256, 1024)]
+    batches = args.batches or ([64, 256] if args.quick else [64, 256, 1024, 4096, 8192])
+    dims = args.dims or ([256] if args.quick else [256, 2048])
+    jan_batches = (
+        args.jan_batches
+        if args.jan_batches is not None
+        else ([64] if args.quick else [64, 256, 1024])
     )
-    repeats = args.repeats or (3 if args.quick else 7)
+    load_before = os.getloadavg()
     rows: list[dict[str, object]] = []
-    for batch, dim in sizes:
-        n = 2 * batch
-        broadcast_bytes = 3 * n * n * dim * 4
-        names = ["floor", "ours"]
-        if broadcast_bytes <= args.broadcast_limit_gb * 1e9:
-            names.append("broadcast")
-        steps = {name: make_step(name, batch, dim, device) for name in names}
-        reps = {name: repeats if name != "broadcast" else max(1, min(repeats, 3)) for name in names}
-        medians = time_interleaved(steps, reps, device)
-        memory = {
-            name: (None if args.no_memory else peak_memory(name, batch, dim, device))
-            for name in names
-        }
-        row: dict[str, object] = {
-            "batch": batch,
-            "dim": dim,
-            "seconds": medians,
-            "repeats": reps,
-            "peak_bytes": memory,
-            "ours_over_floor": medians["ours"] / medians["floor"],
-            "broadcast_over_ours": (
-                medians["broadcast"] / medians["ours"] if "broadcast" in medians else None
-            ),
-            "broadcast_skipped": (
-                None
-                if "broadcast" in medians
-                else f"needs ~{broadcast_bytes / 1e9:.1f} GB > {args.broadcast_limit_gb} GB"
-            ),
-        }
-        rows.append(row)
-        print(
-            f"B={batch:5d} D={dim:5d}  floor {medians['floor'] * 1e3:9.1f} ms  "
-            f"ours {medians['ours'] * 1e3:9.1f} ms ({row['ours_over_floor']:.2f}x floor)  "
-            + (
-                f"broadcast {medians['broadcast'] * 1e3:9.1f} ms "
-                f"({row['broadcast_over_ours']:.0f}x ours)"
-                if "broadcast" in medians
-                else f"broadcast skipped ({row['broadcast_skipped']})"
-            ),
-            flush=True,
-        )
-    large = large_case(device, 8192, 2048) if args.large else None
+    for dim in dims:
+        for batch in batches:
+            rows.append(run_case("mmd", batch, dim, device, args))
+        for batch in jan_batches:
+            rows.append(run_case("jan", batch, dim, device, args))
+    large = large_case(device, 8192, 256) if args.large else None
     if large is not None:
         print(f"large: {large}", flush=True)
 
@@ -288,7 +424,10 @@ def main() -> None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "load_average_before": load_before,
         "load_average": os.getloadavg(),
+        "clock": "time.process_time" if device.type == "cpu" else "time.perf_counter",
+        "skada": _skada_version(),
         "quick": args.quick,
         "memory_method": (
             "torch.cuda.max_memory_allocated"
@@ -298,40 +437,85 @@ def main() -> None:
     }
     report = {"meta": meta, "rows": rows, "large": large}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    write_atomic(RESULTS / "bench_losses.json", json.dumps(report, indent=2))
-    write_atomic(RESULTS / "bench_losses.md", markdown(report))
+    stem = f"bench_losses{args.tag}"
+    write_atomic(RESULTS / f"{stem}.json", json.dumps(report, indent=2))
+    write_atomic(RESULTS / f"{stem}.md", markdown(report))
     print(markdown(report))
 
 
-def markdown(report: dict[str, object]) -> str:
+def _skada_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("skada")
+    except Exception:
+        return None
+
+
+def _cell(row: dict[str, Any], name: str) -> str:
+    seconds = row["seconds"]
+    if name not in seconds:
+        return "-"
+    return f"{seconds[name] * 1e3:.1f} ({row['over_floor'][name]:.2f}x)"
+
+
+def markdown(report: dict[str, Any]) -> str:
     meta = report["meta"]
-    assert isinstance(meta, dict)
     lines = [
         f"device: {meta['device']} ({meta['device_name']}), torch {meta['torch']}, "
-        f"{meta['threads']} threads, load average at the end {meta['load_average']}",
+        f"{meta['threads']} thread(s), clock {meta['clock']}, skada {meta['skada']}, "
+        f"load average before {tuple(round(x, 1) for x in meta['load_average_before'])}, "
+        f"after {tuple(round(x, 1) for x in meta['load_average'])}",
         "",
-        "| B | D | floor ms | ours ms | ours/floor | broadcast ms | broadcast/ours "
-        "| peak MiB floor | ours | broadcast |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "MMD (5 Gaussian bandwidths), forward+backward, ms (ratio to the GEMM floor):",
+        "",
+        "| B | D | floor | ours unbiased | ours biased | broadcast | skada default "
+        "| skada 5 sigmas | skada_5 / ours biased |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    rows = report["rows"]
-    assert isinstance(rows, list)
-    for row in rows:
-        sec, mem = row["seconds"], row["peak_bytes"]
-        bro = f"{sec['broadcast'] * 1e3:.1f}" if "broadcast" in sec else "skipped"
-        ratio = "-" if row["broadcast_over_ours"] is None else f"{row['broadcast_over_ours']:.0f}x"
+    for row in report["rows"]:
+        if row["kind"] != "mmd":
+            continue
+        sec = row["seconds"]
+        versus = f"{sec['skada_5'] / sec['ours_biased']:.2f}" if "skada_5" in sec else "-"
         lines.append(
             f"| {row['batch']} | {row['dim']} | {sec['floor'] * 1e3:.1f} | "
-            f"{sec['ours'] * 1e3:.1f} | {row['ours_over_floor']:.2f} | {bro} | {ratio} | "
-            f"{mib(mem.get('floor'))} | {mib(mem.get('ours'))} | {mib(mem.get('broadcast'))} |"
+            + " | ".join(
+                _cell(row, name)
+                for name in ("ours", "ours_biased", "broadcast", "skada", "skada_5")
+            )
+            + f" | {versus} |"
         )
+    lines += [
+        "",
+        f"JMMD (JAN kernels, features D + softmax of {CLASSES} classes), forward+backward, "
+        "ms (ratio to its GEMM floor):",
+        "",
+        "| B | D | floor | ours | naive | naive / ours |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        if row["kind"] != "jan":
+            continue
+        sec = row["seconds"]
+        lines.append(
+            f"| {row['batch']} | {row['dim']} | {sec['jan_floor'] * 1e3:.1f} | "
+            f"{_cell(row, 'jan_ours')} | {_cell(row, 'jan_naive')} | "
+            f"{sec['jan_naive'] / sec['jan_ours']:.2f} |"
+        )
+    memory_rows = [row for row in report["rows"] if row["peak_bytes"]]
+    if memory_rows:
+        lines += ["", "Peak memory of one forward+backward, MiB:", ""]
+        for row in memory_rows:
+            parts = ", ".join(f"{name} {mib(value)}" for name, value in row["peak_bytes"].items())
+            lines.append(f"- {row['kind']} B={row['batch']} D={row['dim']}: {parts}")
     large = report.get("large")
     if isinstance(large, dict) and "seconds" in large:
         lines += [
             "",
-            f"B={large['batch']} per domain, D={large['dim']} (chunked path): one fwd+bwd "
-            f"{large['seconds']:.1f} s, peak {mib(large['peak_bytes'])} MiB = "
-            f"{large['peak_over_full_matrix']:.2f} x one (2B)^2 fp32 matrix, "
+            f"B={large['batch']} per domain, D={large['dim']}: one fwd+bwd "
+            f"{large['seconds']:.1f} s (wall), peak {mib(large['peak_bytes'])} MiB = "
+            f"{large['peak_over_full_matrix']:.3f} x one (2B)^2 fp32 matrix, "
             f"finite gradient: {large['finite_gradient']}",
         ]
     return "\n".join(lines) + "\n"
