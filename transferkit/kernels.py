@@ -405,16 +405,17 @@ class GaussianKernel(Kernel):
         """
         order = sorted(self.multipliers, reverse=True)
         if self._halving:
-            coef = -0.5 / (order[0] * state)
+            # dk/dd = c (p + 2 p^2 + 4 p^4 + ...) with c = -1 / (2 m_max sigma^2): the
+            # powers of two are exact, so one multiplication by c comes last.
+            coef = state.reciprocal().mul_(-0.5 / order[0])
             power = torch.mul(base, coef).exp_()
             value = power.clone()
-            derivative = torch.mul(power, coef, out=base)
-            for _ in order[1:]:
-                coef = coef * 2.0
+            derivative = base.copy_(power)
+            for index in range(1, len(order)):
                 power.mul_(power)
                 value.add_(power)
-                derivative.addcmul_(power, coef)
-            return value, derivative
+                derivative.add_(power, alpha=2.0**index)
+            return value, derivative.mul_(coef)
         value = torch.zeros_like(base)
         derivative = torch.zeros_like(base)
         scratch = torch.empty_like(base)

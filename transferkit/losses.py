@@ -704,24 +704,27 @@ def joint_mmd(
         )
         risky = not bound * 16.0 < torch.finfo(compute_dtype(source[0])).max
     with no_autocast(source[0].device):
+        defer = estimator != "linear"
         layers = [
-            _rescaled(k, s, t, big)
+            _rescaled(k, s, t, big, defer=defer)
             for k, s, t, big in zip(checked, source, target, largest, strict=True)
         ]
         srcs = [s for s, _, _ in layers]
         tgts = [t for _, t, _ in layers]
-        states: list[Tensor] = []
-        for _, _, state in layers:
-            assert state is not None  # not deferred
-            states.append(state)
         top = max(largest)
         if estimator == "linear":
-            linear = _linear_mmd(srcs, tgts, checked, states)
+            linear_states: list[Tensor] = []
+            for _, _, state in layers:
+                assert state is not None  # not deferred
+                linear_states.append(state)
+            linear = _linear_mmd(srcs, tgts, checked, linear_states)
             return _check_result(linear, "source and target", top, risky)
-        zs = []
-        for kernel, s, t in zip(checked, srcs, tgts, strict=True):
+        zs: list[Tensor] = []
+        states: list[Tensor] = []
+        for kernel, (s, t, deferred) in zip(checked, layers, strict=True):
             z = torch.cat([s, t])
             zs.append(z - z.detach().mean(0) if kernel.family == "distance" else z)
+            states.append(_pooled_state(zs[-1]) if deferred is None else deferred)
         n, m = srcs[0].shape[0], tgts[0].shape[0]
         w = torch.full((n,), 1.0 / n, dtype=zs[0].dtype, device=zs[0].device)
         v = torch.full((m,), 1.0 / m, dtype=zs[0].dtype, device=zs[0].device)
