@@ -64,6 +64,7 @@ docs: $(STAMP)
 test: lint typecheck unit vision-tests docs
 
 bench: $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]'
 	@for script in benchmarks/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
 
 clean:

@@ -23,12 +23,14 @@ fixed or heuristic bandwidth), [`coral`][], [`entropy`][], [`distillation`][],
 ``fullgraph=True``. Unweighted calls only: explicit sample weights are still checked
 with a read-back.
 
-The quadratic MMD estimators never build an autograd graph over the ``(N + M)^2``
-kernel matrix: a custom autograd function evaluates the kernel in row blocks, keeps
-only the ``(N + M, 2)`` products it needs, and computes the gradient with one more
-matrix multiplication. For large batches the blocks are recomputed in the backward pass
-instead of stored, so memory stays ``O(block_rows * (N + M))``. (The custom function
-supports first-order gradients, not double backward.)
+The quadratic MMD estimators (and JMMD) never build an autograd graph over the
+``(N + M)^2`` kernel matrix: one custom autograd function walks the symmetric matrix
+in cache-sized square tiles, each tile once, and keeps only ``O((N + M) D)`` sums: the
+kernel products the estimate needs and the gradient reductions ``K' @ (w * z)``, which
+one more matrix multiplication per tile gives already in the forward pass. The
+backward pass is then ``O((N + M) D)`` and memory stays ``O(tile^2 + (N + M) D)`` at
+any batch size. (The custom function supports first-order gradients, not double
+backward.)
 """
 
 from __future__ import annotations
@@ -461,11 +463,10 @@ def mmd(
 
     Per-sample weights (normalised to sum to one per domain) replace the uniform
     ``1/N``, ``1/M``; the unbiased estimator then divides the within-domain sums by
-    ``sum_{i != j} w_i w_j``. The quadratic estimators evaluate the kernel in row
-    blocks: up to ``N + M = 4096`` the whole matrix is one block, beyond that blocks of
-    ``2**24 / (N + M)`` rows are computed and recomputed in the backward pass, so memory
-    stays at a few 64 MiB blocks even at ``N = M = 8192`` (``chunk_size`` sets the rows
-    per block explicitly).
+    ``sum_{i != j} w_i w_j``. The quadratic estimators evaluate the kernel in square
+    tiles of at most 256 x 256 entries, each tile of the symmetric matrix once, and
+    form the gradient in the same pass, so memory stays ``O(256^2 + (N + M) D)`` at any
+    batch size (``chunk_size`` caps the tile size further).
 
     Args:
         source: source features.
@@ -475,7 +476,8 @@ def mmd(
         estimator: ``"biased"``, ``"unbiased"`` or ``"linear"``.
         source_weights: optional non-negative per-sample weights, ``(N,)``.
         target_weights: optional non-negative per-sample weights, ``(M,)``.
-        chunk_size: rows of the pooled kernel matrix evaluated at once; ``None`` chooses.
+        chunk_size: at most this many rows (and columns) of the pooled kernel matrix
+            per tile; ``None`` chooses (256).
 
     Returns:
         A 0-d tensor (fp32 for half-precision inputs).
@@ -640,9 +642,10 @@ def joint_mmd(
 
     The joint kernel is the product of per-layer kernels,
     $K(i, j) = \prod_l k_l(z^l_i, z^l_j)$, and the estimate is the MMD of
-    [`mmd`][] with that kernel. It runs on the same blocked engine as [`mmd`][]: no
-    ``(N + M)^2`` matrix is kept for the backward pass, and above ``N + M = 4096`` rows
-    (``2**24`` elements over all layers) the matrices are evaluated in row blocks.
+    [`mmd`][] with that kernel. It runs on the same tiled engine as [`mmd`][]: no
+    ``(N + M)^2`` matrix is formed, each tile of the symmetric joint matrix is evaluated
+    once (one distance GEMM and one gradient GEMM per layer), and memory stays
+    ``O(L tile^2 + (N + M) sum_l D_l)``.
 
     Args:
         source: per-layer source tensors, e.g. ``[features, softmax(logits)]``.
