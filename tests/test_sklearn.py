@@ -305,6 +305,21 @@ def test_predictions_are_identical_to_sklearn_svc_on_breast_cancer():
         assert_same_svm(ours, theirs, x[400:])
 
 
+def test_sample_weights_and_string_labels_give_svc_identical_models(digits):
+    # fit groups the rows by class before libsvm sees them; weights and labels must follow.
+    x_train, y_train, x_test, _ = digits
+    weight = np.random.default_rng(0).uniform(0.2, 2.0, size=len(y_train))
+    names = np.array(
+        ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    )
+    labels = names[y_train]
+    ours = TorchKernelSVC(device="cpu").fit(x_train, labels, sample_weight=weight)
+    theirs = SVC().fit(x_train, labels, sample_weight=weight)
+    assert_same_svm(ours, theirs, x_test)
+    np.testing.assert_array_equal(ours.classes_, theirs.classes_)
+    np.testing.assert_array_equal(ours.support_vectors_, x_train[theirs.support_])
+
+
 HAS_MNIST = importlib.util.find_spec("pureml") is not None
 HAS_MNIST = HAS_MNIST and importlib.util.find_spec("zarr") is not None
 
