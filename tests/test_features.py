@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -1208,3 +1209,37 @@ def test_a_model_with_uninitialised_lazy_modules_is_refused_and_left_intact() ->
     net(x).sum().backward()  # still initialises and trains normally
     assert net[0].weight.shape == (3, 4)
     assert tk.extract_features(net, x, progress=False).shape == (5, 3)
+
+
+@dataclasses.dataclass
+class Inputs:
+    x: Tensor
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class SlotInputs:
+    x: Tensor
+
+
+class SumOfInputs(nn.Module):
+    def forward(self, inputs: Any) -> Tensor:
+        return inputs.x.sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("wrap", [Inputs, SlotInputs])
+def test_batches_of_objects_are_hashed_by_every_value_not_by_repr(
+    tmp_path: Path, wrap: Any
+) -> None:
+    def loader(data: Tensor) -> DataLoader[Any]:
+        return DataLoader(
+            range(4),  # type: ignore[arg-type]
+            batch_size=2,
+            collate_fn=lambda index: (wrap(data[index]), torch.tensor(index)),
+        )
+
+    x = torch.zeros(4, 2000)  # repr(x) shows only the first and last values
+    changed = x.clone()
+    changed[:, 1000] = 5.0
+    tk.extract_features(SumOfInputs(), loader(x), cache=tmp_path, progress=False)
+    got, _ = tk.extract_features(SumOfInputs(), loader(changed), cache=tmp_path, progress=False)
+    np.testing.assert_array_equal(got, np.full((4, 1), 5.0, dtype=np.float32))

@@ -19,6 +19,7 @@ deleted, always inside the cache folder and never through a symbolic link.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import errno
 import fcntl
 import functools
@@ -178,8 +179,15 @@ def _update_tensor(h: _TreeHash, t: Tensor) -> None:
     _feed(h, t.reshape(1) if t.dim() == 0 else t)
 
 
-def _update_item(h: _TreeHash, item: Any) -> None:
-    """Feed a batch or dataset item: tensors, arrays, containers, else its ``repr``."""
+def _update_item(h: _TreeHash, item: Any, depth: int = 8) -> None:
+    """Feed a batch or dataset item: tensors, arrays, containers, objects' fields.
+
+    Dataclasses and other objects are fed by their fields (``vars``), ``depth`` levels
+    deep, never by a ``repr`` alone where fields exist: a tensor's ``repr`` elides most of
+    its values. Objects without fields are fed by their ``repr`` (a memory address in it
+    makes every run recompute).
+    """
+    depth -= 1
     if isinstance(item, Tensor):
         _update_tensor(h, item)
     elif isinstance(item, np.ndarray) or hasattr(item, "__array_interface__"):
@@ -187,7 +195,7 @@ def _update_item(h: _TreeHash, item: Any) -> None:
         if array.dtype == object:
             h.update(b"O")
             for value in array.reshape(-1):
-                _update_item(h, value)
+                _update_item(h, value, depth)
             return
         h.update(f"A{array.dtype.str}{array.shape}|".encode())
         h.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
@@ -195,14 +203,25 @@ def _update_item(h: _TreeHash, item: Any) -> None:
         h.update(f"D{len(item)}|".encode())
         for key in item:
             h.update(f"{key!r}:".encode())
-            _update_item(h, item[key])
+            _update_item(h, item[key], depth)
     elif isinstance(item, (list, tuple)):
         h.update(f"L{len(item)}|".encode())
         for value in item:
-            _update_item(h, value)
+            _update_item(h, value, depth)
     elif isinstance(item, (str, bytes, int, float, complex, bool)) or item is None:
         h.update(f"{type(item).__name__}:{item!r}|".encode())
-    else:  # other objects: their repr (a memory address in it makes every run recompute)
+    elif depth > 0 and dataclasses.is_dataclass(item) and not isinstance(item, type):
+        h.update(f"{type(item).__module__}.{type(item).__qualname__}|".encode())
+        fields = {f.name: getattr(item, f.name) for f in dataclasses.fields(item)}
+        _update_item(h, fields, depth)
+    elif (
+        depth > 0
+        and not isinstance(item, type)
+        and isinstance(getattr(item, "__dict__", None), dict)
+    ):
+        h.update(f"{type(item).__module__}.{type(item).__qualname__}|".encode())
+        _update_item(h, dict(sorted(vars(item).items())), depth)
+    else:  # no fields: the repr (a memory address in it makes every run recompute)
         h.update(f"{type(item).__qualname__}:{item!r}|".encode())
 
 
