@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import warnings
 
 import numpy as np
@@ -282,3 +283,41 @@ def test_leave_one_out_scores_ignore_sample_order_and_class_names(seed: int) -> 
     assert selection.nce(hard[order] * 3 + 1, renamed[order], estimator="leave_one_out") == (
         pytest.approx(value, rel=1e-9)
     )
+
+
+def chance_level_by_simulation(n: int, d: int, num_classes: int, seed: int) -> float:
+    """Mean regularised H-score of Gaussian noise over random labellings (Monte Carlo)."""
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(20):
+        labels = rng.permutation(np.arange(n) % num_classes)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            values.append(selection.hscore(rng.normal(size=(n, d)), labels))
+    return float(np.mean(values))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_hscore_warns_where_noise_of_many_dimensions_outscores_real_features(seed) -> None:
+    """D >> N with few samples per class: even the regularised score of pure noise nears
+    C - 1 and can rank above digit pixels; hscore says so, with the chance level."""
+    x, y = load_digits(return_X_y=True)
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(y), size=30, replace=False)
+    labels = y[pick]
+    noise = 100.0 * rng.normal(size=(30, 3000))
+    with pytest.warns(UserWarning, match=r"independent of the labels would score about"):
+        noisy = selection.hscore(noise, labels)
+    assert noisy > 0.5 * (len(np.unique(labels)) - 1)  # far from 0: the reason to warn
+    expected = chance_level_by_simulation(30, 3000, len(np.unique(labels)), seed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        selection.hscore(noise, labels)
+    stated = float(re.search(r"score about ([\d.]+)", str(caught[0].message)).group(1))
+    assert stated == pytest.approx(expected, rel=0.1)
+    # many samples per class and D well below N: no warning
+    pick = rng.choice(len(y), size=600, replace=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        selection.hscore(x[pick] / 16.0, y[pick])
+        selection.hscore(rng.normal(size=(600, 600)), y[pick])

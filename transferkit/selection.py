@@ -412,8 +412,14 @@ def hscore(
     ($H_\alpha$): without it, the covariance of ``D`` features from ``N <= D + 1``
     samples is singular, every labelling of the samples is linearly separable and the
     H-score of *pure noise* reaches its maximum ``C - 1``, so noise ranks first. With
-    it, high-dimensional noise scores near 0. The value equals the authors'
-    implementation (scikit-learn's ``LedoitWolf``, biased covariance) times
+    it, noise of a few times ``N`` dimensions scores near 0. The regularised score still
+    has a chance level, the value that features independent of the labels get,
+    $(1 - \alpha) \frac{C - 1}{N - 1} \operatorname{tr}(\operatorname{cov}_\alpha(f)^{-1}
+    \operatorname{cov}(f))$ in expectation: it grows with ``D / N`` and with ``C / N``
+    (10 classes, 40 samples: noise of 400 dimensions scores about 3 of 9, of 4000
+    about 7.6). A ``UserWarning`` gives it when it exceeds a quarter of ``C - 1``: there
+    noise of many dimensions can outrank a weakly informative candidate. The value
+    equals the authors' implementation (scikit-learn's ``LedoitWolf``, biased covariance) times
     ``(N - 1) / N``, a factor shared by all candidates scored on the same samples.
 
     ``shrinkage=None`` (or ``0``) gives the original score of Bao et al. with the
@@ -480,6 +486,7 @@ def hscore(
     if alpha >= 1.0 or mu == 0.0:
         return 0.0
     a, b = (1.0 - alpha) / (n - 1), alpha * mu  # cov_alpha = a X^T X + b I
+    _warn_chance_level(gram, a, b, alpha, n, d, num_classes)
     if d <= n:
         means = (targets.T @ x) / counts[:, None]
         system = a * gram
@@ -495,6 +502,34 @@ def hscore(
         inner = np.einsum("nc,nc->c", projected, np.linalg.solve(system, projected))
         quadratic = (squared - inner) / b
     return float((1.0 - alpha) * (weights * quadratic).sum())
+
+
+# share of the maximum C - 1 that label-independent features reach before hscore warns
+_CHANCE_SHARE = 0.25
+
+
+def _warn_chance_level(
+    gram: np.ndarray, a: float, b: float, alpha: float, n: int, d: int, num_classes: int
+) -> None:
+    """Warn when features independent of the labels would score a large share of C - 1.
+
+    For such features the class means are noise: E[cov(E[f | y])] = (C - 1) / (N - 1)
+    cov(f), so the expected regularised score is
+    (1 - alpha) (C - 1) / (N - 1) tr(cov_alpha^-1 cov(f)), computed from the spectrum.
+    """
+    eigenvalues = np.clip(np.linalg.eigvalsh(gram), 0.0, None)
+    trace = float((eigenvalues / (a * eigenvalues + b)).sum()) / (n - 1)
+    chance = (1.0 - alpha) * (num_classes - 1) / (n - 1) * trace
+    if chance > _CHANCE_SHARE * (num_classes - 1):
+        warnings.warn(
+            f"hscore: with {n} samples, {num_classes} classes and {d} feature dimensions, "
+            f"features independent of the labels would score about {chance:.3g} (of the "
+            f"maximum {num_classes - 1}): a candidate near that level carries no "
+            "information, and pure noise of more dimensions can outscore a weakly "
+            "informative candidate; use more samples or fewer dimensions (e.g. PCA)",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _check_shrinkage(shrinkage: object) -> float | Literal["ledoit_wolf"] | None:
