@@ -5,7 +5,8 @@
   bytes were fed and of the number of threads); `_update_tensor` feeds a tensor's
   logical content (independent of its strides); `_model_fingerprint` covers the
   weights, buffers, module types, ``repr``, the code of every module class, each module's
-  own attributes (numbers, tensors, containers by value) and its forward hooks.
+  own attributes (numbers, tensors, containers by value; not those its ``forward``
+  assigns).
 * `_CacheSink`: preallocated ``.npy`` files filled with positioned writes, an
   atomically rewritten JSON header that records, for every chunk of rows written, a
   digest of the input batch and a checksum of the stored rows, and a lock file that
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import dis
 import errno
 import fcntl
 import functools
@@ -260,7 +262,6 @@ def _update_class(h: _TreeHash, cls: type, seen: set[type]) -> None:
 
 
 _MODULE_KEYS = frozenset(vars(nn.Module()))  # nn.Module's own bookkeeping attributes
-_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks")
 _VALUE_DEPTH = 4
 
 
@@ -322,22 +323,45 @@ def _update_value(h: _TreeHash, value: Any, depth: int) -> None:
         h.update(f"{type(value).__qualname__}:{_ADDRESS.sub(' at 0x?', repr(value))}|".encode())
 
 
+def _stored_names(code: types.CodeType, names: set[str]) -> None:
+    for instruction in dis.get_instructions(code):
+        if instruction.opname in ("STORE_ATTR", "DELETE_ATTR"):
+            names.add(str(instruction.argval))
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            _stored_names(const, names)
+
+
+@functools.lru_cache(maxsize=1024)
+def _forward_state(cls: type) -> frozenset[str]:
+    """Attribute names that ``cls.forward`` assigns (state, not configuration).
+
+    A call counter or a lazily built cache changes at every call, which must not make
+    every call recompute; such attributes are left out of the fingerprint.
+    """
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        code = getattr(vars(klass).get("forward"), "__code__", None)
+        if isinstance(code, types.CodeType):
+            _stored_names(code, names)
+    return frozenset(names)
+
+
 def _update_module_state(h: _TreeHash, module: nn.Module) -> None:
-    """Feed a module's own attributes (``self.scale = 2.0``, a plain tensor) and hooks."""
+    """Feed a module's own attributes (``self.scale = 2.0``, a plain tensor).
+
+    Except the ones its ``forward`` assigns and ``nn.Module``'s own bookkeeping.
+    """
+    state = _forward_state(type(module))
     for key, value in sorted(vars(module).items()):
-        if key not in _MODULE_KEYS and not key.startswith("_torchdynamo"):  # ids per process
-            h.update(f"A{key}=".encode())
-            _update_value(h, value, _VALUE_DEPTH)
-    for key in _HOOK_DICTS:
-        hooks = getattr(module, key, None) or {}
-        if hooks:
-            h.update(f"{key}{len(hooks)}|".encode())
-            for hook in hooks.values():
-                _update_value(h, hook, _VALUE_DEPTH)
+        if key in _MODULE_KEYS or key in state or key.startswith("_torchdynamo"):
+            continue  # (torch.compile's wrapper ids differ from process to process)
+        h.update(f"A{key}=".encode())
+        _update_value(h, value, _VALUE_DEPTH)
 
 
 def _model_fingerprint(model: nn.Module) -> str:
-    """Hash of the model's structure (types, repr, code, attributes, hooks) and tensors."""
+    """Hash of the model's structure (types, repr, code, attributes) and tensors."""
     h = _TreeHash()
     h.update(_ADDRESS.sub(" at 0x?", repr(model)).encode())
     seen: set[type] = set()

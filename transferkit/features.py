@@ -1070,9 +1070,10 @@ def extract_features(
     Cache: with ``cache=directory`` each output is stored as ``features_<i>.npy`` (plus
     ``labels.npy``) next to a ``header.json`` that records shapes, dtypes, layer names, a
     fingerprint of the model (every parameter and buffer byte, module types, ``repr``, the
-    code of the module classes, each module's own attributes such as ``self.scale = 2.0``,
-    and its forward hooks) and settings, and for every chunk of rows written (one
-    batch) a digest of all the bytes of its input batch and a checksum of the stored rows.
+    code of the module classes, each module's own attributes such as ``self.scale = 2.0``
+    except those its ``forward`` assigns; not forward hooks) and settings, and for every
+    chunk of rows written (one batch) a digest of all the bytes of its input batch and a
+    checksum of the stored rows.
     Every call hashes each batch of the data (tensors without copying; Dataset items as
     they are loaded) and reuses a chunk only if its digest and checksum match: changed
     rows or items are recomputed (logged as a warning), an interrupted run resumes with
