@@ -1261,3 +1261,15 @@ def test_attributes_that_forward_assigns_do_not_invalidate_the_cache(tmp_path: P
     )
     assert net.calls == 3  # reused: calls and last_batch are state, not configuration
     np.testing.assert_array_equal(again, first)
+
+
+def test_an_empty_batch_is_skipped_and_leaves_the_cache_valid(tmp_path: Path) -> None:
+    def collate(index: list[int]) -> Tensor:  # filters out samples 2 and 3
+        x = torch.stack([torch.full((2,), float(i)) for i in index])
+        return x[:0] if index[0] == 2 else x
+
+    items = list(range(6))
+    data = DataLoader(items, batch_size=2, collate_fn=collate)  # type: ignore[arg-type]
+    for _ in range(2):  # the count mismatch is reported, not a corrupted header
+        with pytest.raises(ValueError, match="data: yielded 4 samples, expected 6"):
+            tk.extract_features(nn.Identity(), data, cache=tmp_path, progress=False)

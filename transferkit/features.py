@@ -957,6 +957,8 @@ def _extract_local(
                 elif has_labels != (labels is not None):
                     raise ValueError("data: some batches carry labels and others do not")
                 count = _rows_of(inputs)
+                if count == 0:  # e.g. a collate_fn that filtered out every sample
+                    continue  # (an empty chunk would make the cache's header invalid)
                 digest: str | None = None
                 if sink is not None:
                     digest = _batch_digest(batch)
