@@ -187,6 +187,9 @@ def extend_scheduler(scheduler: Scheduler) -> list[int]:
     A scheduler without a closed form (``MultiplicativeLR``, a custom subclass) gives
     the new group the first group's current factor, exact for multiplicative schedules.
     ``ReduceLROnPlateau`` leaves the new group at its lr; later reductions apply to it.
+    A ``LambdaLR`` with one function per group gives the new groups the first one.
+    timm's ``timm.scheduler`` classes are not torch schedulers (they are stepped with an
+    explicit epoch and keep per-group lists of their own) and raise ``TypeError``.
 
     Args:
         scheduler: a scheduler built on the optimizer that received the new groups.
