@@ -1273,3 +1273,41 @@ def test_an_empty_batch_is_skipped_and_leaves_the_cache_valid(tmp_path: Path) ->
     for _ in range(2):  # the count mismatch is reported, not a corrupted header
         with pytest.raises(ValueError, match="data: yielded 4 samples, expected 6"):
             tk.extract_features(nn.Identity(), data, cache=tmp_path, progress=False)
+
+
+class BadRepr:
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+class HoldsBadRepr(nn.Module):
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+        self.where = where
+        self.thing = BadRepr()
+        self.calls = 0
+
+    def extra_repr(self) -> str:
+        if self.where == "extra_repr":
+            raise RuntimeError("broken extra_repr")
+        return ""
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        out: Tensor = self.lin(x)
+        return out
+
+
+@pytest.mark.parametrize("where", ["attribute", "extra_repr"])
+def test_a_failing_repr_in_the_model_recomputes_instead_of_crashing(
+    tmp_path: Path, where: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    torch.manual_seed(0)
+    net, x = HoldsBadRepr(where), torch.randn(6, 4)
+    with caplog.at_level(logging.WARNING, logger="transferkit.features"):
+        first = tk.extract_features(net, x, cache=tmp_path, progress=False).copy()
+        again = tk.extract_features(net, x, cache=tmp_path, progress=False)
+    assert net.calls == 2  # never reused on a fingerprint that could not see the object
+    np.testing.assert_array_equal(again, first)
+    assert "repr() of a" in caplog.text

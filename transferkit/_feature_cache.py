@@ -181,6 +181,21 @@ def _update_tensor(h: _TreeHash, t: Tensor) -> None:
     _feed(h, t.reshape(1) if t.dim() == 0 else t)
 
 
+def _object_repr(value: Any, *, strip: bool = True) -> str:
+    """``repr(value)`` without memory addresses; one that raises is never equal twice."""
+    try:
+        text = repr(value)
+    except Exception as err:  # whatever it raised: a unique text, so never a stale reuse
+        logger.warning(
+            "cache: repr() of a %s failed (%s: %s), so every call recomputes the features",
+            type(value).__qualname__,
+            type(err).__name__,
+            err,
+        )
+        return f"<unrepresentable {time.time_ns()} {os.urandom(8).hex()}>"
+    return _ADDRESS.sub(" at 0x?", text) if strip else text
+
+
 def _update_item(h: _TreeHash, item: Any, depth: int = 8) -> None:
     """Feed a batch or dataset item: tensors, arrays, containers, objects' fields.
 
@@ -224,7 +239,7 @@ def _update_item(h: _TreeHash, item: Any, depth: int = 8) -> None:
         h.update(f"{type(item).__module__}.{type(item).__qualname__}|".encode())
         _update_item(h, dict(sorted(vars(item).items())), depth)
     else:  # no fields: the repr (a memory address in it makes every run recompute)
-        h.update(f"{type(item).__qualname__}:{item!r}|".encode())
+        h.update(f"{type(item).__qualname__}:{_object_repr(item, strip=False)}|".encode())
 
 
 def _batch_digest(batch: Any) -> str:
@@ -295,7 +310,7 @@ def _update_value(h: _TreeHash, value: Any, depth: int) -> None:
     elif isinstance(value, np.ndarray) and value.dtype != object:
         _update_item(h, value)
     elif depth <= 0:
-        h.update(f"{type(value).__qualname__}:{_ADDRESS.sub(' at 0x?', repr(value))}|".encode())
+        h.update(f"{type(value).__qualname__}:{_object_repr(value)}|".encode())
     elif isinstance(value, nn.Module):
         h.update(f"M{type(value).__module__}.{type(value).__qualname__}|".encode())
         for name, tensor in [*value.named_parameters(), *value.named_buffers()]:
@@ -320,7 +335,7 @@ def _update_value(h: _TreeHash, value: Any, depth: int) -> None:
         _update_value(h, value.args, depth)
         _update_value(h, value.keywords, depth)
     else:
-        h.update(f"{type(value).__qualname__}:{_ADDRESS.sub(' at 0x?', repr(value))}|".encode())
+        h.update(f"{type(value).__qualname__}:{_object_repr(value)}|".encode())
 
 
 def _stored_names(code: types.CodeType, names: set[str]) -> None:
@@ -363,7 +378,7 @@ def _update_module_state(h: _TreeHash, module: nn.Module) -> None:
 def _model_fingerprint(model: nn.Module) -> str:
     """Hash of the model's structure (types, repr, code, attributes) and tensors."""
     h = _TreeHash()
-    h.update(_ADDRESS.sub(" at 0x?", repr(model)).encode())
+    h.update(_object_repr(model).encode())
     seen: set[type] = set()
     for name, module in model.named_modules(remove_duplicate=False):
         cls = type(module)
