@@ -1311,3 +1311,15 @@ def test_a_failing_repr_in_the_model_recomputes_instead_of_crashing(
     assert net.calls == 2  # never reused on a fingerprint that could not see the object
     np.testing.assert_array_equal(again, first)
     assert "repr() of a" in caplog.text
+
+
+def test_a_npy_header_switched_to_fortran_order_is_caught(tmp_path: Path) -> None:
+    net, x = small_cnn(), images(12)
+    tk.extract_features(net, x, layers="neck", cache=tmp_path, progress=False)
+    path = tmp_path / "features_0.npy"
+    raw = path.read_bytes()
+    assert raw.count(b"'fortran_order': False") == 1
+    # Same file size, same data bytes (so every chunk checksum still matches).
+    path.write_bytes(raw.replace(b"'fortran_order': False", b"'fortran_order': True "))
+    with pytest.raises(ValueError, match="features_0.npy is corrupted .*not in C order"):
+        tk.extract_features(net, x, layers="neck", cache=tmp_path, progress=False)

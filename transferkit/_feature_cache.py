@@ -664,6 +664,8 @@ class _CacheSink:
             raise self._corrupt(str(path), err) from err
         if list(array.shape) != shape or str(array.dtype) != dtype or shape[:1] != [num_rows]:
             raise self._corrupt(str(path), f"shape {array.shape} / {array.dtype} != header")
+        if not array.flags.c_contiguous:  # 'fortran_order': the same bytes, other values
+            raise self._corrupt(str(path), "not in C order")
         del array
 
     def _discard(self, paths: Iterable[Path]) -> None:
