@@ -1323,3 +1323,27 @@ def test_a_npy_header_switched_to_fortran_order_is_caught(tmp_path: Path) -> Non
     path.write_bytes(raw.replace(b"'fortran_order': False", b"'fortran_order': True "))
     with pytest.raises(ValueError, match="features_0.npy is corrupted .*not in C order"):
         tk.extract_features(net, x, layers="neck", cache=tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_a_damaged_file_of_an_interrupted_cache_is_recomputed(
+    tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    x = images(40)
+    kwargs: dict[str, Any] = {"layers": "neck", "batch_size": 8, "progress": False}
+    reference = tk.extract_features(small_cnn(), x, **kwargs)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        tk.extract_features(
+            Counting(small_cnn(), fail_at=3), x, cache=tmp_path, **{**kwargs, "layers": "net.neck"}
+        )
+    path = tmp_path / "features_0.npy"
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:-100])
+    else:
+        path.unlink()
+    with caplog.at_level(logging.WARNING, logger="transferkit.features"):
+        got = tk.extract_features(
+            Counting(small_cnn()), x, cache=tmp_path, **{**kwargs, "layers": "net.neck"}
+        )
+    np.testing.assert_array_equal(got, reference)
+    assert "the cache was incomplete, so it is recomputed" in caplog.text

@@ -633,8 +633,16 @@ class _CacheSink:
             return
         entries = [header["files"][n] for n in self.names]
         entries += [header["labels"]] if header["labels"] is not None else []
-        for entry in entries:
-            self._check_file(entry, num_rows)
+        try:
+            for entry in entries:
+                self._check_file(entry, num_rows)
+        except ValueError as err:
+            if header.get("complete") or "symbolic link" in str(err):
+                raise
+            # An interrupted cache promised nothing: restart it rather than give up.
+            logger.warning("%s; the cache was incomplete, so it is recomputed", err)
+            self._discard(paths)
+            return
         previous = 0
         for chunk in sorted(chunks, key=lambda c: c.start):
             if (
