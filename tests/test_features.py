@@ -1347,3 +1347,32 @@ def test_a_damaged_file_of_an_interrupted_cache_is_recomputed(
         )
     np.testing.assert_array_equal(got, reference)
     assert "the cache was incomplete, so it is recomputed" in caplog.text
+
+
+class CachesOnFirstUse(nn.Module):
+    """Builds tensors in forward and keeps them (like a rotary-embedding cache)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.cached: Tensor | None = None
+        self.table: dict[str, list[Tensor]] = {}
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.cached is None:
+            self.cached = torch.arange(4, dtype=x.dtype) + 1.0
+            self.table["scales"] = [torch.full((4,), 2.0)]
+            self.register_buffer("late", torch.ones(4), persistent=False)
+        out: Tensor = self.lin(x) * self.cached * self.table["scales"][0] * self.late
+        return out
+
+
+def test_tensors_a_forward_caches_on_the_model_still_work_for_training_afterwards() -> None:
+    torch.manual_seed(0)
+    net = CachesOnFirstUse()
+    tk.extract_features(net, torch.randn(6, 4), progress=False)
+    assert net.cached is not None and not net.cached.is_inference()
+    assert not net.table["scales"][0].is_inference() and not net.late.is_inference()
+    net.train()
+    net(torch.randn(6, 4)).sum().backward()  # raised "Inference tensors cannot be saved"
+    assert net.lin.weight.grad is not None

@@ -736,7 +736,8 @@ class _ModelGuard:
     every module directly (so an overridden ``train()`` cannot keep BatchNorm updating its
     statistics), moves the model, gives it copies of the buffers the move left in place
     (so in-place updates in ``forward`` do not reach the caller's) and applies
-    ``channels_last``. `restore` puts the
+    ``channels_last``. `restore` also turns inference tensors that the forward stored on
+    a module (a cache built on first use) into normal tensors. `restore` puts the
     recorded objects and flags back, so the model ends exactly as it started (same
     storage, device and dtype) whether the extraction returned or raised, even if a move
     failed half-way (e.g. to the ``meta`` device or out of memory).
@@ -801,7 +802,42 @@ class _ModelGuard:
                 buffer.data = data
             for module, training in self.modes:
                 module.training = training
+                _no_inference_tensors(module)
         self.modes, self.params, self.buffers = None, [], []
+
+
+def _normal_tensors(value: Any) -> Any:
+    """``value`` with inference tensors (also in lists, tuples, dicts) cloned into normal ones."""
+    if isinstance(value, Tensor):
+        return value.clone() if value.is_inference() else value
+    if isinstance(value, (list, tuple)):
+        items = [_normal_tensors(v) for v in value]
+        if any(a is not b for a, b in zip(items, value, strict=True)):
+            return type(value)(items) if type(value) in (list, tuple) else value
+        return value
+    if type(value) is dict:
+        fixed = {k: _normal_tensors(v) for k, v in value.items()}
+        return fixed if any(fixed[k] is not value[k] for k in value) else value
+    return value
+
+
+def _no_inference_tensors(module: nn.Module) -> None:
+    """Replace the inference tensors a forward stored on ``module`` by normal tensors.
+
+    A lazily built cache assigned as an attribute or registered as a buffer during the
+    extraction would otherwise make the model fail later under autograd ("Inference
+    tensors cannot be saved for backward").
+    """
+    for store in (module.__dict__, module._buffers):
+        for key, value in list(store.items()):
+            if key in _GUARD_SKIP and store is module.__dict__:
+                continue
+            fixed = _normal_tensors(value)
+            if fixed is not value:
+                store[key] = fixed
+
+
+_GUARD_SKIP = frozenset(vars(nn.Module()))  # nn.Module's own bookkeeping (hooks, dicts)
 
 
 def _write_merged(sink: _CacheSink, source: _Source, merged: Any, names: Sequence[str]) -> None:
