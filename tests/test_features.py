@@ -1376,3 +1376,13 @@ def test_tensors_a_forward_caches_on_the_model_still_work_for_training_afterward
     net.train()
     net(torch.randn(6, 4)).sum().backward()  # raised "Inference tensors cannot be saved"
     assert net.lin.weight.grad is not None
+
+
+@pytest.mark.parametrize("cache", ["", "  "])
+def test_an_empty_cache_path_is_refused_not_the_current_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="cache: expected a directory path, got an empty"):
+        tk.extract_features(nn.Identity(), torch.ones(3, 2), cache=cache, progress=False)
+    assert not list(tmp_path.iterdir())

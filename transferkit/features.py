@@ -1210,6 +1210,8 @@ def extract_features(
         )
     if cache is not None and not isinstance(cache, (str, os.PathLike)):
         raise TypeError(f"cache: expected a directory path or None, got {type(cache).__name__}")
+    if cache is not None and not os.fspath(cache).strip():
+        raise ValueError("cache: expected a directory path, got an empty string (None: no cache)")
     if not isinstance(channels_last, bool):
         raise TypeError(f"channels_last: expected a bool, got {type(channels_last).__name__}")
     if distributed is not None and not isinstance(distributed, bool):
