@@ -1386,3 +1386,26 @@ def test_an_empty_cache_path_is_refused_not_the_current_folder(
     with pytest.raises(ValueError, match="cache: expected a directory path, got an empty"):
         tk.extract_features(nn.Identity(), torch.ones(3, 2), cache=cache, progress=False)
     assert not list(tmp_path.iterdir())
+
+
+class Unbounded(Dataset[Tensor]):
+    """Declares 4 items but serves any index."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> Tensor:
+        return torch.tensor([float(index)])
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_a_loader_yielding_more_samples_than_its_dataset_declares_raises(
+    tmp_path: Path, cache: bool
+) -> None:
+    sampler = torch.utils.data.SequentialSampler(range(6))  # 6 indices for 4 items
+    loader = DataLoader(Unbounded(), batch_size=2, sampler=sampler)
+    for _ in range(2):  # and the cache stays readable
+        with pytest.raises(ValueError, match="yielded more than the 4 samples it declares"):
+            tk.extract_features(
+                nn.Identity(), loader, cache=tmp_path if cache else None, progress=False
+            )

@@ -851,6 +851,10 @@ class _CacheSink:
         if len(columns) != len(self._write_fds):
             raise ValueError("data: some batches carry labels and others do not")
         stop = start + int(outputs[0].shape[0])
+        if stop > int(self.key["num_rows"]):
+            raise ValueError(
+                f"data: yielded more than the {self.key['num_rows']} samples it declares"
+            )
         whats = [f"layers: {name!r}" for name in self.names] + ["labels"]
         for what, entry, dtype, column in zip(
             whats, self._entries(), self.dtypes, columns, strict=False
