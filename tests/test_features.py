@@ -1409,3 +1409,33 @@ def test_a_loader_yielding_more_samples_than_its_dataset_declares_raises(
             tk.extract_features(
                 nn.Identity(), loader, cache=tmp_path if cache else None, progress=False
             )
+
+
+def test_every_bit_flip_in_a_npy_header_is_caught_or_harmless(tmp_path: Path) -> None:
+    net, x = small_cnn(), images(12)
+    kwargs: dict[str, Any] = {"layers": "neck", "batch_size": 4, "progress": False}
+    reference = tk.extract_features(net, x, cache=tmp_path, **kwargs).copy()
+    path = tmp_path / "features_0.npy"
+    original = path.read_bytes()
+    with open(path, "rb") as handle:  # the header ends where the data starts
+        np.lib.format.read_magic(handle)
+        np.lib.format.read_array_header_1_0(handle)
+        header_end = handle.tell()
+    messages: list[str] = []
+    harmless = 0
+    for position in range(header_end):
+        for bit in (0x01, 0x20):
+            damaged = bytearray(original)
+            damaged[position] ^= bit
+            path.write_bytes(bytes(damaged))
+            try:  # a ValueError, never another exception type
+                got = tk.extract_features(net, x, cache=tmp_path, **kwargs)
+            except ValueError as err:
+                messages.append(str(err))
+                continue
+            np.testing.assert_array_equal(got, reference)  # e.g. a padding space
+            harmless += 1
+            del got  # (a map of the file that the next write_bytes truncates)
+    path.write_bytes(original)
+    assert messages and harmless
+    assert all("features_0.npy is corrupted" in message for message in messages)

@@ -668,8 +668,8 @@ class _CacheSink:
             raise ValueError(f"cache: {path} is missing; delete {self.directory} to recompute")
         try:
             array = np.load(path, mmap_mode="r")
-        except (ValueError, OSError, EOFError) as err:
-            raise self._corrupt(str(path), err) from err
+        except Exception as err:  # a damaged .npy header fails in many ways (TokenError...)
+            raise self._corrupt(str(path), f"{type(err).__name__}: {err}") from err
         if list(array.shape) != shape or str(array.dtype) != dtype or shape[:1] != [num_rows]:
             raise self._corrupt(str(path), f"shape {array.shape} / {array.dtype} != header")
         if not array.flags.c_contiguous:  # 'fortran_order': the same bytes, other values
