@@ -272,3 +272,94 @@ def test_a_full_disk_raises_and_a_later_run_resumes_exactly(mount_point: Path) -
     np.testing.assert_array_equal(resumed, expected)
     del resumed
     assert temp_files(cache) == []
+
+
+# --------------------------------------------------------------------------- random sequences
+
+
+class Flaky(nn.Module):
+    """SmallCNN raising KeyboardInterrupt from forward call ``probe.fail_at`` on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net, self.probe = small_model(), Probe(-1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.probe.calls += 1
+        if 0 < self.probe.fail_at <= self.probe.calls:
+            raise KeyboardInterrupt
+        out: Tensor = self.net(x)
+        return out
+
+
+def close(a: Any, b: Any) -> bool:
+    """Equal up to the float rounding of another batch composition (about 1e-8)."""
+    if isinstance(a, tuple):
+        return all(close(u, v) for u, v in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(close(a[k], b[k]) for k in a)
+    return bool(np.allclose(a, b, rtol=1e-5, atol=1e-6))
+
+
+@pytest.mark.parametrize("seed", [4, 11, 15])  # seeds on which the pre-review cache failed
+def test_random_sequences_of_runs_faults_and_damage_never_give_stale_rows(
+    tmp_path: Path, seed: int
+) -> None:
+    """Each step: new data (rows swapped or changed), model, layers, batch size and data
+    kind; maybe a flipped bit or a truncation in a data file or the header; a run that
+    may be interrupted. A finished run must equal a fresh one; the only error allowed is
+    a ValueError for a damaged complete cache or a damaged header (then the folder is
+    deleted, as the message says)."""
+    rng = random.Random(seed)
+    net, cache = Flaky(), tmp_path / "cache"
+    base = torch.randn(23, 1, 16, 16, generator=torch.Generator().manual_seed(seed))
+    finished = 0
+    may_raise = False  # damage to a complete cache (or a header) that no run has seen yet
+    for _ in range(60):
+        x = base.clone()
+        if rng.random() < 0.3:
+            x[[1, 2]] = x[[2, 1]]
+        if rng.random() < 0.3:
+            x[rng.randrange(23)] += 1.0
+        if rng.random() < 0.1:
+            with torch.no_grad():
+                net.net.fc.bias[0] += 0.5
+        data: Any = x if rng.random() < 0.5 else torch.utils.data.TensorDataset(x, Y[:23])
+        kwargs: dict[str, Any] = {
+            "layers": rng.choice(["net.neck", ["net.features", "net.neck"]]),
+            "batch_size": rng.choice([4, 5, 8]),
+            "progress": False,
+        }
+        net.probe.fail_at = -1
+        fresh = tk.extract_features(net, data, **kwargs)
+        header = cache / "header.json"
+        files = sorted(cache.glob("*.npy"))
+        complete = header.exists() and json.loads(header.read_text()).get("complete") is True
+        damage = rng.random()
+        if files and damage < 0.25:
+            path = rng.choice(files)
+            flip(path, rng.randrange(path.stat().st_size))
+            may_raise |= complete
+        elif header.exists() and damage < 0.3:
+            flip(header, rng.randrange(header.stat().st_size))
+            may_raise = True
+        elif files and damage < 0.35:
+            path = rng.choice(files)
+            path.write_bytes(path.read_bytes()[: rng.randrange(path.stat().st_size)])
+            may_raise |= complete
+        net.probe.calls, net.probe.fail_at = 0, rng.choice([-1, -1, 1, 2, 3])
+        try:
+            got = tk.extract_features(net, data, cache=cache, **kwargs)
+        except KeyboardInterrupt:
+            continue
+        except ValueError:
+            if not may_raise:
+                raise
+            for path in cache.iterdir():
+                path.unlink()
+            may_raise = False
+            continue
+        assert close(got, fresh)
+        finished += 1
+        may_raise = False  # a finished run verified or recomputed every row
+    assert finished >= 10
