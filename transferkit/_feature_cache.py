@@ -367,7 +367,8 @@ def _update_module_state(h: _TreeHash, module: nn.Module) -> None:
 
     Except the ones its ``forward`` assigns and ``nn.Module``'s own bookkeeping.
     """
-    state = _forward_state(type(module))
+    module_class: type = type(module)  # as `type`: mypy finds nn.Module's __hash__ unhashable
+    state = _forward_state(module_class)
     for key, value in sorted(vars(module).items()):
         if key in _MODULE_KEYS or key in state or key.startswith("_torchdynamo"):
             continue  # (torch.compile's wrapper ids differ from process to process)
