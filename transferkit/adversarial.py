@@ -449,6 +449,14 @@ def _domain_bce(
     return loss, accuracy
 
 
+def _check_grl(grl: object) -> None:
+    if grl is not None and not isinstance(grl, GradientReversal):
+        raise TypeError(
+            f"grl: expected a GradientReversal or None, got {type(grl).__name__}; "
+            "wrap a schedule as GradientReversal(WarmStartSchedule(...))"
+        )
+
+
 class _AdversarialLossBase(nn.Module):
     def __init__(self, discriminator: nn.Module, grl: GradientReversal | None) -> None:
         super().__init__()
@@ -456,11 +464,7 @@ class _AdversarialLossBase(nn.Module):
             raise TypeError(
                 f"discriminator: expected an nn.Module, got {type(discriminator).__name__}"
             )
-        if grl is not None and not isinstance(grl, GradientReversal):
-            raise TypeError(
-                f"grl: expected a GradientReversal or None, got {type(grl).__name__}; "
-                "wrap a schedule as GradientReversal(WarmStartSchedule(...))"
-            )
+        _check_grl(grl)
         self.discriminator = discriminator
         self.grl = grl if grl is not None else GradientReversal(1.0)
         self._accuracy: Tensor | None = None
@@ -833,11 +837,7 @@ class MarginDisparityDiscrepancy(nn.Module):
             raise TypeError(
                 f"adversarial_head: expected an nn.Module, got {type(adversarial_head).__name__}"
             )
-        if grl is not None and not isinstance(grl, GradientReversal):
-            raise TypeError(
-                f"grl: expected a GradientReversal or None, got {type(grl).__name__}; "
-                "wrap a schedule as GradientReversal(WarmStartSchedule(...))"
-            )
+        _check_grl(grl)
         self.adversarial_head = adversarial_head
         self.margin = check_positive(margin, "margin")
         self.offset = check_positive(offset, "offset", strict=False)

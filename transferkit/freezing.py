@@ -940,6 +940,39 @@ def _split_decay(
     return decay, plain
 
 
+def _decay_split_groups(
+    name: str,
+    params: Iterable[tuple[str, nn.Parameter]],
+    owners: Mapping[int, nn.Module],
+    tokens: Sequence[str],
+    *,
+    lr: float,
+    weight_decay: float,
+    factor: float | None,
+) -> list[dict[str, Any]]:
+    """The param groups of one block: ``name`` with ``weight_decay``, ``name (no_decay)`` with 0.
+
+    Empty halves are left out; ``layer_decay`` is recorded for `GradualUnfreezing`.
+    """
+    decay, plain = _split_decay(params, owners, tokens)
+    groups: list[dict[str, Any]] = []
+    for tensors, wd, group_name in (
+        (decay, weight_decay, name),
+        (plain, 0.0, f"{name} (no_decay)"),
+    ):
+        if tensors:
+            group: dict[str, Any] = {
+                "params": tensors,
+                "lr": lr,
+                "weight_decay": wd,
+                "name": group_name,
+            }
+            if factor is not None:
+                group["layer_decay"] = factor  # read by GradualUnfreezing
+            groups.append(group)
+    return groups
+
+
 def param_groups(
     model: nn.Module,
     lr: float,
@@ -1009,21 +1042,9 @@ def param_groups(
         if not trainable:
             continue
         group_lr = base_lr * factor**depth if factor is not None else base_lr
-        decay, plain = _split_decay(trainable, owners, tokens)
-        for tensors, wd, group_name in (
-            (decay, decay_value, name),
-            (plain, 0.0, f"{name} (no_decay)"),
-        ):
-            if tensors:
-                group: dict[str, Any] = {
-                    "params": tensors,
-                    "lr": group_lr,
-                    "weight_decay": wd,
-                    "name": group_name,
-                }
-                if factor is not None:
-                    group["layer_decay"] = factor  # read by GradualUnfreezing
-                groups.append(group)
+        groups += _decay_split_groups(
+            name, trainable, owners, tokens, lr=group_lr, weight_decay=decay_value, factor=factor
+        )
     if not groups:
         raise ValueError(
             "model: no trainable parameter (every parameter has requires_grad=False); "
@@ -1441,23 +1462,18 @@ class GradualUnfreezing:
         owners = _owners(self.model)
         set_initial = self.scheduler is None and "initial_lr" in optimizer.param_groups[0]
         for name, params, group_lr in chunks:
-            decay, plain = _split_decay(params, owners, self._tokens)
-            for tensors, wd, group_name in (
-                (decay, decay_value, name),
-                (plain, 0.0, f"{name} (no_decay)"),
+            for group in _decay_split_groups(
+                name,
+                params,
+                owners,
+                self._tokens,
+                lr=group_lr,
+                weight_decay=decay_value,
+                factor=factor,
             ):
-                if tensors:
-                    group: dict[str, Any] = {
-                        "params": tensors,
-                        "lr": group_lr,
-                        "weight_decay": wd,
-                        "name": group_name,
-                    }
-                    if factor is not None:
-                        group["layer_decay"] = factor
-                    if set_initial:
-                        group["initial_lr"] = group_lr
-                    optimizer.add_param_group(group)
+                if set_initial:
+                    group["initial_lr"] = group_lr
+                optimizer.add_param_group(group)
         if self.scheduler is not None:
             self._check_scheduler()
             extend_scheduler(self.scheduler)
