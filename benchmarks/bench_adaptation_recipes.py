@@ -160,9 +160,9 @@ def transfer_term(
         )
         return (lambda fs, ls, ft, lt: cdan(ls, fs, lt, ft)), [cdan], False
     if method == "mdd":
-        mdd = tk.MarginDisparityDiscrepancy(
-            nn.Linear(d, num_classes), margin=float(recipe.options["margin"])
-        )
+        # the adversary needs a hidden layer: a single Linear collapses (adversarial guide)
+        head = tk.ClassifierHead(d, num_classes, hidden=(d,), dropout=0.0, pool=None)
+        mdd = tk.MarginDisparityDiscrepancy(head, margin=float(recipe.options["margin"]))
         return (lambda fs, ls, ft, lt: mdd(ls, fs, lt, ft)), [mdd], True
     if method == "dan":
         kernel = tk.kernels.GaussianKernel()
