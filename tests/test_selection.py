@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import importlib.util
 import math
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -17,48 +20,18 @@ from transferkit import selection
 # --------------------------------------------------------------------------- references
 
 
-def reference_logme_fixed_point(f: np.ndarray, y: np.ndarray) -> float:
-    """Line-by-line port of the authors' ``LogME._fit_fixed_point`` (thuml/LogME)."""
-    n, d = f.shape
-    if n > d:
-        _, s, vh = np.linalg.svd(f.T @ f)
-        s = np.sqrt(s)
-        u_times_sigma = f @ vh.T
-        k = int(np.sum(s > 1e-10))
-        s = s.reshape(-1, 1)[:k]
-        vh = vh[:k]
-        u = u_times_sigma[:, :k] / s.reshape(1, -1)
-    else:
-        u, s, vh = np.linalg.svd(f, full_matrices=False)
-    s = s.reshape(-1, 1)
-    sigma = s**2
-    evidences = []
-    for i in range(int(y.max() + 1)):
-        y_ = (y == i).astype(np.float64).reshape(-1, 1)
-        x = u.T @ y_
-        x2 = x**2
-        res_x2 = (y_**2).sum() - x2.sum()
-        alpha, beta = 1.0, 1.0
-        for _ in range(11):
-            t = alpha / beta
-            gamma = (sigma / (sigma + t)).sum()
-            m2 = (sigma * x2 / ((t + sigma) ** 2)).sum()
-            res2 = (x2 / ((1 + sigma / t) ** 2)).sum() + res_x2
-            alpha = gamma / (m2 + 1e-5)
-            beta = (n - gamma) / (res2 + 1e-5)
-            t_ = alpha / beta
-            if abs(t_ - t) / t <= 1e-3:
-                break
-        evidence = (
-            d / 2.0 * np.log(alpha)
-            + n / 2.0 * np.log(beta)
-            - 0.5 * np.sum(np.log(alpha + beta * sigma))
-            - beta / 2.0 * res2
-            - alpha / 2.0 * m2
-            - n / 2.0 * np.log(2 * np.pi)
-        )
-        evidences.append(evidence / n)
-    return float(np.mean(evidences))
+def _load_benchmark_references() -> ModuleType:
+    """``benchmarks/bench_selection.py``: its NumPy formulas are the references here too."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_selection.py"
+    spec = importlib.util.spec_from_file_location("bench_selection", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# the authors' ``LogME._fit_fixed_point`` (thuml/LogME), ported line by line to NumPy
+reference_logme_fixed_point = _load_benchmark_references().logme_numpy
 
 
 def reference_logme_primal(f: np.ndarray, y: np.ndarray, iterations: int = 500) -> float:
