@@ -25,16 +25,15 @@ term separately and take their mean, so unequal batch sizes do not tilt the loss
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._precision import as_compute, no_autocast
 from ._validation import (
     check_bool,
     check_features,
@@ -378,24 +377,6 @@ class DomainDiscriminator(nn.Module):
 # --------------------------------------------------------------------------- losses
 
 
-@contextlib.contextmanager
-def _full_precision(device: torch.device) -> Iterator[None]:
-    """Disable autocast on ``device`` (no-op where autocast does not exist)."""
-    try:
-        context: contextlib.AbstractContextManager[Any] = torch.autocast(
-            device_type=device.type, enabled=False
-        )
-    except RuntimeError:
-        context = contextlib.nullcontext()
-    with context:
-        yield
-
-
-def _at_least_fp32(x: Tensor) -> Tensor:
-    """Upcast half-precision tensors to fp32; keep fp32/fp64 as they are."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
 def _check_weights(weights: object, name: str, num_samples: int, like: Tensor) -> Tensor | None:
     if weights is None:
         return None
@@ -433,8 +414,8 @@ def _domain_bce(
     target_weights: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     """Balanced BCE-with-logits (source = 1, target = 0) and balanced accuracy, in fp32."""
-    with _full_precision(logits.device):
-        logits = _at_least_fp32(logits)
+    with no_autocast(logits.device):
+        logits = as_compute(logits)
         source, target = logits[:num_source], logits[num_source:]
         w_s = None if source_weights is None else source_weights.to(logits.dtype)
         w_t = None if target_weights is None else target_weights.to(logits.dtype)
@@ -709,9 +690,9 @@ class ConditionalDomainAdversarialLoss(_AdversarialLossBase):
         w_t = _check_weights(
             target_weights, "target_weights", target_features.shape[0], target_features
         )
-        with _full_precision(source_features.device):
-            features = _at_least_fp32(torch.cat([source_features, target_features], dim=0))
-            logits = _at_least_fp32(torch.cat([source_logits, target_logits], dim=0).detach())
+        with no_autocast(source_features.device):
+            features = as_compute(torch.cat([source_features, target_features], dim=0))
+            logits = as_compute(torch.cat([source_logits, target_logits], dim=0).detach())
             probs = logits.softmax(dim=1)
             mapped = self.multilinear_map(features, probs)
             if self.entropy_conditioning:
@@ -911,8 +892,8 @@ class MarginDisparityDiscrepancy(nn.Module):
                 "adversarial_head: produced non-finite logits (NaN/inf); the features or "
                 "the head's weights are too large for its dtype"
             )
-        with _full_precision(features.device):
-            adversarial = _at_least_fp32(adversarial)
+        with no_autocast(features.device):
+            adversarial = as_compute(adversarial)
             labels = torch.cat([source_logits, target_logits], dim=0).detach().argmax(dim=1)
             log_p = adversarial.log_softmax(dim=1)
             source_term = F.nll_loss(log_p[:num_source], labels[:num_source])

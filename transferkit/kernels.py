@@ -34,6 +34,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
+from ._precision import as_compute, compute_dtype, no_autocast
 from ._validation import check_features, check_pair, check_positive, check_tensor
 
 __all__ = [
@@ -46,22 +47,6 @@ __all__ = [
 ]
 
 Family = Literal["distance", "inner"]
-
-
-def compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype computations on ``x`` run in: fp32 for half precision, else ``x.dtype``."""
-    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-
-
-def as_compute(x: Tensor) -> Tensor:
-    """``x`` cast to [`compute_dtype`][] (a no-op for fp32/fp64 inputs)."""
-    dtype = compute_dtype(x)
-    return x if x.dtype == dtype else x.to(dtype)
-
-
-def no_autocast(device: torch.device) -> torch.autocast:
-    """A context that disables autocast on ``device`` so that fp32 stays fp32."""
-    return torch.autocast(device.type, enabled=False)
 
 
 def screen_features(x: object, name: str, min_samples: int = 1) -> float:
@@ -101,7 +86,7 @@ def rescale_factor(largest: float, dim: int, dtype: torch.dtype, *, power: int =
     """
     if not math.isfinite(largest) or largest == 0.0:
         return 1.0
-    info = torch.finfo(compute_dtype(torch.empty(0, dtype=dtype)))
+    info = torch.finfo(compute_dtype(dtype))
     high = (info.max / 64.0) ** (1.0 / power) / (2.0 * math.sqrt(dim))
     low = (info.tiny * 2.0**24) ** (1.0 / power)
     if low <= largest <= high:
@@ -274,7 +259,7 @@ class Kernel(ABC):
             bound = self.value_bound(largest, dim)
         except OverflowError:
             return True
-        return not bound * 16.0 < torch.finfo(compute_dtype(torch.empty(0, dtype=dtype))).max
+        return not bound * 16.0 < torch.finfo(compute_dtype(dtype)).max
 
     def base(self, x: Tensor, y: Tensor, state: Tensor) -> Tensor:
         """The base matrix: squared distances (distance family) or ``x @ y.T`` (inner)."""

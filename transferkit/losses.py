@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._precision import as_compute, compute_dtype, no_autocast
 from ._validation import (
     check_features,
     check_module_data,
@@ -57,9 +58,6 @@ from ._validation import (
 from .kernels import (
     GaussianKernel,
     Kernel,
-    as_compute,
-    compute_dtype,
-    no_autocast,
     overflow_error,
     rescale_factor,
     screen_features,
