@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import itertools
@@ -749,7 +750,8 @@ def test_a_corrupted_row_of_an_interrupted_cache_is_recomputed_not_blessed(
 
 def test_stale_temp_files_of_a_killed_run_are_removed_and_nothing_else(tmp_path: Path) -> None:
     ours = [".features_0.npy.4242.tmp", ".header.json.17.tmp", ".labels.npy.99.tmp"]
-    others = ["notes.tmp", ".other.1.tmp", "features_0.npy.bak"]
+    ours += [".features_0.npy.4242.3.tmp", ".header.json.17.0.tmp"]  # the atomic writer's
+    others = ["notes.tmp", ".other.1.tmp", "features_0.npy.bak", ".features_0.npy.x.tmp"]
     for name in ours + others:
         (tmp_path / name).write_bytes(b"x")
     cache_once(tmp_path)
@@ -1234,6 +1236,40 @@ def test_batches_of_objects_are_hashed_by_every_value_not_by_repr(
     tk.extract_features(SumOfInputs(), loader(x), cache=tmp_path, progress=False)
     got, _ = tk.extract_features(SumOfInputs(), loader(changed), cache=tmp_path, progress=False)
     np.testing.assert_array_equal(got, np.full((4, 1), 5.0, dtype=np.float32))
+
+
+Pair = collections.namedtuple("Pair", ["x", "scale"])
+
+
+class DoubleNet(nn.Module):
+    """A float64 model that takes a dataclass or a namedtuple of inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3).double()
+
+    def forward(self, inputs: Any, scale: Tensor | None = None) -> Tensor:
+        out: Tensor = self.lin(inputs if scale is not None else inputs.x)
+        return out * scale[:, None] if scale is not None else out
+
+
+@pytest.mark.parametrize("kind", ["dataclass", "namedtuple"])
+def test_tensors_inside_dataclass_and_namedtuple_batches_take_the_model_dtype(kind: str) -> None:
+    torch.manual_seed(0)
+    net, x, scale = DoubleNet(), torch.randn(6, 4), torch.rand(6)
+
+    def collate(index: list[int]) -> Any:
+        if kind == "dataclass":
+            return Inputs(x[index]), torch.tensor(index)
+        return Pair(x[index], scale[index]), torch.tensor(index)
+
+    loader = DataLoader(range(6), batch_size=4, collate_fn=collate)  # type: ignore[arg-type]
+    got, labels = tk.extract_features(net, loader, progress=False)
+    with torch.no_grad():
+        want = net.lin(x.double()) * (scale.double()[:, None] if kind == "namedtuple" else 1)
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-12)
+    np.testing.assert_array_equal(labels, np.arange(6))
+    assert x.dtype == torch.float32  # the caller's data is not changed
 
 
 class CountsCalls(nn.Module):

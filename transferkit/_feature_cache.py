@@ -13,14 +13,13 @@
   serialises the processes (and threads) using the same folder.
 
 Only plain file names that this module creates (``features_<i>.npy``, ``labels.npy``,
-``header.json``, ``.lock`` and ``.<name>.<pid>.tmp``) are ever opened, replaced or
+``header.json``, ``.lock`` and ``.<name>.<pid>[.<n>].tmp``) are ever opened, replaced or
 deleted, always inside the cache folder and never through a symbolic link.
 """
 
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import dis
 import errno
 import fcntl
@@ -44,6 +43,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._batch import children
+from ._io import atomic_path, is_temporary_of, write_json_atomic
+
 logger = logging.getLogger("transferkit.features")
 
 _FORMAT = "transferkit-features"
@@ -55,8 +57,12 @@ _HEADER_COST_FACTOR = 20.0  # ...and at most this many times less often than it 
 _LEAF_BYTES = 1 << 22  # tree-hash leaf: 4 MiB
 _CHUNK_BYTES = 1 << 24  # non-contiguous / device tensors are hashed 16 MiB at a time
 _DATA_NAME = re.compile(r"(features_[0-9]{1,6}|labels)\.npy")
-_TMP_NAME = re.compile(r"\.(header\.json|features_[0-9]{1,6}\.npy|labels\.npy)\.[0-9]+\.tmp")
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _is_cache_file(name: str) -> bool:
+    return name == _HEADER or _DATA_NAME.fullmatch(name) is not None
+
 
 # --------------------------------------------------------------------------- hashing
 
@@ -216,21 +222,22 @@ def _update_item(h: _TreeHash, item: Any, depth: int = 8) -> None:
             return
         h.update(f"A{array.dtype.str}{array.shape}|".encode())
         h.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
-    elif isinstance(item, Mapping):
-        h.update(f"D{len(item)}|".encode())
-        for key in item:
-            h.update(f"{key!r}:".encode())
-            _update_item(h, item[key], depth)
-    elif isinstance(item, (list, tuple)):
-        h.update(f"L{len(item)}|".encode())
-        for value in item:
-            _update_item(h, value, depth)
+    elif (node := children(item)) is not None and (node[0] != "dataclass" or depth > 0):
+        kind, items = node
+        if kind == "dataclass":
+            h.update(f"{type(item).__module__}.{type(item).__qualname__}|".encode())
+            _update_item(h, dict(items), depth)
+        elif kind == "mapping":
+            h.update(f"D{len(items)}|".encode())
+            for key, value in items:
+                h.update(f"{key!r}:".encode())
+                _update_item(h, value, depth)
+        else:
+            h.update(f"L{len(items)}|".encode())
+            for _, value in items:
+                _update_item(h, value, depth)
     elif isinstance(item, (str, bytes, int, float, complex, bool)) or item is None:
         h.update(f"{type(item).__name__}:{item!r}|".encode())
-    elif depth > 0 and dataclasses.is_dataclass(item) and not isinstance(item, type):
-        h.update(f"{type(item).__module__}.{type(item).__qualname__}|".encode())
-        fields = {f.name: getattr(item, f.name) for f in dataclasses.fields(item)}
-        _update_item(h, fields, depth)
     elif (
         depth > 0
         and not isinstance(item, type)
@@ -396,20 +403,6 @@ def _model_fingerprint(model: nn.Module) -> str:
 
 
 # --------------------------------------------------------------------------- files
-
-
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-        with open(fd, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, separators=(",", ":"))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _data_offset(path: Path) -> int:
@@ -581,7 +574,9 @@ class _CacheSink:
         if self._lock_fd is None:
             return
         for entry in os.scandir(self.directory):
-            if _TMP_NAME.fullmatch(entry.name) and not entry.is_dir(follow_symlinks=False):
+            if is_temporary_of(entry.name, _is_cache_file) and not entry.is_dir(
+                follow_symlinks=False
+            ):
                 logger.info("cache: removing %s left by an interrupted run", entry.path)
                 Path(entry.path).unlink(missing_ok=True)
 
@@ -797,15 +792,11 @@ class _CacheSink:
             self.header = None
             raise
         for file, sample in samples.items():
-            tmp = self.directory / f".{file}.{os.getpid()}.tmp"
             shape = (num_rows, *sample.shape[1:])
-            try:
+            # rows are written, then synced before the header says complete: no fsync here
+            with atomic_path(self.directory / file, fsync=False) as tmp:
                 array = np.lib.format.open_memmap(tmp, mode="w+", dtype=sample.dtype, shape=shape)
                 del array
-                os.replace(tmp, self.directory / file)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
 
     def _detach(self) -> None:
         """Give a complete cache's files new inodes and mark it incomplete.
@@ -816,13 +807,8 @@ class _CacheSink:
         self._close_fds()
         for entry in self._entries():
             path = self.directory / entry["file"]
-            tmp = self.directory / f".{entry['file']}.{os.getpid()}.tmp"
-            try:
+            with atomic_path(path, fsync=False) as tmp:
                 shutil.copyfile(path, tmp, follow_symlinks=False)
-                os.replace(tmp, path)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
         self.complete = False
         self.header = dict(self.header or {}, complete=False)
         # On disk too, before any row changes: a run killed before its next header save
@@ -907,7 +893,7 @@ class _CacheSink:
         self.header["rows_done"] = self.rows_done
         began = time.monotonic()
         try:
-            _write_json_atomic(self.header_path, self.header)
+            write_json_atomic(self.header_path, self.header, separators=(",", ":"))
         except OSError as err:
             raise _cannot_write(self.directory, err) from err
         self.last_save = time.monotonic()

@@ -28,7 +28,6 @@ import importlib.util
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._io import save_npy_atomic
 from ._validation import (
     check_bool,
     check_in_range,
@@ -725,18 +725,6 @@ class _MeanPooledEncoder(nn.Module):
         return pooled
 
 
-def _atomic_save(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def encode_texts(
     texts: Sequence[str],
     *,
@@ -818,7 +806,8 @@ def encode_texts(
                 embeddings = np.empty((len(texts), out.shape[1]), dtype=np.float32)
             embeddings[index.numpy()] = out
     if cache_file is not None:
-        _atomic_save(cache_file, embeddings)
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        save_npy_atomic(cache_file, embeddings)
     return embeddings
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -463,7 +463,7 @@ def adapt_batchnorm(
         seen = 0
         for batch in batches:
             inputs = _cast_floating(to_device(batch, device), dtype)
-            if isinstance(inputs, dict):
+            if isinstance(inputs, Mapping):
                 model(**inputs)
             else:
                 model(inputs)

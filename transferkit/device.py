@@ -8,16 +8,16 @@ random generator, and DataLoader settings that suit the device.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
+from ._batch import map_tensors
 from ._validation import check_bool, check_seed
 
 __all__ = ["autocast", "dataloader_kwargs", "resolve_device", "seed_everything", "to_device"]
@@ -122,26 +122,9 @@ def to_device(obj: Any, device: DeviceLike, non_blocking: bool = True) -> Any:
 
 
 def _move(obj: Any, device: torch.device, non_blocking: bool) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=non_blocking and obj.device.type == "cpu")
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        changes = {
-            field.name: _move(getattr(obj, field.name), device, non_blocking)
-            for field in dataclasses.fields(obj)
-            if field.init
-        }
-        return dataclasses.replace(obj, **changes)
-    if isinstance(obj, Mapping):
-        moved = {key: _move(value, device, non_blocking) for key, value in obj.items()}
-        try:
-            return type(obj)(moved)  # type: ignore[call-arg]
-        except TypeError:
-            return moved
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(_move(value, device, non_blocking) for value in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_move(value, device, non_blocking) for value in obj)
-    return obj
+    return map_tensors(
+        obj, lambda t: t.to(device, non_blocking=non_blocking and t.device.type == "cpu")
+    )
 
 
 def _autocast_dtype(device: torch.device, dtype: torch.dtype | None) -> torch.dtype | None:

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler
 from tqdm.auto import tqdm
 
+from ._batch import first_tensor, map_tensors
 from ._feature_cache import _batch_digest, _CacheSink, _check_fits, _model_fingerprint
 from ._feature_shard import _columns, _concat, _shard
 from ._validation import (
@@ -135,26 +136,6 @@ def _pool(x: Tensor, mode: PoolName | None, mask: Tensor | None, layer: str) -> 
     if mode == "max":
         return peak
     return torch.cat([avg, peak.to(avg.dtype)], dim=1)
-
-
-def _first_tensor(obj: Any) -> Tensor | None:
-    """The first tensor inside a tensor, tuple/list, mapping (HF ``ModelOutput``) or dataclass."""
-    if isinstance(obj, Tensor):
-        return obj
-    values: Any
-    if isinstance(obj, Mapping):
-        values = obj.values()
-    elif isinstance(obj, (list, tuple)):
-        values = obj
-    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        values = (getattr(obj, f.name) for f in dataclasses.fields(obj))
-    else:
-        return None
-    for value in values:
-        found = _first_tensor(value)
-        if found is not None:
-            return found
-    return None
 
 
 def _check_layers(model: nn.Module, layers: object) -> tuple[str, ...] | None:
@@ -312,7 +293,7 @@ class FeatureExtractor(nn.Module):
         self._mask = mask if isinstance(mask, Tensor) else None
         try:
             if self.layers is None:
-                output = _first_tensor(self.model(*args, **kwargs))
+                output = first_tensor(self.model(*args, **kwargs))
                 if output is None:
                     raise ValueError("model: its output holds no tensor to extract")
                 return _pool(output, self.pool, self._mask, "output")
@@ -350,7 +331,7 @@ class FeatureExtractor(nn.Module):
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             if threading.get_ident() != self._owner:
                 return  # the model running in another thread: not this call's pass
-            tensor = _first_tensor(output)
+            tensor = first_tensor(output)
             if tensor is None:
                 raise ValueError(
                     f"layers: {name!r} returned {type(output).__name__}, which holds no tensor"
@@ -391,7 +372,7 @@ class _Source:
 
 
 def _rows_of(value: Any) -> int:
-    tensor = _first_tensor(value)
+    tensor = first_tensor(value)
     if tensor is None or tensor.dim() == 0:
         raise ValueError("data: a batch holds no tensor with a sample dimension")
     return int(tensor.shape[0])
@@ -535,13 +516,9 @@ def _split_batch(batch: Any) -> tuple[Any, Any]:
 def _cast_floating(obj: Any, dtype: torch.dtype | None) -> Any:
     if dtype is None:
         return obj
-    if isinstance(obj, Tensor):
-        return obj.to(dtype) if obj.is_floating_point() and obj.dtype != dtype else obj
-    if isinstance(obj, Mapping):
-        return {key: _cast_floating(value, dtype) for key, value in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cast_floating(value, dtype) for value in obj)
-    return obj
+    return map_tensors(
+        obj, lambda t: t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+    )
 
 
 def _to_numpy(t: Tensor) -> np.ndarray:
@@ -678,26 +655,21 @@ def _call(extractor: FeatureExtractor, inputs: Any) -> list[Tensor]:
 
 def _pinned(obj: Any) -> Any:
     """CPU tensors of a batch in pinned memory (for asynchronous host-to-GPU copies)."""
-    if isinstance(obj, Tensor):
-        return obj.pin_memory() if obj.device.type == "cpu" and not obj.is_pinned() else obj
-    if isinstance(obj, Mapping):
-        return {key: _pinned(value) for key, value in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_pinned(value) for value in obj)
-    return obj
+    return map_tensors(
+        obj, lambda t: t.pin_memory() if t.device.type == "cpu" and not t.is_pinned() else t
+    )
 
 
 def _channels_last(obj: Any) -> Any:
     """4-D floating tensors of a batch in ``torch.channels_last`` memory format."""
-    if isinstance(obj, Tensor):
-        if obj.dim() == 4 and obj.is_floating_point():
-            return obj.contiguous(memory_format=torch.channels_last)
-        return obj
-    if isinstance(obj, Mapping):
-        return {key: _channels_last(value) for key, value in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_channels_last(value) for value in obj)
-    return obj
+    return map_tensors(
+        obj,
+        lambda t: (
+            t.contiguous(memory_format=torch.channels_last)
+            if t.dim() == 4 and t.is_floating_point()
+            else t
+        ),
+    )
 
 
 def _cache_key(

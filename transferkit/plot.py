@@ -15,10 +15,8 @@ without it. Every function draws into the ``ax`` you pass (or a new figure made 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -28,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._io import atomic_path
 from ._validation import check_bool, check_features, check_labels, check_option, check_positive
 
 if TYPE_CHECKING:
@@ -659,16 +658,7 @@ def save(
         )
     destination.parent.mkdir(parents=True, exist_ok=True)
     kwargs.setdefault("bbox_inches", "tight")
-    descriptor, temporary = tempfile.mkstemp(
-        dir=destination.parent, prefix=f".{destination.name}.", suffix=f".{suffix}.tmp"
-    )
-    os.close(descriptor)
-    try:
+    with atomic_path(destination) as temporary:
         fig.savefig(temporary, format=suffix, dpi=dpi, **kwargs)
-        os.replace(temporary, destination)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
     logger.info("saved figure to %s", destination)
     return destination
