@@ -10,23 +10,16 @@ fails it (the measurement is repeated up to three times before failing).
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.selection._data import load_benchmark
 from transferkit import selection
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location(
-    "bench_selection", ROOT / "benchmarks" / "bench_selection.py"
-)
-assert _spec is not None and _spec.loader is not None
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = load_benchmark()
 
 
 def _fastest(functions: list[Callable[[], float]], rounds: int = 7) -> list[float]:
