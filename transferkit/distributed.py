@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from . import _surgery
 from ._validation import check_positive, check_tensor
 
 __all__ = [
@@ -179,17 +180,4 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         >>> unwrap_model(nn.DataParallel(net)) is net
         True
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    seen = 0
-    while seen < 8:
-        inner = None
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            inner = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            inner = model._orig_mod
-        if inner is None:
-            return model
-        model = inner
-        seen += 1
-    return model
+    return _surgery.unwrap_model(model)

@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
+from ._surgery import find_ddp, matches, replace_module, unwrap_model
 from ._validation import check_bool, check_in_range, check_option, check_positive, did_you_mean
-from .distributed import unwrap_model
 from .schedules import _SCHEDULER_TYPES, Scheduler, extend_scheduler
 from .schedules import _nodes as _scheduler_nodes
 
@@ -286,28 +286,6 @@ def _clear_eval_policy(module: nn.Module, training: bool) -> None:
 # --------------------------------------------------------------------------- selection
 
 
-def _unwrap(model: object, caller: str) -> nn.Module:
-    """The user's module inside DDP / DataParallel / ``torch.compile`` wrappers."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    return unwrap_model(model)
-
-
-def _find_ddp(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
-    """The outermost ``DistributedDataParallel`` wrapper in a chain of wrappers, if any."""
-    for _ in range(8):
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            return model
-        if isinstance(model, nn.DataParallel):
-            model = model.module
-            continue
-        inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return None
-        model = inner
-    return None
-
-
 _DDP_PATTERN = (
     "build DistributedDataParallel with every parameter trainable and "
     "find_unused_parameters=True, then freeze/unfreeze through the wrapper; or freeze "
@@ -374,10 +352,6 @@ def _as_patterns(value: str | Sequence[str] | None, name: str) -> list[str] | No
             raise ValueError(f"{name}: expected at least one pattern, got an empty list")
         return list(value)
     raise TypeError(f"{name}: expected a glob pattern or a list of them, got {value!r}")
-
-
-def _matches(name: str, pattern: str) -> bool:
-    return fnmatchcase(name, pattern) or fnmatchcase(name, pattern + ".*")
 
 
 def _is_bn_like(module: nn.Module) -> bool:
@@ -472,7 +446,7 @@ class _Selection:
         modules = [name for name, _ in model.named_modules() if name]
         for label, patterns in ((include_name, self.include or []), ("exclude", self.exclude)):
             for pattern in patterns:
-                if not any(_matches(name, pattern) for name in entry_names):
+                if not any(matches(name, pattern) for name in entry_names):
                     hint = did_you_mean(pattern, modules + entry_names) or (
                         f"; top-level modules are {[n for n, _ in model.named_children()]}"
                     )
@@ -491,7 +465,7 @@ class _Selection:
         ]
 
     def selects(self, name: str, module: nn.Module) -> bool:
-        if self.include is not None and not any(_matches(name, p) for p in self.include):
+        if self.include is not None and not any(matches(name, p) for p in self.include):
             return False
         if self.until is not None and not any(
             name == p or name.startswith(p + ".") for p in self.until
@@ -501,13 +475,7 @@ class _Selection:
             isinstance(module, self.types) or issubclass(_bn_class(module), self.types)
         ):
             return False
-        return not any(_matches(name, p) for p in self.exclude)
-
-
-def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, leaf = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, leaf, new)
+        return not any(matches(name, p) for p in self.exclude)
 
 
 # --------------------------------------------------------------------------- freeze / unfreeze
@@ -599,8 +567,8 @@ def freeze(
         ...
         ValueError: include: pattern 'featurs' matches no parameter of SmallCNN; did you ...
     """
-    ddp = _find_ddp(model) if isinstance(model, nn.Module) else None
-    model = _unwrap(model, "freeze")
+    ddp = find_ddp(model) if isinstance(model, nn.Module) else None
+    model = unwrap_model(model)
     bn = check_option(bn, "bn", _BN_POLICIES)
     train_bn = check_bool(train_bn, "train_bn")
     if train_bn and bn == "frozen":
@@ -642,7 +610,7 @@ def freeze(
         elif bn == "frozen" and type(module) in _REPLACEABLE_BN:
             assert isinstance(module, _BatchNorm)
             _clear_eval_policy(module, module.training)
-            _replace_module(model, name, FrozenBatchNorm.from_batchnorm(module))
+            replace_module(model, name, FrozenBatchNorm.from_batchnorm(module))
             replaced += 1
         else:
             if bn == "frozen":
@@ -708,8 +676,8 @@ def unfreeze(
         >>> type(net.features[1]).__name__, net.features[1].weight.requires_grad
         ('BatchNorm2d', True)
     """
-    ddp = _find_ddp(model) if isinstance(model, nn.Module) else None
-    model = _unwrap(model, "unfreeze")
+    ddp = find_ddp(model) if isinstance(model, nn.Module) else None
+    model = unwrap_model(model)
     selection = _Selection(model, include, exclude, until, types)
     if ddp is not None:
         _check_ddp_synced(
@@ -732,7 +700,7 @@ def unfreeze(
         if isinstance(module, FrozenBatchNorm):
             restored = module.to_batchnorm()
             restored.train(model.training)
-            _replace_module(model, name, restored)
+            replace_module(model, name, restored)
             changed += [f"{name}.{leaf}" for leaf, _ in restored.named_parameters()]
         else:
             _clear_eval_policy(module, model.training)
@@ -855,7 +823,7 @@ def trainable_summary(model: nn.Module) -> str:
         total                   58         18
         trainable share: 31.0%
     """
-    model = _unwrap(model, "trainable_summary")
+    model = unwrap_model(model)
     rows: list[tuple[str, ...]] = []
     total = trainable = 0
     for name, module, params in _blocks(model):
@@ -1026,7 +994,7 @@ def param_groups(
         fc (no_decay) 0.1 0.0
         >>> optimizer = torch.optim.SGD(groups, momentum=0.9)
     """
-    model = _unwrap(model, "param_groups")
+    model = unwrap_model(model)
     base_lr = check_positive(lr, "lr")
     decay_value = check_positive(weight_decay, "weight_decay", strict=False)
     factor = None if layer_decay is None else check_in_range(layer_decay, "layer_decay", 0.0, 1.0)
@@ -1177,8 +1145,8 @@ class GradualUnfreezing:
         scheduler: Scheduler | None = None,
         train_bn: bool = False,
     ) -> None:
-        self._ddp = _find_ddp(model) if isinstance(model, nn.Module) else None
-        self.model = _unwrap(model, "GradualUnfreezing")
+        self._ddp = find_ddp(model) if isinstance(model, nn.Module) else None
+        self.model = unwrap_model(model)
         self._target: nn.Module = self._ddp if self._ddp is not None else self.model
         if isinstance(stages, str) or not isinstance(stages, Sequence):
             raise TypeError(

@@ -13,10 +13,11 @@ import logging
 from collections.abc import Sequence
 from typing import Literal
 
-import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
+from . import _pooling
+from ._surgery import last_linear, replace_module, unwrap_model
 from ._validation import (
     check_in_range,
     check_module_data,
@@ -30,10 +31,9 @@ __all__ = ["ClassifierHead", "find_head", "replace_head"]
 
 logger = logging.getLogger(__name__)
 
-PoolType = Literal["avg", "max", "avgmax", "token"]
+PoolType = _pooling.PoolName
 Activation = Literal["relu", "gelu", "silu", "tanh"]
 NormType = Literal["batch", "layer"]
-_POOLS: tuple[PoolType, ...] = ("avg", "max", "avgmax", "token")
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
     "gelu": nn.GELU,
@@ -69,6 +69,13 @@ class ClassifierHead(nn.Module):
       (``"avgmax"`` gives ``[x, x]``).
     * ``pool=None``: no pooling; the input must be ``(N, in_features)``.
 
+    This is the pooling of [`transferkit.FeatureExtractor`][] (features pooled there
+    and here agree exactly): averages are accumulated in float32 for float16/bfloat16
+    input (then returned in the input's dtype), and an ``attention_mask`` ``(N, T)``
+    passed to ``forward`` makes avg/max ignore padding tokens, as
+    [`transferkit.features.masked_mean`][] does (``"token"`` ignores the mask: the first
+    token is always real).
+
     Args:
         in_features: channels ``C`` or feature size ``D`` of the input.
         num_classes: number of logits.
@@ -80,11 +87,12 @@ class ClassifierHead(nn.Module):
 
     Shape:
         - Input: ``(N, C, H, W)``, ``(N, T, D)`` or ``(N, D)`` with ``C = D = in_features``.
+        - attention_mask (optional): ``(N, T)`` of 0/1 for ``(N, T, D)`` input.
         - Output: ``(N, num_classes)``.
 
     Raises:
         ValueError: bad sizes or options at construction; a wrong input rank or feature
-            size in ``forward``.
+            size, or a mask that is not ``(N, T)`` of 0/1, in ``forward``.
 
     Examples:
         >>> import torch
@@ -92,6 +100,9 @@ class ClassifierHead(nn.Module):
         >>> head(torch.randn(2, 64, 7, 7)).shape
         torch.Size([2, 10])
         >>> ClassifierHead(16, 3, hidden=(), pool="token")(torch.randn(2, 5, 16)).shape
+        torch.Size([2, 3])
+        >>> tokens, mask = torch.randn(2, 5, 16), torch.tensor([[1, 1, 1, 0, 0]] * 2)
+        >>> ClassifierHead(16, 3, hidden=())(tokens, attention_mask=mask).shape
         torch.Size([2, 3])
     """
 
@@ -116,7 +127,7 @@ class ClassifierHead(nn.Module):
         if dropout >= 1.0:
             raise ValueError(f"dropout: expected a probability below 1, got {dropout!r}")
         self.pool_type: PoolType | None = (
-            None if pool is None else check_option(pool, "pool", _POOLS)
+            None if pool is None else check_option(pool, "pool", _pooling.POOLS)
         )
         act = _ACTIVATIONS[check_option(activation, "activation", tuple(_ACTIVATIONS))]
         norm_type = None if norm is None else check_option(norm, "norm", _NORMS)
@@ -136,8 +147,11 @@ class ClassifierHead(nn.Module):
         self.hidden = nn.Sequential(*layers)
         self.fc = nn.Linear(width, self.num_classes)
 
-    def pool(self, x: Tensor) -> Tensor:
-        """Pool ``x`` to ``(N, in_features)`` (``2 * in_features`` for ``"avgmax"``)."""
+    def pool(self, x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Pool ``x`` to ``(N, in_features)`` (``2 * in_features`` for ``"avgmax"``).
+
+        The same pooling as [`transferkit.FeatureExtractor`][] for maps and tokens.
+        """
         check_tensor(x, "input", ndim=(2, 3, 4), floating=True, finite=False, min_samples=1)
         channels = x.shape[1] if x.dim() in (2, 4) else x.shape[2]
         if channels != self.in_features:
@@ -147,37 +161,29 @@ class ClassifierHead(nn.Module):
                 f"{tuple(x.shape)}"
             )
         mode = self.pool_type
-        if mode is None:
-            if x.dim() != 2:
-                raise ValueError(
-                    f"input: pool=None expects (N, {self.in_features}) features, got shape "
-                    f"{tuple(x.shape)}; choose pool='avg', 'max', 'avgmax' or 'token'"
-                )
-            return x
-        if x.dim() == 2:
-            return torch.cat([x, x], dim=1) if mode == "avgmax" else x
-        if x.dim() == 4:
-            if mode == "token":
-                raise ValueError(
-                    "input: pool='token' needs (N, T, D) tokens, got an (N, C, H, W) map "
-                    f"of shape {tuple(x.shape)}"
-                )
-            flat = x.flatten(2)
-            avg, peak = flat.mean(dim=2), flat.amax(dim=2)
-        else:
-            if mode == "token":
-                return x[:, 0]
-            avg, peak = x.mean(dim=1), x.amax(dim=1)
-        if mode == "avg":
-            return avg
-        if mode == "max":
-            return peak
-        return torch.cat([avg, peak], dim=1)
+        if mode is None and x.dim() != 2:
+            raise ValueError(
+                f"input: pool=None expects (N, {self.in_features}) features, got shape "
+                f"{tuple(x.shape)}; choose pool='avg', 'max', 'avgmax' or 'token'"
+            )
+        if mode == "token" and x.dim() == 4:
+            raise ValueError(
+                "input: pool='token' needs (N, T, D) tokens, got an (N, C, H, W) map "
+                f"of shape {tuple(x.shape)}"
+            )
+        if attention_mask is not None and (x.dim() != 3 or mode is None):
+            raise ValueError(
+                "attention_mask: only (N, T, D) token input is masked (pool 'avg', 'max' or "
+                f"'avgmax'), got input of shape {tuple(x.shape)} with pool={mode!r}"
+            )
+        mask = None if mode == "token" else attention_mask
+        # averages accumulate in float32; the head's layers take the input's dtype back
+        return _pooling.pool(x, mode, mask=mask, name="input").to(x.dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Logits, ``(N, num_classes)``."""
+    def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Logits, ``(N, num_classes)``; ``attention_mask`` ``(N, T)`` ignores padding tokens."""
         check_module_data(self, "ClassifierHead")
-        out: Tensor = self.fc(self.hidden(self.pool(x)))
+        out: Tensor = self.fc(self.hidden(self.pool(x, attention_mask)))
         return out
 
     def extra_repr(self) -> str:
@@ -186,17 +192,6 @@ class ClassifierHead(nn.Module):
             f"in_features={self.in_features}, num_classes={self.num_classes}, "
             f"pool={self.pool_type!r}"
         )
-
-
-def _unwrap(model: object) -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    inner = getattr(model, "module", None)
-    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        assert isinstance(inner, nn.Module)
-        return _unwrap(inner)
-    compiled = getattr(model, "_orig_mod", None)
-    return _unwrap(compiled) if isinstance(compiled, nn.Module) else model
 
 
 def _name_of(model: nn.Module, target: nn.Module) -> str | None:
@@ -213,11 +208,7 @@ def _last_linear(container: nn.Module, prefix: str) -> tuple[str, nn.Module] | N
         # is the head, not the hidden Linear before it
         leaf = children[-1][0]
         return (f"{prefix}.{leaf}" if prefix else leaf), children[-1][1]
-    found: tuple[str, nn.Module] | None = None
-    for name, module in container.named_modules(prefix=prefix):
-        if isinstance(module, nn.Linear):
-            found = (name, module)
-    return found
+    return last_linear(container, prefix)
 
 
 def find_head(model: nn.Module) -> tuple[str, nn.Module]:
@@ -252,7 +243,7 @@ def find_head(model: nn.Module) -> tuple[str, nn.Module]:
         >>> find_head(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
         ('2', Linear(in_features=8, out_features=2, bias=True))
     """
-    model = _unwrap(model)
+    model = unwrap_model(model)
     get_classifier = getattr(model, "get_classifier", None)
     if callable(get_classifier):
         try:
@@ -355,8 +346,8 @@ def _out_features(head: nn.Module) -> int | None:
         value = getattr(head, attribute, None)
         if isinstance(value, int):
             return value
-    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
-    return int(linears[-1].out_features) if linears else None
+    found = last_linear(head)
+    return None if found is None else int(found[1].out_features)
 
 
 def _timm_classifiers(model: nn.Module) -> list[nn.Module]:
@@ -444,7 +435,7 @@ def replace_head(
         >>> replace_head(net, 4)
         Linear(in_features=128, out_features=4, bias=True)
     """
-    model = _unwrap(model)
+    model = unwrap_model(model)
     if name is None:
         name, old = find_head(model)
     else:
@@ -522,9 +513,7 @@ def replace_head(
             )
     if reference is not None:
         new = new.to(device=reference.device, dtype=reference.dtype)
-    parent_name, _, leaf = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, leaf, new)
+    replace_module(model, name, new)
     classes = _out_features(new)
     if classes is not None:
         for attribute in ("num_classes", "num_labels"):

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ._surgery import last_linear
 from ._validation import (
     check_bool,
     check_labels,
@@ -63,12 +64,10 @@ class MetaTask(NamedTuple):
 
 
 def _final_linear(head: nn.Module) -> nn.Linear:
-    if isinstance(head, nn.Linear):
-        return head
-    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
-    if not linears:
+    found = last_linear(head)
+    if found is None:
         raise ValueError(f"head: expected an nn.Linear or a module containing one, got {head!r}")
-    return linears[-1]
+    return found[1]
 
 
 def prototype_init(

@@ -1,0 +1,126 @@
+"""Module surgery shared by freezing, heads, meta-learning and the distributed helpers.
+
+One implementation each of: looking through wrappers (``DistributedDataParallel``,
+``DataParallel``, ``torch.compile``), replacing a submodule by its dotted name, finding
+the last ``nn.Linear`` of a module, and matching dotted parameter/module names against
+glob patterns. Bottom layer: imports nothing from the rest of the package except
+``_validation``.
+
+``FullyShardedDataParallel`` is deliberately not looked through: its flat parameters
+live on the wrapper, so the inner module holds no trainable parameters to select.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from fnmatch import fnmatchcase
+
+from torch import nn
+
+__all__ = ["find_ddp", "last_linear", "matches", "replace_module", "unwrap_model"]
+
+#: How many nested wrappers are looked through (DDP(compile(DataParallel(net))) is three).
+_MAX_WRAPPERS = 8
+
+
+def _wrapper_chain(model: nn.Module) -> Iterator[nn.Module]:
+    """``model``, then each module wrapped inside it, outermost first."""
+    yield model
+    for _ in range(_MAX_WRAPPERS):
+        inner: object = None
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            inner = model.module
+        else:
+            inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if not isinstance(inner, nn.Module):
+            return
+        model = inner
+        yield model
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's module inside DDP / DataParallel / ``torch.compile`` wrappers.
+
+    Args:
+        model: a module, possibly wrapped (nested wrappers are looked through).
+
+    Returns:
+        The innermost wrapped module (``model`` itself when it is not a wrapper).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+
+    Examples:
+        >>> net = nn.Linear(2, 2)
+        >>> unwrap_model(nn.DataParallel(nn.DataParallel(net))) is net
+        True
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    *_, inner = _wrapper_chain(model)
+    return inner
+
+
+def find_ddp(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
+    """The outermost ``DistributedDataParallel`` in a chain of wrappers, if any.
+
+    Examples:
+        >>> find_ddp(nn.DataParallel(nn.Linear(2, 2))) is None
+        True
+    """
+    for layer in _wrapper_chain(model):
+        if isinstance(layer, nn.parallel.DistributedDataParallel):
+            return layer
+    return None
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` in place of the submodule called ``name`` (a dotted path) in ``model``.
+
+    Examples:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.ReLU()))
+        >>> replace_module(net, "1.0", nn.Tanh())
+        >>> net[1][0]
+        Tanh()
+    """
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, new)
+
+
+def last_linear(module: nn.Module, prefix: str = "") -> tuple[str, nn.Linear] | None:
+    """The last ``nn.Linear`` of ``module`` in definition order, with its qualified name.
+
+    Args:
+        module: where to look (``module`` itself counts).
+        prefix: prepended to the names, as in ``named_modules(prefix=...)``.
+
+    Returns:
+        ``(name, linear)``, or ``None`` when ``module`` holds no ``nn.Linear``.
+
+    Examples:
+        >>> last_linear(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), "head")
+        ('head.2', Linear(in_features=8, out_features=2, bias=True))
+    """
+    found: tuple[str, nn.Linear] | None = None
+    for name, child in module.named_modules(prefix=prefix):
+        if isinstance(child, nn.Linear):
+            found = (name, child)
+    return found
+
+
+def matches(name: str, patterns: str | Sequence[str]) -> bool:
+    """Whether a dotted ``name`` matches a glob pattern, itself or through a parent.
+
+    ``"layer1"`` matches ``"layer1.0.conv1.weight"`` (the pattern names a module and
+    covers everything inside it); ``"*.bias"`` matches every bias. Case-sensitive.
+
+    Examples:
+        >>> matches("layer1.0.conv1.weight", "layer1")
+        True
+        >>> matches("layer10.weight", ["layer1", "fc*"])
+        False
+    """
+    if isinstance(patterns, str):
+        patterns = (patterns,)
+    return any(fnmatchcase(name, p) or fnmatchcase(name, p + ".*") for p in patterns)
