@@ -14,7 +14,7 @@ Rules (the same for heads and features):
 
 Averages are accumulated and returned in float32 for half/bfloat16 input (float64 stays
 float64), also under autocast; maxima and tokens keep the input dtype (they are exact).
-Bottom layer: imports only ``_validation``.
+Bottom layer: imports only ``_precision`` and ``_validation``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ._precision import accumulation_dtype
 from ._validation import check_binary_mask, check_tensor
 
 __all__ = ["POOLS", "PoolName", "masked_mean", "pool"]
@@ -74,7 +75,7 @@ def _check_mask(hidden: Tensor, attention_mask: Tensor) -> None:
 
 
 def _masked_mean(hidden: Tensor, attention_mask: Tensor) -> Tensor:
-    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    dtype = accumulation_dtype(hidden.dtype)
     weights = attention_mask.to(device=hidden.device, dtype=dtype).unsqueeze(-1)
     total = (hidden.to(dtype) * weights).sum(dim=1)
     return total / weights.sum(dim=1).clamp_min(1.0)
@@ -133,7 +134,7 @@ def pool(
             f"returned a {x.dim()}-D map of shape {tuple(x.shape)}; use 'avg', 'max', "
             "'avgmax' or None"
         )
-    dtype = torch.promote_types(x.dtype, torch.float32)
+    dtype = accumulation_dtype(x.dtype)
     avg = peak = x
     if x.dim() == 3:  # token sequence (N, T, D)
         if mode != "max":
