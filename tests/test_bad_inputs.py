@@ -231,6 +231,43 @@ add(
     "coef0",
 )
 pair_rows("kernels.pairwise_squared_distances", kernels.pairwise_squared_distances, ("x", "y"))
+pair_rows("kernels.gram", lambda x, y: kernels.gram(x, y, kernels.LinearKernel()), ("x", "y"))
+positive_rows(
+    "kernels.gram",
+    lambda v: kernels.gram(feats(), None, kernels.LinearKernel(), chunk_size=v),
+    "chunk_size",
+    integer=True,
+)
+rows(
+    "kernels.gram",
+    [
+        ("kernel a string", lambda: kernels.gram(feats(), None, "rbf"), TypeError, "kernel"),
+        (
+            "kernel returns a wrong shape",
+            lambda: kernels.gram(feats(), None, lambda a, b: a),
+            ValueError,
+            "kernel",
+        ),
+        (
+            "out of the wrong shape",
+            lambda: kernels.gram(feats(), None, kernels.LinearKernel(), out=torch.empty(6, 5)),
+            ValueError,
+            "out",
+        ),
+        (
+            "out not a tensor",
+            lambda: kernels.gram(feats(), None, kernels.LinearKernel(), out=[[0.0]]),
+            TypeError,
+            "out",
+        ),
+        (
+            "values beyond fp32",
+            lambda: kernels.gram(feats() * 1e20, None, kernels.LinearKernel()),
+            ValueError,
+            "x and y",
+        ),
+    ],
+)
 add(
     "kernels.pairwise_squared_distances",
     "squared distances beyond fp32",

@@ -55,13 +55,8 @@ from ._validation import (
     check_tensor,
     did_you_mean,
 )
-from .kernels import (
-    GaussianKernel,
-    Kernel,
-    overflow_error,
-    rescale_factor,
-    screen_features,
-)
+from .kernels import GaussianKernel, Kernel
+from .kernels._distances import overflow_error, rescale_factor, screen_features
 
 __all__ = [
     "L2SP",
