@@ -55,10 +55,10 @@ from sklearn.utils.validation import _check_sample_weight, check_is_fitted, vali
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from ._validation import check_bool, check_not_meta, check_option, check_positive
-from .device import resolve_device
-from .features import PoolName, extract_features
-from .kernels import (
+from .._validation import check_bool, check_not_meta, check_option, check_positive
+from ..device import resolve_device
+from ..features import PoolName, extract_features
+from ..kernels import (
     GaussianKernel,
     Kernel,
     LaplacianKernel,
