@@ -1,4 +1,4 @@
-"""Tests of transferkit.sklearn: estimator contract, agreement with sklearn, alignment maths."""
+"""``TorchKernelSVC`` (transferkit/sklearn/_svc.py): the same model as ``sklearn.svm.SVC``."""
 
 from __future__ import annotations
 
@@ -8,50 +8,21 @@ import pickle
 
 import numpy as np
 import pytest
-import torch
-from hypothesis import given
-from hypothesis import strategies as st
 from sklearn.base import clone
-from sklearn.datasets import load_breast_cancer, load_digits
-from sklearn.decomposition import PCA
-from sklearn.model_selection import GridSearchCV
-from sklearn.pipeline import make_pipeline
+from sklearn.datasets import load_breast_cancer
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 import transferkit as tk
+from tests.sklearn._reference import assert_same_svm
 from transferkit import kernels
-from transferkit.sklearn import (
-    CORAL,
-    TCA,
-    DeepFeatures,
-    PrototypeClassifier,
-    SubspaceAlignment,
-    TorchKernelSVC,
-    _gram,
-    _kernel_gram,
-    _make_kernel,
-    _mirror_rows,
-    _svc_kernel,
-    make_deep_svm_pipeline,
-)
-
-CPU = torch.device("cpu")
-
-# ----------------------------------------------------------------------------- contract
+from transferkit.sklearn import TorchKernelSVC
 
 ESTIMATORS = [
     TorchKernelSVC(device="cpu"),
     TorchKernelSVC(device="cpu", probability=True, random_state=0),
     TorchKernelSVC(device="cpu", solver="nystroem", n_components=20, random_state=0),
-    PrototypeClassifier(),
-    PrototypeClassifier(metric="euclidean"),
-    # The aligners need rows of both domains; the generic checks label rows 0, 1, ...,
-    # so rows labelled 0 play the target domain.
-    CORAL(unlabelled=0),
-    TCA(n_components=2, unlabelled=0),
-    SubspaceAlignment(n_components=1, unlabelled=0),
 ]
 
 # scikit-learn marks the same checks as expected failures for sklearn.svm.SVC: libsvm's
@@ -64,192 +35,9 @@ SVC_XFAIL = {
 }
 
 
-# The aligners refuse a fit without rows of both domains (it would silently be a one-domain
-# map); these checks draw labels in which no row carries the target label.
-ONE_DOMAIN = "the check's labels hold no target row (label 0 here), which the aligners reject"
-ALIGNER_XFAIL = {
-    "check_estimators_dtypes": ONE_DOMAIN,
-    "check_fit2d_1feature": ONE_DOMAIN,
-}
-# fit_transform maps source rows to the target domain, transform (prediction time) takes
-# every row as target data, so the two differ by design once both domains are present.
-SOURCE_MAP = "fit_transform maps the source rows, transform treats rows as target rows"
-TRANSFORM_XFAIL = {
-    "check_transformer_general": SOURCE_MAP,
-    "check_transformer_general(readonly_memmap=True)": SOURCE_MAP,
-    "check_transformer_data_not_an_array": SOURCE_MAP,
-}
-
-
-def expected_failed_checks(estimator: object) -> dict[str, str]:
-    if isinstance(estimator, TorchKernelSVC):
-        return SVC_XFAIL
-    if isinstance(estimator, (CORAL, SubspaceAlignment)):
-        return {**ALIGNER_XFAIL, **TRANSFORM_XFAIL}
-    if isinstance(estimator, TCA):
-        return ALIGNER_XFAIL
-    return {}
-
-
-@parametrize_with_checks(ESTIMATORS, expected_failed_checks=expected_failed_checks)
+@parametrize_with_checks(ESTIMATORS, expected_failed_checks=lambda estimator: SVC_XFAIL)
 def test_passes_sklearn_estimator_checks(estimator, check):
     check(estimator)
-
-
-# ----------------------------------------------------------------------------- kernels
-
-KERNEL_CASES = ["rbf", "linear", "poly", "laplacian", "multi_rbf"]
-MULTIPLIERS = (0.5, 1.0, 2.0)
-
-
-def numpy_kernel(name: str, x: np.ndarray, y: np.ndarray, gamma: float) -> np.ndarray:
-    """Independent reference: explicit broadcasting, no GEMM."""
-    diff = x[:, None, :] - y[None, :, :]
-    squared = (diff**2).sum(-1)
-    inner = (x[:, None, :] * y[None, :, :]).sum(-1)
-    if name == "rbf":
-        return np.exp(-gamma * squared)
-    if name == "multi_rbf":
-        return sum(np.exp(-gamma * squared / m) for m in MULTIPLIERS)
-    if name == "laplacian":
-        return np.exp(-gamma * np.sqrt(squared))
-    if name == "linear":
-        return inner
-    return (gamma * inner + 0.5) ** 3
-
-
-@pytest.mark.parametrize("name", KERNEL_CASES)
-def test_gram_matches_numpy_reference_for_every_kernel(name):
-    rng = np.random.default_rng(0)
-    x, y = rng.normal(size=(37, 5)) + 3.0, rng.normal(size=(23, 5)) + 3.0
-    kernel = _make_kernel(name, 0.2, 3, 0.5, MULTIPLIERS)
-    cross = _gram(kernel, x, y, device=CPU, dtype=torch.float64, chunk_size=8)
-    square = _gram(kernel, x, None, device=CPU, dtype=torch.float64, chunk_size=8)
-    np.testing.assert_allclose(cross, numpy_kernel(name, x, y, 0.2), rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(square, numpy_kernel(name, x, x, 0.2), rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(square, square.T, rtol=1e-12, atol=1e-14)
-
-
-@pytest.mark.parametrize(
-    ("name", "reference"),
-    [
-        ("rbf", lambda g: kernels.GaussianKernel(math.sqrt(0.5 / g), multipliers=(1.0,))),
-        ("multi_rbf", lambda g: kernels.GaussianKernel(math.sqrt(0.5 / g), MULTIPLIERS)),
-        ("laplacian", lambda g: kernels.LaplacianKernel(bandwidth=1.0 / g)),
-        ("poly", lambda g: kernels.PolynomialKernel(degree=3, gamma=g, coef0=0.5)),
-        ("linear", lambda g: kernels.LinearKernel()),
-    ],
-)
-def test_named_kernels_are_the_transferkit_kernels(name, reference):
-    rng = np.random.default_rng(1)
-    x, y = rng.normal(size=(30, 4)), rng.normal(size=(20, 4))
-    ours = _gram(
-        _make_kernel(name, 0.3, 3, 0.5, MULTIPLIERS),
-        x,
-        y,
-        device=CPU,
-        dtype=torch.float64,
-        chunk_size=7,
-    )
-    theirs = reference(0.3)(torch.from_numpy(x), torch.from_numpy(y)).numpy()
-    np.testing.assert_allclose(ours, theirs, rtol=1e-10, atol=1e-12)
-
-
-@given(
-    n=st.integers(2, 40),
-    m=st.integers(1, 30),
-    chunk=st.integers(1, 50),
-    name=st.sampled_from(KERNEL_CASES),
-)
-def test_chunked_gram_does_not_depend_on_chunk_size(n, m, chunk, name):
-    rng = np.random.default_rng(n * 100 + m)
-    x, y = rng.normal(size=(n, 3)), rng.normal(size=(m, 3))
-    kernel = _make_kernel(name, 0.5, 2, 1.0, MULTIPLIERS)
-    whole = _gram(kernel, x, y, device=CPU, dtype=torch.float64, chunk_size=10_000)
-    pieces = _gram(kernel, x, y, device=CPU, dtype=torch.float64, chunk_size=chunk)
-    np.testing.assert_allclose(pieces, whole, rtol=1e-12, atol=1e-12)
-    square = _gram(kernel, x, None, device=CPU, dtype=torch.float64, chunk_size=chunk)
-    full = _gram(kernel, x, x.copy(), device=CPU, dtype=torch.float64, chunk_size=10_000)
-    # The symmetric path has exact zero self-distances; the cross path rounding noise,
-    # which the Laplacian kernel's square root amplifies to ~1e-8.
-    tolerance = 1e-7 if name == "laplacian" else 1e-12
-    np.testing.assert_allclose(square, full, rtol=tolerance, atol=tolerance)
-
-
-@pytest.mark.parametrize("name", KERNEL_CASES)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_svc_gram_from_transferkit_kernels_matches_numpy_reference(name, dtype):
-    rng = np.random.default_rng(0)
-    x, y = rng.normal(size=(37, 6)) + 3.0, rng.normal(size=(23, 6)) + 3.0
-    x[:, 2] = y[:, 2] = 1.5  # a constant column (dropped for distances, kept for products)
-    x[:, 4] = y[:, 4] = 0.0  # an all-zero column (dropped for every kernel)
-    kernel = _svc_kernel(name, 0.2, 3, 0.5, MULTIPLIERS)
-    assert isinstance(kernel, kernels.Kernel)
-    tolerance = 1e-10 if dtype == torch.float64 else 2e-5
-    for chunk in (1, 8, 100):
-        cross = _kernel_gram(kernel, x, y, device=CPU, dtype=dtype, chunk_size=chunk)
-        square = _kernel_gram(kernel, x, None, device=CPU, dtype=dtype, chunk_size=chunk)
-        assert cross.dtype == square.dtype == np.float64
-        scale = np.abs(numpy_kernel(name, x, y, 0.2)).max()
-        np.testing.assert_allclose(
-            cross, numpy_kernel(name, x, y, 0.2), rtol=tolerance, atol=tolerance * scale
-        )
-        np.testing.assert_allclose(
-            square, numpy_kernel(name, x, x, 0.2), rtol=tolerance, atol=tolerance * scale
-        )
-        np.testing.assert_array_equal(square, square.T)  # mirrored, exactly symmetric
-
-
-@given(
-    n=st.integers(1, 40),
-    m=st.integers(1, 30),
-    chunk=st.integers(1, 50),
-    name=st.sampled_from(KERNEL_CASES),
-)
-def test_svc_gram_equals_the_old_gemm_kernels_at_any_chunk_size(n, m, chunk, name):
-    # The SVC's Gram moved from the private GEMM kernels to transferkit.kernels: same values.
-    rng = np.random.default_rng(n * 100 + m)
-    x, y = rng.normal(size=(n, 3)), rng.normal(size=(m, 3))
-    old = _make_kernel(name, 0.5, 2, 1.0, MULTIPLIERS)
-    new = _svc_kernel(name, 0.5, 2, 1.0, MULTIPLIERS)
-    for other in (y, None):
-        before = _gram(old, x, other, device=CPU, dtype=torch.float64, chunk_size=10_000)
-        after = _kernel_gram(new, x, other, device=CPU, dtype=torch.float64, chunk_size=chunk)
-        np.testing.assert_allclose(after, before, rtol=1e-12, atol=1e-12)
-
-
-@given(n=st.integers(1, 30), chunk=st.integers(1, 31), band=st.integers(1, 9))
-def test_mirroring_row_strips_gives_the_symmetric_matrix_of_the_upper_triangle(n, chunk, band):
-    upper = torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
-    gram = upper.clone()
-    for start in range(0, n, chunk):
-        _mirror_rows(gram, slice(start, min(start + chunk, n)), band)
-    expected = torch.triu(upper) + torch.triu(upper, 1).T
-    torch.testing.assert_close(gram, expected, rtol=0, atol=0)
-
-
-def test_svc_gram_does_not_modify_its_inputs():
-    rng = np.random.default_rng(0)
-    x, y = rng.normal(size=(20, 4)), rng.normal(size=(9, 4))
-    x[:, 1] = 2.0
-    x_copy, y_copy = x.copy(), y.copy()
-    for name in KERNEL_CASES:
-        kernel = _svc_kernel(name, 0.5, 2, 1.0, MULTIPLIERS)
-        _kernel_gram(kernel, x, None, device=CPU, dtype=torch.float64, chunk_size=3)
-        _kernel_gram(kernel, x, y, device=CPU, dtype=torch.float64, chunk_size=3)
-    np.testing.assert_array_equal(x, x_copy)
-    np.testing.assert_array_equal(y, y_copy)
-
-
-# ----------------------------------------------------------------------------- kernel SVM
-
-
-@pytest.fixture(scope="module")
-def digits():
-    x, y = load_digits(return_X_y=True)
-    rng = np.random.default_rng(0)
-    order = rng.permutation(len(x))
-    return x[order[:1000]], y[order[:1000]], x[order[1000:]], y[order[1000:]]
 
 
 @pytest.mark.parametrize("C", [1.0, 10.0])
@@ -267,17 +55,6 @@ def test_rbf_svm_agrees_with_sklearn_svc_on_digits(digits, C):
     np.testing.assert_allclose(ours.support_vectors_, theirs.support_vectors_)
     np.testing.assert_allclose(
         ours.decision_function(x_test), theirs.decision_function(x_test), atol=5e-3
-    )
-
-
-def assert_same_svm(ours, theirs, x_test):
-    """Identical predictions and support, decision values equal to rounding."""
-    np.testing.assert_array_equal(ours.predict(x_test), theirs.predict(x_test))
-    np.testing.assert_array_equal(ours.support_, theirs.support_)
-    np.testing.assert_array_equal(ours.n_support_, theirs.n_support_)
-    np.testing.assert_allclose(ours.dual_coef_, theirs.dual_coef_, rtol=0, atol=1e-9)
-    np.testing.assert_allclose(
-        ours.decision_function(x_test), theirs.decision_function(x_test), rtol=0, atol=1e-9
     )
 
 
@@ -435,17 +212,6 @@ def test_fitted_svm_pickles_and_predicts_the_same(digits):
     np.testing.assert_array_equal(restored.predict(x_test), model.predict(x_test))
 
 
-def test_input_data_is_not_modified(digits):
-    x_train, y_train, _, _ = digits
-    x, y = x_train[:100].copy(), y_train[:100].copy()
-    for estimator in (TorchKernelSVC(), PrototypeClassifier()):
-        estimator.fit(x, y).predict(x)
-    for transformer in (CORAL(), TCA(n_components=3), SubspaceAlignment(n_components=3)):
-        transformer.fit_transform(x, np.r_[y[:50], -np.ones(50, dtype=int)])
-    np.testing.assert_array_equal(x, x_train[:100])
-    np.testing.assert_array_equal(y, y_train[:100])
-
-
 @pytest.mark.cuda
 def test_cuda_gram_gives_the_cpu_predictions(digits):
     x_train, y_train, x_test, _ = digits
@@ -454,263 +220,6 @@ def test_cuda_gram_gives_the_cpu_predictions(digits):
     gpu32 = TorchKernelSVC(device="cuda", dtype="float32").fit(x_train, y_train).predict(x_test)
     assert np.mean(gpu64 == cpu) >= 0.999
     assert np.mean(gpu32 == cpu) >= 0.995
-
-
-# ----------------------------------------------------------------------------- prototypes
-
-
-@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
-def test_prototype_classifier_matches_nearest_class_mean_reference(digits, metric):
-    x_train, y_train, x_test, _ = digits
-    model = PrototypeClassifier(metric=metric).fit(x_train, y_train)
-    classes = np.unique(y_train)
-    if metric == "cosine":
-        unit = x_train / np.linalg.norm(x_train, axis=1, keepdims=True)
-        means = np.stack([unit[y_train == c].mean(0) for c in classes])
-        means /= np.linalg.norm(means, axis=1, keepdims=True)
-        scores = (x_test / np.linalg.norm(x_test, axis=1, keepdims=True)) @ means.T
-    else:
-        means = np.stack([x_train[y_train == c].mean(0) for c in classes])
-        scores = -((x_test[:, None, :] - means[None]) ** 2).sum(-1)
-    np.testing.assert_array_equal(model.predict(x_test), classes[scores.argmax(1)])
-    np.testing.assert_allclose(model.decision_function(x_test), scores, atol=1e-9)
-    proba = model.predict_proba(x_test)
-    np.testing.assert_allclose(proba.sum(1), 1.0)
-    np.testing.assert_array_equal(proba.argmax(1), scores.argmax(1))
-
-
-def test_prototype_classifier_learns_digits_from_five_shots():
-    task = tk.datasets.digits(None, seed=0).flat()
-    x, y = task.few_shot(5, seed=0)
-    model = PrototypeClassifier().fit(x.numpy(), y.numpy())
-    accuracy = model.score(task.target_test_x.numpy(), task.target_test_y.numpy())
-    assert accuracy >= 0.8
-
-
-# ----------------------------------------------------------------------------- alignment
-
-
-def two_domains(n_source=150, n_target=120, dim=4, seed=0):
-    rng = np.random.default_rng(seed)
-    source = rng.normal(size=(n_source, dim)) @ rng.normal(size=(dim, dim))
-    target = 2.0 * rng.normal(size=(n_target, dim)) @ rng.normal(size=(dim, dim)) + 3.0
-    x = np.vstack([source, target])
-    y = np.r_[rng.integers(0, 2, n_source), -np.ones(n_target, dtype=int)]
-    return x, y, source, target
-
-
-def test_coral_gives_source_rows_the_target_mean_and_covariance():
-    x, y, source, target = two_domains()
-    out = CORAL(reg=0.0).fit_transform(x, y)
-    aligned = out[: len(source)]
-    np.testing.assert_allclose(aligned.mean(0), target.mean(0), atol=1e-9)
-    np.testing.assert_allclose(np.cov(aligned.T), np.cov(target.T), rtol=1e-7, atol=1e-8)
-    np.testing.assert_array_equal(out[len(source) :], target)
-
-
-def test_coral_transform_is_the_identity_on_target_data():
-    x, y, _, target = two_domains()
-    coral = CORAL().fit(x, y)
-    np.testing.assert_array_equal(coral.transform(target), target)
-
-
-@pytest.mark.parametrize(
-    "aligner",
-    [CORAL(), TCA(n_components=2), SubspaceAlignment(n_components=2)],
-    ids=lambda e: type(e).__name__,
-)
-def test_aligners_refuse_to_fit_without_both_domains(aligner):
-    # Fitted on one domain only, CORAL would be the identity and TCA/SubspaceAlignment
-    # plain (kernel) PCA: a silent no-op alignment instead of an error.
-    x, y, _, _ = two_domains()
-    with pytest.raises(ValueError, match=r"y: .* at least \d target rows"):
-        aligner.fit(x, np.abs(y))
-    with pytest.raises(ValueError, match=r"y: .* at least \d source rows"):
-        aligner.fit(x, -np.ones_like(y))
-    with pytest.raises(ValueError, match="y: .*requires y"):
-        aligner.fit(x)
-
-
-@pytest.mark.parametrize(
-    "estimator",
-    [
-        TorchKernelSVC(device="cpu"),
-        PrototypeClassifier(),
-        CORAL(),
-        TCA(n_components=2),
-        SubspaceAlignment(n_components=2),
-    ],
-    ids=lambda e: type(e).__name__,
-)
-@pytest.mark.parametrize("kind", ["requires_grad", "bfloat16", "float16"])
-def test_estimators_take_grad_and_half_precision_tensors(estimator, kind):
-    x, y, _, _ = two_domains()
-    rows = torch.from_numpy(x).float()
-    given = {
-        "requires_grad": rows.clone().requires_grad_(True),
-        "bfloat16": rows.bfloat16(),
-        "float16": rows.half(),
-    }[kind]
-    expected_rows = given.detach().float().numpy().astype(np.float64)
-    labels = torch.from_numpy(y)
-    fitted = estimator.fit(given, labels)
-    reference = clone(estimator).fit(expected_rows, y)
-    method = "predict" if hasattr(estimator, "predict") else "transform"
-    np.testing.assert_allclose(
-        getattr(fitted, method)(given), getattr(reference, method)(expected_rows), atol=1e-9
-    )
-
-
-def test_subspace_alignment_matches_pca_reference():
-    x, y, source, target = two_domains(dim=6)
-    out = SubspaceAlignment(n_components=3).fit_transform(x, y)
-    ps = PCA(3).fit(source).components_.T
-    pt = PCA(3).fit(target).components_.T
-    # Sign-invariant comparison: multiply back by the (sign-ambiguous) target basis.
-    expected_source = (source - source.mean(0)) @ ps @ ps.T @ pt @ pt.T
-    expected_target = (target - target.mean(0)) @ pt @ pt.T
-    sa = SubspaceAlignment(n_components=3).fit(x, y)
-    basis = sa.target_components_
-    np.testing.assert_allclose(out[: len(source)] @ basis.T, expected_source, atol=1e-8)
-    np.testing.assert_allclose(out[len(source) :] @ basis.T, expected_target, atol=1e-8)
-    np.testing.assert_allclose(sa.transform(target), out[len(source) :], atol=1e-10)
-
-
-def tca_reference(x, source_count, k, mu, gamma):
-    """Pan et al. (2011), written literally: eig of (K L K + mu I)^-1 K H K."""
-    n = len(x)
-    squared = ((x[:, None] - x[None]) ** 2).sum(-1)
-    kernel = np.exp(-gamma * squared)
-    e = np.r_[
-        np.full(source_count, 1 / source_count), np.full(n - source_count, -1 / (n - source_count))
-    ]
-    mmd = np.outer(e, e)
-    centre = np.eye(n) - np.ones((n, n)) / n
-    matrix = np.linalg.solve(kernel @ mmd @ kernel + mu * np.eye(n), kernel @ centre @ kernel)
-    values, vectors = np.linalg.eig(matrix)
-    order = np.argsort(-values.real)[:k]
-    return kernel @ vectors[:, order].real
-
-
-def test_tca_spans_the_reference_transfer_components():
-    x, y, source, _ = two_domains(n_source=40, n_target=30, dim=3)
-    tca = TCA(n_components=2, mu=0.5, gamma=0.1).fit(x, y)
-    ours = tca.transform(x)
-    reference = tca_reference(x, len(source), 2, 0.5, 0.1)
-    for j in range(2):
-        cosine = abs(ours[:, j] @ reference[:, j]) / (
-            np.linalg.norm(ours[:, j]) * np.linalg.norm(reference[:, j])
-        )
-        assert cosine == pytest.approx(1.0, abs=1e-6)
-    np.testing.assert_allclose(tca.fit_transform(x, y), ours, atol=1e-9)
-
-
-def test_tca_with_small_mu_brings_the_domain_means_closer():
-    x, y, _, _ = two_domains(n_source=60, n_target=60)
-
-    def mean_gap(mu):
-        out = TCA(n_components=3, mu=mu).fit_transform(x, y)
-        gap = out[y != -1].mean(0) - out[y == -1].mean(0)
-        return np.linalg.norm(gap) / np.linalg.norm(out.std(0))
-
-    assert mean_gap(1e-3) < 0.5 * mean_gap(1e3)
-
-
-def test_aligners_reject_too_many_components_and_too_few_rows():
-    x, y, _, _ = two_domains(dim=3)
-    with pytest.raises(ValueError, match="n_components"):
-        SubspaceAlignment(n_components=4).fit(x, y)
-    with pytest.raises(ValueError, match="n_components"):
-        TCA(n_components=1000).fit(x, y)
-    with pytest.raises(ValueError, match="2 target rows"):
-        CORAL().fit(x[:151], np.r_[y[:150], -1])
-
-
-# ----------------------------------------------------------------------------- pipelines
-
-
-class Flatten(torch.nn.Module):
-    def forward(self, x):
-        return x.flatten(1)
-
-
-def small_net():
-    torch.manual_seed(0)
-    return tk.models.SmallCNN(num_classes=10, width=4, feature_dim=16)
-
-
-def test_deep_features_returns_the_model_features_and_clones():
-    net = small_net()
-    images = tk.datasets.digits(None, seed=0).source_x[:20]
-    flat = images.flatten(1).numpy()
-    features = DeepFeatures(net, layers="neck", input_shape=(1, 16, 16)).fit_transform(flat)
-    with torch.no_grad():
-        expected = net.eval().forward_features(images).numpy()
-    np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-6)
-    copy = clone(DeepFeatures(net, layers="neck", input_shape=(1, 16, 16)))
-    assert copy.model is not net
-    np.testing.assert_allclose(copy.transform(flat), features, rtol=1e-5, atol=1e-6)
-
-
-def test_deep_features_concatenates_layers_and_applies_the_input_transform():
-    net = small_net()
-    images = tk.datasets.digits(None, seed=0).source_x[:8]
-    both = DeepFeatures(net, layers=["neck", "fc"]).fit_transform(images)
-    assert both.shape == (8, 16 + 10)
-    flipped = DeepFeatures(net, layers="fc", input_transform=lambda t: t.flip(-1))
-    with torch.no_grad():
-        expected = net.eval()(images.flip(-1)).numpy()
-    np.testing.assert_allclose(flipped.fit_transform(images), expected, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="input_shape"):
-        DeepFeatures(net, input_shape=(1, 8, 8)).fit_transform(images.flatten(1))
-
-
-def test_deep_svm_pipeline_works_in_grid_search():
-    task = tk.datasets.digits(None, seed=0)
-    x = task.source_x[:200].flatten(1).numpy()
-    y = task.source_y[:200].numpy()
-    pipe = make_deep_svm_pipeline(
-        small_net(), layers="neck", feature_params={"input_shape": (1, 16, 16)}
-    )
-    search = GridSearchCV(pipe, {"svc__C": [1.0, 10.0]}, cv=2).fit(x, y)
-    assert search.best_params_["svc__C"] in (1.0, 10.0)
-    assert search.predict(x[:5]).shape == (5,)
-
-
-@pytest.mark.parametrize("align", ["coral", "tca", "subspace"])
-def test_aligned_pipeline_fits_on_source_plus_unlabelled_target(align):
-    task = tk.datasets.digits("noise", seed=0).flat()
-    x = np.vstack([task.source_x[:300].numpy(), task.target_x[:200].numpy()])
-    y = np.r_[task.source_y[:300].numpy(), -np.ones(200, dtype=int)]
-    params = {"input_shape": (1, 16, 16)}
-    pipe = make_deep_svm_pipeline(small_net(), layers="neck", align=align, feature_params=params)
-    if align == "subspace":
-        pipe.set_params(align__n_components=8)
-    pipe.fit(x, y)
-    assert pipe.named_steps["svc"].unlabelled == -1
-    assert -1 not in pipe.classes_
-    accuracy = pipe.score(task.target_test_x.numpy(), task.target_test_y.numpy())
-    assert accuracy > 0.3  # random-init features, 10 classes: far above chance
-
-
-def test_aligners_compose_with_plain_sklearn_pipelines():
-    x, y, _, target = two_domains()
-    pipe = make_pipeline(StandardScaler(), CORAL(), TorchKernelSVC(unlabelled=-1)).fit(x, y)
-    assert pipe.predict(target).shape == (len(target),)
-    assert set(pipe.classes_) == {0, 1}
-
-
-@pytest.mark.parametrize("kind", ["requires_grad", "bfloat16"])
-def test_deep_features_take_grad_and_bfloat16_tensors(kind):
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
-    rows = torch.randn(10, 4)
-    given = rows.clone().requires_grad_(True) if kind == "requires_grad" else rows.bfloat16()
-    expected = DeepFeatures(net, device="cpu", progress=False).fit_transform(
-        given.detach().float().numpy()
-    )
-    got = DeepFeatures(net, device="cpu", progress=False).fit_transform(given)
-    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("scale", [1e20, 1e-20])

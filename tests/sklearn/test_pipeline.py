@@ -1,0 +1,49 @@
+"""``make_deep_svm_pipeline`` (transferkit/sklearn/_pipeline.py) and the estimators in
+scikit-learn pipelines."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.model_selection import GridSearchCV
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+import transferkit as tk
+from tests.sklearn._reference import small_net, two_domains
+from transferkit.sklearn import CORAL, TorchKernelSVC, make_deep_svm_pipeline
+
+
+def test_deep_svm_pipeline_works_in_grid_search():
+    task = tk.datasets.digits(None, seed=0)
+    x = task.source_x[:200].flatten(1).numpy()
+    y = task.source_y[:200].numpy()
+    pipe = make_deep_svm_pipeline(
+        small_net(), layers="neck", feature_params={"input_shape": (1, 16, 16)}
+    )
+    search = GridSearchCV(pipe, {"svc__C": [1.0, 10.0]}, cv=2).fit(x, y)
+    assert search.best_params_["svc__C"] in (1.0, 10.0)
+    assert search.predict(x[:5]).shape == (5,)
+
+
+@pytest.mark.parametrize("align", ["coral", "tca", "subspace"])
+def test_aligned_pipeline_fits_on_source_plus_unlabelled_target(align):
+    task = tk.datasets.digits("noise", seed=0).flat()
+    x = np.vstack([task.source_x[:300].numpy(), task.target_x[:200].numpy()])
+    y = np.r_[task.source_y[:300].numpy(), -np.ones(200, dtype=int)]
+    params = {"input_shape": (1, 16, 16)}
+    pipe = make_deep_svm_pipeline(small_net(), layers="neck", align=align, feature_params=params)
+    if align == "subspace":
+        pipe.set_params(align__n_components=8)
+    pipe.fit(x, y)
+    assert pipe.named_steps["svc"].unlabelled == -1
+    assert -1 not in pipe.classes_
+    accuracy = pipe.score(task.target_test_x.numpy(), task.target_test_y.numpy())
+    assert accuracy > 0.3  # random-init features, 10 classes: far above chance
+
+
+def test_aligners_compose_with_plain_sklearn_pipelines():
+    x, y, _, target = two_domains()
+    pipe = make_pipeline(StandardScaler(), CORAL(), TorchKernelSVC(unlabelled=-1)).fit(x, y)
+    assert pipe.predict(target).shape == (len(target),)
+    assert set(pipe.classes_) == {0, 1}

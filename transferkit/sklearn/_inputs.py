@@ -1,0 +1,86 @@
+"""Input conventions shared by the estimators: host arrays, unlabelled rows, row chunks.
+
+* Torch tensors are accepted anywhere an array is: `to_host` turns them into
+  NumPy arrays before scikit-learn's own validation.
+* scikit-learn's semi-supervised convention marks unlabelled (target-domain) rows by a
+  label value: the classifiers skip them (`drop_unlabelled`), the aligners use them
+  as the target domain (`split_domains`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .._validation import check_not_meta
+
+
+def to_host(data: Any) -> Any:
+    """Torch tensors as NumPy arrays: detached, on the CPU, fp16/bf16 widened to fp32.
+
+    NumPy has no bfloat16 and cannot read a tensor that requires grad; estimators take
+    the values (they never backpropagate), so any tensor is accepted. Other inputs pass
+    through unchanged for scikit-learn's own validation.
+    """
+    if not isinstance(data, Tensor):
+        return data
+    check_not_meta(data, "X")
+    tensor = data.detach().cpu()
+    if tensor.dtype in (torch.float16, torch.bfloat16):
+        tensor = tensor.float()
+    return tensor.numpy()
+
+
+def row_chunks(n: int, size: int) -> Iterator[slice]:
+    """Slices ``[0, size), [size, 2 size), ...`` covering ``n`` rows."""
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def drop_unlabelled(
+    x: np.ndarray, y: np.ndarray, weight: np.ndarray | None, unlabelled: object
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The rows of ``x``, ``y`` (and ``weight``) whose label is not ``unlabelled``."""
+    if unlabelled is None:
+        return x, y, weight
+    keep = np.asarray(y != unlabelled, dtype=bool)
+    if not keep.any():
+        raise ValueError(
+            f"y: every row is marked unlabelled (y == {unlabelled!r}); a classifier needs "
+            "labelled rows"
+        )
+    return x[keep], y[keep], None if weight is None else np.asarray(weight)[keep]
+
+
+def split_domains(
+    y: Any, n: int, unlabelled: Any, estimator: str, minimum: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean masks ``(source, target)``: target rows are those with ``y == unlabelled``.
+
+    Each domain needs ``minimum`` rows: fitted on one domain only, an aligner would
+    silently become a one-domain map (identity, PCA, kernel PCA), so that raises.
+    """
+    if y is None:
+        raise ValueError(
+            f"y: {estimator} requires y to be passed, but the target y is None; pass the "
+            f"source labels with unlabelled={unlabelled!r} marking the target rows"
+        )
+    labels = np.asarray(to_host(y))
+    if labels.ndim != 1 or labels.shape[0] != n:
+        raise ValueError(f"y: expected {n} labels to match X, got shape {labels.shape}")
+    target = np.asarray(labels == unlabelled, dtype=bool).reshape(n)
+    source = ~target
+    for mask, domain, how in (
+        (target, "target", f"labelled unlabelled={unlabelled!r}"),
+        (source, "source", f"labelled other than unlabelled={unlabelled!r}"),
+    ):
+        if int(mask.sum()) < minimum:
+            raise ValueError(
+                f"y: {estimator} expected at least {minimum} {domain} rows ({how}), got "
+                f"{int(mask.sum())}; stack source and target rows in X"
+            )
+    return source, target
