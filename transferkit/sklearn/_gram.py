@@ -1,9 +1,9 @@
-"""Gram matrices for the estimators: named kernels in scikit-learn's terms, computed in torch.
+"""Gram matrices for the estimators: kernel names in scikit-learn's terms, one engine.
 
-One engine for every estimator ([`TorchKernelSVC`][transferkit.sklearn.TorchKernelSVC]
-and [`TCA`][transferkit.sklearn.TCA]): a named kernel is the
-[`transferkit.kernels`][] object with the matching bandwidth (`named_kernel`),
-and `gram_matrix` evaluates it, or any user kernel callable, in row blocks.
+[`TorchKernelSVC`][transferkit.sklearn.TorchKernelSVC] and [`TCA`][transferkit.sklearn.TCA]
+turn a kernel name into the [`transferkit.kernels`][] object with the matching bandwidth
+(`named_kernel`, one definition per name) and compute every Gram matrix, named kernel or
+user callable, with [`transferkit.kernels.gram`][] (`gram_matrix`).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from ..kernels import (
     LaplacianKernel,
     LinearKernel,
     PolynomialKernel,
+    gram,
     rescale_factor,
 )
-from ._inputs import row_chunks
 
 KernelName = Literal["rbf", "linear", "poly", "laplacian", "multi_rbf"]
 KernelFunction = Callable[[Tensor, Tensor], Tensor]
@@ -128,6 +128,15 @@ def _informative_columns(x: np.ndarray, y: np.ndarray | None, distance: bool) ->
     return index
 
 
+def _column_free(kernel: object) -> bool:
+    """Whether ``kernel``'s parameters are fixed, independent of the data and its width."""
+    if isinstance(kernel, (GaussianKernel, LaplacianKernel)):
+        return kernel.bandwidth is not None
+    if isinstance(kernel, PolynomialKernel):
+        return kernel.gamma is not None
+    return isinstance(kernel, LinearKernel)
+
+
 def gram_matrix(
     kernel: Kernel | KernelFunction,
     x: np.ndarray,
@@ -137,109 +146,25 @@ def gram_matrix(
     dtype: torch.dtype,
     chunk_size: int,
 ) -> np.ndarray:
-    """``kernel(x, y)`` (``y=None``: ``x``) as a float64 ``(N, M)`` array, in row blocks.
+    """``kernel(x, y)`` (``y=None``: ``x``) as a float64 ``(N, M)`` array.
 
-    A [`transferkit.kernels`][] object made by `named_kernel` takes the blocked
-    path of `_kernel_gram`; any other callable is evaluated on row blocks of
-    ``chunk_size`` rows against all of ``y`` and must return ``(rows, M)`` blocks.
+    The matrix is [`transferkit.kernels.gram`][]'s (row strips on ``device`` in
+    ``dtype``, written into a float64 host matrix; for ``y=None`` the upper triangle,
+    mirrored). For kernels with fixed parameters, columns that cannot change a kernel
+    value are left out of the matrix products first (see `_informative_columns`).
     """
-    if isinstance(kernel, (GaussianKernel, LaplacianKernel, LinearKernel, PolynomialKernel)):
-        return _kernel_gram(kernel, x, y, device=device, dtype=dtype, chunk_size=chunk_size)
+    if _column_free(kernel):
+        distance = getattr(kernel, "family", "") == "distance"
+        columns = _informative_columns(x, y, distance)
+        if columns is not None:
+            x = x[:, columns]
+            y = None if y is None else y[:, columns]
     xt = _to_tensor(x, device, dtype)
-    yt = xt if y is None else _to_tensor(y, device, dtype)
-    out = np.empty((x.shape[0], yt.shape[0]), dtype=np.float64)
-    with torch.inference_mode():
-        for rows in row_chunks(x.shape[0], chunk_size):
-            block = kernel(xt[rows], yt)
-            if block.shape != (rows.stop - rows.start, yt.shape[0]):
-                raise ValueError(
-                    f"kernel: expected a ({rows.stop - rows.start}, {yt.shape[0]}) matrix, "
-                    f"got shape {tuple(block.shape)}"
-                )
-            out[rows] = block.to("cpu", torch.float64).numpy()
-    return out
-
-
-def _kernel_gram(
-    kernel: Kernel,
-    x: np.ndarray,
-    y: np.ndarray | None,
-    *,
-    device: torch.device,
-    dtype: torch.dtype,
-    chunk_size: int,
-) -> np.ndarray:
-    """``kernel(x, y)`` (``y=None``: ``x``) as a float64 array, from the kernel's own formula.
-
-    The base matrix (squared distances in GEMM form after centring, or inner products) is
-    computed in row strips of ``chunk_size``; the kernel values come from
-    ``kernel.from_base`` of [`transferkit.kernels`][], applied to cache-sized tiles (fresh
-    allocations of whole strips cost more than the arithmetic on the CPU). For ``y=None``
-    only the upper triangle is computed (the strip ``[a:b, a:]``) and mirrored: half the
-    matrix product, an exactly symmetric matrix, self-distances exactly zero. On the CPU in
-    float64 the strips are written straight into the result (no copies).
-    """
-    distance = kernel.family == "distance"
-    with torch.inference_mode():
-        # fixed parameters (no data dependence), from inputs of the full width
-        state = kernel.prepare(torch.as_tensor(x[:1]).to(device, dtype))
-    columns = _informative_columns(x, y, distance)
-    if columns is not None:
-        x = x[:, columns]
-        y = None if y is None else y[:, columns]
-    xt = _to_tensor(x, device, dtype)
-    yt = xt if y is None else _to_tensor(y, device, dtype)
-    if distance:
-        # Centring leaves distances unchanged and avoids cancellation in the GEMM form.
-        centre = yt.mean(0)
-        xt = xt - centre
-        yt = xt if y is None else yt - centre
-    n, m = xt.shape[0], yt.shape[0]
+    yt = None if y is None else _to_tensor(y, device, dtype)
     # torch's allocator, not NumPy's: NumPy advises huge pages for large arrays, which made
     # the first touch of an (n, n) Gram matrix 4-5x slower on the sandboxed build machine
     # (5 s vs 1 s for 800 MB); libsvm reads the memory through the NumPy view either way.
-    host = torch.empty((n, m), dtype=torch.float64)
+    host = torch.empty((x.shape[0], x.shape[0] if y is None else y.shape[0]), dtype=torch.float64)
+    gram(xt, yt, kernel, chunk_size=chunk_size, out=host)
     out: np.ndarray = host.numpy()
-    direct = device.type == "cpu" and dtype == torch.float64
-    with torch.inference_mode():
-        x_norm = (xt * xt).sum(1)  # used by the distance kernels only
-        y_norm = x_norm if y is None else (yt * yt).sum(1)
-        tile = max(1, (1 << 18) // max(m, 1)) if device.type == "cpu" else chunk_size
-        # Symmetric case: strips of at most 256 rows, so that the diagonal blocks (computed
-        # whole, then overwritten by the mirror) add little to the matrix product.
-        height = chunk_size if y is not None else min(chunk_size, 256)
-        for rows in row_chunks(n, height):
-            start = rows.start if y is None else 0  # the upper triangle only
-            # -2 is a power of two: scaling x first is exact and saves a pass.
-            left = xt[rows] * -2.0 if distance else xt[rows]
-            right = yt[start:].T
-            if direct:
-                strip = torch.mm(left, right, out=host[rows, start:])
-            else:
-                strip = torch.mm(left, right)
-            if distance:
-                strip.add_(x_norm[rows, None]).add_(y_norm[start:]).clamp_(min=0.0)
-                if y is None:
-                    strip.diagonal().zero_()
-            for part in row_chunks(strip.shape[0], tile):
-                strip[part] = kernel.from_base(strip[part], state)
-            if not direct:
-                host[rows, start:] = strip.to("cpu", torch.float64)
-            if y is None:
-                _mirror_rows(host, rows)
     return out
-
-
-def _mirror_rows(gram: Tensor, rows: slice, band: int = 256) -> None:
-    """Copy the upper triangle of ``gram[rows]`` below the diagonal, in bands of rows.
-
-    Band by band, the rows right of the band's diagonal tile become the columns below it
-    (this also overwrites the matrix product's own lower triangle inside the diagonal
-    block, so the result is exactly symmetric); only the small diagonal tiles need a mask.
-    """
-    for part in row_chunks(rows.stop - rows.start, band):
-        a, b = rows.start + part.start, rows.start + part.stop
-        gram[b:, a:b] = gram[a:b, b:].T
-        tile = gram[a:b, a:b]
-        lower = torch.ones(b - a, b - a, dtype=torch.bool).tril_(-1)
-        tile[lower] = tile.T[lower]
