@@ -397,6 +397,18 @@ rows(
 option_rows(
     "losses.JointMMDLoss", lambda v: losses.JointMMDLoss([kernels.LinearKernel()], v), "estimator"
 )
+positive_rows(
+    "losses.JointMMDLoss",
+    lambda v: losses.JointMMDLoss([kernels.LinearKernel()], chunk_size=v),
+    "chunk_size",
+    integer=True,
+)
+positive_rows(
+    "losses.joint_mmd",
+    lambda v: losses.joint_mmd([feats()], [feats(seed=1)], [kernels.LinearKernel()], chunk_size=v),
+    "chunk_size",
+    integer=True,
+)
 pair_rows(
     "losses.distillation",
     losses.distillation,

@@ -172,3 +172,15 @@ def test_kernel_gradients_at_magnitude_1e20_are_finite_and_rescaled(name: str) -
         ux = torch.from_numpy(x / 1e20).float().requires_grad_(True)
         KERNELS[name](ux, torch.from_numpy(y / 1e20).float()).sum().backward()
         torch.testing.assert_close(tx.grad * 1e20, ux.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_public_objects_report_the_package_and_pickle_through_it() -> None:
+    import pickle
+
+    for name in tk.kernels.__all__:
+        assert getattr(tk.kernels, name).__module__ == "transferkit.kernels", name
+    kernel = GaussianKernel(bandwidth=2.0, multipliers=(1.0, 2.0))
+    data = pickle.dumps(kernel)
+    assert b"transferkit.kernels._" not in data
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(pickle.loads(data)(x, x), kernel(x, x))

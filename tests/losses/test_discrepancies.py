@@ -1,0 +1,542 @@
+"""Tests of transferkit/losses/_discrepancies.py: MMD, joint MMD and CORAL."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from scipy.spatial.distance import cdist
+from scipy.special import softmax
+from torch import nn
+
+import transferkit as tk
+from transferkit import losses as L
+from transferkit.kernels import (
+    GaussianKernel,
+    Kernel,
+    LaplacianKernel,
+    LinearKernel,
+    PolynomialKernel,
+)
+
+from .references import (
+    ESTIMATORS,
+    FP32_MAX,
+    KERNELS,
+    MAGNITUDES,
+    MULTIPLIERS,
+    finite_rows,
+    fp32_sample,
+    max_gram,
+    ref_mmd,
+    sample,
+    train_digits_mlp,
+)
+
+# ----------------------------------------------------------------- MMD correctness
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("name", list(KERNELS))
+def test_mmd_matches_numpy_reference(name: str, estimator: str) -> None:
+    s, t = sample(24, 24 if estimator == "linear" else 17)
+    got = L.mmd(torch.from_numpy(s), torch.from_numpy(t), KERNELS[name], estimator)
+    assert got.dtype == torch.float64 and got.shape == ()
+    np.testing.assert_allclose(float(got), ref_mmd(name, s, t, estimator), rtol=1e-6)
+
+
+@pytest.mark.parametrize("estimator", ["biased", "unbiased"])
+@pytest.mark.parametrize("name", list(KERNELS))
+def test_weighted_mmd_matches_numpy_reference(name: str, estimator: str) -> None:
+    s, t = sample(15, 11, seed=3)
+    rng = np.random.default_rng(4)
+    ws, wt = rng.uniform(0.1, 2.0, 15), rng.uniform(0.1, 2.0, 11)
+    got = L.mmd(
+        torch.from_numpy(s),
+        torch.from_numpy(t),
+        KERNELS[name],
+        estimator,
+        source_weights=torch.from_numpy(ws),
+        target_weights=torch.from_numpy(wt),
+    )
+    np.testing.assert_allclose(float(got), ref_mmd(name, s, t, estimator, ws, wt), rtol=1e-6)
+
+
+def test_uniform_weights_give_the_unweighted_estimate() -> None:
+    s, t = torch.randn(12, 3), torch.randn(8, 3)
+    plain = L.mmd(s, t)
+    weighted = L.mmd(s, t, source_weights=torch.full((12,), 3.0), target_weights=torch.ones(8))
+    torch.testing.assert_close(plain, weighted)
+
+
+# ----------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize(
+    "kernel",
+    [
+        GaussianKernel(bandwidth=1.3),
+        LaplacianKernel(bandwidth=2.0),
+        LinearKernel(),
+        PolynomialKernel(degree=3),
+    ],
+    ids=["gaussian", "laplacian", "linear", "polynomial"],
+)
+def test_mmd_gradcheck_float64(kernel: Kernel, estimator: str) -> None:
+    n, m = (8, 8) if estimator == "linear" else (7, 5)
+    s = torch.randn(n, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(m, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: L.mmd(a, b, kernel, estimator), (s, t))
+    if estimator != "linear":
+        w = torch.rand(n, dtype=torch.float64).add(0.1).requires_grad_()
+        assert torch.autograd.gradcheck(
+            lambda a, b, ws: L.mmd(a, b, kernel, estimator, source_weights=ws), (s, t, w)
+        )
+        assert torch.autograd.gradcheck(
+            lambda a, b: L.mmd(a, b, kernel, estimator, chunk_size=3), (s, t)
+        )
+
+
+def test_joint_mmd_gradcheck_float64() -> None:
+    s = [torch.randn(6, 3, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    t = [torch.randn(5, 3, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    kernels = [GaussianKernel(bandwidth=1.0), LinearKernel()]
+    for estimator in ("biased", "unbiased"):
+
+        def loss(*x: torch.Tensor, estimator: str = estimator) -> torch.Tensor:
+            return L.joint_mmd([x[0], x[1]], [x[2], x[3]], kernels, estimator)  # type: ignore[arg-type]
+
+        assert torch.autograd.gradcheck(loss, (*s, *t))
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        lambda a, b: L.coral(a, b),
+        lambda a, b: L.distillation(a, b[: a.shape[0]], temperature=2.0),
+        lambda a, b: L.entropy(a) + L.entropy(b),
+        lambda a, b: L.bss(a, k=2) + L.bss(b),
+    ],
+    ids=["coral", "distillation", "entropy", "bss"],
+)
+def test_other_losses_gradcheck_float64(loss: Callable[..., torch.Tensor]) -> None:
+    a = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(loss, (a, b))
+
+
+@given(x=finite_rows)
+def test_biased_mmd_of_a_sample_with_itself_is_zero(x: np.ndarray) -> None:
+    xt = torch.from_numpy(x)
+    for kernel in KERNELS.values():
+        # GEMM-form distances of duplicate points are ~1e-16, not 0; the Laplacian's sqrt
+        # turns that into ~1e-8, the others keep it at rounding level.
+        tol = 1e-7 if isinstance(kernel, LaplacianKernel) else 1e-10
+        scale = max(1.0, float(kernel(xt, xt).abs().max()))
+        assert abs(float(L.mmd(xt, xt, kernel, "biased"))) < tol * scale
+
+
+@given(x=finite_rows, seed=st.integers(0, 2**16))
+def test_mmd_is_symmetric_and_permutation_invariant(x: np.ndarray, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    y = rng.normal(size=(int(rng.integers(2, 10)), x.shape[1])) + rng.normal()
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    px, py = torch.from_numpy(rng.permutation(len(x))), torch.from_numpy(rng.permutation(len(y)))
+    for estimator in ("biased", "unbiased"):
+        value = float(L.mmd(xt, yt, estimator=estimator))
+        assert float(L.mmd(yt, xt, estimator=estimator)) == pytest.approx(value, abs=1e-10)
+        permuted = float(L.mmd(xt[px], yt[py], estimator=estimator))
+        assert permuted == pytest.approx(value, abs=1e-10)
+
+
+@given(x=finite_rows, y=finite_rows)
+def test_biased_mmd_is_nonnegative(x: np.ndarray, y: np.ndarray) -> None:
+    if x.shape[1] != y.shape[1]:
+        y = np.resize(y, (y.shape[0], x.shape[1]))
+    for kernel in KERNELS.values():
+        assert float(L.mmd(torch.from_numpy(x), torch.from_numpy(y), kernel, "biased")) > -1e-9
+
+
+@given(seed=st.integers(0, 2**16), dim=st.integers(1, 6))
+def test_mmd_grows_with_a_mean_shift(seed: int, dim: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    s = torch.randn(128, dim, generator=gen, dtype=torch.float64)
+    direction = torch.nn.functional.normalize(
+        torch.randn(dim, generator=gen, dtype=torch.float64), dim=0
+    )
+    kernel = GaussianKernel(bandwidth=float(np.sqrt(2 * dim)))  # fixed: the heuristic adapts
+    for estimator in ("biased", "unbiased"):
+        values = [
+            float(L.mmd(s, s + shift * direction, kernel, estimator))
+            for shift in (0.0, 0.5, 1.0, 2.0)
+        ]
+        assert values == sorted(values) and values[-1] > values[0] + 0.1
+
+
+@given(x=finite_rows, shift=st.floats(-10, 10), seed=st.integers(0, 100))
+def test_coral_is_zero_for_identical_covariances(x: np.ndarray, shift: float, seed: int) -> None:
+    perm = np.random.default_rng(seed).permutation(len(x))
+    value = L.coral(torch.from_numpy(x), torch.from_numpy(x[perm] + shift))
+    assert abs(float(value)) < 1e-9
+
+
+# ----------------------------------------------------------------- precision
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("name", list(KERNELS))
+def test_mmd_under_bf16_autocast_is_finite_and_close_to_fp32(name: str, estimator: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    s = torch.randn(64, 32, generator=gen)
+    t = torch.randn(64, 32, generator=gen) + 0.5
+    layer = nn.Linear(32, 32)
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(32))
+        layer.bias.zero_()
+    reference = L.mmd(layer(s), layer(t), KERNELS[name], estimator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fs, ft = layer(s), layer(t)
+        assert fs.dtype == torch.bfloat16
+        low = L.mmd(fs, ft, KERNELS[name], estimator)
+    assert low.dtype == torch.float32 and bool(torch.isfinite(low))
+    # bf16 rounding of the inputs themselves is ~0.4%; the loss must stay within 1e-2.
+    assert low.item() == pytest.approx(reference.item(), rel=1e-2)
+
+
+def test_other_losses_under_bf16_autocast_stay_close_to_fp32() -> None:
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randn(32, 8, generator=gen), torch.randn(32, 8, generator=gen) * 2
+    pairs = [
+        (L.coral, (a, b)),
+        (L.distillation, (a, b)),
+        (L.entropy, (a,)),
+        (lambda x: L.bss(x, k=2), (a,)),
+    ]
+    for fn, args in pairs:
+        ref = fn(*args)
+        out = fn(*(x.bfloat16() for x in args))
+        assert out.dtype == torch.float32
+        assert float(out) == pytest.approx(float(ref), rel=1e-2)
+
+
+# ----------------------------------------------------------------- joint MMD
+
+
+def test_joint_mmd_matches_numpy_product_kernel_reference() -> None:
+    rng = np.random.default_rng(7)
+    s1, t1 = rng.normal(size=(10, 4)), rng.normal(size=(8, 4)) + 0.3
+    s2, t2 = softmax(rng.normal(size=(10, 3)), 1), softmax(rng.normal(size=(8, 3)), 1)
+    z1, z2 = np.concatenate([s1, t1]), np.concatenate([s2, t2])
+    d1 = cdist(z1, z1, "sqeuclidean")
+    sigma2 = d1[~np.eye(18, dtype=bool)].mean()
+    k = sum(np.exp(-d1 / (2 * m * sigma2)) for m in MULTIPLIERS) * np.exp(
+        -cdist(z2, z2, "sqeuclidean") / (2 * 0.92**2)
+    )
+    n, m = 10, 8
+    kss, ktt, kst = k[:n, :n], k[n:, n:], k[:n, n:]
+    unbiased = (
+        (kss.sum() - np.trace(kss)) / (n * (n - 1))
+        + (ktt.sum() - np.trace(ktt)) / (m * (m - 1))
+        - 2 * kst.mean()
+    )
+    loss = L.JointMMDLoss([GaussianKernel(), GaussianKernel(bandwidth=0.92, multipliers=(1.0,))])
+    got = loss(
+        [torch.from_numpy(s1), torch.from_numpy(s2)], [torch.from_numpy(t1), torch.from_numpy(t2)]
+    )
+    np.testing.assert_allclose(float(got), unbiased, rtol=1e-6)
+
+
+def test_joint_mmd_with_one_layer_equals_mmd() -> None:
+    s, t = torch.randn(12, 5, dtype=torch.float64), torch.randn(12, 5, dtype=torch.float64)
+    for estimator in ESTIMATORS:
+        torch.testing.assert_close(
+            L.joint_mmd([s], [t], [GaussianKernel()], estimator),
+            L.mmd(s, t, GaussianKernel(), estimator),
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mmd_and_joint_mmd_under_half_autocast_stay_within_one_percent(
+    dtype: torch.dtype,
+) -> None:
+    gen = torch.Generator().manual_seed(5)
+    s, t = torch.randn(96, 32, generator=gen), torch.randn(80, 32, generator=gen) + 0.4
+    ps, pt = (
+        torch.softmax(torch.randn(96, 7, generator=gen), 1),
+        torch.softmax(torch.randn(80, 7, generator=gen), 1),
+    )
+    layer = nn.Linear(32, 32)
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(32))
+        layer.bias.zero_()
+    kernels = [GaussianKernel(), GaussianKernel(bandwidth=0.92, multipliers=(1.0,))]
+    reference = [
+        L.mmd(layer(s), layer(t)),
+        L.joint_mmd([layer(s), ps], [layer(t), pt], kernels),
+    ]
+    with torch.autocast("cpu", dtype=dtype):
+        fs, ft = layer(s), layer(t)
+        assert fs.dtype == dtype
+        low = [L.mmd(fs, ft), L.joint_mmd([fs, ps.to(dtype)], [ft, pt.to(dtype)], kernels)]
+    for got, want in zip(low, reference, strict=True):
+        assert got.dtype == torch.float32
+        assert got.item() == pytest.approx(want.item(), rel=1e-2)
+
+
+def test_joint_mmd_validates_layers() -> None:
+    s, t = [torch.randn(6, 3), torch.randn(6, 2)], [torch.randn(5, 3), torch.randn(5, 2)]
+    kernels = [GaussianKernel(), LinearKernel()]
+    with pytest.raises(ValueError, match="number of layers"):
+        L.joint_mmd(s, t[:1], kernels)
+    with pytest.raises(ValueError, match="batch sizes"):
+        L.joint_mmd(s, [t[0], torch.randn(4, 2)], kernels)
+    with pytest.raises(TypeError, match="list"):
+        L.joint_mmd(s[0], t[0], kernels)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="kernels"):
+        L.JointMMDLoss(GaussianKernel())  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------- other losses
+
+
+def test_coral_matches_numpy_reference() -> None:
+    rng = np.random.default_rng(5)
+    s, t = rng.normal(size=(20, 6)), rng.normal(size=(14, 6)) * 1.5
+    d = 6
+    ref = ((np.cov(s, rowvar=False) - np.cov(t, rowvar=False)) ** 2).sum() / (4 * d * d)
+    got = L.CORALLoss()(torch.from_numpy(s), torch.from_numpy(t))
+    np.testing.assert_allclose(float(got), ref, rtol=1e-6)
+
+
+# ----------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: L.mmd(torch.randn(4, 3), torch.randn(4, 2)), ValueError, "feature shape"),
+        (lambda: L.mmd(torch.randn(4), torch.randn(4)), ValueError, "2-D"),
+        (lambda: L.mmd(torch.randn(1, 3), torch.randn(4, 3)), ValueError, "at least 2"),
+        (
+            lambda: L.mmd(torch.randn(4, 3), torch.randn(4, 3), estimator="fast"),
+            ValueError,
+            "estimator",
+        ),
+        (
+            lambda: L.mmd(torch.randn(4, 3), torch.randn(4, 3), estimator="unbaised"),
+            ValueError,
+            "did you mean",
+        ),
+        (lambda: L.mmd(torch.full((4, 3), float("nan")), torch.randn(4, 3)), ValueError, "finite"),
+        (lambda: L.mmd(torch.randn(4, 3), torch.randn(4, 3).double()), TypeError, "dtype"),
+        (
+            lambda: L.mmd(torch.randn(4, 3), torch.randn(5, 3), estimator="linear"),
+            ValueError,
+            "equal batch",
+        ),
+        (lambda: L.mmd(torch.randn(4, 3), torch.randn(4, 3), kernel="rbf"), TypeError, "Kernel"),
+        (
+            lambda: L.mmd(torch.randn(4, 3), torch.randn(4, 3), source_weights=torch.ones(3)),
+            ValueError,
+            "4 weights",
+        ),
+        (
+            lambda: L.mmd(torch.randn(4, 3), torch.randn(4, 3), source_weights=-torch.ones(4)),
+            ValueError,
+            "non-negative",
+        ),
+        (
+            lambda: L.mmd(
+                torch.randn(4, 3), torch.randn(4, 3), source_weights=torch.tensor([1.0, 0, 0, 0])
+            ),
+            ValueError,
+            "two samples",
+        ),
+        (
+            lambda: L.mmd(
+                torch.randn(4, 3), torch.randn(4, 3), "linear", source_weights=torch.ones(4)
+            ),
+            TypeError,
+            "Kernel",
+        ),
+        (
+            lambda: L.mmd(
+                torch.randn(4, 3),
+                torch.randn(4, 3),
+                estimator="linear",
+                source_weights=torch.ones(4),
+            ),
+            ValueError,
+            "linear",
+        ),
+        (
+            lambda: L.mmd(torch.randn(4, 3), torch.randn(4, 3), chunk_size=0),
+            ValueError,
+            "chunk_size",
+        ),
+        (lambda: L.MMDLoss(estimator="nope"), ValueError, "estimator"),
+        (lambda: L.coral(torch.randn(1, 3), torch.randn(4, 3)), ValueError, "at least 2"),
+        (lambda: L.coral(torch.randn(4, 3), torch.randn(4, 2)), ValueError, "feature shape"),
+        (lambda: L.distillation(torch.randn(4, 3), torch.randn(4, 2)), ValueError, "shape"),
+        (
+            lambda: L.distillation(torch.randn(4, 3), torch.randn(4, 3), temperature=0),
+            ValueError,
+            "temperature",
+        ),
+        (lambda: L.entropy(torch.randn(4)), ValueError, "2-D"),
+        (lambda: L.entropy(torch.tensor([[float("inf"), 0.0]])), ValueError, "finite"),
+        (lambda: L.bss(torch.randn(4, 3), k=4), ValueError, "at most"),
+        (lambda: L.bss(torch.randn(4, 3), k=0), ValueError, "k"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(
+    call: Callable[[], object], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_biased_estimator_accepts_single_samples() -> None:
+    assert float(L.mmd(torch.zeros(1, 2), torch.ones(1, 2), GaussianKernel(1.0), "biased")) > 0
+
+
+def test_losses_do_not_modify_their_inputs() -> None:
+    s, t = torch.randn(8, 3), torch.randn(6, 3)
+    s_copy, t_copy = s.clone(), t.clone()
+    for estimator in ("biased", "unbiased"):
+        L.mmd(s, t, estimator=estimator)
+    L.coral(s, t)
+    assert torch.equal(s, s_copy) and torch.equal(t, t_copy)
+
+
+def test_mmd_module_repr_and_exports() -> None:
+    loss = tk.losses.MMDLoss(LinearKernel(), "biased")
+    assert "LinearKernel" in repr(loss) and "biased" in repr(loss)
+    assert float(loss(torch.zeros(3, 2), torch.ones(3, 2))) == pytest.approx(2.0)
+
+
+@pytest.mark.slow
+def test_mmd_term_improves_target_accuracy_on_rotated_digits() -> None:
+    task = tk.datasets.digits("rotate", size=8, seed=0).flat()
+    source_only = train_digits_mlp(task, 0.0)
+    adapted = train_digits_mlp(task, 1.0)
+    # measured: 0.22 -> 0.45 (seed 0); require a clear margin, not the exact numbers
+    assert adapted > source_only + 0.1, (source_only, adapted)
+
+
+def test_mmd_between_source_and_rotated_target_exceeds_two_source_halves() -> None:
+    task = tk.datasets.digits("rotate", size=8, seed=0).flat()
+    half = task.source_x.shape[0] // 2
+    within = float(L.mmd(task.source_x[:half], task.source_x[half : 2 * half]))
+    across = float(L.mmd(task.source_x[:half], task.target_x[:half]))
+    assert across > 5 * max(within, 1e-4), (within, across)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast", "fp16-autocast"])
+@pytest.mark.parametrize("magnitude", list(MAGNITUDES))
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("name", list(KERNELS))
+def test_mmd_at_extreme_magnitudes_matches_float64_or_raises_clearly(
+    name: str, estimator: str, magnitude: str, precision: str
+) -> None:
+    # 1e20 features used to give NaN silently (and 1e-20 lost its precision).
+    s, t = fp32_sample(magnitude, 12, 12 if estimator == "linear" else 9)
+    source = torch.from_numpy(s).float().requires_grad_(True)
+    target = torch.from_numpy(t).float()
+    context = torch.autocast(
+        "cpu",
+        dtype=torch.float16 if precision == "fp16-autocast" else torch.bfloat16,
+        enabled=precision != "fp32",
+    )
+    with context:
+        if max_gram(name, s, t) * 16 >= FP32_MAX:  # the true kernel values do not fit
+            with pytest.raises(ValueError, match="source and target: expected features whose"):
+                L.mmd(source, target, KERNELS[name], estimator)
+            return
+        got = L.mmd(source, target, KERNELS[name], estimator)
+    expected = ref_mmd(name, s, t, estimator)
+    assert got.dtype == torch.float32 and bool(torch.isfinite(got))
+    # With a fixed bandwidth of 1.7 and rows of order 1 next to rows of order 1e20, the
+    # order-one distances are below the GEMM form's resolution (1e-7 of the spread in
+    # fp32, 1e-16 in fp64): such a value is finite but not comparable to the reference.
+    if not (magnitude == "mixed" and name == "laplacian"):
+        tolerance = 1e-5 * max_gram(name, s, t)
+        np.testing.assert_allclose(float(got.detach()), expected, rtol=1e-4, atol=tolerance)
+    got.backward()
+    assert source.grad is not None and bool(torch.isfinite(source.grad).all())
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_mmd_gradient_at_magnitude_1e20_is_the_rescaled_unit_gradient(estimator: str) -> None:
+    s, t = sample(10, 10, d=4, seed=2)
+    big = torch.from_numpy(s * 1e20).float().requires_grad_(True)
+    unit = torch.from_numpy(s).float().requires_grad_(True)
+    value_big = L.mmd(big, torch.from_numpy(t * 1e20).float(), estimator=estimator)
+    value_unit = L.mmd(unit, torch.from_numpy(t).float(), estimator=estimator)
+    torch.testing.assert_close(value_big, value_unit, rtol=1e-5, atol=1e-6)
+    value_big.backward()
+    value_unit.backward()
+    assert big.grad is not None and unit.grad is not None
+    torch.testing.assert_close(big.grad * 1e20, unit.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("magnitude", list(MAGNITUDES))
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_joint_mmd_at_extreme_magnitudes_is_finite_and_matches_float64(
+    estimator: str, magnitude: str
+) -> None:
+    s1, t1 = fp32_sample(magnitude, 10, 10)
+    rng = np.random.default_rng(1)
+    s2 = softmax(rng.normal(size=(10, 3)), 1).astype(np.float32).astype(np.float64)
+    t2 = softmax(rng.normal(size=(10, 3)), 1).astype(np.float32).astype(np.float64)
+    kernels = [GaussianKernel(), GaussianKernel(bandwidth=0.92, multipliers=(1.0,))]
+    loss = L.JointMMDLoss(kernels, estimator=estimator)
+    got = loss(
+        [torch.from_numpy(s1).float(), torch.from_numpy(s2).float()],
+        [torch.from_numpy(t1).float(), torch.from_numpy(t2).float()],
+    )
+    # Reference: the same loss in float64, where these magnitudes are harmless.
+    expected = L.joint_mmd(
+        [torch.from_numpy(s1), torch.from_numpy(s2)],
+        [torch.from_numpy(t1), torch.from_numpy(t2)],
+        kernels,
+        estimator,
+    )
+    assert bool(torch.isfinite(got))
+    np.testing.assert_allclose(float(got), float(expected), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1e-20, 1e8, 3e9, 1e10, 1e20])
+def test_coral_at_extreme_magnitudes_matches_float64_or_raises_clearly(scale: float) -> None:
+    # Covariance products grow as |x|^4: fp32 CORAL overflowed to inf from about 1e9 on.
+    s, t = sample(16, 12, d=4, seed=9)
+    s = (s * scale).astype(np.float32).astype(np.float64)
+    t = (t * scale).astype(np.float32).astype(np.float64)
+    expected = float(L.coral(torch.from_numpy(s), torch.from_numpy(t)))  # float64: no overflow
+    source, target = torch.from_numpy(s).float(), torch.from_numpy(t).float()
+    if expected >= FP32_MAX:
+        with pytest.raises(ValueError, match="source and target: expected features whose CORAL"):
+            L.coral(source, target)
+        return
+    got = L.coral(source.requires_grad_(True), target)
+    np.testing.assert_allclose(float(got.detach()), expected, rtol=1e-4, atol=1e-38)
+    got.backward()
+    assert source.grad is not None and bool(torch.isfinite(source.grad).all())
+
+
+def test_public_objects_report_the_package_and_pickle_through_it() -> None:
+    # Cache fingerprints and pickles name a class by its module: the public package, as
+    # before the split into private files.
+    import pickle
+
+    for name in L.__all__:
+        assert getattr(L, name).__module__ == "transferkit.losses", name
+    loss = L.JointMMDLoss([GaussianKernel(bandwidth=1.0), LinearKernel()], chunk_size=4)
+    again = pickle.loads(pickle.dumps(loss))
+    assert repr(again) == repr(loss) and again.chunk_size == 4
+    assert b"transferkit.losses._" not in pickle.dumps(loss)

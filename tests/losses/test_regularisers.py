@@ -1,0 +1,171 @@
+"""Tests of transferkit/losses/_regularisers.py: AFN, BSS and L2-SP."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from transferkit import losses as L
+
+from .references import (
+    FP32_MAX,
+    TwoLayer,
+    finite_rows,
+    numeric_gradient,
+)
+
+
+def test_bss_is_the_sum_of_the_k_smallest_squared_singular_values() -> None:
+    f = np.random.default_rng(9).normal(size=(12, 5))
+    sv = np.linalg.svd(f, compute_uv=False)
+    for k in (1, 3, 5):
+        expected = np.sort(sv**2)[:k].sum()
+        np.testing.assert_allclose(float(L.bss(torch.from_numpy(f), k=k)), expected, rtol=1e-6)
+
+
+def test_l2sp_penalises_distance_to_anchor_and_decays_excluded() -> None:
+    torch.manual_seed(0)
+    net = TwoLayer()
+    reg = L.L2SP(net, alpha=0.3, beta=0.2, exclude=["fc"])
+    assert reg.anchored == ["body.weight", "body.bias"]
+    assert reg.excluded == ["fc.weight", "fc.bias"]
+    anchors = {n: p.detach().clone() for n, p in net.named_parameters()}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p))
+    params = dict(net.named_parameters())
+    expected = 0.15 * sum(((params[n] - anchors[n]) ** 2).sum() for n in reg.anchored)
+    expected = expected + 0.1 * sum((params[n] ** 2).sum() for n in reg.excluded)
+    torch.testing.assert_close(reg(), expected)
+    reg().backward()
+    assert net.frozen.weight.grad is None and net.body.weight.grad is not None
+
+
+def test_l2sp_anchors_save_and_load_with_state_dict() -> None:
+    torch.manual_seed(0)
+    net = TwoLayer()
+    reg = L.L2SP(net, exclude=["fc.*"])
+    state = reg.state_dict()
+    assert set(state) == {"body__weight", "body__bias"}
+    other = L.L2SP(TwoLayer(), exclude=["fc.*"])
+    other.load_state_dict(state)
+    torch.testing.assert_close(other.body__weight, net.body.weight.detach())
+
+
+def test_l2sp_follows_the_model_to_another_dtype() -> None:
+    net = TwoLayer()
+    reg = L.L2SP(net)
+    net.double()
+    reg.double()
+    value = reg()
+    assert value.dtype == torch.float64 and value.item() == 0.0
+
+
+def test_l2sp_rejects_unknown_exclude_patterns_and_negative_strength() -> None:
+    with pytest.raises(ValueError, match="matches no trainable"):
+        L.L2SP(TwoLayer(), exclude=["head*"])
+    with pytest.raises(ValueError, match="alpha"):
+        L.L2SP(TwoLayer(), alpha=-1.0)
+
+
+def test_l2sp_keeps_the_model_out_of_its_parameters() -> None:
+    reg = L.L2SP(TwoLayer())
+    assert list(reg.parameters()) == []
+
+
+def test_safn_value_is_delta_squared_and_gradient_grows_every_norm() -> None:
+    rng = np.random.default_rng(8)
+    f = rng.normal(size=(6, 4))
+    features = torch.from_numpy(f).requires_grad_(True)
+    value = L.adaptive_feature_norm(features, delta=0.7)
+    assert float(value) == pytest.approx(0.49, abs=1e-12)
+    value.backward()
+    assert features.grad is not None
+    # d/df of mean((sg(h) + delta - h)^2) = -2 delta / N * f / ||f||, from the paper's eq. 3
+    norms = np.linalg.norm(f, axis=1, keepdims=True)
+    np.testing.assert_allclose(features.grad.numpy(), -2 * 0.7 / 6 * f / norms, rtol=1e-10)
+    stepped = features.detach() - 0.1 * features.grad
+    assert bool((stepped.norm(dim=1) > features.detach().norm(dim=1)).all())
+
+
+def test_hafn_matches_numpy_reference_and_gradcheck_float64() -> None:
+    f = np.random.default_rng(9).normal(size=(5, 3)) * 4.0
+
+    def ref(x: np.ndarray) -> float:
+        return float((np.linalg.norm(x, axis=1).mean() - 3.0) ** 2)
+
+    features = torch.from_numpy(f).requires_grad_(True)
+    value = L.adaptive_feature_norm(features, radius=3.0)
+    np.testing.assert_allclose(float(value), ref(f), rtol=1e-12)
+    value.backward()
+    assert features.grad is not None
+    np.testing.assert_allclose(features.grad.numpy(), numeric_gradient(ref, f), rtol=1e-5)
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: L.adaptive_feature_norm(t, radius=2.0), (x,))
+    module = L.AdaptiveFeatureNormLoss(radius=3.0)
+    assert float(module(torch.from_numpy(f))) == pytest.approx(ref(f))
+    assert repr(module) == "AdaptiveFeatureNormLoss(radius=3)"
+
+
+def test_afn_has_a_zero_gradient_at_zero_features() -> None:
+    for options in ({"delta": 1.0}, {"radius": 2.0}):
+        features = torch.zeros(3, 4, requires_grad=True)
+        L.adaptive_feature_norm(features, **options).backward()  # type: ignore[arg-type]
+        assert features.grad is not None and bool(torch.isfinite(features.grad).all())
+
+
+@given(f=finite_rows, radius=st.floats(0.1, 10.0), delta=st.floats(0.01, 5.0))
+def test_afn_values(f: np.ndarray, radius: float, delta: float) -> None:
+    features = torch.from_numpy(f)
+    assert float(L.adaptive_feature_norm(features, delta=delta)) == pytest.approx(delta**2)
+    assert float(L.adaptive_feature_norm(features, radius=radius)) >= 0.0
+    norms = np.linalg.norm(f, axis=1, keepdims=True)
+    if bool((norms > 1e-3).all()):
+        on_sphere = torch.from_numpy(f / norms * radius)
+        assert float(L.adaptive_feature_norm(on_sphere, radius=radius)) < 1e-12 * radius**2
+
+
+def test_l2sp_rejects_non_string_exclude_patterns() -> None:
+    net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    for bad in ([1], 1, [None], ["1.*", 2.0]):
+        with pytest.raises(TypeError, match="exclude: expected a glob pattern"):
+            L.L2SP(net, exclude=bad)  # type: ignore[arg-type]
+
+
+def test_hard_afn_moves_the_mean_feature_norm_to_the_radius() -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 16)
+    x = torch.randn(64, 8)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.05)
+    start = float(layer(x).norm(dim=1).mean())
+    for _ in range(200):
+        optimizer.zero_grad()
+        L.adaptive_feature_norm(layer(x), radius=10.0).backward()
+        optimizer.step()
+    assert start < 5.0 and float(layer(x).norm(dim=1).mean()) == pytest.approx(10.0, rel=1e-3)
+
+
+@pytest.mark.parametrize("scale", [1e-20, 1.0, 1e20])
+def test_afn_at_extreme_magnitudes_matches_float64_or_raises_clearly(scale: float) -> None:
+    # fp32 norms of 1e20 rows used to overflow to inf (NaN loss), 1e-20 rows to underflow,
+    # and sg(h) + delta - h rounded to 0 at h ~ 1e20.
+    f = (np.random.default_rng(12).normal(size=(6, 4)) * scale).astype(np.float32)
+    f64 = f.astype(np.float64)
+    norms = np.linalg.norm(f64, axis=1, keepdims=True)
+    features = torch.from_numpy(f).requires_grad_(True)
+    value = L.adaptive_feature_norm(features, delta=0.5)
+    value.backward()
+    assert float(value.detach()) == pytest.approx(0.25, rel=1e-6)
+    assert features.grad is not None
+    np.testing.assert_allclose(features.grad.numpy(), -2 * 0.5 / 6 * f64 / norms, rtol=1e-5)
+    hard_expected = float((norms.mean() - 3.0) ** 2)
+    if hard_expected >= FP32_MAX:
+        with pytest.raises(ValueError, match="features: the hard AFN penalty .* overflows"):
+            L.adaptive_feature_norm(torch.from_numpy(f), radius=3.0)
+        return
+    hard = L.adaptive_feature_norm(torch.from_numpy(f), radius=3.0)
+    assert float(hard) == pytest.approx(hard_expected, rel=1e-5)
