@@ -93,10 +93,3 @@ __all__ = [
     "tweet_topics",
     "tweets",
 ]
-
-# Pickles and reprs name the public package, not the private file an object lives in.
-for _name in __all__:
-    _public = globals()[_name]
-    if getattr(_public, "__module__", "").startswith(f"{__name__}._"):
-        _public.__module__ = __name__
-del _name, _public

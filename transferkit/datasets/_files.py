@@ -57,6 +57,7 @@ def data_dirs() -> list[Path]:
     source checkout of transferkit, and ``~/.cache/transferkit/data``.
 
     Examples:
+        >>> from pathlib import Path
         >>> all(isinstance(p, Path) for p in data_dirs())
         True
     """

@@ -248,6 +248,7 @@ def mnist_m_blend(digits: Tensor, *, seed: int = 0, photos: np.ndarray | None = 
         ``(N, 3, H, W)`` uint8 colour images.
 
     Examples:
+        >>> import torch
         >>> digit = torch.zeros(1, 1, 28, 28, dtype=torch.uint8)
         >>> mnist_m_blend(digit, seed=0).shape
         torch.Size([1, 3, 28, 28])

@@ -26,6 +26,7 @@ def make_loader(
     ``seed``, so two runs with the same seed see the same batches.
 
     Examples:
+        >>> from transferkit.datasets import moons
         >>> task = moons(n_samples=50)
         >>> xb, yb = next(iter(make_loader(task.source_x, task.source_y, batch_size=8)))
         >>> xb.shape, yb.shape
@@ -58,6 +59,7 @@ def infinite(loader: DataLoader[tuple[Tensor, ...]]) -> Iterator[tuple[Tensor, .
     two domains have different sizes; this keeps both streams going.
 
     Examples:
+        >>> import torch
         >>> stream = infinite(make_loader(torch.arange(3.0)[:, None], batch_size=2))
         >>> [next(stream)[0].shape[0] for _ in range(4)]
         [2, 1, 2, 1]

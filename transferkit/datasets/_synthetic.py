@@ -58,6 +58,7 @@ def digits(
         A [`DomainTask`][] with 10 classes.
 
     Examples:
+        >>> from transferkit.datasets import rotate
         >>> task = digits(rotate(30), size=8, seed=1)
         >>> task.name
         'digits[rotate(30)]'
@@ -114,6 +115,7 @@ def rotate_points(
         ``points``: ``(N, 2)``; returns ``(N, 2)``.
 
     Examples:
+        >>> import numpy as np
         >>> rotate_points(np.array([[1.0, 0.0]]), 90, center=(0, 0)).round(6).tolist()
         [[0.0, 1.0]]
     """

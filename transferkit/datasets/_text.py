@@ -42,6 +42,11 @@ TWEET_TOPICS: dict[str, str] = {
     "self-driving": r"driverless|self[- ]driving|autonomous|google car",
     "claritin": r"claritin",
 }
+"""The keyword pattern (a case-insensitive regular expression) of each tweet topic.
+
+A tweet of the corpus belongs to a topic when exactly this one pattern matches it (see
+[`tweets`][transferkit.datasets.tweets]).
+"""
 TopicName = Literal["airline", "deflategate", "apple", "coachella", "self-driving", "claritin"]
 TOPIC_NAMES: tuple[TopicName, ...] = (
     "airline",
