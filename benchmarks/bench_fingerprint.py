@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 import transferkit as tk
-from transferkit import _feature_cache
+from transferkit.features import _fingerprint as _feature_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"

@@ -448,7 +448,7 @@ def test_extract_features_distributed_true_needs_a_process_group() -> None:
 def test_shards_of_every_input_kind_concatenate_back_in_order(
     length: int, world: int, batch: int
 ) -> None:
-    from transferkit._feature_shard import _shard
+    from transferkit.features._shard import _shard
 
     x = torch.arange(length * 2, dtype=torch.float32).reshape(length, 2)
     y = torch.arange(length)

@@ -329,7 +329,7 @@ def _batches(data: Any, batch_size: int, device: torch.device) -> tuple[Iterator
     """Input batches of ``data`` (labels dropped) and their number, when known."""
     import numpy as np
 
-    from .features import _make_source, _split_batch
+    from .features._sources import _make_source, _split_batch
 
     if isinstance(data, np.ndarray) and data.dtype != object:
         data = torch.from_numpy(np.ascontiguousarray(data))
@@ -458,7 +458,7 @@ def adapt_batchnorm(
 
             batches = iter(tqdm(batches, total=total, desc="adapt_batchnorm", unit="batch"))
         from .device import to_device
-        from .features import _cast_floating
+        from .features._sources import _cast_floating
 
         seen = 0
         for batch in batches:

@@ -29,8 +29,8 @@ from torch import Tensor, nn
 
 import transferkit as tk
 
-ROOT = Path(__file__).resolve().parent.parent
-WORKER = "tests._feature_fault_worker"
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = "tests.features._fault_worker"
 
 
 def worker(cache: Path, out: Path, *, delay: float = 0.0, kind: str = "dataset") -> Any:

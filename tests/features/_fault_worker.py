@@ -1,6 +1,6 @@
-"""A child process for tests/test_feature_faults.py: one cached extraction.
+"""A child process for tests/features/test_faults.py: one cached extraction.
 
-``python -m tests._feature_fault_worker CACHE OUT [--delay S] [--kind tensor|dataset]``
+``python -m tests.features._fault_worker CACHE OUT [--delay S] [--kind tensor|dataset]``
 extracts the features of a fixed model and data set into ``CACHE`` (header saved after
 every batch, so a kill can land anywhere), prints ``batch`` after each forward pass,
 saves the features (and labels) to ``OUT`` (.npz) and prints ``calls=<forward passes>``.
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 import transferkit as tk
-from transferkit import _feature_cache
+from transferkit.features import _cache  # the header-save interval: a test-only knob
 
 N, BATCH = 96, 8
 
@@ -64,8 +64,8 @@ def main() -> None:
     parser.add_argument("--kind", default="dataset")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    _feature_cache._HEADER_INTERVAL_S = 0.0  # save the header after every batch
-    _feature_cache._HEADER_COST_FACTOR = 0.0
+    _cache._HEADER_INTERVAL_S = 0.0  # save the header after every batch
+    _cache._HEADER_COST_FACTOR = 0.0
     net = Announce(model(), args.delay)
     result = tk.extract_features(
         net,

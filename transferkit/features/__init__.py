@@ -1,0 +1,39 @@
+"""What comes out of a network: multi-layer features, batched extraction and a disk cache.
+
+* [`FeatureExtractor`][] wraps any ``nn.Module`` and returns the outputs of several
+  named layers from ONE forward pass, pooled to ``(N, D)`` if asked. Forward hooks are
+  attached only while a forward call runs and are removed in a ``finally`` block, so the
+  user's model never keeps a hook, even when the forward raises.
+* [`extract_features`][] runs an extractor over a tensor, an array, a ``Dataset`` or a
+  ``DataLoader`` in eval mode under ``torch.inference_mode`` and returns NumPy arrays,
+  optionally cached on disk (resumable, reused only when the model and data match).
+* [`masked_mean`][] pools token sequences while ignoring padding.
+
+Under ``torchrun`` (an initialised ``torch.distributed`` process group),
+[`extract_features`][] splits the data into contiguous per-rank shards (no padding
+duplicates, [`transferkit.distributed.shard_indices`][]), extracts each shard on its
+rank and merges the results in dataset order on every rank; with ``cache`` rank 0 writes
+the merged cache while the other ranks wait at a barrier.
+
+Layout (private files, one idea each): ``_pool`` (pooling to ``(N, D)``), ``_hooks``
+(layer capture), ``_sources`` (tensor/array/dict/Dataset/DataLoader input handling),
+``_planner`` (arguments checked once, one plan), ``_run`` (the batch loop), ``_guard``
+(the caller's model restored exactly), ``_fingerprint`` / ``_files`` / ``_cache`` (the
+trusted disk cache) and ``_shard`` (the ``torch.distributed`` path).
+"""
+
+from __future__ import annotations
+
+import torch  # noqa: F401  (the docstring examples of the members below use it)
+
+from ._extract import extract_features
+from ._hooks import FeatureExtractor
+from ._pool import PoolName as PoolName  # for type hints: transferkit.features.PoolName
+from ._pool import masked_mean
+
+__all__ = ["FeatureExtractor", "extract_features", "masked_mean"]
+
+# Pickles and reprs name the public package, not the private file that defines them.
+for _public in (FeatureExtractor, extract_features, masked_mean):
+    _public.__module__ = __name__
+del _public
