@@ -15,8 +15,8 @@ duplicates, [`transferkit.distributed.shard_indices`][]), extracts each shard on
 rank and merges the results in dataset order on every rank; with ``cache`` rank 0 writes
 the merged cache while the other ranks wait at a barrier.
 
-Layout (private files, one idea each): ``_pool`` (pooling to ``(N, D)``), ``_hooks``
-(layer capture), ``_sources`` (tensor/array/dict/Dataset/DataLoader input handling),
+Layout (private files, one idea each): ``_hooks`` (layer capture, pooled with the
+shared `transferkit._pooling`), ``_sources`` (tensor/array/dict/Dataset/DataLoader input handling),
 ``_planner`` (arguments checked once, one plan), ``_run`` (the batch loop), ``_guard``
 (the caller's model restored exactly), ``_fingerprint`` / ``_files`` / ``_cache`` (the
 trusted disk cache) and ``_shard`` (the ``torch.distributed`` path).
@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import torch  # noqa: F401  (the docstring examples of the members below use it)
 
+from .._pooling import PoolName as PoolName  # for type hints: transferkit.features.PoolName
+from .._pooling import masked_mean
 from ._extract import extract_features
 from ._hooks import FeatureExtractor
-from ._pool import PoolName as PoolName  # for type hints: transferkit.features.PoolName
-from ._pool import masked_mean
 
 __all__ = ["FeatureExtractor", "extract_features", "masked_mean"]
 
 # Pickles and reprs name the public package, not the private file that defines them.
-for _public in (FeatureExtractor, extract_features, masked_mean):
+for _public in (FeatureExtractor, extract_features):
     _public.__module__ = __name__
 del _public

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._pooling import PoolName
 from ._guard import _model_lock
 from ._hooks import FeatureExtractor
 from ._planner import _make_plan
-from ._pool import PoolName
 from ._run import _run
 from ._shard import _run_sharded
 

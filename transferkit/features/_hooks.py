@@ -14,13 +14,28 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import _pooling
 from .._batch import first_tensor
+from .._pooling import POOLS as _POOLS
+from .._pooling import PoolName
 from .._validation import check_bool, check_option, did_you_mean
-from ._pool import _POOLS, PoolName, _pool
 
 
 class _StopForward(Exception):
     """Raised from a hook once every requested layer has run (early stop)."""
+
+
+def _pool(x: Tensor, mode: PoolName | None, mask: Tensor | None, layer: str) -> Tensor:
+    """Pool ``x`` to ``(N, D)``; always returns a tensor that no later op can modify.
+
+    ``(N, D)`` outputs are kept as they are (also for ``"avgmax"``), and the forward
+    call's ``attention_mask`` applies only to the token sequences it fits.
+    """
+    if mode is None or x.dim() <= 2:
+        return x.clone()
+    fits = mask is not None and x.dim() == 3 and mask.dim() == 2 and mask.shape == x.shape[:2]
+    use = mask if fits and mode != "token" else None
+    return _pooling.pool(x, mode, mask=use, name=f"layer {layer!r}", copy=True)
 
 
 def _check_layers(model: nn.Module, layers: object) -> tuple[str, ...] | None:

@@ -17,13 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._pooling import PoolName
 from .._validation import check_positive
 from ..device import resolve_device
 from ..distributed import get_world_size, is_distributed
 from ._cache import _CacheSink
 from ._fingerprint import _model_fingerprint
 from ._hooks import FeatureExtractor
-from ._pool import PoolName
 from ._sources import _make_source, _Source
 
 
