@@ -6,8 +6,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -441,37 +439,3 @@ def test_extract_features_distributed_true_needs_a_process_group() -> None:
         tk.extract_features(net, x, distributed=True, progress=False)
     single = tk.extract_features(net, x, distributed=False, progress=False)
     np.testing.assert_array_equal(single, tk.extract_features(net, x, progress=False))
-
-
-@given(length=st.integers(1, 40), world=st.integers(1, 6), batch=st.integers(1, 7))
-@settings(max_examples=30, deadline=None)
-def test_shards_of_every_input_kind_concatenate_back_in_order(
-    length: int, world: int, batch: int
-) -> None:
-    from transferkit.features._shard import _shard
-
-    x = torch.arange(length * 2, dtype=torch.float32).reshape(length, 2)
-    y = torch.arange(length)
-    kinds: dict[str, object] = {
-        "tensor": x,
-        "array": x.numpy(),
-        "dict": {"input_ids": x, "mask": y},
-        "dataset": TensorDataset(x, y),
-        "loader": DataLoader(TensorDataset(x, y), batch_size=batch),
-    }
-    for kind, data in kinds.items():
-        rows: list[torch.Tensor] = []
-        for rank in range(world):
-            shard, count = _shard(data, rank, world)
-            if kind in ("tensor", "array"):
-                got = shard
-            elif kind == "dict":
-                got = shard["input_ids"]
-            elif kind == "dataset":
-                got = torch.stack([shard[i][0] for i in range(len(shard))]) if count else x[:0]
-            else:
-                assert shard.batch_size == batch
-                got = torch.cat([b[0] for b in shard]) if count else x[:0]
-            assert len(got) == count
-            rows.append(got)
-        assert torch.equal(torch.cat(rows), x), kind

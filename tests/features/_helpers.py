@@ -123,3 +123,33 @@ def point_header_at(folder: Path, name: str) -> None:
 @dataclasses.dataclass
 class Inputs:
     x: Tensor
+
+
+def snapshot(model: nn.Module) -> dict[str, tuple[Tensor, torch.device, torch.dtype, bool]]:
+    """Every parameter and buffer (value, device, dtype) and every module's mode."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    state = {k: (v.detach().clone(), v.device, v.dtype, False) for k, v in tensors}
+    cpu, empty = torch.device("cpu"), torch.empty(0)
+    for name, module in model.named_modules():
+        state[f"mode:{name}"] = (empty, cpu, torch.float32, module.training)
+    return state
+
+
+def assert_unchanged(model: nn.Module, before: dict[str, Any]) -> None:
+    after = snapshot(model)
+    assert after.keys() == before.keys()
+    for key, (value, device, dtype, mode) in before.items():
+        got = after[key]
+        assert got[1] == device and got[2] == dtype and got[3] == mode, key
+        assert torch.equal(got[0], value), key
+
+
+class FailsToMove(nn.Module):
+    """Raises while being moved, after its siblings moved (like an OOM half-way)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(3))
+
+    def _apply(self, fn: Any, recurse: bool = True) -> FailsToMove:
+        raise torch.OutOfMemoryError("simulated out of memory while moving")

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 import transferkit as tk
+from tests.features._helpers import FailsToMove, assert_unchanged, snapshot
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = "tests.features._fault_worker"
@@ -363,3 +364,30 @@ def test_random_sequences_of_runs_faults_and_damage_never_give_stale_rows(
         finished += 1
         may_raise = False  # a finished run verified or recomputed every row
     assert finished >= 10
+
+
+def test_a_move_that_fails_half_way_leaves_the_model_exactly_as_it_was(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Fault injection (a CPU-only run never moves the model): force a move to the meta
+    # device, which loses the data of every module moved before "late", whose move then
+    # fails like an out-of-memory error half-way.
+    torch.manual_seed(0)
+    net: nn.Module = tk.models.SmallCNN(num_classes=10, width=8, feature_dim=16).double()
+    net.train()
+    net.fc.eval()  # per-submodule modes must come back too
+    net.features[0].weight.grad = torch.ones_like(net.features[0].weight)
+    net.add_module("late", FailsToMove())
+    monkeypatch.setattr("transferkit.features._guard._same_device", lambda a, b: False)
+    monkeypatch.setattr("transferkit.features._planner._check_not_meta", lambda m, d: None)
+    data = torch.randn(12, 1, 16, 16, dtype=torch.float64)
+    before = snapshot(net)
+    with pytest.raises(torch.OutOfMemoryError):
+        tk.extract_features(net, data, batch_size=4, device="meta", progress=False)
+    assert_unchanged(net, before)
+    monkeypatch.undo()
+    first = next(m for m in net.modules() if isinstance(m, nn.Conv2d))
+    assert first.weight.grad is not None and bool((first.weight.grad == 1).all())
+    assert first.weight.grad.device.type == "cpu"
+    out = tk.extract_features(net, data[:4], progress=False)  # still usable
+    assert np.isfinite(out).all()

@@ -10,8 +10,6 @@ digests come from `._fingerprint`.
 from __future__ import annotations
 
 import bisect
-import errno
-import fcntl
 import json
 import logging
 import os
@@ -23,21 +21,21 @@ from typing import Any
 
 import numpy as np
 
-from .._io import atomic_path, is_temporary_of, write_json_atomic
+from .._io import atomic_path, write_json_atomic
 from ._files import (
     _DATA_NAME,
     _FORMAT,
     _HEADER,
-    _LOCK,
     _VERSION,
+    _acquire_lock,
     _cannot_write,
     _check_fits,
     _Chunk,
     _data_offset,
     _foreign,
-    _is_cache_file,
     _no_link,
     _plain_file,
+    _remove_temporaries,
 )
 from ._fingerprint import _TreeHash
 
@@ -98,8 +96,9 @@ class _CacheSink:
         except FileExistsError as err:
             raise ValueError(f"cache: {self.directory} exists and is not a directory") from err
         try:
-            self._lock()
-            self._clean_tmp()
+            self._lock_fd = _acquire_lock(self.directory)
+            if self._lock_fd is not None:  # we hold the lock: no temp file is live
+                _remove_temporaries(self.directory)
             self._load()
             if self.header is None:  # about to create the files: never replace someone's
                 for entry in os.scandir(self.directory):
@@ -108,38 +107,6 @@ class _CacheSink:
         except BaseException:
             self.close()
             raise
-
-    def _lock(self) -> None:
-        """Hold an exclusive ``flock`` on ``.lock`` until `close` (waits for others)."""
-        path = self.directory / _LOCK
-        _no_link(path)
-        flags = os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o644)
-        except OSError as err:
-            if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-                raise
-            try:  # a read-only folder: lock an existing file, or go on without (nobody writes)
-                fd = os.open(path, os.O_RDONLY | flags)
-            except FileNotFoundError:
-                return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.info("cache: %s is in use by another extraction; waiting", self.directory)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        self._lock_fd = fd
-
-    def _clean_tmp(self) -> None:
-        """Remove temp files left by a killed run (we hold the lock, so none is live)."""
-        if self._lock_fd is None:
-            return
-        for entry in os.scandir(self.directory):
-            if is_temporary_of(entry.name, _is_cache_file) and not entry.is_dir(
-                follow_symlinks=False
-            ):
-                logger.info("cache: removing %s left by an interrupted run", entry.path)
-                Path(entry.path).unlink(missing_ok=True)
 
     def _load(self) -> None:
         if not _no_link(self.header_path):

@@ -1,4 +1,4 @@
-"""The cache folder's own file names, and checks of what is found in it.
+"""The cache folder: its own file names, its lock, and checks of what is found in it.
 
 Only plain file names that the cache creates (``features_<i>.npy``, ``labels.npy``,
 ``header.json``, ``.lock`` and the atomic writer's ``.<name>.<pid>[.<n>].tmp``) are ever
@@ -8,6 +8,9 @@ link.
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import logging
 import os
 import re
 import stat
@@ -15,6 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .._io import is_temporary_of
+
+logger = logging.getLogger("transferkit.features")
 
 _FORMAT = "transferkit-features"
 _VERSION = 2
@@ -106,3 +113,37 @@ class _Chunk:
 
     def to_json(self) -> list[Any]:
         return [self.start, self.stop, self.data, self.sums]
+
+
+def _acquire_lock(directory: Path) -> int | None:
+    """An exclusive ``flock`` on ``directory/.lock`` (waits for other holders).
+
+    Returns the descriptor (closing it releases the lock), or ``None`` in a read-only
+    folder without a lock file (nobody can write there).
+    """
+    path = directory / _LOCK
+    _no_link(path)
+    flags = os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o644)
+    except OSError as err:
+        if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        try:  # a read-only folder: lock an existing file, or go on without (nobody writes)
+            fd = os.open(path, os.O_RDONLY | flags)
+        except FileNotFoundError:
+            return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        logger.info("cache: %s is in use by another extraction; waiting", directory)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _remove_temporaries(directory: Path) -> None:
+    """Remove the atomic writer's temp files of cache files left by a killed run."""
+    for entry in os.scandir(directory):
+        if is_temporary_of(entry.name, _is_cache_file) and not entry.is_dir(follow_symlinks=False):
+            logger.info("cache: removing %s left by an interrupted run", entry.path)
+            Path(entry.path).unlink(missing_ok=True)
