@@ -289,3 +289,51 @@ def test_mcc_and_bnm_at_extreme_magnitudes_match_float64(scale: float) -> None:
         np.testing.assert_allclose(float(got.detach()), ref(z), rtol=1e-5, atol=1e-6)
         got.backward()
         assert logits.grad is not None and bool(torch.isfinite(logits.grad).all())
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        lambda a, b: L.distillation(a, b[: a.shape[0]], temperature=2.0),
+        lambda a, b: L.entropy(a) + L.entropy(b),
+    ],
+    ids=["distillation", "entropy"],
+)
+def test_other_losses_gradcheck_float64(loss: Callable[..., torch.Tensor]) -> None:
+    a = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(loss, (a, b))
+
+
+def test_other_losses_under_bf16_autocast_stay_close_to_fp32() -> None:
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randn(32, 8, generator=gen), torch.randn(32, 8, generator=gen) * 2
+    pairs = [
+        (L.distillation, (a, b)),
+        (L.entropy, (a,)),
+    ]
+    for fn, args in pairs:
+        ref = fn(*args)
+        out = fn(*(x.bfloat16() for x in args))
+        assert out.dtype == torch.float32
+        assert float(out) == pytest.approx(float(ref), rel=1e-2)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: L.distillation(torch.randn(4, 3), torch.randn(4, 2)), ValueError, "shape"),
+        (
+            lambda: L.distillation(torch.randn(4, 3), torch.randn(4, 3), temperature=0),
+            ValueError,
+            "temperature",
+        ),
+        (lambda: L.entropy(torch.randn(4)), ValueError, "2-D"),
+        (lambda: L.entropy(torch.tensor([[float("inf"), 0.0]])), ValueError, "finite"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(
+    call: Callable[[], object], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        call()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -169,3 +171,39 @@ def test_afn_at_extreme_magnitudes_matches_float64_or_raises_clearly(scale: floa
         return
     hard = L.adaptive_feature_norm(torch.from_numpy(f), radius=3.0)
     assert float(hard) == pytest.approx(hard_expected, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [lambda a, b: L.bss(a, k=2) + L.bss(b)],
+    ids=["bss"],
+)
+def test_other_losses_gradcheck_float64(loss: Callable[..., torch.Tensor]) -> None:
+    a = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(loss, (a, b))
+
+
+def test_other_losses_under_bf16_autocast_stay_close_to_fp32() -> None:
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(32, 8, generator=gen)
+    pairs = [(lambda x: L.bss(x, k=2), (a,))]
+    for fn, args in pairs:
+        ref = fn(*args)
+        out = fn(*(x.bfloat16() for x in args))
+        assert out.dtype == torch.float32
+        assert float(out) == pytest.approx(float(ref), rel=1e-2)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: L.bss(torch.randn(4, 3), k=4), ValueError, "at most"),
+        (lambda: L.bss(torch.randn(4, 3), k=0), ValueError, "k"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(
+    call: Callable[[], object], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        call()
