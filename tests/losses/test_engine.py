@@ -58,14 +58,12 @@ def test_chunked_path_equals_one_block_in_value_and_gradient(name: str, estimato
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_automatic_chunking_kicks_in_above_the_block_limit(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The automatic tile shrinks once a (rows, N + M) block would exceed the engine's element
-    # budget, 2**24: only beyond 65536 pooled rows, too slow for a unit test. The budget is
-    # lowered to 70 x 9 elements instead (the one private name this suite touches): for
-    # 70 rows the automatic path must then use 9-row tiles, bit for bit as chunk_size=9.
+def test_automatic_tiles_are_256_rows_below_the_block_budget() -> None:
+    # 300 pooled rows: the automatic tiles are the 256-row cap, bit for bit as
+    # chunk_size=256, and not one tile of 300 rows (any chunk_size above 256 is capped).
     gen = torch.Generator().manual_seed(0)
-    s0 = torch.randn(40, 4, generator=gen, dtype=torch.float64)
-    t0 = torch.randn(30, 4, generator=gen, dtype=torch.float64)
+    s0 = torch.randn(160, 4, generator=gen, dtype=torch.float64)
+    t0 = torch.randn(140, 4, generator=gen, dtype=torch.float64)
 
     def run(chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         s = s0.clone().requires_grad_()
@@ -74,13 +72,36 @@ def test_automatic_chunking_kicks_in_above_the_block_limit(monkeypatch: pytest.M
         assert s.grad is not None
         return value.detach(), s.grad
 
-    one_tile, nine_rows = run(None), run(9)
-    assert not torch.equal(one_tile[1], nine_rows[1])  # the tiling shows in the last bits
-    monkeypatch.setattr("transferkit.losses._engine.MAX_BLOCK_ELEMENTS", 70 * 9)
-    automatic = run(None)
-    for got, tiled, whole in zip(automatic, nine_rows, one_tile, strict=True):
-        assert torch.equal(got, tiled)
-        torch.testing.assert_close(got, whole)
+    automatic, capped, smaller = run(None), run(256), run(255)
+    assert all(torch.equal(a, b) for a, b in zip(automatic, run(300), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(automatic, capped, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(automatic, smaller, strict=True))
+    for a, b in zip(automatic, smaller, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.slow
+def test_automatic_chunking_kicks_in_above_the_block_limit() -> None:
+    # The automatic tile also shrinks once (rows x pooled rows x layers) would pass the
+    # engine's 2**24-element budget: 8 layers of 8200 pooled rows pass it at 256 rows
+    # (8 x 8200 x 256 > 2**24), so the tiles shrink to 2**24 // (8 x 8200) = 255 rows,
+    # bit for bit what chunk_size=255 gives (and not what 256-row tiles give).
+    gen = torch.Generator().manual_seed(0)
+    s0 = [torch.randn(4100, 1, generator=gen, dtype=torch.float64) for _ in range(8)]
+    t0 = [torch.randn(4100, 1, generator=gen, dtype=torch.float64) + 0.1 for _ in range(8)]
+    kernels: list[Kernel] = [LinearKernel()] * 8
+
+    def run(chunk: int | None) -> list[torch.Tensor]:
+        s = [x.clone().requires_grad_() for x in s0]
+        value = L.joint_mmd(s, t0, kernels, "biased", chunk_size=chunk)
+        value.backward()
+        return [value.detach()] + [x.grad for x in s]  # type: ignore[misc]
+
+    automatic, rows_255, rows_256 = run(None), run(255), run(256)
+    assert all(torch.equal(a, b) for a, b in zip(automatic, rows_255, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(automatic, rows_256, strict=True))
+    for a, b in zip(automatic, rows_256, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.slow
