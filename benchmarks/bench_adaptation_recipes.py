@@ -173,11 +173,13 @@ def transfer_term(
     if method == "bnm":
         return (lambda fs, ls, ft, lt: tk.losses.bnm(lt)), [], True
     if method == "afn":
+        # SAFN: the norm term on each domain's (dropped-out) bottleneck features, summed
         delta = float(recipe.options["delta"])
         return (
             (
-                lambda fs, ls, ft, lt: tk.losses.adaptive_feature_norm(
-                    torch.cat([fs, ft]), delta=delta
+                lambda fs, ls, ft, lt: (
+                    tk.losses.adaptive_feature_norm(fs, delta=delta)
+                    + tk.losses.adaptive_feature_norm(ft, delta=delta)
                 )
             ),
             [],
@@ -201,9 +203,32 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
     return correct / len(x)
 
 
-def train(method: str, task: DomainTask, budget: Budget, seed: int) -> dict[str, float]:
-    """Train one row; return target-test (and source-test) accuracies."""
+def split_holdout(n: int, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Indices of a seeded train / held-out split of ``n`` samples."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(10_000 + seed))
+    cut = n - max(1, round(fraction * n))
+    return order[:cut], order[cut:]
+
+
+def train(
+    method: str,
+    task: DomainTask,
+    budget: Budget,
+    seed: int,
+    *,
+    overrides: dict[str, Any] | None = None,
+    holdout: float = 0.0,
+) -> dict[str, float]:
+    """Train one row; return target-test (and source-test) accuracies.
+
+    ``overrides`` replace fields of the method's recipe (``lr``, ``tradeoff`` ...) and
+    ``"augment"`` (shift the labelled batches). With ``holdout > 0`` a supervised row
+    (source only, oracle) trains on part of its labelled data and reports the accuracy on
+    the rest as ``"val"`` (hyper-parameter selection without the test split).
+    """
     tk.seed_everything(seed)
+    overrides = dict(overrides or {})
+    augment_labelled = bool(overrides.pop("augment", True))
     parts = method.split("+")
     base, self_training = parts[0], "self_training" in parts
     model = tk.models.SmallCNN(
@@ -212,19 +237,11 @@ def train(method: str, task: DomainTask, budget: Budget, seed: int) -> dict[str,
     adapt = method not in ("source_only", "oracle")
     if adapt:
         tk.convert_domain_bn(model)
-    recipe = tk.recipe(_recipe_name(base), lr=budget.lr)
+    recipe = tk.recipe(_recipe_name(base), **({"lr": budget.lr} | overrides))
     term, modules, ramped = transfer_term(base, recipe, budget, task.num_classes, seed)
     fixmatch = None
     if self_training:
-        st = tk.recipe("self_training")
-        labeler = tk.PseudoLabeler(
-            task.num_classes,
-            threshold=float(st.options["threshold"]),
-            balance="distribution" if st.options.get("distribution_alignment") else "none",
-            max_weight=st.tradeoff,
-            rampup_steps=budget.steps,
-            ramp=st.ramp if st.ramp != "none" else "linear",  # type: ignore[arg-type]
-        )
+        labeler = tk.recipe("self_training").pseudo_labeler(task.num_classes, budget.steps)
         fixmatch = tk.FixMatchLoss(labeler, weak=tk.augment.weak, strong=tk.augment.strong)
     params = [*model.parameters(), *(p for m in modules for p in m.parameters())]
     optimizer = recipe.optimizer(params)
@@ -232,10 +249,25 @@ def train(method: str, task: DomainTask, budget: Budget, seed: int) -> dict[str,
     x_source, y_source = (
         (task.target_x, task.target_y) if method == "oracle" else (task.source_x, task.source_y)
     )
+    x_val = y_val = None
+    if holdout:
+        if adapt:
+            raise ValueError("holdout: only for the supervised rows")
+        keep, held = split_holdout(len(x_source), holdout, seed)
+        x_val, y_val = x_source[held], y_source[held]
+        x_source, y_source = x_source[keep], y_source[keep]
     source = infinite(make_loader(x_source, y_source, batch_size=budget.batch_size, seed=seed))
     target = infinite(
         make_loader(task.target_x, batch_size=budget.batch_size, drop_last=True, seed=seed + 1)
     )
+    shift = tk.augment.weak if augment_labelled else (lambda x: x)
+    drop = float(recipe.options.get("dropout", 0.0))
+
+    def neck(f: Tensor) -> Tensor:
+        # L2-preserving dropout on the bottleneck (AFN): kept units scaled by 1/sqrt(1-p)
+        if not drop:
+            return f
+        return F.dropout(f, drop) * (1.0 - drop) ** 0.5
 
     def domain(name: str) -> contextlib.AbstractContextManager[Any]:
         return tk.bn_domain(model, name) if adapt else contextlib.nullcontext()
@@ -247,14 +279,14 @@ def train(method: str, task: DomainTask, budget: Budget, seed: int) -> dict[str,
         progress = step / budget.steps
         x_s, y_s = next(source)
         with domain("source"):
-            f_s = model.forward_features(tk.augment.weak(x_s))
+            f_s = neck(model.forward_features(shift(x_s)))
             logits_s = model.fc(f_s)
         loss = F.cross_entropy(logits_s, y_s)
         if adapt:
             (x_t,) = next(target)
             with domain("target"):
                 if term is not None:
-                    f_t = model.forward_features(x_t)
+                    f_t = neck(model.forward_features(x_t))
                     weight = recipe.tradeoff_at(progress) if ramped else recipe.tradeoff
                     loss = loss + weight * term(f_s, logits_s, f_t, model.fc(f_t))
                 if fixmatch is not None:
@@ -271,6 +303,8 @@ def train(method: str, task: DomainTask, budget: Budget, seed: int) -> dict[str,
         if fixmatch is not None:
             fixmatch.step()
     result: dict[str, float] = {}
+    if x_val is not None and y_val is not None:
+        return {"val": accuracy(model, x_val, y_val)}
     with domain("source"):
         result["source"] = accuracy(model, task.source_test_x, task.source_test_y)
     if method == "oracle":
@@ -294,6 +328,86 @@ class Unit:
     method: str
     seed: int
     quick: bool
+    lr: float
+    shift: bool
+
+
+#: The optimiser settings source only chooses from (on held-out source accuracy).
+GRID = tuple((lr, shift) for lr in (0.01, 0.03, 0.1) for shift in (False, True))
+
+#: Library code each method's rows depend on (files or packages, before or after the
+#: issue-17 split); a change in any of them, in the training code of this script or in
+#: torch invalidates the cached rows of that method.
+COMMON_DEPS = (
+    "models",
+    "batchnorm",
+    "augment",
+    "datasets",
+    "_real_datasets",
+    "device",
+    "_validation",
+)
+METHOD_DEPS = {
+    "dann": ("adversarial", "schedules", "heads"),
+    "cdan": ("adversarial", "schedules", "heads"),
+    "mdd": ("adversarial", "schedules", "heads"),
+    "dan": ("losses", "kernels"),
+    "mcc": ("losses",),
+    "bnm": ("losses",),
+    "afn": ("losses",),
+    "self_training": ("self_training",),
+}
+
+
+def _read_tree(root: Path) -> tuple[str, dict[str, bytes]]:
+    """This script's text and the library's files, as they are when the process starts.
+
+    Rows are fingerprinted with the code the process imported, not with files edited
+    on disk while it runs.
+    """
+    files = {
+        path.relative_to(root).as_posix(): path.read_bytes()
+        for path in sorted((root / "transferkit").rglob("*.py"))
+    }
+    return Path(__file__).read_text(), files
+
+
+_SCRIPT, _LIBRARY = _read_tree(ROOT)
+
+
+def _definition(text: str, name: str) -> str:
+    """The source lines of the top-level function or class ``name`` in ``text``."""
+    import ast
+
+    lines = text.splitlines(keepends=True)
+    for node in ast.parse(text).body:
+        if isinstance(node, ast.FunctionDef | ast.ClassDef) and node.name == name:
+            start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            return "".join(lines[start - 1 : node.end_lineno])
+    raise ValueError(f"no definition of {name!r}")
+
+
+def fingerprint(method: str, root: Path | None = None) -> str:
+    """A hash of everything a row of ``method`` depends on (code as imported)."""
+    import hashlib
+
+    script, library = (_SCRIPT, _LIBRARY) if root is None else _read_tree(root)
+    digest = hashlib.sha256(torch.__version__.encode())
+    for fn in ("task_specs", "build_task", "transfer_term", "train", "split_holdout", "accuracy"):
+        digest.update(_definition(script, fn).encode())
+    # the recipe logic and the values of the recipes the row uses (not the whole table)
+    recipes = library.get("transferkit/recipes.py", b"").decode()
+    digest.update(_definition(recipes, "Recipe").encode() if recipes else b"")
+    for part in method.split("+"):
+        values = tk.recipe(_recipe_name(part)).to_dict()
+        digest.update(json.dumps(values, sort_keys=True).encode())
+    names = set(COMMON_DEPS) | {n for part in method.split("+") for n in METHOD_DEPS.get(part, ())}
+    for path, content in library.items():
+        module = path.split("/")[1].removesuffix(".py")
+        if module in names or module.startswith("_"):  # bottom helpers count for all
+            digest.update(path.encode())
+            digest.update(content)
+    return digest.hexdigest()[:16]
 
 
 _TASKS: dict[tuple[str, int, bool], DomainTask] = {}
@@ -306,38 +420,55 @@ def run_unit(unit: Unit) -> dict[str, Any]:
     if key not in _TASKS:
         _TASKS[key] = build_task(unit.task, spec.size, unit.seed)
     start = time.perf_counter()
-    acc = train(unit.method, _TASKS[key], spec.budget, unit.seed)
+    overrides = {"lr": unit.lr, "augment": unit.shift}
+    acc = train(unit.method, _TASKS[key], spec.budget, unit.seed, overrides=overrides)
     wall = time.perf_counter() - start
     print(
-        f"{unit.task:20s} {unit.method:20s} seed={unit.seed} "
+        f"{unit.task:20s} {unit.method:20s} seed={unit.seed} lr={unit.lr} shift={unit.shift:d} "
         + " ".join(f"{k}={v:.3f}" for k, v in acc.items())
         + f" ({wall:.0f}s)",
         flush=True,
     )
-    return {**asdict(unit), "steps": spec.budget.steps, "wall_s": wall, **acc}
+    return {
+        **asdict(unit),
+        "steps": spec.budget.steps,
+        "code": fingerprint(unit.method),
+        "wall_s": wall,
+        **acc,
+    }
+
+
+KEY_FIELDS = ("task", "method", "seed", "quick", "steps", "lr", "shift", "code")
 
 
 def unit_key(row: dict[str, Any]) -> str:
-    return json.dumps([row["task"], row["method"], row["seed"], row["quick"], row["steps"]])
+    return json.dumps([row[name] for name in KEY_FIELDS])
+
+
+def _unit_key(unit: Unit, codes: dict[str, str]) -> str:
+    steps = task_specs(unit.quick)[unit.task].budget.steps
+    return unit_key({**asdict(unit), "steps": steps, "code": codes[unit.method]})
 
 
 def _cached_rows(quick: bool) -> list[dict[str, Any]]:
     path = CACHE / ("rows-quick.jsonl" if quick else "rows.jsonl")
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row for row in rows if "code" in row]
 
 
 def run_units(units: list[Unit], jobs: int, *, resume: bool) -> list[dict[str, Any]]:
+    """Run (or, with ``resume``, reuse rows of the same code for) every unit."""
     path = CACHE / ("rows-quick.jsonl" if units and units[0].quick else "rows.jsonl")
+    codes = {m: fingerprint(m) for m in {u.method for u in units}}
     cached: dict[str, dict[str, Any]] = {}
     if resume and units:
         cached = {unit_key(row): row for row in _cached_rows(units[0].quick)}
     done: dict[int, dict[str, Any]] = {}
     todo: list[tuple[int, Unit]] = []
     for i, unit in enumerate(units):
-        steps = task_specs(unit.quick)[unit.task].budget.steps
-        key = unit_key({**asdict(unit), "steps": steps})
+        key = _unit_key(unit, codes)
         if key in cached:
             done[i] = cached[key]
         else:
@@ -362,6 +493,33 @@ def run_units(units: list[Unit], jobs: int, *, resume: bool) -> list[dict[str, A
             pool.close()
             pool.join()
     return [done[i] for i in sorted(done)]
+
+
+def select_optimiser(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per task, the grid point whose source-only model is best on held-out SOURCE data.
+
+    The criterion is the mean source-test accuracy over the seeds (MNIST test images
+    never seen in training); no target label is read. Ties go to the smaller learning
+    rate. Returns ``{task: {"lr", "shift", "grid": [...]}}``.
+    """
+    by_task: dict[str, dict[tuple[float, bool], list[float]]] = {}
+    for row in rows:
+        if row["method"] == "source_only":
+            cell = by_task.setdefault(row["task"], {}).setdefault((row["lr"], row["shift"]), [])
+            cell.append(row["source"])
+    chosen: dict[str, dict[str, Any]] = {}
+    for task, cells in by_task.items():
+        means = {cfg: statistics.fmean(v) for cfg, v in cells.items()}
+        lr, shift = max(means, key=lambda cfg: (means[cfg], -cfg[0]))
+        chosen[task] = {
+            "lr": lr,
+            "shift": shift,
+            "grid": [
+                {"lr": c[0], "shift": c[1], "source_val": means[c], "runs": len(cells[c])}
+                for c in sorted(means)
+            ],
+        }
+    return chosen
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -429,6 +587,31 @@ def markdown(table: dict[str, dict[str, dict[str, Any]]], seeds: list[int]) -> s
     return "\n".join(lines)
 
 
+def selection_markdown(chosen: dict[str, dict[str, Any]], grid_rows: list[dict[str, Any]]) -> str:
+    """The optimiser grid of source only: held-out source accuracy (the criterion)."""
+    target: dict[tuple[str, float, bool], list[float]] = {}
+    for row in grid_rows:
+        target.setdefault((row["task"], row["lr"], row["shift"]), []).append(row["target"])
+    lines = [
+        "| task | learning rate | shifted source batches | held-out source accuracy (%) "
+        "| target accuracy (%), not used |",
+        "|---|---|---|---|---|",
+    ]
+    for task, pick in chosen.items():
+        for cell in pick["grid"]:
+            mark = (
+                " **(chosen)**"
+                if (cell["lr"], cell["shift"]) == (pick["lr"], pick["shift"])
+                else ""
+            )
+            accs = target[(task, cell["lr"], cell["shift"])]
+            lines.append(
+                f"| {task} | {cell['lr']:g}{mark} | {'yes' if cell['shift'] else 'no'} | "
+                f"{100 * cell['source_val']:.1f} | {100 * statistics.fmean(accs):.1f} |"
+            )
+    return "\n".join(lines)
+
+
 def environment() -> dict[str, Any]:
     return {
         "device": "cpu",
@@ -456,7 +639,8 @@ def update_docs(table_md: str, report: dict[str, Any]) -> None:
     if BEGIN not in text or END not in text:
         return
     env = report["environment"]
-    cpu = sum(row["wall_s"] for row in report["rows"])
+    runs = report["grid_rows"] + [r for r in report["rows"] if r["method"] != "source_only"]
+    cpu = sum(row["wall_s"] for row in runs)
     timing = (
         f"in {report['wall_s'] / 60:.1f} minutes of wall time"
         if report["wall_s"]
@@ -466,7 +650,7 @@ def update_docs(table_md: str, report: dict[str, Any]) -> None:
         f"{BEGIN}\n{table_md}\n\nGenerated by `python benchmarks/bench_adaptation_recipes.py` "
         f"{timing}, {report['jobs']} worker processes of one thread on {env['cpu_count']} "
         f"cores shared with other jobs (load average {env['load_average_at_start']:.1f} at "
-        f"the start); the {len(report['rows'])} runs took {cpu / 60:.1f} minutes summed over "
+        f"the start); the {len(runs)} runs took {cpu / 60:.1f} minutes summed over "
         f"runs. torch {env['torch']}; raw numbers in "
         "`benchmarks/results/adaptation_recipes.json`.\n" + END
     )
@@ -516,32 +700,58 @@ def main(argv: Sequence[str] | None = None) -> int:
         "recipes": {m: tk.recipe(_recipe_name(m.split("+")[0])).to_dict() for m in methods},
     }
     started = time.perf_counter()
+    codes = {m: fingerprint(m) for m in ("source_only", *methods)}
+    cached = {unit_key(r): r for r in _cached_rows(args.quick)} if args.render_only else {}
+
+    def fetch(units: list[Unit]) -> list[dict[str, Any]]:
+        if args.render_only:
+            keys = [_unit_key(u, codes) for u in units]
+            return [cached[k] for k in keys if k in cached]
+        return run_units(units, args.jobs, resume=args.resume)
+
+    # 1. source only on every grid point; the optimiser is chosen on held-out source data
+    grid_rows = fetch(
+        [
+            Unit(t, "source_only", s, args.quick, lr, shift)
+            for s in seeds
+            for t in tasks
+            for lr, shift in GRID
+        ]
+    )
+    chosen = select_optimiser(grid_rows)
+    report["selection"] = chosen
+    # 2. every other row with the same optimiser (and budget) as the chosen source only
     groups = [
-        [m for m in methods if m not in SECOND_GROUP],
+        [m for m in methods if m not in SECOND_GROUP and m != "source_only"],
         [m for m in methods if m in SECOND_GROUP],
     ]
-    units = [Unit(t, m, s, args.quick) for g in groups for s in seeds for t in tasks for m in g]
+    units = [
+        Unit(t, m, s, args.quick, chosen[t]["lr"], chosen[t]["shift"])
+        for g in groups
+        for s in seeds
+        for t in tasks
+        if t in chosen
+        for m in g
+    ]
+    rows = [
+        r
+        for r in grid_rows
+        if (r["lr"], r["shift"]) == (chosen[r["task"]]["lr"], chosen[r["task"]]["shift"])
+    ] + fetch(units)
     if args.render_only:
-        cached = {unit_key(r): r for r in _cached_rows(args.quick)}
-        rows = [
-            cached[k]
-            for u in units
-            if (k := unit_key({**asdict(u), "steps": task_specs(u.quick)[u.task].budget.steps}))
-            in cached
-        ]
         previous = RESULTS / "adaptation_recipes.json"
         if previous.is_file():
             report["environment"] = json.loads(previous.read_text())["environment"]
-    else:
-        rows = run_units(units, args.jobs, resume=args.resume)
     report["wall_s"] = time.perf_counter() - started
     if args.render_only or args.resume:
         report["wall_s"] = None
-        report["cpu_s_summed_over_runs"] = sum(r["wall_s"] for r in rows)
+    runs = grid_rows + [r for r in rows if r["method"] != "source_only"]
+    report["cpu_s_summed_over_runs"] = sum(r["wall_s"] for r in runs)
+    report["grid_rows"] = grid_rows
     report["rows"] = rows
     table = summarise(rows)
     report["table"] = table
-    table_md = markdown(table, seeds)
+    table_md = markdown(table, seeds) + "\n\n" + selection_markdown(chosen, grid_rows)
     print(table_md)
     if not args.no_write and not args.quick:
         write_atomic(RESULTS / "adaptation_recipes.json", json.dumps(report, indent=2) + "\n")

@@ -108,3 +108,37 @@ def test_helpers_reject_bad_progress_and_steps() -> None:
     optimizer = r.optimizer([torch.nn.Parameter(torch.zeros(1))])
     with pytest.raises(ValueError, match="max_steps"):
         r.scheduler(optimizer, max_steps=0)
+
+
+def test_warmup_holds_the_tradeoff_at_zero_then_ramps_over_the_rest() -> None:
+    r = tk.recipe("dann", warmup=0.5, ramp="linear", tradeoff=2.0)
+    assert r.tradeoff_at(0.0) == 0.0
+    assert r.tradeoff_at(0.49) == 0.0
+    assert r.tradeoff_at(0.5) == 0.0
+    assert r.tradeoff_at(0.75) == pytest.approx(1.0)
+    assert r.tradeoff_at(1.0) == 2.0
+    assert tk.recipe("dann").warmup == 0.0  # the published recipes start at once
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, float("nan"), True, "half"])
+def test_warmup_must_be_a_fraction_below_one(value: object) -> None:
+    with pytest.raises((TypeError, ValueError), match="warmup"):
+        tk.recipe("self_training", warmup=value)
+
+
+def test_pseudo_labeler_from_the_recipe_warms_up_then_ramps() -> None:
+    r = tk.recipe("self_training")
+    labeler = r.pseudo_labeler(10, max_steps=10)
+    assert labeler.threshold == r.options["threshold"]
+    assert labeler.balance == "distribution"
+    weights = []
+    for _ in range(11):
+        weights.append(labeler.weight)
+        labeler.step()
+    # the labeler's weight follows the recipe's tradeoff_at step by step
+    assert weights == pytest.approx([r.tradeoff_at(i / 10) for i in range(11)])
+    assert weights[: round(10 * r.warmup) + 1] == [0.0] * (round(10 * r.warmup) + 1)
+    instant = tk.recipe("self_training", ramp="none", warmup=0.0).pseudo_labeler(3, max_steps=5)
+    assert instant.weight == r.tradeoff
+    with pytest.raises(ValueError, match="max_steps"):
+        r.pseudo_labeler(10, max_steps=0)

@@ -343,3 +343,53 @@ def test_cutout_zeroes_at_most_one_square_per_image() -> None:
 def test_augmentations_reject_bad_input(call: object, error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         call()  # type: ignore[operator]
+
+
+# --------------------------------------------------------------------------- warm-up
+
+
+def test_warmup_keeps_the_weight_at_zero_then_ramps_over_rampup_steps() -> None:
+    labeler = tk.PseudoLabeler(3, warmup_steps=3, rampup_steps=4, ramp="linear", max_weight=2.0)
+    weights = []
+    for _ in range(9):
+        weights.append(labeler.weight)
+        labeler.step()
+    assert weights == [0.0, 0.0, 0.0, 0.0, 0.5, 1.0, 1.5, 2.0, 2.0]
+    no_ramp = tk.PseudoLabeler(3, warmup_steps=2)
+    assert no_ramp.weight == 0.0
+    no_ramp.step()
+    no_ramp.step()
+    assert no_ramp.weight == 1.0
+
+
+def test_fixmatch_runs_no_forward_pass_during_the_warmup() -> None:
+    calls = []
+
+    def model(x: torch.Tensor) -> torch.Tensor:
+        calls.append(len(x))
+        return torch.zeros(len(x), 3, requires_grad=True)
+
+    fixmatch = tk.FixMatchLoss(
+        tk.PseudoLabeler(3, threshold=0.0, warmup_steps=2),
+        weak=tk.augment.weak,
+        strong=tk.augment.strong,
+    )
+    x = torch.rand(4, 1, 8, 8)
+    for _ in range(2):
+        loss = fixmatch(model, x)
+        assert float(loss) == 0.0 and loss.dtype == torch.float32
+        assert fixmatch.last is None
+        fixmatch.step()
+    assert calls == []
+    loss = fixmatch(model, x)
+    assert calls == [4, 4]
+    assert fixmatch.last is not None and fixmatch.last.fraction == 1.0
+    torch.testing.assert_close(loss, torch.tensor(math.log(3.0)))
+
+
+@pytest.mark.parametrize(
+    ("value", "error"), [(-1, ValueError), (1.5, ValueError), (True, ValueError), ("2", ValueError)]
+)
+def test_warmup_steps_must_be_a_non_negative_integer(value: object, error: type[Exception]) -> None:
+    with pytest.raises((TypeError, ValueError), match="warmup_steps"):
+        tk.PseudoLabeler(3, warmup_steps=value)  # type: ignore[arg-type]

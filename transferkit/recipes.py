@@ -33,6 +33,7 @@ from ._validation import (
     check_positive,
     did_you_mean,
 )
+from .self_training import PseudoLabeler
 
 __all__ = ["Recipe", "available", "recipe"]
 
@@ -57,6 +58,9 @@ class Recipe:
         ramp: how the weight rises from 0 to ``tradeoff`` over training: ``"dann"``
             (``2 / (1 + exp(-10 p)) - 1``, rescaled to reach 1 at ``p = 1``),
             ``"sigmoid"`` (``exp(-5 (1 - p)^2)``), ``"linear"`` or ``"none"``.
+        warmup: fraction of training, in ``[0, 1)``, before the adaptation term starts
+            (weight 0: the network learns from the labelled source first); the ramp
+            then runs over the rest of training.
         bottleneck_dim: width of the bottleneck between backbone and classifier that
             the reference implementations use on ResNet-50 (the digit benchmarks use
             ``tk.models.SmallCNN``'s 128-d neck).
@@ -89,6 +93,7 @@ class Recipe:
     lr_power: float = 0.75
     tradeoff: float = 1.0
     ramp: RampKind = "dann"
+    warmup: float = 0.0
     bottleneck_dim: int = 256
     batch_size: int = 32
     bn: BNMode = "domain"
@@ -101,6 +106,7 @@ class Recipe:
         for name in ("lr", "weight_decay", "lr_gamma", "lr_power", "tradeoff"):
             check_positive(getattr(self, name), name, strict=name == "lr")
         check_in_range(self.momentum, "momentum", 0.0, 1.0)
+        _check_warmup(self.warmup)
         check_bool(self.nesterov, "nesterov")
         check_option(self.ramp, "ramp", ("dann", "sigmoid", "linear", "none"))
         check_option(self.bn, "bn", ("domain", "adabn", "shared"))
@@ -118,8 +124,15 @@ class Recipe:
         return self.lr * self.lr_factor(progress)
 
     def tradeoff_at(self, progress: float) -> float:
-        """The ramped weight of the adaptation term at training progress ``p``."""
+        """The ramped weight of the adaptation term at training progress ``p``.
+
+        0 during the warm-up (``p < warmup``); then ``tradeoff * ramp(q)`` with
+        ``q = (p - warmup) / (1 - warmup)``.
+        """
         p = _progress(progress)
+        if p < self.warmup:
+            return 0.0
+        p = (p - self.warmup) / (1.0 - self.warmup)
         if self.ramp == "none":
             ramp = 1.0
         elif self.ramp == "linear":
@@ -159,6 +172,33 @@ class Recipe:
             optimizer, lambda step: self.lr_factor(step / max_steps)
         )
 
+    def pseudo_labeler(self, num_classes: int, max_steps: int) -> PseudoLabeler:
+        """A [`transferkit.PseudoLabeler`][] with this recipe's settings for ``max_steps``.
+
+        Threshold (option ``threshold``, default 0.95), distribution alignment (option
+        ``distribution_alignment`` != 0), weight ``tradeoff``, the warm-up
+        (``warmup * max_steps`` steps at weight 0) and the ramp over the remaining
+        steps (``"none"`` ramps linearly over zero steps, i.e. full weight at once).
+
+        Examples:
+            >>> labeler = recipe("self_training").pseudo_labeler(10, max_steps=100)
+            >>> labeler.warmup_steps, labeler.rampup_steps, labeler.threshold
+            (30, 70, 0.95)
+        """
+        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+            raise ValueError(f"max_steps: expected a positive integer, got {max_steps!r}")
+        warmup_steps = round(self.warmup * max_steps)
+        ramp = "linear" if self.ramp == "none" else self.ramp
+        return PseudoLabeler(
+            num_classes,
+            threshold=float(self.options.get("threshold", 0.95)),
+            balance="distribution" if self.options.get("distribution_alignment") else "none",
+            max_weight=self.tradeoff,
+            warmup_steps=warmup_steps,
+            rampup_steps=0 if self.ramp == "none" else max_steps - warmup_steps,
+            ramp=ramp,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain dict (for logging or JSON)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -172,6 +212,14 @@ class Recipe:
 
 def _from_dict(values: dict[str, Any]) -> Recipe:
     return Recipe(**values)
+
+
+def _check_warmup(warmup: object) -> float:
+    if isinstance(warmup, bool) or not isinstance(warmup, (int, float)):
+        raise TypeError(f"warmup: expected a number, got {type(warmup).__name__}")
+    if not 0.0 <= warmup < 1.0:
+        raise ValueError(f"warmup: expected a fraction in [0, 1), got {warmup!r}")
+    return float(warmup)
 
 
 def _progress(progress: object) -> float:
@@ -248,17 +296,22 @@ _RECIPES: dict[str, Recipe] = {
         tradeoff=0.05,
         ramp="none",
         bottleneck_dim=1000,
-        options={"delta": 1.0},
-        reference="Xu et al., ICCV 2019 (stepwise AFN: lambda 0.05, delta_r 1.0)",
+        options={"delta": 1.0, "dropout": 0.5},
+        reference=(
+            "Xu et al., ICCV 2019 (stepwise AFN: lambda 0.05, delta_r 1.0, on each domain's "
+            "bottleneck features after an L2-preserving dropout of 0.5); TLlib"
+        ),
     ),
     "self_training": Recipe(
         "self_training",
         tradeoff=1.0,
-        ramp="sigmoid",
+        ramp="linear",
+        warmup=0.5,
         options={"threshold": 0.95, "distribution_alignment": 1.0},
         reference=(
             "Sohn et al., NeurIPS 2020 (FixMatch: threshold 0.95, lambda_u 1); distribution "
-            "alignment (Berthelot et al., ICLR 2020) and the ramp over training are ours"
+            "alignment (Berthelot et al., ICLR 2020), the source-only warm-up over the first "
+            "half of training and the linear ramp over the second half are ours"
         ),
     ),
 }
@@ -315,6 +368,7 @@ def recipe(method: str, **overrides: Any) -> Recipe:
         ):
             raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
     check_in_range(result.momentum, "momentum", 0.0, 1.0)
+    _check_warmup(result.warmup)
     if result.ramp not in ("dann", "sigmoid", "linear", "none"):
         raise ValueError(
             f"ramp: expected 'dann', 'sigmoid', 'linear' or 'none', got {result.ramp!r}"
