@@ -218,6 +218,7 @@ def train(
     *,
     overrides: dict[str, Any] | None = None,
     holdout: float = 0.0,
+    trained: list[nn.Module] | None = None,
 ) -> dict[str, float]:
     """Train one row; return target-test (and source-test) accuracies.
 
@@ -225,6 +226,7 @@ def train(
     ``"augment"`` (shift the labelled batches). With ``holdout > 0`` a supervised row
     (source only, oracle) trains on part of its labelled data and reports the accuracy on
     the rest as ``"val"`` (hyper-parameter selection without the test split).
+    ``trained`` (a list) receives the network and the transfer term's modules.
     """
     tk.seed_everything(seed)
     overrides = dict(overrides or {})
@@ -302,6 +304,8 @@ def train(
                 schedule.step()
         if fixmatch is not None:
             fixmatch.step()
+    if trained is not None:
+        trained += [model, *modules]
     result: dict[str, float] = {}
     if x_val is not None and y_val is not None:
         return {"val": accuracy(model, x_val, y_val)}
@@ -335,79 +339,96 @@ class Unit:
 #: The optimiser settings source only chooses from (on held-out source accuracy).
 GRID = tuple((lr, shift) for lr in (0.01, 0.03, 0.1) for shift in (False, True))
 
-#: Library code each method's rows depend on (files or packages, before or after the
-#: issue-17 split); a change in any of them, in the training code of this script or in
-#: torch invalidates the cached rows of that method.
-COMMON_DEPS = (
-    "models",
-    "batchnorm",
-    "augment",
-    "datasets",
-    "_real_datasets",
-    "device",
-    "_validation",
-)
-METHOD_DEPS = {
-    "dann": ("adversarial", "schedules", "heads"),
-    "cdan": ("adversarial", "schedules", "heads"),
-    "mdd": ("adversarial", "schedules", "heads"),
-    "dan": ("losses", "kernels"),
-    "mcc": ("losses",),
-    "bnm": ("losses",),
-    "afn": ("losses",),
-    "self_training": ("self_training",),
-}
+
+def _probe_task() -> DomainTask:
+    """A tiny synthetic task on which every code path of a row runs in a few steps."""
+    g = torch.Generator().manual_seed(0)
+
+    def images(n: int, offset: float) -> Tensor:
+        return torch.rand(n, 1, 28, 28, generator=g) + offset
+
+    def labels(n: int) -> Tensor:
+        return torch.arange(n) % 10
+
+    return DomainTask(
+        name="probe",
+        num_classes=10,
+        source_x=images(40, 0.0),
+        source_y=labels(40),
+        source_test_x=images(20, 0.0),
+        source_test_y=labels(20),
+        target_x=images(40, 0.5),
+        target_test_x=images(20, 0.5),
+        target_test_y=labels(20),
+        target_y=labels(40),
+    )
 
 
-def _read_tree(root: Path) -> tuple[str, dict[str, bytes]]:
-    """This script's text and the library's files, as they are when the process starts.
+def _hash_tensors(tensors: list[Any], digest: Any) -> None:
+    for tensor in tensors:
+        if not isinstance(tensor, Tensor):  # extra state (e.g. a schedule's step)
+            digest.update(repr(tensor).encode())
+            continue
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
+        digest.update(value.numpy().tobytes())
 
-    Rows are fingerprinted with the code the process imported, not with files edited
-    on disk while it runs.
+
+def fingerprint(method: str) -> str:
+    """What a row of ``method`` computes, independent of where the code lives.
+
+    Hashes the torch version, the recipe values the row uses and a *behavioural probe*:
+    the trained parameters and accuracies of the row's own training loop run for 6 steps
+    on a tiny synthetic task (every code path of the row: network, BatchNorm handling,
+    transfer term, self-training warm-up, optimiser, schedules, AdaBN, evaluation). Moving
+    code between files (issue 17) keeps the fingerprint; any change in what the code
+    computes changes it and invalidates the cached rows of that method.
     """
-    files = {
-        path.relative_to(root).as_posix(): path.read_bytes()
-        for path in sorted((root / "transferkit").rglob("*.py"))
-    }
-    return Path(__file__).read_text(), files
-
-
-_SCRIPT, _LIBRARY = _read_tree(ROOT)
-
-
-def _definition(text: str, name: str) -> str:
-    """The source lines of the top-level function or class ``name`` in ``text``."""
-    import ast
-
-    lines = text.splitlines(keepends=True)
-    for node in ast.parse(text).body:
-        if isinstance(node, ast.FunctionDef | ast.ClassDef) and node.name == name:
-            start = min([node.lineno] + [d.lineno for d in node.decorator_list])
-            return "".join(lines[start - 1 : node.end_lineno])
-    raise ValueError(f"no definition of {name!r}")
-
-
-def fingerprint(method: str, root: Path | None = None) -> str:
-    """A hash of everything a row of ``method`` depends on (code as imported)."""
     import hashlib
 
-    script, library = (_SCRIPT, _LIBRARY) if root is None else _read_tree(root)
     digest = hashlib.sha256(torch.__version__.encode())
-    for fn in ("task_specs", "build_task", "transfer_term", "train", "split_holdout", "accuracy"):
-        digest.update(_definition(script, fn).encode())
-    # the recipe logic and the values of the recipes the row uses (not the whole table)
-    recipes = library.get("transferkit/recipes.py", b"").decode()
-    digest.update(_definition(recipes, "Recipe").encode() if recipes else b"")
     for part in method.split("+"):
         values = tk.recipe(_recipe_name(part)).to_dict()
         digest.update(json.dumps(values, sort_keys=True).encode())
-    names = set(COMMON_DEPS) | {n for part in method.split("+") for n in METHOD_DEPS.get(part, ())}
-    for path, content in library.items():
-        module = path.split("/")[1].removesuffix(".py")
-        if module in names or module.startswith("_"):  # bottom helpers count for all
-            digest.update(path.encode())
-            digest.update(content)
+    trained: list[nn.Module] = []
+    budget = Budget(steps=6, batch_size=16, width=4, feature_dim=16, disc_hidden=16)
+    with _one_thread():
+        result = train(method, _probe_task(), budget, 0, overrides={"lr": 0.1}, trained=trained)
+    digest.update(json.dumps(result, sort_keys=True).encode())
+    for module in trained:
+        _hash_tensors(list(module.state_dict().values()), digest)
     return digest.hexdigest()[:16]
+
+
+def data_fingerprint(task: DomainTask) -> str:
+    """A hash of a task's tensors (the data a row trains and tests on)."""
+    import hashlib
+
+    digest = hashlib.sha256(task.name.encode())
+    _hash_tensors(
+        [
+            task.source_x,
+            task.source_y,
+            task.source_test_x,
+            task.source_test_y,
+            task.target_x,
+            task.target_y,
+            task.target_test_x,
+            task.target_test_y,
+        ],
+        digest,
+    )
+    return digest.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 _TASKS: dict[tuple[str, int, bool], DomainTask] = {}
@@ -416,12 +437,10 @@ _TASKS: dict[tuple[str, int, bool], DomainTask] = {}
 def run_unit(unit: Unit) -> dict[str, Any]:
     torch.set_num_threads(1)
     spec = task_specs(unit.quick)[unit.task]
-    key = (unit.task, unit.seed, unit.quick)
-    if key not in _TASKS:
-        _TASKS[key] = build_task(unit.task, spec.size, unit.seed)
+    task = task_for(unit.task, unit.seed, unit.quick)
     start = time.perf_counter()
     overrides = {"lr": unit.lr, "augment": unit.shift}
-    acc = train(unit.method, _TASKS[key], spec.budget, unit.seed, overrides=overrides)
+    acc = train(unit.method, task, spec.budget, unit.seed, overrides=overrides)
     wall = time.perf_counter() - start
     print(
         f"{unit.task:20s} {unit.method:20s} seed={unit.seed} lr={unit.lr} shift={unit.shift:d} "
@@ -432,22 +451,42 @@ def run_unit(unit: Unit) -> dict[str, Any]:
     return {
         **asdict(unit),
         "steps": spec.budget.steps,
-        "code": fingerprint(unit.method),
+        "code": _fingerprint(unit.method),
+        "data": data_fingerprint(task),
         "wall_s": wall,
         **acc,
     }
 
 
-KEY_FIELDS = ("task", "method", "seed", "quick", "steps", "lr", "shift", "code")
+KEY_FIELDS = ("task", "method", "seed", "quick", "steps", "lr", "shift", "code", "data")
+
+
+_FINGERPRINTS: dict[str, str] = {}
+
+
+def _fingerprint(method: str) -> str:
+    if method not in _FINGERPRINTS:
+        _FINGERPRINTS[method] = fingerprint(method)
+    return _FINGERPRINTS[method]
+
+
+def task_for(task: str, seed: int, quick: bool) -> DomainTask:
+    key = (task, seed, quick)
+    if key not in _TASKS:
+        _TASKS[key] = build_task(task, task_specs(quick)[task].size, seed)
+    return _TASKS[key]
 
 
 def unit_key(row: dict[str, Any]) -> str:
     return json.dumps([row[name] for name in KEY_FIELDS])
 
 
-def _unit_key(unit: Unit, codes: dict[str, str]) -> str:
+def _unit_key(unit: Unit) -> str:
     steps = task_specs(unit.quick)[unit.task].budget.steps
-    return unit_key({**asdict(unit), "steps": steps, "code": codes[unit.method]})
+    data = data_fingerprint(task_for(unit.task, unit.seed, unit.quick))
+    return unit_key(
+        {**asdict(unit), "steps": steps, "code": _fingerprint(unit.method), "data": data}
+    )
 
 
 def _cached_rows(quick: bool) -> list[dict[str, Any]]:
@@ -461,14 +500,13 @@ def _cached_rows(quick: bool) -> list[dict[str, Any]]:
 def run_units(units: list[Unit], jobs: int, *, resume: bool) -> list[dict[str, Any]]:
     """Run (or, with ``resume``, reuse rows of the same code for) every unit."""
     path = CACHE / ("rows-quick.jsonl" if units and units[0].quick else "rows.jsonl")
-    codes = {m: fingerprint(m) for m in {u.method for u in units}}
     cached: dict[str, dict[str, Any]] = {}
     if resume and units:
         cached = {unit_key(row): row for row in _cached_rows(units[0].quick)}
     done: dict[int, dict[str, Any]] = {}
     todo: list[tuple[int, Unit]] = []
     for i, unit in enumerate(units):
-        key = _unit_key(unit, codes)
+        key = _unit_key(unit)
         if key in cached:
             done[i] = cached[key]
         else:
@@ -700,12 +738,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "recipes": {m: tk.recipe(_recipe_name(m.split("+")[0])).to_dict() for m in methods},
     }
     started = time.perf_counter()
-    codes = {m: fingerprint(m) for m in ("source_only", *methods)}
     cached = {unit_key(r): r for r in _cached_rows(args.quick)} if args.render_only else {}
 
     def fetch(units: list[Unit]) -> list[dict[str, Any]]:
         if args.render_only:
-            keys = [_unit_key(u, codes) for u in units]
+            keys = [_unit_key(u) for u in units]
             return [cached[k] for k in keys if k in cached]
         return run_units(units, args.jobs, resume=args.resume)
 
