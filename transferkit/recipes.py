@@ -183,7 +183,7 @@ class Recipe:
         Examples:
             >>> labeler = recipe("self_training").pseudo_labeler(10, max_steps=100)
             >>> labeler.warmup_steps, labeler.rampup_steps, labeler.threshold
-            (30, 70, 0.95)
+            (50, 50, 0.95)
         """
         if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
             raise ValueError(f"max_steps: expected a positive integer, got {max_steps!r}")
