@@ -527,7 +527,7 @@ rows(
 def cdan(**kwargs: Any) -> adversarial.ConditionalDomainAdversarialLoss:
     torch.manual_seed(0)
     return adversarial.ConditionalDomainAdversarialLoss(
-        adversarial.DomainDiscriminator(12, hidden=8), num_classes=4, features_dim=3, **kwargs
+        adversarial.DomainDiscriminator(12, hidden=8), num_classes=4, feature_dim=3, **kwargs
     )
 
 

@@ -157,7 +157,7 @@ def numpy_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def test_cdan_multilinear_map_is_flattened_outer_product() -> None:
-    criterion = tk.ConditionalDomainAdversarialLoss(nn.Linear(12, 1), num_classes=3, features_dim=4)
+    criterion = tk.ConditionalDomainAdversarialLoss(nn.Linear(12, 1), num_classes=3, feature_dim=4)
     features, probs = torch.randn(5, 4), torch.rand(5, 3)
     mapped = criterion.multilinear_map(features, probs).numpy()
     expected = np.einsum("nc,nf->ncf", probs.numpy(), features.numpy()).reshape(5, 12)
@@ -166,7 +166,7 @@ def test_cdan_multilinear_map_is_flattened_outer_product() -> None:
 
 def test_cdan_randomized_map_matches_numpy_and_its_matrices_are_buffers() -> None:
     criterion = tk.ConditionalDomainAdversarialLoss(
-        nn.Linear(64, 1), num_classes=3, features_dim=4, randomized=True, randomized_dim=64
+        nn.Linear(64, 1), num_classes=3, feature_dim=4, randomized=True, randomized_dim=64
     )
     buffers = dict(criterion.named_buffers())
     assert set(buffers) >= {"random_features", "random_classes"}
@@ -179,8 +179,8 @@ def test_cdan_randomized_map_matches_numpy_and_its_matrices_are_buffers() -> Non
 
 
 def test_cdan_randomizes_automatically_only_above_threshold() -> None:
-    small = tk.ConditionalDomainAdversarialLoss(nn.Linear(1, 1), num_classes=4, features_dim=1024)
-    large = tk.ConditionalDomainAdversarialLoss(nn.Linear(1, 1), num_classes=5, features_dim=1024)
+    small = tk.ConditionalDomainAdversarialLoss(nn.Linear(1, 1), num_classes=4, feature_dim=1024)
+    large = tk.ConditionalDomainAdversarialLoss(nn.Linear(1, 1), num_classes=5, feature_dim=1024)
     assert 4 * 1024 <= RANDOMIZE_ABOVE < 5 * 1024
     assert not small.randomized and small.random_features is None
     assert large.randomized and large.random_features.shape == (1024, 1024)
@@ -194,7 +194,7 @@ def test_cdan_state_dict_round_trips_random_matrices() -> None:
         return tk.ConditionalDomainAdversarialLoss(
             tk.DomainDiscriminator(32, hidden=8),
             num_classes=3,
-            features_dim=6,
+            feature_dim=6,
             randomized=True,
             randomized_dim=32,
             seed=seed,
@@ -215,7 +215,7 @@ def test_cdan_state_dict_round_trips_random_matrices() -> None:
 def test_cdan_entropy_conditioning_matches_numpy_reference() -> None:
     disc = linear_discriminator(4 * 3)
     criterion = tk.ConditionalDomainAdversarialLoss(
-        disc, num_classes=3, features_dim=4, entropy_conditioning=True
+        disc, num_classes=3, feature_dim=4, entropy_conditioning=True
     )
     g_s, f_s, g_t, f_t = (
         torch.randn(6, 3) * 2,
@@ -241,7 +241,7 @@ def test_cdan_entropy_conditioning_matches_numpy_reference() -> None:
 
 def test_cdan_passes_gradient_through_features_only() -> None:
     criterion = tk.ConditionalDomainAdversarialLoss(
-        tk.DomainDiscriminator(8, hidden=8), num_classes=2, features_dim=4
+        tk.DomainDiscriminator(8, hidden=8), num_classes=2, feature_dim=4
     )
     g_s = torch.randn(5, 2, requires_grad=True)
     f_s = torch.randn(5, 4, requires_grad=True)
@@ -256,7 +256,7 @@ def test_cdan_gradcheck_float64(randomized: bool) -> None:
     criterion = tk.ConditionalDomainAdversarialLoss(
         tk.DomainDiscriminator(8 if randomized else 6, hidden=5, dropout=0.0),
         num_classes=2,
-        features_dim=3,
+        feature_dim=3,
         entropy_conditioning=True,
         randomized=randomized,
         randomized_dim=8,
@@ -275,7 +275,7 @@ def test_cdan_under_bf16_autocast_is_fp32_and_close() -> None:
     criterion = tk.ConditionalDomainAdversarialLoss(
         tk.DomainDiscriminator(40, hidden=32),
         num_classes=4,
-        features_dim=10,
+        feature_dim=10,
         entropy_conditioning=True,
     ).eval()
     args = (torch.randn(16, 4), torch.randn(16, 10), torch.randn(12, 4), torch.randn(12, 10))
@@ -296,7 +296,7 @@ def test_cdan_under_bf16_autocast_is_fp32_and_close() -> None:
     ],
 )
 def test_cdan_rejects_inconsistent_input(args, match) -> None:
-    criterion = tk.ConditionalDomainAdversarialLoss(nn.Linear(18, 1), num_classes=3, features_dim=6)
+    criterion = tk.ConditionalDomainAdversarialLoss(nn.Linear(18, 1), num_classes=3, feature_dim=6)
     with pytest.raises(ValueError, match=match):
         criterion(*args)
 
@@ -310,7 +310,7 @@ def test_losses_run_on_cuda_with_unequal_batches() -> None:
     cdan = tk.ConditionalDomainAdversarialLoss(
         tk.DomainDiscriminator(64, hidden=16),
         num_classes=4,
-        features_dim=8,
+        feature_dim=8,
         randomized=True,
         randomized_dim=64,
         entropy_conditioning=True,
@@ -350,7 +350,7 @@ def test_domain_adversarial_loss_accepts_half_and_double_features(dtype: torch.d
 def test_conditional_adversarial_loss_accepts_half_and_double_features(dtype: torch.dtype) -> None:
     torch.manual_seed(0)
     criterion = tk.ConditionalDomainAdversarialLoss(
-        tk.DomainDiscriminator(12, hidden=8), num_classes=3, features_dim=4
+        tk.DomainDiscriminator(12, hidden=8), num_classes=3, feature_dim=4
     )
     features = torch.randn(5, 4).to(dtype).requires_grad_(True)
     loss = criterion(
@@ -362,3 +362,16 @@ def test_conditional_adversarial_loss_accepts_half_and_double_features(dtype: to
     loss.backward()
     assert bool(torch.isfinite(loss)) and features.grad is not None
     assert features.grad.dtype == dtype
+
+
+def test_cdan_features_dim_is_a_deprecated_spelling_of_feature_dim() -> None:
+    # One name per concept: the feature width is ``feature_dim`` everywhere (SmallCNN, MLP).
+    with pytest.warns(FutureWarning, match="feature_dim"):
+        old = tk.ConditionalDomainAdversarialLoss(nn.Linear(1, 1), num_classes=5, features_dim=1024)
+    new = tk.ConditionalDomainAdversarialLoss(nn.Linear(1, 1), num_classes=5, feature_dim=1024)
+    assert old.feature_dim == new.feature_dim == 1024
+    assert old.randomized and new.randomized
+    with pytest.raises(TypeError, match="^features_dim: pass only feature_dim"):
+        tk.ConditionalDomainAdversarialLoss(
+            nn.Linear(1, 1), num_classes=5, feature_dim=8, features_dim=8
+        )

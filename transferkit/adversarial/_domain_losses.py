@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ from ._adversary import (
 )
 from ._reversal import GradientReversal
 
-#: Above this many multilinear features (``features_dim * num_classes``) CDAN switches to
+#: Above this many multilinear features (``feature_dim * num_classes``) CDAN switches to
 #: the randomized multilinear map by default, as in Long et al. (2018).
 RANDOMIZE_ABOVE = 4096
 
@@ -172,10 +173,13 @@ class ConditionalDomainAdversarialLoss(_AdversarialLossBase):
     Args:
         discriminator: maps ``(N, C * F)`` (or ``(N, randomized_dim)``) to ``(N,)`` logits.
         num_classes: ``C``; required for the randomized map, checked against input.
-        features_dim: ``F``; required for the randomized map, checked against input.
+        feature_dim: ``F``, the width of the features (the name the reference models use
+            for their ``forward_features`` width); required for the randomized map,
+            checked against input. ``features_dim=`` (TLlib's spelling) is accepted with a
+            ``FutureWarning`` and will be removed.
         entropy_conditioning: CDAN+E entropy weighting.
         randomized: use the randomized map; ``None`` chooses it when ``num_classes`` and
-            ``features_dim`` are given and ``F * C > 4096``.
+            ``feature_dim`` are given and ``F * C > 4096``.
         randomized_dim: ``d``, output size of the randomized map.
         grl: the reversal layer; default ``GradientReversal(1.0)``.
         seed: seed of the random matrices (``None`` uses torch's global generator).
@@ -193,20 +197,20 @@ class ConditionalDomainAdversarialLoss(_AdversarialLossBase):
     Raises:
         TypeError: for non-tensor, non-floating or mismatched-dtype input.
         ValueError: for wrong ranks, sizes or devices, non-finite values, or
-            ``randomized=True`` without ``num_classes`` and ``features_dim``.
+            ``randomized=True`` without ``num_classes`` and ``feature_dim``.
 
     Examples:
         >>> from transferkit.adversarial import DomainDiscriminator
         >>> _ = torch.manual_seed(0)
         >>> disc = DomainDiscriminator(10 * 4, hidden=32)
         >>> criterion = ConditionalDomainAdversarialLoss(
-        ...     disc, num_classes=4, features_dim=10, entropy_conditioning=True)
+        ...     disc, num_classes=4, feature_dim=10, entropy_conditioning=True)
         >>> loss = criterion(torch.randn(8, 4), torch.randn(8, 10),
         ...                  torch.randn(5, 4), torch.randn(5, 10))
         >>> loss.shape, criterion.randomized
         (torch.Size([]), False)
         >>> big = ConditionalDomainAdversarialLoss(
-        ...     DomainDiscriminator(1024, hidden=32), num_classes=10, features_dim=512)
+        ...     DomainDiscriminator(1024, hidden=32), num_classes=10, feature_dim=512)
         >>> big.randomized, big.random_features.shape
         (True, torch.Size([512, 1024]))
     """
@@ -218,41 +222,54 @@ class ConditionalDomainAdversarialLoss(_AdversarialLossBase):
         self,
         discriminator: nn.Module,
         num_classes: int | None = None,
-        features_dim: int | None = None,
+        feature_dim: int | None = None,
         *,
         entropy_conditioning: bool = False,
         randomized: bool | None = None,
         randomized_dim: int = 1024,
         grl: GradientReversal | None = None,
         seed: int | None = None,
+        features_dim: int | None = None,
     ) -> None:
         super().__init__(discriminator, grl)
+        if features_dim is not None:
+            if feature_dim is not None:
+                raise TypeError(
+                    "features_dim: pass only feature_dim (features_dim is its deprecated "
+                    "spelling)"
+                )
+            warnings.warn(
+                "features_dim is deprecated; pass feature_dim (the same value)",
+                FutureWarning,
+                stacklevel=2,
+            )
+            feature_dim = features_dim
         self.num_classes = (
             None
             if num_classes is None
             else int(check_positive(num_classes, "num_classes", integer=True))
         )
-        self.features_dim = (
+        self.feature_dim = (
             None
-            if features_dim is None
-            else int(check_positive(features_dim, "features_dim", integer=True))
+            if feature_dim is None
+            else int(check_positive(feature_dim, "feature_dim", integer=True))
         )
         check_bool(entropy_conditioning, "entropy_conditioning")
         check_bool(randomized, "randomized", optional=True)
         self.entropy_conditioning = entropy_conditioning
         self.randomized_dim = int(check_positive(randomized_dim, "randomized_dim", integer=True))
-        known = self.num_classes is not None and self.features_dim is not None
+        known = self.num_classes is not None and self.feature_dim is not None
         if randomized is None:
-            randomized = known and self.num_classes * self.features_dim > RANDOMIZE_ABOVE  # type: ignore[operator]
+            randomized = known and self.num_classes * self.feature_dim > RANDOMIZE_ABOVE  # type: ignore[operator]
         if randomized and not known:
             raise ValueError(
                 "randomized: the randomized multilinear map needs num_classes and "
-                "features_dim to draw its random matrices; pass both"
+                "feature_dim to draw its random matrices; pass both"
             )
         self.randomized = bool(randomized)
         if self.randomized:
             generator = None if seed is None else torch.Generator().manual_seed(seed)
-            shape_f = (self.features_dim, self.randomized_dim)
+            shape_f = (self.feature_dim, self.randomized_dim)
             shape_g = (self.num_classes, self.randomized_dim)
             self.register_buffer("random_features", torch.randn(shape_f, generator=generator))  # type: ignore[arg-type]
             self.register_buffer("random_classes", torch.randn(shape_g, generator=generator))  # type: ignore[arg-type]
@@ -266,9 +283,9 @@ class ConditionalDomainAdversarialLoss(_AdversarialLossBase):
             raise ValueError(
                 f"{prefix}_logits: expected {self.num_classes} classes, got {logits.shape[1]}"
             )
-        if self.features_dim is not None and features.shape[1] != self.features_dim:
+        if self.feature_dim is not None and features.shape[1] != self.feature_dim:
             raise ValueError(
-                f"{prefix}_features: expected {self.features_dim} features, got {features.shape[1]}"
+                f"{prefix}_features: expected {self.feature_dim} features, got {features.shape[1]}"
             )
 
     def multilinear_map(self, features: Tensor, probs: Tensor) -> Tensor:
@@ -324,6 +341,6 @@ class ConditionalDomainAdversarialLoss(_AdversarialLossBase):
     def extra_repr(self) -> str:
         """The map's configuration, for ``print(module)``."""
         return (
-            f"num_classes={self.num_classes}, features_dim={self.features_dim}, "
+            f"num_classes={self.num_classes}, feature_dim={self.feature_dim}, "
             f"entropy_conditioning={self.entropy_conditioning}, randomized={self.randomized}"
         )
