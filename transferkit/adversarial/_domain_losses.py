@@ -235,8 +235,7 @@ class ConditionalDomainAdversarialLoss(_AdversarialLossBase):
         if features_dim is not None:
             if feature_dim is not None:
                 raise TypeError(
-                    "features_dim: pass only feature_dim (features_dim is its deprecated "
-                    "spelling)"
+                    "features_dim: pass only feature_dim (features_dim is its deprecated spelling)"
                 )
             warnings.warn(
                 "features_dim is deprecated; pass feature_dim (the same value)",
