@@ -304,7 +304,7 @@ class _Moments:
 
 def _adaptable_norms(model: nn.Module) -> list[_BatchNorm]:
     """BatchNorm layers whose statistics AdaBN re-estimates (see adapt_batchnorm)."""
-    from .freezing import _bn_policy
+    from .freezing._batchnorm import _bn_policy
 
     skipped_inactive: set[int] = set()
     for module in model.modules():

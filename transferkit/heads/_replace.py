@@ -1,0 +1,263 @@
+"""[`replace_head`][]: swap a model's classifier in place, headless models included."""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+
+from .._surgery import last_linear, replace_module, unwrap_model
+from .._validation import check_positive, did_you_mean
+from ..freezing import FrozenBatchNorm
+from ._classifier import ClassifierHead
+from ._find import find_head
+
+logger = logging.getLogger("transferkit.heads")
+
+
+def _in_features(head: nn.Module, name: str) -> int:
+    if isinstance(head, (nn.Linear, ClassifierHead)):
+        return int(head.in_features)
+    if isinstance(head, nn.Conv2d):
+        return int(head.in_channels)
+    for module in head.modules():
+        if isinstance(module, nn.Linear):
+            return int(module.in_features)
+    value = getattr(head, "in_features", None)
+    if isinstance(value, int):
+        return value
+    raise ValueError(
+        f"model: cannot infer the input size of head {name!r} ({type(head).__name__}); "
+        "build the new head yourself and pass it to replace_head"
+    )
+
+
+def _is_headless(head: nn.Module) -> bool:
+    """An ``nn.Identity`` (timm ``num_classes=0``, ``model.fc = nn.Identity()``) or no weights."""
+    return isinstance(head, nn.Identity) or not any(True for _ in head.parameters())
+
+
+def _output_size(module: nn.Module) -> int | None:
+    """Feature size that ``module`` outputs, for the layers that say so."""
+    if isinstance(module, nn.Linear):
+        return int(module.out_features)
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return int(module.out_channels)
+    if isinstance(module, nn.GroupNorm):
+        return int(module.num_channels)
+    if isinstance(module, nn.LayerNorm) and module.normalized_shape:
+        return int(module.normalized_shape[-1])
+    if isinstance(module, (_NormBase, FrozenBatchNorm)):
+        return int(module.num_features)
+    return None
+
+
+def _headless_in_features(model: nn.Module, name: str) -> int:
+    """What a headless model feeds its (identity) classifier.
+
+    timm models say it (``head_hidden_size``, else ``num_features``); otherwise the output
+    size of the last layer with weights defined before the head (torchvision ResNet
+    ``layer4``'s last BatchNorm, VGG's last hidden ``Linear``, ViT's final ``LayerNorm``).
+    """
+    for attribute in ("head_hidden_size", "num_features"):
+        value = getattr(model, attribute, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    found: int | None = None
+    for qualified, module in model.named_modules():
+        if qualified == name or qualified.startswith(name + "."):
+            break
+        size = _output_size(module)
+        if size is not None:
+            found = size
+    if found is None:
+        raise ValueError(
+            f"model: head {name!r} is an identity (a headless model) and the size of its input "
+            f"cannot be read off {type(model).__name__}; build the head yourself, e.g. "
+            "replace_head(model, nn.Linear(num_features, num_classes))"
+        )
+    return found
+
+
+def _out_features(head: nn.Module) -> int | None:
+    for attribute in ("out_features", "num_classes", "out_channels"):  # conv: timm BiT
+        value = getattr(head, attribute, None)
+        if isinstance(value, int):
+            return value
+    found = last_linear(head)
+    return None if found is None else int(found[1].out_features)
+
+
+def _timm_classifiers(model: nn.Module) -> list[nn.Module]:
+    """What timm's ``get_classifier()`` returns, as a list (distilled models give two)."""
+    try:
+        found = model.get_classifier()  # type: ignore[operator]
+    except Exception:  # a user method
+        return []
+    found = list(found) if isinstance(found, (tuple, list)) else [found]
+    return [m for m in found if isinstance(m, nn.Module)]
+
+
+def _timm_disabled_pool(model: nn.Module) -> str | None:
+    """The class default pool of a timm model built with ``global_pool=''``, else None."""
+    pool = getattr(model, "global_pool", None)
+    if not isinstance(pool, str):
+        pools = [pool] if isinstance(pool, nn.Module) else []
+        pools += [m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] == "global_pool"]
+        kinds = [getattr(m, "pool_type", None) for m in pools]
+        pool = next((kind for kind in kinds if isinstance(kind, str)), None)
+    if pool != "":
+        return None
+    import inspect
+
+    for cls in type(model).__mro__:
+        init = vars(cls).get("__init__")
+        if init is None:
+            continue
+        try:
+            parameter = inspect.signature(init).parameters.get("global_pool")
+        except (TypeError, ValueError):
+            continue
+        if parameter is not None and isinstance(parameter.default, str) and parameter.default:
+            return parameter.default
+    return "avg"
+
+
+def replace_head(
+    model: nn.Module, head_or_num_classes: nn.Module | int, *, name: str | None = None
+) -> nn.Module:
+    """Swap the model's classifier in place and return the new head.
+
+    With an ``int``, the new head is ``nn.Linear(in_features, num_classes)`` where
+    ``in_features`` is read from the old head (its ``in_features``, or that of its first
+    ``nn.Linear``). A given module is used as it is (a mismatching ``in_features``
+    attribute raises). The new head is moved to the model's device and dtype. Class
+    counts kept on the model are updated: timm's ``num_classes``, Hugging Face's
+    ``num_labels`` and ``config.num_labels`` (used by their loss).
+
+    Headless models work too: a timm model built with ``num_classes=0`` (its classifier
+    is an ``nn.Identity``) gets its head from timm's own ``reset_classifier(num_classes)``
+    (the input size is ``head_hidden_size``/``num_features``); one built with
+    ``global_pool=''`` gets its class's default pool back (logged as a warning), since a
+    classifier needs pooled features. timm's distilled models (DeiT, LeViT: both heads
+    are reset, the first is returned) and 1x1-conv heads (BiT ``ResNetV2``) also go
+    through ``reset_classifier``. A torchvision model whose head was set to
+    ``nn.Identity()`` gets a ``Linear`` sized by the output of the last layer with
+    weights before it (512 for ResNet-18; the ``fc`` of ResNet/RegNet/ShuffleNet, the
+    last item of a ``classifier``/``heads`` Sequential). That guess assumes the identity
+    receives pooled, flattened features of that size: when a whole block is replaced
+    (ConvNeXt's or VGG's entire ``classifier``) or auxiliary heads come later in the
+    definition order (GoogLeNet), build the head yourself and pass it.
+
+    Args:
+        model: the network (changed in place).
+        head_or_num_classes: a module, or the number of classes of a new linear head.
+        name: qualified name of the head to replace; default: [`find_head`][].
+
+    Returns:
+        The new head module (already inside ``model``).
+
+    Raises:
+        TypeError: wrong argument types.
+        ValueError: no head found, ``name`` is not a module, or sizes mismatch.
+
+    Examples:
+        >>> import torch, transferkit as tk
+        >>> net = tk.models.SmallCNN(num_classes=10)
+        >>> replace_head(net, 3)
+        Linear(in_features=128, out_features=3, bias=True)
+        >>> head = replace_head(net, tk.ClassifierHead(128, 5, hidden=(), pool=None))
+        >>> net(torch.zeros(2, 1, 16, 16)).shape
+        torch.Size([2, 5])
+        >>> net.fc = nn.Identity()  # headless
+        >>> replace_head(net, 4)
+        Linear(in_features=128, out_features=4, bias=True)
+    """
+    model = unwrap_model(model)
+    if name is None:
+        name, old = find_head(model)
+    else:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"name: expected a module name, got {name!r}")
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            known = [n for n, _ in model.named_modules() if n]
+            raise ValueError(
+                f"name: {name!r} is not a module of {type(model).__name__}"
+                f"{did_you_mean(name, known)}"
+            ) from None
+    if isinstance(head_or_num_classes, bool) or not isinstance(
+        head_or_num_classes, (int, nn.Module)
+    ):
+        raise TypeError(
+            "head_or_num_classes: expected an nn.Module or a number of classes, got "
+            f"{type(head_or_num_classes).__name__}"
+        )
+    headless = _is_headless(old)
+    in_features = _headless_in_features(model, name) if headless else _in_features(old, name)
+    reference = next(iter(old.parameters()), None)
+    if reference is None:
+        reference = next(iter(model.parameters()), None)
+    reset = getattr(model, "reset_classifier", None)
+    classifiers = (
+        _timm_classifiers(model) if callable(getattr(model, "get_classifier", None)) else []
+    )
+    if (
+        isinstance(head_or_num_classes, int)
+        and callable(reset)
+        and any(module is old for module in classifiers)
+        and (headless or len(classifiers) > 1 or isinstance(old, nn.Conv2d))
+    ):
+        # timm's own way: it also rebuilds pooling/pre-logits bookkeeping for num_classes,
+        # the distillation head of DeiT/LeViT and the 1x1-conv head of BiT (ResNetV2)
+        num_classes = int(check_positive(head_or_num_classes, "head_or_num_classes", integer=True))
+        pool = _timm_disabled_pool(model)
+        if pool is None:
+            reset(num_classes)
+        else:
+            logger.warning(
+                "replace_head: %s was built with global_pool='' (no pooling); a classifier "
+                "needs pooled features, so its default pool %r is restored",
+                type(model).__name__,
+                pool,
+            )
+            reset(num_classes, global_pool=pool)
+        new_heads = _timm_classifiers(model)
+        if new_heads and all(_out_features(h) == num_classes for h in new_heads):
+            for timm_head in new_heads:
+                if reference is not None:
+                    timm_head.to(device=reference.device, dtype=reference.dtype)
+            if isinstance(getattr(model, "num_classes", None), int):
+                setattr(model, "num_classes", num_classes)  # noqa: B010 (typed as Module)
+            logger.info("replace_head: %s -> %s (timm reset_classifier)", name, new_heads)
+            return new_heads[0]
+        raise ValueError(
+            f"model: {type(model).__name__}.reset_classifier({num_classes}) did not give a "
+            f"head with {num_classes} outputs; pass the head module yourself"
+        )
+    if isinstance(head_or_num_classes, int):
+        num_classes = int(check_positive(head_or_num_classes, "head_or_num_classes", integer=True))
+        new: nn.Module = nn.Linear(in_features, num_classes)
+    else:
+        new = head_or_num_classes
+        given = getattr(new, "in_features", None)
+        if isinstance(given, int) and given != in_features and not isinstance(old, nn.Conv2d):
+            raise ValueError(
+                f"head_or_num_classes: the new head takes {given} features but {name!r} "
+                f"receives {in_features}"
+            )
+    if reference is not None:
+        new = new.to(device=reference.device, dtype=reference.dtype)
+    replace_module(model, name, new)
+    classes = _out_features(new)
+    if classes is not None:
+        for attribute in ("num_classes", "num_labels"):
+            if isinstance(getattr(model, attribute, None), int):
+                setattr(model, attribute, classes)
+        config = getattr(model, "config", None)
+        if config is not None and isinstance(getattr(config, "num_labels", None), int):
+            config.num_labels = classes
+    logger.info("replace_head: %s -> %s", name, type(new).__name__)
+    return new
