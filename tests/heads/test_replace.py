@@ -1,0 +1,148 @@
+"""replace_head: sizes, class counts, device/dtype, headless models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import transferkit as tk
+from tests.heads._models import HFLike, TimmLike, vgg_like, vit_like
+
+
+@pytest.mark.parametrize(
+    ("factory", "in_features"),
+    [(vgg_like, 8), (vit_like, 8), (TimmLike, 8), (HFLike, 8), (tk.models.SmallCNN, 128)],
+)
+def test_replace_head_infers_in_features(factory: object, in_features: int) -> None:
+    model = factory()  # type: ignore[operator]
+    name, _ = tk.find_head(model)
+    new = tk.replace_head(model, 7)
+    assert isinstance(new, nn.Linear) and new.in_features == in_features and new.out_features == 7
+    assert model.get_submodule(name) is new
+
+
+def test_replace_head_updates_class_counts_of_timm_and_hf_models() -> None:
+    timm_like = TimmLike()
+    tk.replace_head(timm_like, 6)
+    assert timm_like.num_classes == 6
+    hf_like = HFLike()
+    tk.replace_head(hf_like, tk.ClassifierHead(8, 4, hidden=()))
+    assert hf_like.num_labels == 4 and hf_like.config.num_labels == 4
+
+
+def test_replace_head_with_module_device_dtype_and_name() -> None:
+    model = tk.models.SmallCNN(num_classes=3).double()
+    head = tk.replace_head(model, tk.ClassifierHead(128, 5, hidden=(16,), pool=None))
+    assert next(head.parameters()).dtype == torch.float64
+    assert model(torch.zeros(2, 1, 16, 16, dtype=torch.float64)).shape == (2, 5)
+    neck = tk.replace_head(model, 9, name="neck.1")
+    assert isinstance(neck, nn.Linear) and model.neck[1] is neck and neck.in_features == 1024
+    with pytest.raises(ValueError, match=r"name: 'nek' is not a module.*'neck'"):
+        tk.replace_head(model, 3, name="nek")
+
+
+def test_replace_head_rejects_mismatched_or_bad_heads() -> None:
+    model = tk.models.SmallCNN()
+    with pytest.raises(ValueError, match="takes 64 features but 'fc' receives 128"):
+        tk.replace_head(model, nn.Linear(64, 3))
+    with pytest.raises(TypeError, match="head_or_num_classes"):
+        tk.replace_head(model, "3")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="head_or_num_classes"):
+        tk.replace_head(model, 0)
+    assert isinstance(model.fc, nn.Linear) and model.fc.out_features == 10  # untouched
+
+
+class HeadlessTimmLike(nn.Module):
+    """timm's contract for ``num_classes=0``: an identity classifier, ``num_features``,
+    ``head_hidden_size`` (the classifier's input, after a pre-logits layer) and
+    ``reset_classifier``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3)
+        self.conv_head = nn.Linear(6, 10)  # pre-logits: 6 -> 10
+        self.num_features = 6
+        self.head_hidden_size = 10
+        self.num_classes = 0
+        self.classifier: nn.Module = nn.Identity()
+        self.resets = 0
+
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.resets += 1
+        self.num_classes = num_classes
+        self.classifier = nn.Linear(self.head_hidden_size, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.classifier(self.conv_head(self.stem(x).mean((2, 3))))
+        return out
+
+
+def headless_small_cnn() -> nn.Module:
+    net = tk.models.SmallCNN(width=4, feature_dim=24)
+    net.fc = nn.Identity()  # type: ignore[assignment]
+    return net
+
+
+def headless_vgg_like() -> nn.Module:
+    model = vgg_like()
+    model.classifier[3] = nn.Identity()
+    return model
+
+
+def headless_vit_like() -> nn.Module:
+    model = vit_like()
+    model.heads.head = nn.Identity()
+    return model
+
+
+@pytest.mark.parametrize(
+    ("factory", "name", "in_features"),
+    [
+        (headless_small_cnn, "fc", 24),
+        (headless_vgg_like, "classifier.3", 8),
+        (headless_vit_like, "heads.head", 8),
+    ],
+)
+def test_replace_head_on_headless_models_sizes_head_from_the_layer_before(
+    factory: object, name: str, in_features: int
+) -> None:
+    """torchvision-style ``model.fc = nn.Identity()``: the head used to be unreplaceable
+    (or, in a Sequential, the hidden Linear before the identity was replaced)."""
+    model = factory()  # type: ignore[operator]
+    assert tk.find_head(model)[0] == name
+    head = tk.replace_head(model, 3)
+    assert isinstance(head, nn.Linear) and (head.in_features, head.out_features) == (in_features, 3)
+    assert model.get_submodule(name) is head
+
+
+def test_replace_head_on_headless_small_cnn_gives_working_model_in_its_dtype() -> None:
+    model = headless_small_cnn().double()
+    head = tk.replace_head(model, 5)
+    assert head.weight.dtype == torch.float64
+    assert model(torch.zeros(2, 1, 16, 16, dtype=torch.float64)).shape == (2, 5)
+    with pytest.raises(ValueError, match="takes 7 features but 'fc' receives 24"):
+        tk.replace_head(headless_small_cnn(), nn.Linear(7, 2))
+
+
+def test_replace_head_on_headless_timm_model_uses_reset_classifier() -> None:
+    model = HeadlessTimmLike().double()
+    head = tk.replace_head(model, 4)
+    assert model.resets == 1 and model.classifier is head and model.num_classes == 4
+    assert isinstance(head, nn.Linear) and head.in_features == 10  # head_hidden_size
+    assert head.weight.dtype == torch.float64
+    assert model(torch.zeros(2, 3, 5, 5, dtype=torch.float64)).shape == (2, 4)
+    # a given module is checked against the classifier's input size
+    custom = tk.replace_head(HeadlessTimmLike(), tk.ClassifierHead(10, 2, hidden=(), pool=None))
+    assert isinstance(custom, tk.ClassifierHead)
+    with pytest.raises(ValueError, match="receives 10"):
+        tk.replace_head(HeadlessTimmLike(), nn.Linear(6, 2))
+
+
+def test_replace_head_on_headless_model_without_sizes_raises_clearly() -> None:
+    model = nn.Sequential(nn.ReLU(), nn.Identity())
+    with pytest.raises(ValueError, match=r"'1' is an identity \(a headless model\)"):
+        tk.replace_head(model, 3)
