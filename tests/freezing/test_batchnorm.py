@@ -203,3 +203,17 @@ def test_bn_frozen_falls_back_to_eval_for_subclasses(caplog: pytest.LogCaptureFi
     assert type(net[1]) is BatchNormAct
     net.train()
     assert not net[1].training
+
+
+def test_public_objects_and_pickled_models_name_the_package_not_its_private_files() -> None:
+    # pickles, reprs and feature-cache fingerprints stay as before the package split
+    for name in tk.freezing.__all__:
+        assert getattr(tk.freezing, name).__module__ == "transferkit.freezing", name
+    net = make_net()
+    tk.freeze(net, include="features.[01]")  # "eval" policy: a hook and train() in the pickle
+    tk.freeze(net, include="features.[45]", bn="frozen")
+    payload = pickle.dumps(net)
+    assert b"FrozenBatchNorm" in payload and b"_EvalOnlyTrain" in payload
+    assert b"transferkit.freezing._" not in payload
+    clone = pickle.loads(payload)
+    assert not clone.train().features[1].training

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import pickle
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+import transferkit as tk
 from transferkit.meta import MetaTask, adapt, fomaml, reptile
 
 loss_fn = nn.functional.cross_entropy
@@ -159,3 +161,11 @@ def test_meta_learned_init_adapts_faster_than_random_init(algorithm) -> None:
     meta_acc = accuracy_after_adapting(meta_init, new_tasks, steps=3)
     assert meta_acc > random_acc + 0.15
     assert meta_acc > 0.8
+
+
+def test_public_objects_name_the_package_not_its_private_files() -> None:
+    # pickled task pools and reprs stay as before the package split
+    for name in tk.meta.__all__:
+        assert getattr(tk.meta, name).__module__ == "transferkit.meta", name
+    task = MetaTask(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
+    assert b"transferkit.meta._" not in pickle.dumps(task)

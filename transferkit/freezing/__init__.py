@@ -52,7 +52,19 @@ __all__ = [
     "unfreeze",
 ]
 
-# Models pickled (torch.save(model)) with the BatchNorm "eval" policy hold its hook and
-# train() replacement by reference: before the package split as transferkit.freezing.<name>.
-# Keep both reachable there and pickle them under that stable name from now on.
-_EvalOnlyTrain.__module__ = _keep_eval.__module__ = __name__
+# Public objects report the package as their module: pickles, reprs and the feature
+# cache's model fingerprints stay what they were before the split into private files.
+# The BatchNorm "eval" policy's hook and train() replacement live inside models pickled
+# with torch.save(model), so they keep their old home (transferkit.freezing) too.
+for _public in (
+    FrozenBatchNorm,
+    GradualUnfreezing,
+    freeze,
+    param_groups,
+    trainable_summary,
+    unfreeze,
+    _EvalOnlyTrain,
+    _keep_eval,
+):
+    _public.__module__ = __name__
+del _public

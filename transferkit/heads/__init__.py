@@ -14,3 +14,9 @@ from ._find import find_head
 from ._replace import replace_head
 
 __all__ = ["ClassifierHead", "find_head", "replace_head"]
+
+# Public objects report the package as their module: pickles, reprs and the feature
+# cache's model fingerprints stay what they were before the split into private files.
+for _public in (ClassifierHead, find_head, replace_head):
+    _public.__module__ = __name__
+del _public

@@ -53,6 +53,7 @@ def find_head(model: nn.Module) -> tuple[str, nn.Module]:
 
     Examples:
         >>> import transferkit as tk
+        >>> from torch import nn
         >>> find_head(tk.models.SmallCNN())[0]
         'fc'
         >>> find_head(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))

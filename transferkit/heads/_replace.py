@@ -164,6 +164,7 @@ def replace_head(
 
     Examples:
         >>> import torch, transferkit as tk
+        >>> from torch import nn
         >>> net = tk.models.SmallCNN(num_classes=10)
         >>> replace_head(net, 3)
         Linear(in_features=128, out_features=3, bias=True)

@@ -22,3 +22,9 @@ from ._learning import MetaTask, adapt, fomaml, reptile
 from ._prototype import prototype_init
 
 __all__ = ["MetaTask", "adapt", "fomaml", "prototype_init", "reptile"]
+
+# Public objects report the package as their module: pickles (MetaTask pools) and reprs
+# stay what they were before the split into private files.
+for _public in (MetaTask, adapt, fomaml, prototype_init, reptile):
+    _public.__module__ = __name__
+del _public
