@@ -220,11 +220,7 @@ def test_import_graph_resolves_relative_and_deferred_imports() -> None:
 
 # Cycles that another issue-17 branch is removing while this test lands; any other cycle
 # fails now. Empty this once those branches are on main.
-PENDING_CYCLES: dict[frozenset[str], str] = {
-    frozenset({"transferkit.freezing", "transferkit.heads"}): (
-        "heads imports freezing; freezing imports heads inside a function (wt-freezing)"
-    ),
-}
+PENDING_CYCLES: dict[frozenset[str], str] = {}
 
 
 def test_no_new_import_cycle_among_transferkit_modules() -> None:
@@ -235,11 +231,6 @@ def test_no_new_import_cycle_among_transferkit_modules() -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 17 restructure in progress: transferkit.freezing <-> transferkit.heads "
-    "(see PENDING_CYCLES)",
-)
 def test_no_import_cycle_among_transferkit_modules() -> None:
     graph = import_graph()
     cycles = import_cycles(graph)
@@ -271,11 +262,6 @@ def long_modules() -> dict[str, int]:
     return {path: lines for path, lines in sizes.items() if lines > MAX_LINES}
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 17 restructure in progress: freezing.py, heads.py and meta.py are still "
-    "over 500 lines (owned by the freezing branch)",
-)
 def test_no_module_over_max_lines() -> None:
     offenders = long_modules()
     assert not offenders, f"modules over {MAX_LINES} lines (split them by idea): " + ", ".join(

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from .._surgery import unwrap_model
+from .._surgery import find_head, unwrap_model
 from ._batchnorm import _bn_policy, _is_bn_like
 
 
@@ -36,8 +36,6 @@ def _should_split(module: nn.Module, name: str, head: str | None) -> bool:
 
 
 def _head_name(model: nn.Module) -> str | None:
-    from ..heads import find_head
-
     try:
         return find_head(model)[0]
     except (TypeError, ValueError):

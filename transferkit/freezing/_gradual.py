@@ -22,7 +22,7 @@ from ._freeze import freeze, unfreeze
 from ._param_groups import (
     _decay_exempt,
     _decay_split_groups,
-    _is_no_decay,
+    _decayed_groups_weight_decay,
     _no_decay_tokens,
     _owners,
 )
@@ -352,21 +352,6 @@ class GradualUnfreezing:
             return None
         return head, factor
 
-    def _inherited_weight_decay(self) -> float:
-        assert self.optimizer is not None
-        names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
-        owners = _owners(self.model)
-        for group in self.optimizer.param_groups:
-            decayed = [
-                p
-                for p in group["params"]
-                if id(p) in names
-                and not _is_no_decay(names[id(p)], owners.get(id(p), nn.Module()), self._tokens)
-            ]
-            if decayed and "weight_decay" in group:
-                return float(group["weight_decay"])
-        return float(self.optimizer.defaults.get("weight_decay", 0.0))
-
     def _stage_lrs(self, k: int) -> tuple[float | None, float | None]:
         """``(lr, layer factor)``: one lr for the stage, or the head lr and the factor."""
         assert self.optimizer is not None
@@ -419,7 +404,9 @@ class GradualUnfreezing:
         lr, factor = self._stage_lrs(k)
         assert lr is not None
         decay_value = (
-            self._inherited_weight_decay() if self.weight_decay is None else self.weight_decay
+            _decayed_groups_weight_decay(self.model, optimizer, self._tokens)
+            if self.weight_decay is None
+            else self.weight_decay
         )
         label = f"stage {k}{' batchnorm' if batchnorm_only else ''}"
         chunks: list[tuple[str, list[tuple[str, nn.Parameter]], float]] = []

@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from fnmatch import fnmatchcase
 from typing import Any
 
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
@@ -101,6 +102,27 @@ def _decay_split_groups(
                 group["layer_decay"] = factor  # read by GradualUnfreezing
             groups.append(group)
     return groups
+
+
+def _decayed_groups_weight_decay(
+    model: nn.Module, optimizer: torch.optim.Optimizer, tokens: Sequence[str]
+) -> float:
+    """The weight decay of the optimizer's first group that holds a decayed parameter.
+
+    Falls back to the optimizer's default when every group holds only no-decay names.
+    """
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    owners = _owners(model)
+    for group in optimizer.param_groups:
+        decayed = [
+            p
+            for p in group["params"]
+            if id(p) in names
+            and not _is_no_decay(names[id(p)], owners.get(id(p), nn.Module()), tokens)
+        ]
+        if decayed and "weight_decay" in group:
+            return float(group["weight_decay"])
+    return float(optimizer.defaults.get("weight_decay", 0.0))
 
 
 def param_groups(

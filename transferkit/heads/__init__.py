@@ -9,8 +9,8 @@
 
 from __future__ import annotations
 
+from .._surgery import find_head
 from ._classifier import ClassifierHead
-from ._find import find_head
 from ._replace import replace_head
 
 __all__ = ["ClassifierHead", "find_head", "replace_head"]

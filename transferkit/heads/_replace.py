@@ -7,11 +7,10 @@ import logging
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from .._surgery import last_linear, replace_module, unwrap_model
+from .._surgery import find_head, last_linear, replace_module, unwrap_model
 from .._validation import check_positive, did_you_mean
 from ..freezing import FrozenBatchNorm
 from ._classifier import ClassifierHead
-from ._find import find_head
 
 logger = logging.getLogger("transferkit.heads")
 
