@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -153,3 +155,26 @@ class FailsToMove(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> FailsToMove:
         raise torch.OutOfMemoryError("simulated out of memory while moving")
+
+
+def in_two_threads(call: Callable[[int], Any], repeats: int) -> list[list[Any]]:
+    """``call(i)`` ``repeats`` times in each of two threads started together; the results."""
+    results: list[list[Any]] = [[], []]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(2)
+
+    def work(i: int) -> None:
+        try:
+            barrier.wait()
+            for _ in range(repeats):
+                results[i].append(call(i))
+        except BaseException as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    return results

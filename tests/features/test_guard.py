@@ -12,7 +12,14 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 import transferkit as tk
-from tests.features._helpers import Counting, assert_unchanged, images, small_cnn, snapshot
+from tests.features._helpers import (
+    Counting,
+    assert_unchanged,
+    images,
+    in_two_threads,
+    small_cnn,
+    snapshot,
+)
 
 
 def test_extract_features_runs_in_eval_and_inference_mode_and_restores_modes() -> None:
@@ -103,29 +110,12 @@ def test_a_failed_extraction_leaves_the_model_exactly_as_it_was(
 def test_extract_features_on_one_model_from_two_threads_gives_the_serial_results(
     tmp_path: Path,
 ) -> None:
-    import threading
-
     net = small_cnn().train()
     inputs = [images(20, seed=s) for s in range(2)]
     serial = [tk.extract_features(net, x, batch_size=4, progress=False) for x in inputs]
-    results: list[list[np.ndarray]] = [[], []]
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(2)
-
-    def work(i: int) -> None:
-        try:
-            barrier.wait()
-            for _ in range(10):
-                results[i].append(tk.extract_features(net, inputs[i], batch_size=4, progress=False))
-        except BaseException as err:  # pragma: no cover - reported below
-            errors.append(err)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors, errors
+    results = in_two_threads(
+        lambda i: tk.extract_features(net, inputs[i], batch_size=4, progress=False), repeats=10
+    )
     for i in range(2):
         for out in results[i]:
             np.testing.assert_array_equal(out, serial[i])

@@ -16,6 +16,7 @@ from tests.features._helpers import (
     TupleNet,
     hook_count,
     images,
+    in_two_threads,
     numpy_pool,
     small_cnn,
 )
@@ -158,32 +159,18 @@ def test_a_layer_that_never_runs_is_reported() -> None:
 
 
 def test_one_extractor_called_from_two_threads_gives_the_serial_results() -> None:
-    import threading
-
     net = small_cnn()
     extractor = tk.FeatureExtractor(net, ["features", "neck"])
     inputs = [images(6, seed=s) for s in range(2)]
     with torch.no_grad():
         serial = [extractor(x) for x in inputs]
-    results: list[list[dict[str, Tensor]]] = [[], []]
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(2)
 
-    def work(i: int) -> None:
-        try:
-            barrier.wait()
-            with torch.no_grad():
-                for _ in range(40):
-                    results[i].append(extractor(inputs[i]))
-        except BaseException as err:  # pragma: no cover - reported below
-            errors.append(err)
+    def call(i: int) -> dict[str, Tensor]:
+        with torch.no_grad():
+            out: dict[str, Tensor] = extractor(inputs[i])
+        return out
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors, errors
+    results = in_two_threads(call, repeats=40)
     for i in range(2):
         for out in results[i]:
             for name in serial[i]:
