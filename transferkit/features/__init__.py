@@ -15,11 +15,11 @@ duplicates, [`transferkit.distributed.shard_indices`][]), extracts each shard on
 rank and merges the results in dataset order on every rank; with ``cache`` rank 0 writes
 the merged cache while the other ranks wait at a barrier.
 
-Layout (private files, one idea each): ``_hooks`` (layer capture, pooled with the
-shared `transferkit._pooling`), ``_sources`` (tensor/array/dict/Dataset/DataLoader input handling),
-``_planner`` (arguments checked once, one plan), ``_run`` (the batch loop), ``_guard``
-(the caller's model restored exactly), ``_fingerprint`` / ``_files`` / ``_cache`` (the
-trusted disk cache) and ``_shard`` (the ``torch.distributed`` path).
+Layout (private files, one idea each): ``_hooks`` (layer capture, pooled with the shared
+``transferkit._pooling``), ``_sources`` (tensor, array, dict, Dataset and DataLoader
+input), ``_planner`` (arguments checked once, one plan), ``_run`` (the batch loop),
+``_guard`` (the caller's model restored exactly), ``_fingerprint`` / ``_files`` /
+``_cache`` (the trusted disk cache) and ``_shard`` (the ``torch.distributed`` path).
 """
 
 from __future__ import annotations

@@ -129,7 +129,12 @@ def _open_on_rank0(plan: _Plan, data: Any) -> tuple[_Source | None, _CacheSink |
         except Exception as exc:
             failure = exc
     flag: list[object] = [complete, None if failure is None else str(failure)]
-    dist.broadcast_object_list(flag, src=0)  # every rank learns rank 0's outcome
+    try:
+        dist.broadcast_object_list(flag, src=0)  # every rank learns rank 0's outcome
+    except BaseException:
+        if sink is not None:
+            sink.close()
+        raise
     if failure is not None:
         raise failure
     if flag[1] is not None:
