@@ -344,11 +344,6 @@ def _test_files() -> list[Path]:
     return sorted(TESTS.rglob("*.py"))
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 17 restructure in progress: losses/test_engine.py patches "
-    "'transferkit.losses._engine.MAX_BLOCK_ELEMENTS' by name (losses branch)",
-)
 def test_tests_use_only_public_transferkit_names() -> None:
     offenders = {
         str(path.relative_to(ROOT)): uses
