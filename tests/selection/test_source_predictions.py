@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from tests.selection._data import SEEDS, noise_candidates, softmax
+from tests.selection._data import SEEDS, load_benchmark, noise_candidates, softmax
 from transferkit import selection
 
 
@@ -206,3 +206,84 @@ def test_leave_one_out_scores_ignore_sample_order_and_class_names(seed: int) -> 
     assert selection.nce(hard[order] * 3 + 1, renamed[order], estimator="leave_one_out") == (
         pytest.approx(value, rel=1e-9)
     )
+
+
+# --------------------------------------------------------------------------- validation cost
+# Probabilities above 2 MiB are checked block by block, in the pass that computes the
+# joint distribution (tests/selection/test_speed.py and benchmarks/bench_selection.py
+# time it). The cases below run a small matrix (one check over the whole matrix) and a
+# large one (the block-by-block check), so both paths keep every check.
+SIZES = {"small": (200, 10), "large": (3000, 100)}  # 16 kB and 2.4 MB of float64
+
+
+def _source_probs(size: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    n, z = SIZES[size]
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 5, size=n)
+    logits = 2.0 * rng.normal(size=(5, z))[y] + rng.normal(size=(n, z))
+    return softmax(logits), y
+
+
+def reference_leave_one_out_leep_vectorised(p: np.ndarray, y: np.ndarray) -> float:
+    """The leave-one-out formula of the docstring, one sample at a time (NumPy rows)."""
+    classes, index = np.unique(y, return_inverse=True)
+    counts = np.bincount(index)
+    n = len(y)
+    total = 0.0
+    for i in range(n):
+        same = index == index[i]
+        same[i] = False
+        rest = np.ones(n, dtype=bool)
+        rest[i] = False
+        prior = counts[index[i]] / (n - 1 + len(classes))  # (count - 1 + 1) / (N - 1 + C)
+        conditional = (p[same].sum(0) + prior) / (p[rest].sum(0) + 1.0)
+        total += math.log(float(p[i] @ conditional))
+    return total / n
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_leep_of_small_and_large_probabilities_equals_the_references(size: str) -> None:
+    p, y = _source_probs(size)
+    bench = load_benchmark()
+    assert selection.leep(p, y, estimator="empirical") == pytest.approx(
+        bench.leep_numpy(p, y), rel=1e-12
+    )
+    assert selection.leep(p, y, estimator="leave_one_out") == pytest.approx(
+        reference_leave_one_out_leep_vectorised(p, y), rel=1e-12
+    )
+
+
+@pytest.mark.parametrize("estimator", ["empirical", "leave_one_out"])
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+@pytest.mark.parametrize("size", list(SIZES))
+def test_leep_rejects_one_tiny_negative_probability_anywhere(
+    size: str, where: str, estimator: str
+) -> None:
+    # -1e-12 leaves the row sums at 1: only the sign check can see it
+    p, y = _source_probs(size)
+    row = {"first": 0, "middle": len(y) // 2 + 3, "last": len(y) - 1}[where]
+    bad = p.copy()
+    bad[row, -1] = -1e-12
+    with pytest.raises(ValueError, match=r"source_probs: expected probabilities >= 0"):
+        selection.leep(bad, y, estimator=estimator)
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_leep_reports_nan_before_negative_values_and_negative_values_before_bad_labels(
+    size: str,
+) -> None:
+    p, y = _source_probs(size)
+    both = p.copy()
+    both[1, 0], both[-2, 1] = np.nan, -0.5
+    with pytest.raises(ValueError, match="source_probs: expected finite values"):
+        selection.leep(both, y)
+    negative = p.copy()
+    negative[-2, 1] = -0.5
+    with pytest.raises(ValueError, match="source_probs: expected probabilities >= 0"):
+        selection.leep(negative, y[:-1])  # wrong number of labels too
+    with pytest.raises(ValueError, match="source_probs: expected probabilities >= 0"):
+        selection.leep(negative, y, estimator="in_sample")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="labels: expected class indices in >= 0"):
+        selection.leep(p, np.where(np.arange(len(y)) == 3, -1, y))
+    with pytest.raises(ValueError, match=f"labels: expected {len(y)} labels"):
+        selection.leep(p, y[:-1])

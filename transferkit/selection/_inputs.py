@@ -20,11 +20,30 @@ def _one_hot(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return targets, classes
 
 
+def labels_array(y: object, name: str, *, num_samples: int) -> np.ndarray:
+    """``as_numpy_labels`` with a shortcut for what it would return unchanged.
+
+    A non-empty 1-D int64 array of the right length whose minimum is ``>= 0`` passes
+    every check of ``as_numpy_labels`` and comes back as is; anything else goes through
+    it, so the errors are the same.
+    """
+    if (
+        isinstance(y, np.ndarray)
+        and y.dtype == np.int64
+        and y.ndim == 1
+        and y.shape[0] == num_samples
+        and num_samples > 0
+        and y.min() >= 0
+    ):
+        return y
+    return as_numpy_labels(y, name, num_samples=num_samples)
+
+
 def _features_and_labels(
     features: object, labels: object, *, min_classes: int = 2
 ) -> tuple[np.ndarray, np.ndarray]:
     f = as_numpy_features(features, "features", min_samples=2)
-    y = as_numpy_labels(labels, "labels", num_samples=f.shape[0])
+    y = labels_array(labels, "labels", num_samples=f.shape[0])
     if np.unique(y).shape[0] < min_classes:
         raise ValueError(f"labels: expected at least {min_classes} distinct classes")
     return f, y

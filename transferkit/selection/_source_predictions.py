@@ -15,8 +15,8 @@ import numpy as np
 from torch import Tensor
 
 from .._validation import check_option
-from ..metrics import as_numpy_features, as_numpy_labels
-from ._inputs import ArrayLike, _dense_labels
+from ..metrics import as_numpy_features
+from ._inputs import ArrayLike, _dense_labels, labels_array
 
 logger = logging.getLogger(__name__)
 
@@ -28,22 +28,60 @@ ESTIMATORS: tuple[Estimator, ...] = ("auto", "empirical", "leave_one_out")
 _MIN_SAMPLES_PER_SOURCE_CLASS = 5.0
 
 
-def _probabilities(x: object, name: str) -> np.ndarray:
-    """``(N, Z)`` float64 probabilities, checked except for the row sums.
+# Probabilities larger than this are not in cache any more when a second pass reads them:
+# their sign check then runs block by block, each block right after its matrix product.
+_CACHED_BYTES = 2 * 1024 * 1024
+_BLOCK_BYTES = 512 * 1024
 
-    The row sums (and NaN/inf, which make them non-finite) are checked by the caller,
-    from a product it computes anyway (``_check_row_sums``).
+
+def _probabilities(x: object, name: str) -> np.ndarray:
+    """``(N, Z)`` float64 probabilities, checked except for signs and row sums.
+
+    The signs are checked by ``_joint_and_signs`` in the pass that computes the joint
+    distribution; the row sums (and NaN/inf, which make them non-finite) from a product
+    the caller computes anyway (``_check_row_sums``).
     """
     if isinstance(x, np.ndarray) and x.dtype == np.float64 and x.ndim == 2:
         if x.shape[0] < 2 or x.shape[1] == 0:
             as_numpy_features(x, name, min_samples=2)  # raises the usual message
-        p = x  # fast path: no NaN/inf scan here
-    else:
-        p = as_numpy_features(x, name, min_samples=2)
-    low = p.min()
+        return x  # fast path: no NaN/inf scan here
+    return as_numpy_features(x, name, min_samples=2)
+
+
+def _check_signs(low: float, name: str) -> None:
+    """Raise for a negative minimum; a NaN minimum is left to the finite-value check."""
     if low < 0:
         raise ValueError(f"{name}: expected probabilities >= 0; pass softmax(logits), not logits")
-    return p
+
+
+def _joint_and_signs(p: np.ndarray, targets: np.ndarray, name: str) -> np.ndarray:
+    """``targets.T @ p``, the ``(C, Z)`` joint counts, with ``p >= 0`` checked in the same pass.
+
+    Small ``p`` stays in cache: one ``min`` and one product. A large ``p`` is read once,
+    block by block: each block's ``min`` runs on the rows its product has just loaded,
+    so the check adds no pass over memory. As with a single ``min``, NaN anywhere leaves
+    the error to the caller's finite-value check.
+    """
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf are reported by the caller
+        if p.nbytes <= _CACHED_BYTES:
+            _check_signs(p.min(), name)
+            small: np.ndarray = (p.T @ targets).T  # faster than targets.T @ p in BLAS
+            return small
+        rows = max(8, _BLOCK_BYTES // (8 * p.shape[1]))
+        joint = np.zeros((p.shape[1], targets.shape[1]))
+        low, nan = 0.0, False
+        for start in range(0, p.shape[0], rows):
+            block = p[start : start + rows]
+            joint += block.T @ targets[start : start + rows]
+            block_min = float(block.min())
+            if block_min < low:
+                low = block_min
+            elif block_min != block_min:
+                nan = True
+    if not nan:
+        _check_signs(low, name)
+    out: np.ndarray = joint.T
+    return out
 
 
 def _check_row_sums(sums: np.ndarray, name: str) -> None:
@@ -151,15 +189,18 @@ def leep(source_probs: ArrayLike, labels: ArrayLike, *, estimator: Estimator = "
         True
     """
     p = _probabilities(source_probs, "source_probs")
-    y = as_numpy_labels(labels, "labels", num_samples=p.shape[0])
-    estimator = _check_estimator(estimator)
+    try:
+        y = labels_array(labels, "labels", num_samples=p.shape[0])
+        estimator = _check_estimator(estimator)
+    except (TypeError, ValueError):
+        _check_signs(p.min(), "source_probs")  # negative probabilities are reported first
+        raise
     index, num_classes = _dense_labels(y)
     n = p.shape[0]
     # joint (C, Z) and the predictor's (N, C) outputs are matrix products (BLAS)
     targets = np.zeros((n, num_classes))
     targets[np.arange(n), index] = 1.0
-    with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf are reported below
-        joint = (p.T @ targets).T  # (C, Z); faster than targets.T @ p in BLAS
+    joint = _joint_and_signs(p, targets, "source_probs")
     marginal = joint.sum(0)
     if not np.isfinite(marginal).all():  # any NaN/inf in p reaches its column's sum
         raise ValueError("source_probs: expected finite values, got NaN or inf")
@@ -172,7 +213,7 @@ def leep(source_probs: ArrayLike, labels: ArrayLike, *, estimator: Estimator = "
         # rows of P(y | z) sum to 1 over y wherever some sample has mass on z (and p >= 0),
         # so the rows of `predictions` sum like the rows of p: the sum-to-1 (and NaN/inf)
         # check costs no extra pass over p
-        _check_row_sums(predictions.sum(1), "source_probs")
+        _check_row_sums(predictions @ np.ones(num_classes), "source_probs")
         expected = predictions[np.arange(n), index]
         return float(np.log(expected).mean())
     _check_row_sums(p.sum(1), "source_probs")
@@ -241,12 +282,12 @@ def nce(
                 "source_labels_pred: expected (N,) predicted classes or (N, Z) scores, got "
                 f"shape {tuple(source_labels_pred.shape)}"
             )
-        z = as_numpy_labels(
+        z = labels_array(
             source_labels_pred,
             "source_labels_pred",
             num_samples=len(source_labels_pred),
         )
-    y = as_numpy_labels(labels, "labels", num_samples=z.shape[0])
+    y = labels_array(labels, "labels", num_samples=z.shape[0])
     estimator = _check_estimator(estimator)
     n = y.shape[0]
     if n == 0:
