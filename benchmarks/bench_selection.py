@@ -224,19 +224,32 @@ def cases(quick: bool) -> list[dict[str, Any]]:
 
 def interleaved(
     contenders: dict[str, Callable[[], float]], rounds: int
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Median seconds per contender (one call of each per round, order alternating)."""
-    times: dict[str, list[float]] = {k: [] for k in contenders}
+) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, float]]:
+    """Wall and CPU seconds per round of each contender, and the values they returned.
+
+    One call of each per round, the order alternating. CPU time (``time.process_time``)
+    leaves out the time the process waits for a core, which on a shared machine is most
+    of the wall time; both are recorded.
+    """
+    wall: dict[str, list[float]] = {k: [] for k in contenders}
+    cpu: dict[str, list[float]] = {k: [] for k in contenders}
     values: dict[str, float] = {}
     names = list(contenders)
     for name in names:  # warm-up (imports, first-call allocations)
         values[name] = contenders[name]()
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             values[name] = contenders[name]()
-            times[name].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}, values
+            cpu[name].append(time.process_time() - start_cpu)
+            wall[name].append(time.perf_counter() - start)
+    return wall, cpu, values
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """First quartile, median and third quartile."""
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, median, q3
 
 
 def run(quick: bool, rounds: int) -> dict[str, Any]:
@@ -245,7 +258,7 @@ def run(quick: bool, rounds: int) -> dict[str, Any]:
     rows = []
     for case in cases(quick):
         x, y = case["x"], case["y"]
-        medians, values = interleaved(
+        times, cpu, values = interleaved(
             {
                 "tk": lambda c=case, x=x, y=y: c["tk"](x, y),
                 "numpy": lambda c=case, x=x, y=y: c["np"](x, y),
@@ -253,18 +266,34 @@ def run(quick: bool, rounds: int) -> dict[str, Any]:
             rounds,
         )
         rel = abs(values["tk"] - values["numpy"]) / max(abs(values["numpy"]), 1e-12)
+        # the two calls of a round ran back to back under the same machine load: the
+        # median of the per-round ratios is the paired, load-robust comparison
+        paired = [a / b for a, b in zip(times["tk"], times["numpy"], strict=True)]
+        q1, ratio, q3 = quartiles(paired)
+        paired_cpu = [a / b for a, b in zip(cpu["tk"], cpu["numpy"], strict=True)]
+        cpu_q1, cpu_ratio, cpu_q3 = quartiles(paired_cpu)
         row = {
             "score": case["score"],
             "shape": case["shape"],
-            "tk_ms": 1e3 * medians["tk"],
-            "numpy_ms": 1e3 * medians["numpy"],
-            "ratio": medians["tk"] / medians["numpy"],
+            "tk_ms": 1e3 * statistics.median(times["tk"]),
+            "numpy_ms": 1e3 * statistics.median(times["numpy"]),
+            "ratio": ratio,
+            "ratio_q1": q1,
+            "ratio_q3": q3,
+            "ratio_of_medians": statistics.median(times["tk"]) / statistics.median(times["numpy"]),
+            "tk_cpu_ms": 1e3 * statistics.median(cpu["tk"]),
+            "numpy_cpu_ms": 1e3 * statistics.median(cpu["numpy"]),
+            "cpu_ratio": cpu_ratio,
+            "cpu_ratio_q1": cpu_q1,
+            "cpu_ratio_q3": cpu_q3,
             "rel_diff": rel,
         }
         rows.append(row)
         print(
             f"{row['score']:<24} {row['shape']:<16} tk {row['tk_ms']:8.2f} ms  "
-            f"numpy {row['numpy_ms']:8.2f} ms  ratio {row['ratio']:.2f}  rel diff {rel:.1e}",
+            f"numpy {row['numpy_ms']:8.2f} ms  ratio {row['ratio']:.2f} "
+            f"[{q1:.2f}, {q3:.2f}]  cpu ratio {cpu_ratio:.2f} [{cpu_q1:.2f}, {cpu_q3:.2f}]  "
+            f"rel diff {rel:.1e}",
             flush=True,
         )
     return {
@@ -286,16 +315,22 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"NumPy {result['numpy']}, Python {result['python']}, 1 thread; medians of "
         f"{result['rounds']} interleaved rounds; load average before/after "
         f"{result['loadavg_before'][0]:.2f} / {result['loadavg_after'][0]:.2f} on "
-        f"{result['cpu_count']} cores. Ratio = transferkit / NumPy reference time "
-        "(below 1: transferkit is faster); rel. diff compares the two values.",
+        f"{result['cpu_count']} cores. Ratio = transferkit / NumPy reference time of the "
+        "same round, median [quartiles] over rounds (below 1: transferkit is faster), for "
+        "wall time and for CPU time (the process's own, which leaves out waiting for a "
+        "core on a busy machine); times are wall medians; rel. diff compares the two "
+        "values.",
         "",
-        "| score | inputs | transferkit (ms) | NumPy reference (ms) | ratio | rel. diff |",
-        "|:---|:---|---:|---:|---:|---:|",
+        "| score | inputs | transferkit (ms) | NumPy reference (ms) | wall ratio [q1, q3] "
+        "| CPU ratio [q1, q3] | rel. diff |",
+        "|:---|:---|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['score']} | {r['shape']} | {r['tk_ms']:.2f} | {r['numpy_ms']:.2f} "
-            f"| {r['ratio']:.2f} | {r['rel_diff']:.0e} |"
+            f"| {r['ratio']:.2f} [{r['ratio_q1']:.2f}, {r['ratio_q3']:.2f}] "
+            f"| {r['cpu_ratio']:.2f} [{r['cpu_ratio_q1']:.2f}, {r['cpu_ratio_q3']:.2f}] "
+            f"| {r['rel_diff']:.0e} |"
         )
     lines += [
         "",

@@ -79,6 +79,31 @@ def as_numpy_labels(y: object, name: str, *, num_samples: int) -> np.ndarray:
     return out
 
 
+def as_numpy_domains(
+    source_features: object, target_features: object, *, min_samples: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Source and target features pooled for a domain classifier.
+
+    Returns:
+        The ``(N_s + N_t, D)`` float64 features (source first), their domain labels
+        (0 source, 1 target) and ``N_s``.
+
+    Raises:
+        TypeError, ValueError: as ``as_numpy_features`` for either input, or
+            different feature dimensions.
+    """
+    source = as_numpy_features(source_features, "source_features", min_samples=min_samples)
+    target = as_numpy_features(target_features, "target_features", min_samples=min_samples)
+    if source.shape[1] != target.shape[1]:
+        raise ValueError(
+            "source_features and target_features: expected the same feature dimension, got "
+            f"{source.shape[1]} and {target.shape[1]}"
+        )
+    pooled = np.concatenate([source, target])
+    domain = np.concatenate([np.zeros(len(source), np.int64), np.ones(len(target), np.int64)])
+    return pooled, domain, len(source)
+
+
 def make_domain_classifier(classifier: DomainClassifierName, *, C: float, seed: int) -> object:
     """A standardising linear scikit-learn classifier for source-vs-target features."""
     from sklearn.linear_model import LogisticRegression
@@ -145,20 +170,12 @@ def proxy_a_distance(
         >>> same < 0.5, far > 1.9
         (True, True)
     """
-    source = as_numpy_features(source_features, "source_features", min_samples=4)
-    target = as_numpy_features(target_features, "target_features", min_samples=4)
-    if source.shape[1] != target.shape[1]:
-        raise ValueError(
-            "source_features and target_features: expected the same feature dimension, got "
-            f"{source.shape[1]} and {target.shape[1]}"
-        )
+    pooled, domain, _ = as_numpy_domains(source_features, target_features, min_samples=4)
     check_option(classifier, "classifier", ("logistic", "svm"))
     check_positive(C, "C")
     check_in_range(test_fraction, "test_fraction", 0.1, 0.9)
     from sklearn.model_selection import train_test_split
 
-    pooled = np.concatenate([source, target])
-    domain = np.concatenate([np.zeros(len(source), np.int64), np.ones(len(target), np.int64)])
     x_train, x_test, d_train, d_test = train_test_split(
         pooled, domain, test_size=test_fraction, stratify=domain, random_state=seed
     )

@@ -6,7 +6,7 @@ import numpy as np
 from torch import Tensor
 
 from .._validation import check_bool, check_positive
-from ..metrics import as_numpy_features, make_domain_classifier
+from ..metrics import as_numpy_domains, as_numpy_features, make_domain_classifier
 from ._inputs import ArrayLike, check_folds
 
 
@@ -66,22 +66,14 @@ def importance_weights(
         >>> bool(w[source[:, 0] > 1].mean() > w[source[:, 0] < -1].mean())
         True
     """
-    source = as_numpy_features(source_features, "source_features", min_samples=2)
-    target = as_numpy_features(target_features, "target_features", min_samples=2)
-    if source.shape[1] != target.shape[1]:
-        raise ValueError(
-            "source_features and target_features: expected the same feature dimension, got "
-            f"{source.shape[1]} and {target.shape[1]}"
-        )
+    pooled, domain, n_s = as_numpy_domains(source_features, target_features, min_samples=2)
+    n_t = pooled.shape[0] - n_s
     if clip is not None:
         check_positive(clip, "clip")
     check_positive(C, "C")
     check_folds(folds)
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
-    n_s, n_t = source.shape[0], target.shape[0]
-    pooled = np.concatenate([source, target])
-    domain = np.concatenate([np.zeros(n_s, np.int64), np.ones(n_t, np.int64)])
     splits = StratifiedKFold(n_splits=min(folds, n_s, n_t), shuffle=True, random_state=seed)
     model = make_domain_classifier("logistic", C=C, seed=seed)
     proba = cross_val_predict(model, pooled, domain, cv=splits, method="predict_proba")

@@ -8,6 +8,7 @@ class, so both offer a leave-one-out estimator and choose it automatically there
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from typing import Literal
 
@@ -29,7 +30,7 @@ _MIN_SAMPLES_PER_SOURCE_CLASS = 5.0
 
 
 # Probabilities larger than this are not in cache any more when a second pass reads them:
-# their sign check then runs block by block, each block right after its matrix product.
+# their sign check then runs block by block, each block right before its matrix product.
 _CACHED_BYTES = 2 * 1024 * 1024
 _BLOCK_BYTES = 512 * 1024
 
@@ -57,41 +58,52 @@ def _check_signs(low: float, name: str) -> None:
 def _joint_and_signs(p: np.ndarray, targets: np.ndarray, name: str) -> np.ndarray:
     """``targets.T @ p``, the ``(C, Z)`` joint counts, with ``p >= 0`` checked in the same pass.
 
-    Small ``p`` stays in cache: one ``min`` and one product. A large ``p`` is read once,
-    block by block: each block's ``min`` runs on the rows its product has just loaded,
-    so the check adds no pass over memory. As with a single ``min``, NaN anywhere leaves
-    the error to the caller's finite-value check.
+    Small ``p`` stays in cache: one ``min`` and one product. A large ``p`` is read from
+    memory once, block by block: each block's ``min`` brings it into cache and its
+    product then reads it from there, so the check adds no pass over memory (measured:
+    the blocked product with its checks takes no longer than one product over all of
+    ``p``). As with a single ``min``, NaN anywhere leaves the error to the caller's
+    finite-value check.
     """
     with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf are reported by the caller
         if p.nbytes <= _CACHED_BYTES:
             _check_signs(p.min(), name)
-            small: np.ndarray = (p.T @ targets).T  # faster than targets.T @ p in BLAS
-            return small
-        rows = max(8, _BLOCK_BYTES // (8 * p.shape[1]))
-        joint = np.zeros((p.shape[1], targets.shape[1]))
-        low, nan = 0.0, False
-        for start in range(0, p.shape[0], rows):
-            block = p[start : start + rows]
-            joint += block.T @ targets[start : start + rows]
-            block_min = float(block.min())
-            if block_min < low:
-                low = block_min
-            elif block_min != block_min:
-                nan = True
-    if not nan:
-        _check_signs(low, name)
-    out: np.ndarray = joint.T
+            joint = p.T @ targets  # (Z, C): faster than targets.T @ p in BLAS
+        else:
+            joint = _blocked_joint_and_signs(p, targets, name)
+    # C order: `p @ conditional.T` (BLAS) and the rows `joint[index]` read it fastest
+    out: np.ndarray = np.ascontiguousarray(joint.T)
     return out
 
 
+def _blocked_joint_and_signs(p: np.ndarray, targets: np.ndarray, name: str) -> np.ndarray:
+    """``p.T @ targets`` over blocks of rows; each block's ``min`` loads it for its product."""
+    rows = max(8, _BLOCK_BYTES // (8 * p.shape[1]))
+    joint = np.zeros((p.shape[1], targets.shape[1]))
+    low, nan = 0.0, False
+    for start in range(0, p.shape[0], rows):
+        block = p[start : start + rows]
+        block_min = float(block.min())
+        if block_min < low:
+            low = block_min
+        elif block_min != block_min:
+            nan = True
+        joint += block.T @ targets[start : start + rows]
+    if not nan:
+        _check_signs(low, name)
+    return joint
+
+
 def _check_row_sums(sums: np.ndarray, name: str) -> None:
+    deviation = float(np.abs(sums - 1.0).max())
+    if deviation <= 1e-3:  # False for NaN too
+        return
     if not np.isfinite(sums).all():
         raise ValueError(f"{name}: expected finite values, got NaN or inf")
-    if np.abs(sums - 1.0).max() > 1e-3:
-        raise ValueError(
-            f"{name}: expected rows that sum to 1, got sums in [{sums.min():.4g}, "
-            f"{sums.max():.4g}]; pass softmax(logits), not logits"
-        )
+    raise ValueError(
+        f"{name}: expected rows that sum to 1, got sums in [{sums.min():.4g}, "
+        f"{sums.max():.4g}]; pass softmax(logits), not logits"
+    )
 
 
 def _resolve_estimator(
@@ -201,14 +213,21 @@ def leep(source_probs: ArrayLike, labels: ArrayLike, *, estimator: Estimator = "
     targets = np.zeros((n, num_classes))
     targets[np.arange(n), index] = 1.0
     joint = _joint_and_signs(p, targets, "source_probs")
-    marginal = joint.sum(0)
-    if not np.isfinite(marginal).all():  # any NaN/inf in p reaches its column's sum
+    marginal = np.ones(num_classes) @ joint  # column sums by one GEMV
+    # NaN/inf in p reach their column's sum; without NaN, p >= 0 was checked, so a
+    # non-finite sum is NaN or +inf and shows in the maximum
+    if not float(marginal.max()) < math.inf:
         raise ValueError("source_probs: expected finite values, got NaN or inf")
-    nonzero = marginal[marginal > 0] / n
-    effective = float(np.exp(-(nonzero * np.log(nonzero)).sum()))
+    every_class_used = float(marginal.min()) > 0
+    nonzero = marginal / n if every_class_used else marginal[marginal > 0] / n
+    effective = math.exp(-float(np.dot(nonzero, np.log(nonzero))))
     estimator = _resolve_estimator("leep", estimator, n, effective)
     if estimator == "empirical":
-        conditional = np.divide(joint, marginal, out=np.zeros_like(joint), where=marginal > 0)
+        if every_class_used:
+            conditional = joint / marginal
+        else:
+            used = marginal > 0
+            conditional = np.divide(joint, marginal, out=np.zeros_like(joint), where=used)
         predictions = p @ conditional.T  # (N, C)
         # rows of P(y | z) sum to 1 over y wherever some sample has mass on z (and p >= 0),
         # so the rows of `predictions` sum like the rows of p: the sum-to-1 (and NaN/inf)
