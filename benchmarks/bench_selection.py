@@ -15,10 +15,12 @@ authors' reference code (and TLlib) write it:
 * ``nce``: the conditional entropy from a count table.
 
 Every pair gets the same inputs; values are compared (``rel_diff``). The contenders run
-interleaved (one call of each per round), single-threaded (``OMP_NUM_THREADS=1`` and
-``torch.set_num_threads(1)``), and the table gives medians over rounds and the ratio
-``tk / numpy`` (below 1: transferkit is faster). The machine load
-(``os.getloadavg()``) before and after is recorded.
+interleaved (one call of each per round, the order alternating), single-threaded
+(``OMP_NUM_THREADS=1`` and ``torch.set_num_threads(1)``). The ratio ``tk / numpy`` is
+taken per round, for wall time and for the process's CPU time (which leaves out the time
+spent waiting for a core on a shared machine), and the table gives its median and
+quartiles over rounds (below 1: transferkit is faster), with the median times. The
+machine load (``os.getloadavg()``) before and after is recorded.
 
 Run ``OMP_NUM_THREADS=1 python benchmarks/bench_selection.py`` (``--quick`` for a small
 run). Results go to ``benchmarks/results/bench_selection.{json,md}``.
