@@ -237,8 +237,12 @@ def interleaved(
     cpu: dict[str, list[float]] = {k: [] for k in contenders}
     values: dict[str, float] = {}
     names = list(contenders)
+    start = time.perf_counter()
     for name in names:  # warm-up (imports, first-call allocations)
         values[name] = contenders[name]()
+    # fast cases get more rounds (about a second of each), up to MAX_ROUNDS
+    warm_up = max(time.perf_counter() - start, 1e-9)
+    rounds = max(rounds, min(MAX_ROUNDS, int(1.0 / warm_up)))
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
             start, start_cpu = time.perf_counter(), time.process_time()
@@ -246,6 +250,10 @@ def interleaved(
             cpu[name].append(time.process_time() - start_cpu)
             wall[name].append(time.perf_counter() - start)
     return wall, cpu, values
+
+
+#: Upper bound on the rounds of a fast case (sub-millisecond scores get this many).
+MAX_ROUNDS = 1001
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -289,6 +297,7 @@ def run(quick: bool, rounds: int) -> dict[str, Any]:
             "cpu_ratio_q1": cpu_q1,
             "cpu_ratio_q3": cpu_q3,
             "rel_diff": rel,
+            "rounds": len(times["tk"]),
         }
         rows.append(row)
         print(
@@ -314,8 +323,10 @@ def run(quick: bool, rounds: int) -> dict[str, Any]:
 
 def to_markdown(result: dict[str, Any]) -> str:
     lines = [
-        f"NumPy {result['numpy']}, Python {result['python']}, 1 thread; medians of "
-        f"{result['rounds']} interleaved rounds; load average before/after "
+        f"NumPy {result['numpy']}, Python {result['python']}, 1 thread; medians of at "
+        f"least {result['rounds']} interleaved rounds (about a second of rounds, at most "
+        f"{MAX_ROUNDS}, for the fast cases; `rounds` per row in the JSON); load average "
+        "before/after "
         f"{result['loadavg_before'][0]:.2f} / {result['loadavg_after'][0]:.2f} on "
         f"{result['cpu_count']} cores. Ratio = transferkit / NumPy reference time of the "
         "same round, median [quartiles] over rounds (below 1: transferkit is faster), for "
