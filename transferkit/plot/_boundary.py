@@ -201,31 +201,13 @@ def decision_boundary(
         vmax=levels[-1],
     )
 
-    def point_colours(lab: np.ndarray | None, n: int) -> Any:
-        if lab is None:
-            return "0.4"
-        return [colours[int(c)] for c in lab] if n else "0.4"
+    def scatter(xy: np.ndarray, lab: np.ndarray | None, label: str, **style: Any) -> None:
+        colour: Any = "0.4" if lab is None or not len(xy) else [colours[int(c)] for c in lab]
+        ax.scatter(xy[:, 0], xy[:, 1], c=colour, label=label, **style)
 
-    ax.scatter(
-        points[:, 0],
-        points[:, 1],
-        c=point_colours(labels, points.shape[0]),
-        marker=SOURCE_MARKER,
-        s=14,
-        edgecolors="k",
-        linewidths=0.3,
-        label="source",
-    )
+    scatter(points, labels, "source", marker=SOURCE_MARKER, s=14, edgecolors="k", linewidths=0.3)
     if target_points is not None:
-        ax.scatter(
-            target_points[:, 0],
-            target_points[:, 1],
-            c=point_colours(target_labels, target_points.shape[0]),
-            marker=TARGET_MARKER,
-            s=18,
-            linewidths=1.0,
-            label="target",
-        )
+        scatter(target_points, target_labels, "target", marker=TARGET_MARKER, s=18, linewidths=1.0)
         from matplotlib.lines import Line2D
 
         # neutral legend markers: the points themselves are coloured by class
