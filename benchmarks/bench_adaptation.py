@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,22 +28,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # for _common
 
 import domain_adaptation_digits as digits_example  # noqa: E402
+from _common import RESULTS, environment, write_atomic  # noqa: E402
 
 import transferkit as tk  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        "w", dir=path.parent, suffix=".tmp", delete=False, encoding="utf-8"
-    ) as handle:
-        handle.write(text)
-        temporary = handle.name
-    os.replace(temporary, path)
 
 
 def markdown(
@@ -115,15 +102,12 @@ def main() -> None:
         jobs=args.jobs,
     )
     wall = time.perf_counter() - start
-    device_name = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or platform.machine()
-    )
+    env = environment(device)
     meta: dict[str, Any] = {
         "command": "python " + shlex.join(["benchmarks/bench_adaptation.py", *sys.argv[1:]]),
-        "device": f"{device.type} ({device_name}, {os.cpu_count()} cores)",
-        "torch": torch.__version__,
+        "device": f"{device.type} ({env['device_name']}, {env['cpu_count']} cores)",
+        "torch": env["torch"],
+        "environment": env,
         "seeds": args.seeds,
         "jobs": args.jobs,
         "recipe": {

@@ -30,11 +30,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -47,6 +44,9 @@ from torch import Tensor, nn
 
 import transferkit as tk
 from transferkit.datasets import DomainTask, infinite, make_loader
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _common
+from _common import environment, write_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -648,25 +648,6 @@ def selection_markdown(chosen: dict[str, dict[str, Any]], grid_rows: list[dict[s
                 f"{100 * cell['source_val']:.1f} | {100 * statistics.fmean(accs):.1f} |"
             )
     return "\n".join(lines)
-
-
-def environment() -> dict[str, Any]:
-    return {
-        "device": "cpu",
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-    }
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 def update_docs(table_md: str, report: dict[str, Any]) -> None:

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -36,15 +34,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import transferkit as tk
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _common
+from _common import RESULTS, environment, write_atomic
 
 
 class BasicBlock(nn.Module):
@@ -292,28 +289,21 @@ def main() -> None:
     throughput = measure_throughput(n, 128, repeats, args.device)
     rss = measure_rss(sizes)
     cached = [row for row in rss if row["cache"]]
+    env = environment(device)
     result = {
         "benchmark": "bench_features",
         "quick": args.quick,
-        "device": str(device)
-        if device.type != "cuda"
-        else f"cuda ({torch.cuda.get_device_name(device)})",
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average": os.getloadavg(),
+        **env,
+        "device": str(device) if device.type != "cuda" else f"cuda ({env['device_name']})",
         "clock": "wall time" if torch.cuda.is_available() else "process CPU time",
         "throughput": throughput,
         "rss": rss,
         "rss_cache_growth_mib": cached[-1]["peak_growth_mib"] - cached[0]["peak_growth_mib"],
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""
-    (RESULTS / f"bench_features{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_atomic(RESULTS / f"bench_features{suffix}.json", json.dumps(result, indent=2) + "\n")
     table = markdown(result)
-    (RESULTS / f"bench_features{suffix}.md").write_text(table)
+    write_atomic(RESULTS / f"bench_features{suffix}.md", table)
     print(table)
 
 

@@ -31,10 +31,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -46,8 +45,8 @@ import torch
 import transferkit as tk
 from transferkit.features import _fingerprint as _feature_cache
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _common
+from _common import RESULTS, environment, load_average, write_atomic
 
 
 def timed(fn: Any) -> tuple[float, float]:
@@ -215,21 +214,22 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     repeats = args.repeats or (2 if args.quick else 5)
-    load_before = os.getloadavg()
+    load_before = load_average()
+    env = environment()
     result: dict[str, Any] = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}, Python {platform.python_version()}, 1 torch thread",
+        "machine": f"{env['processor']}, {env['cpu_count']} cores, torch {env['torch']}, "
+        f"Python {env['python']}, 1 torch thread",
+        "environment": env,
         "repeats": repeats,
         "hashing": measure_hashing(repeats, 64 if args.quick else 256),
         "overhead": measure_overhead(10_000 if args.quick else 100_000, repeats, 256),
     }
-    result["load_before"] = [round(v, 2) for v in load_before]
-    result["load_after"] = [round(v, 2) for v in os.getloadavg()]
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    result["load_before"] = load_before
+    result["load_after"] = load_average()
     suffix = "_quick" if args.quick else ""
-    (RESULTS / f"bench_fingerprint{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_atomic(RESULTS / f"bench_fingerprint{suffix}.json", json.dumps(result, indent=2) + "\n")
     table = markdown(result)
-    (RESULTS / f"bench_fingerprint{suffix}.md").write_text(table)
+    write_atomic(RESULTS / f"bench_fingerprint{suffix}.md", table)
     print(table)
 
 

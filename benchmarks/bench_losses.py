@@ -37,12 +37,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,7 +50,9 @@ import torch
 
 import transferkit as tk
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _common
+from _common import RESULTS, environment, load_average, write_atomic
+
 MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
@@ -405,7 +405,7 @@ def main() -> None:
         if args.jan_batches is not None
         else ([64] if args.quick else [64, 256, 1024])
     )
-    load_before = os.getloadavg()
+    load_before = load_average()
     rows: list[dict[str, object]] = []
     for dim in dims:
         for batch in batches:
@@ -417,15 +417,9 @@ def main() -> None:
         print(f"large: {large}", flush=True)
 
     meta = {
-        "device": str(device),
-        "device_name": (
-            torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-        ),
-        "torch": torch.__version__,
+        **environment(device),
         "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
         "load_average_before": load_before,
-        "load_average": os.getloadavg(),
         "clock": "time.process_time" if device.type == "cpu" else "time.perf_counter",
         "skada": _skada_version(),
         "quick": args.quick,
@@ -519,12 +513,6 @@ def markdown(report: dict[str, Any]) -> str:
             f"finite gradient: {large['finite_gradient']}",
         ]
     return "\n".join(lines) + "\n"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        f.write(text)
-    os.replace(f.name, path)
 
 
 if __name__ == "__main__":

@@ -36,9 +36,8 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import argparse
 import json
-import platform
 import statistics
-import tempfile
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -50,8 +49,8 @@ from sklearn.covariance import LedoitWolf
 
 from transferkit import selection
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _common
+from _common import RESULTS, environment, load_average, write_atomic
 
 # --------------------------------------------------------------------------- references
 
@@ -264,7 +263,7 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
 
 def run(quick: bool, rounds: int) -> dict[str, Any]:
     torch.set_num_threads(1)
-    load_before = os.getloadavg()
+    load_before = load_average()
     rows = []
     for case in cases(quick):
         x, y = case["x"], case["y"]
@@ -311,12 +310,9 @@ def run(quick: bool, rounds: int) -> dict[str, Any]:
         "benchmark": "bench_selection",
         "rounds": rounds,
         "threads": 1,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
+        **environment(),
         "loadavg_before": load_before,
-        "loadavg_after": os.getloadavg(),
+        "loadavg_after": load_average(),
         "rows": rows,
     }
 
@@ -354,12 +350,6 @@ def to_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as handle:
-        handle.write(text)
-    os.replace(handle.name, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small inputs, few rounds")
@@ -370,8 +360,8 @@ def main() -> None:
     if args.quick:
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
-    _atomic_write(RESULTS / "bench_selection.json", json.dumps(result, indent=2) + "\n")
-    _atomic_write(RESULTS / "bench_selection.md", "# bench_selection\n\n" + to_markdown(result))
+    write_atomic(RESULTS / "bench_selection.json", json.dumps(result, indent=2) + "\n")
+    write_atomic(RESULTS / "bench_selection.md", "# bench_selection\n\n" + to_markdown(result))
 
 
 if __name__ == "__main__":

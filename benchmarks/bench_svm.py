@@ -25,10 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,8 +42,10 @@ from threadpoolctl import threadpool_limits
 import transferkit as tk
 from transferkit.sklearn import TorchKernelSVC
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _common
+from _common import RESULTS, environment, load_average, write_atomic
+
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
 
 
 def deep_like_features(n: int, *, dim: int = 512, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -90,7 +90,7 @@ def timed(fn: Callable[[], Any], name: str = "") -> tuple[float, Any]:
 def run_size(name: str, n: int, n_test: int, repeats: int, device: str) -> dict[str, Any]:
     x_train, y_train, x_test, y_test = load_inputs(name, n, n_test)
     CPU_SECONDS.clear()
-    load_before = os.getloadavg()
+    load_before = load_average()
     times: dict[str, list[float]] = {k: [] for k in ("fit_ours", "pred_ours", "fit_sk", "pred_sk")}
     ours: Any = None
     theirs: Any = None
@@ -119,7 +119,7 @@ def run_size(name: str, n: int, n_test: int, repeats: int, device: str) -> dict[
             f"  {name} n={n} repeat {repeat}: { ({k: round(v[-1], 2) for k, v in times.items()}) }"
         )
     gram_s, _ = timed(lambda: ours._gram(x_train, None))
-    load_after = os.getloadavg()
+    load_after = load_average()
     med = {k: statistics.median(v) for k, v in times.items()}
     total_ours = med["fit_ours"] + med["pred_ours"]
     total_theirs = med["fit_sk"] + med["pred_sk"]
@@ -147,8 +147,8 @@ def run_size(name: str, n: int, n_test: int, repeats: int, device: str) -> dict[
         "identical_predictions": float(np.mean(ours_pred == theirs_pred)),
         "accuracy_ours": float(np.mean(ours_pred == y_test)),
         "accuracy_sklearn": float(np.mean(theirs_pred == y_test)),
-        "load_before": [round(v, 2) for v in load_before],
-        "load_after": [round(v, 2) for v in load_after],
+        "load_before": load_before,
+        "load_after": load_after,
     }
     row["cpu_speedup"] = statistics.median(row["cpu_s_sklearn"]) / statistics.median(
         row["cpu_s_ours"]
@@ -190,14 +190,6 @@ def to_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, one repeat")
@@ -217,11 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "bench_svm",
         "quick": args.quick,
-        "device": device,
-        "device_name": torch.cuda.get_device_name()
-        if device.startswith("cuda")
-        else platform.processor() or platform.machine(),
-        "torch": torch.__version__,
+        **environment(device),
         "sklearn": sklearn.__version__,
         "threads": 1,
         "cpu_count": os.cpu_count(),

@@ -29,10 +29,8 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -46,6 +44,9 @@ from torch import Tensor, nn
 
 import transferkit as tk
 from transferkit.datasets import DomainTask, infinite, make_loader
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _common
+from _common import environment, write_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -725,28 +726,6 @@ def text_markdown(results: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- main
 
 SWEEP = (0.1, 0.3, 3.0)
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    name = platform.processor() or platform.machine()
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    return {
-        "device": str(device),
-        "device_name": name,
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-    }
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
