@@ -173,13 +173,18 @@ def transfer_term(
     if method == "bnm":
         return (lambda fs, ls, ft, lt: tk.losses.bnm(lt)), [], True
     if method == "afn":
-        # SAFN: the norm term on each domain's (dropped-out) bottleneck features, summed
+        # SAFN on each domain's (dropped-out) bottleneck features, summed; the norm step
+        # lr * lambda * delta_r of the paper's learning rate (tk.recipe("afn").lr) is kept
         delta = float(recipe.options["delta"])
+        scale = tk.recipe("afn").lr / recipe.lr
         return (
             (
                 lambda fs, ls, ft, lt: (
-                    tk.losses.adaptive_feature_norm(fs, delta=delta)
-                    + tk.losses.adaptive_feature_norm(ft, delta=delta)
+                    scale
+                    * (
+                        tk.losses.adaptive_feature_norm(fs, delta=delta)
+                        + tk.losses.adaptive_feature_norm(ft, delta=delta)
+                    )
                 )
             ),
             [],
@@ -239,7 +244,8 @@ def train(
     adapt = method not in ("source_only", "oracle")
     if adapt:
         tk.convert_domain_bn(model)
-    recipe = tk.recipe(_recipe_name(base), **({"lr": budget.lr} | overrides))
+    lr = float(overrides.pop("lr", budget.lr))
+    recipe = tk.recipe(_recipe_name(base), **overrides).at_lr(lr)
     term, modules, ramped = transfer_term(base, recipe, budget, task.num_classes, seed)
     fixmatch = None
     if self_training:

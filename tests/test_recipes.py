@@ -142,3 +142,18 @@ def test_pseudo_labeler_from_the_recipe_warms_up_then_ramps() -> None:
     assert instant.weight == r.tradeoff
     with pytest.raises(ValueError, match="max_steps"):
         r.pseudo_labeler(10, max_steps=0)
+
+
+def test_at_lr_keeps_the_published_norm_step_of_afn_and_only_the_lr_of_others() -> None:
+    afn = tk.recipe("afn")
+    assert afn.lr == 0.001 and afn.tradeoff == 0.05
+    fast = afn.at_lr(0.1)
+    assert fast.lr == 0.1
+    assert fast.lr * fast.tradeoff == pytest.approx(afn.lr * afn.tradeoff)  # same step
+    for method in ("dann", "mcc", "self_training"):
+        r = tk.recipe(method)
+        assert r.at_lr(0.1) == tk.recipe(method, lr=0.1)
+    assert afn.at_lr(afn.lr) == afn
+    for bad in (0.0, -1.0, float("inf"), float("nan"), True, "0.1"):
+        with pytest.raises(ValueError, match="lr"):
+            afn.at_lr(bad)  # type: ignore[arg-type]

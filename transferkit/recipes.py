@@ -172,6 +172,30 @@ class Recipe:
             optimizer, lambda step: self.lr_factor(step / max_steps)
         )
 
+    def at_lr(self, lr: float) -> Recipe:
+        """This recipe for training at learning rate ``lr``.
+
+        ``lr`` replaces the recipe's. For methods whose term moves the features by a
+        fixed step per update (option ``scale_tradeoff_with_lr`` != 0: stepwise AFN,
+        whose norms grow by about ``lr * tradeoff * delta`` per step) the trade-off is
+        scaled by ``self.lr / lr`` so that the step stays the published one; for the
+        others only the learning rate changes (as ``recipe(method, lr=lr)``).
+
+        Examples:
+            >>> recipe("afn").at_lr(0.1).tradeoff  # 0.05 * 0.001 / 0.1
+            0.0005
+            >>> recipe("dann").at_lr(0.1).tradeoff
+            0.3
+        """
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+            raise ValueError(f"lr: expected a positive number, got {lr!r}")
+        if not math.isfinite(lr):
+            raise ValueError(f"lr: expected a finite number, got {lr!r}")
+        tradeoff = self.tradeoff
+        if self.options.get("scale_tradeoff_with_lr"):
+            tradeoff = self.tradeoff * self.lr / lr
+        return dataclasses.replace(self, lr=float(lr), tradeoff=tradeoff)
+
     def pseudo_labeler(self, num_classes: int, max_steps: int) -> PseudoLabeler:
         """A [`transferkit.PseudoLabeler`][] with this recipe's settings for ``max_steps``.
 
@@ -293,13 +317,18 @@ _RECIPES: dict[str, Recipe] = {
     ),
     "afn": Recipe(
         "afn",
+        lr=0.001,
         tradeoff=0.05,
         ramp="none",
         bottleneck_dim=1000,
-        options={"delta": 1.0, "dropout": 0.5},
+        options={"delta": 1.0, "dropout": 0.5, "scale_tradeoff_with_lr": 1.0},
         reference=(
             "Xu et al., ICCV 2019 (stepwise AFN: lambda 0.05, delta_r 1.0, on each domain's "
-            "bottleneck features after an L2-preserving dropout of 0.5); TLlib"
+            "bottleneck features after an L2-preserving dropout of 0.5); TLlib (lr 0.001). "
+            "SAFN enlarges every feature norm by about lr * lambda * delta_r per step: at "
+            "another learning rate keep that step: Recipe.at_lr scales lambda by 0.001 / lr "
+            "(at lr 0.1 the unscaled lambda drove the norms up until the classifier failed "
+            "on the source)"
         ),
     ),
     "self_training": Recipe(
