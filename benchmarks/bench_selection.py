@@ -236,12 +236,14 @@ def interleaved(
     cpu: dict[str, list[float]] = {k: [] for k in contenders}
     values: dict[str, float] = {}
     names = list(contenders)
-    start = time.perf_counter()
     for name in names:  # warm-up (imports, first-call allocations)
         values[name] = contenders[name]()
     # fast cases get more rounds (about a second of each), up to MAX_ROUNDS
-    warm_up = max(time.perf_counter() - start, 1e-9)
-    rounds = max(rounds, min(MAX_ROUNDS, int(1.0 / warm_up)))
+    start = time.perf_counter()
+    for name in names:
+        contenders[name]()
+    one_round = max(time.perf_counter() - start, 1e-9)
+    rounds = max(rounds, min(MAX_ROUNDS, int(1.0 / one_round)))
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
             start, start_cpu = time.perf_counter(), time.process_time()
