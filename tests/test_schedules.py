@@ -28,14 +28,6 @@ TOTAL = 24
 Factory = Callable[[torch.optim.Optimizer], Any]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> object:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _hf(name: str) -> Factory:
     def build(optimizer: torch.optim.Optimizer) -> Any:
         transformers = pytest.importorskip("transformers")

@@ -1,13 +1,10 @@
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from ._examples import run_example
 
 
 def _free_port() -> int:
@@ -19,24 +16,15 @@ def _free_port() -> int:
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_ddp_dann_smoke_under_torchrun_beats_source_only_with_identical_replicas() -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            "--master_addr=127.0.0.1",
-            f"--master_port={_free_port()}",
-            "examples/ddp_dann.py",
-            "--smoke",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    result = run_example(
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        "examples/ddp_dann.py",
+        "--smoke",
     )
-    assert result.returncode == 0, result.stdout + result.stderr
     assert "2 process(es), backend gloo" in result.stdout
     assert "| dann |" in result.stdout
     assert "parameters identical on every rank: True" in result.stdout

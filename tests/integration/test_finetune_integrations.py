@@ -17,19 +17,7 @@ from torch import nn
 import transferkit as tk
 from transferkit.freezing import FrozenBatchNorm
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> object:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    state = {f"param:{n}": p.detach().clone() for n, p in model.named_parameters()}
-    state.update({f"buffer:{n}": b.detach().clone() for n, b in model.named_buffers()})
-    return state
+from ..freezing._helpers import snapshot
 
 
 def train(
