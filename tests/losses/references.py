@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -22,7 +23,10 @@ from transferkit.kernels import (
     PolynomialKernel,
 )
 
-MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0)
+from ..references import FP32_MAX as FP32_MAX  # re-exported for the loss tests
+from ..references import MULTIPLIERS as MULTIPLIERS
+from ..references import gaussian_sum, pooled_mean_sqdist
+
 ESTIMATORS = ("biased", "unbiased", "linear")
 
 # ----------------------------------------------------------------- NumPy references
@@ -31,7 +35,7 @@ ESTIMATORS = ("biased", "unbiased", "linear")
 def ref_gram(name: str, x: np.ndarray, y: np.ndarray, sigma2: float) -> np.ndarray:
     d2 = cdist(x, y, "sqeuclidean")
     if name == "gaussian":
-        return sum(np.exp(-d2 / (2 * m * sigma2)) for m in MULTIPLIERS)
+        return gaussian_sum(d2, sigma2)
     if name == "laplacian":
         return np.exp(-np.sqrt(d2) / 1.7)
     if name == "linear":
@@ -39,12 +43,6 @@ def ref_gram(name: str, x: np.ndarray, y: np.ndarray, sigma2: float) -> np.ndarr
     if name == "polynomial":
         return (0.5 * x @ y.T + 1.0) ** 2
     raise AssertionError(name)
-
-
-def ref_sigma2(s: np.ndarray, t: np.ndarray) -> float:
-    z = np.concatenate([s, t])
-    d2 = cdist(z, z, "sqeuclidean")
-    return float(d2[~np.eye(len(z), dtype=bool)].mean())
 
 
 def ref_mmd(
@@ -56,7 +54,7 @@ def ref_mmd(
     wt: np.ndarray | None = None,
 ) -> float:
     """Gretton et al. (2012) estimators, written from the formulas in float64."""
-    sigma2 = ref_sigma2(s, t)
+    sigma2 = pooled_mean_sqdist(s, t)
 
     def k(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return ref_gram(name, a, b, sigma2)
@@ -102,6 +100,22 @@ def sample(n: int, m: int, d: int = 5, seed: int = 0) -> tuple[np.ndarray, np.nd
 
 
 # ----------------------------------------------------------------- properties
+
+
+def assert_gradcheck_on_two_batches(loss: Callable[..., torch.Tensor]) -> None:
+    """``torch.autograd.gradcheck`` of ``loss(a, b)`` on float64 batches of 6 and 7 rows."""
+    a = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(loss, (a, b))
+
+
+def assert_bf16_close_to_fp32(fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> None:
+    """``fn`` of the bfloat16 casts of ``args`` is float32 and within 1% of ``fn(*args)``."""
+    ref = fn(*args)
+    out = fn(*(x.bfloat16() for x in args))
+    assert out.dtype == torch.float32
+    assert float(out) == pytest.approx(float(ref), rel=1e-2)
+
 
 finite_rows = arrays(
     np.float64,
@@ -149,16 +163,39 @@ def train_digits_mlp(task: tk.datasets.DomainTask, mmd_weight: float) -> float:
     tk.seed_everything(0)
     net = tk.models.MLP(task.source_x.shape[1], task.num_classes, hidden=(64, 64))
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
-    source = tk.datasets.infinite(
-        tk.datasets.make_loader(task.source_x, task.source_y, batch_size=64, seed=0)
-    )
-    target = tk.datasets.infinite(tk.datasets.make_loader(task.target_x, batch_size=64, seed=1))
-    for _ in range(300):
-        (xs, ys), (xt,) = next(source), next(target)
+
+    def step_loss(xs: torch.Tensor, ys: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
         fs, ft = net.forward_features(xs), net.forward_features(xt)
         loss = nn.functional.cross_entropy(net.fc(fs), ys)
         if mmd_weight:
             loss = loss + mmd_weight * L.mmd(fs, ft)
+        return loss
+
+    return fit_and_score(task, net, optimizer, step_loss, seed=0)
+
+
+StepLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def fit_and_score(
+    task: tk.datasets.DomainTask,
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step_loss: StepLoss,
+    *,
+    seed: int,
+) -> float:
+    """300 steps on 64-row source/target batches (loaders seeded ``seed``, ``seed + 1``)
+    minimising ``step_loss(source_x, source_y, target_x)``; the target test accuracy."""
+    source = tk.datasets.infinite(
+        tk.datasets.make_loader(task.source_x, task.source_y, batch_size=64, seed=seed)
+    )
+    target = tk.datasets.infinite(
+        tk.datasets.make_loader(task.target_x, batch_size=64, seed=seed + 1)
+    )
+    for _ in range(300):
+        (xs, ys), (xt,) = next(source), next(target)
+        loss = step_loss(xs, ys, xt)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -216,7 +253,6 @@ logit_batches = arrays(
 
 # ----------------------------------------------------------------- extreme magnitudes
 
-FP32_MAX = float(torch.finfo(torch.float32).max)
 MAGNITUDES = {"1e20": (1e20, 1e20), "1e-20": (1e-20, 1e-20), "mixed": (1.0, 1e20)}
 
 
@@ -231,7 +267,7 @@ def fp32_sample(magnitude: str, n: int, m: int) -> tuple[np.ndarray, np.ndarray]
 
 def max_gram(name: str, s: np.ndarray, t: np.ndarray) -> float:
     z = np.concatenate([s, t])
-    return float(np.abs(ref_gram(name, z, z, ref_sigma2(s, t))).max())
+    return float(np.abs(ref_gram(name, z, z, pooled_mean_sqdist(s, t))).max())
 
 
 # ----------------------------------------------------------------- target regularisers end to end
@@ -279,23 +315,13 @@ def target_accuracy(
     else:
         net = tk.models.MLP(dim, task.num_classes, hidden=(64, 64))
         optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
-    source = tk.datasets.infinite(
-        tk.datasets.make_loader(task.source_x, task.source_y, batch_size=64, seed=seed)
-    )
-    target = tk.datasets.infinite(
-        tk.datasets.make_loader(task.target_x, batch_size=64, seed=seed + 1)
-    )
-    for _ in range(300):
-        (xs, ys), (xt,) = next(source), next(target)
+
+    def step_loss(xs: torch.Tensor, ys: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
         features = net.forward_features(torch.cat([xs, xt]))  # type: ignore[operator]
         fs, ft = features[: len(xs)], features[len(xs) :]
         loss = nn.functional.cross_entropy(net.fc(fs), ys)  # type: ignore[operator]
         if regulariser is not None:
             loss = loss + regulariser(fs, ft, net.fc(ft))  # type: ignore[operator]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    net.eval()
-    with torch.no_grad():
-        predictions = net(task.target_test_x).argmax(1)
-    return float((predictions == task.target_test_y).float().mean())
+        return loss
+
+    return fit_and_score(task, net, optimizer, step_loss, seed=seed)

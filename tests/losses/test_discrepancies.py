@@ -29,6 +29,8 @@ from .references import (
     KERNELS,
     MAGNITUDES,
     MULTIPLIERS,
+    assert_bf16_close_to_fp32,
+    assert_gradcheck_on_two_batches,
     finite_rows,
     fp32_sample,
     max_gram,
@@ -122,9 +124,7 @@ def test_joint_mmd_gradcheck_float64() -> None:
     ids=["coral"],
 )
 def test_other_losses_gradcheck_float64(loss: Callable[..., torch.Tensor]) -> None:
-    a = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(loss, (a, b))
+    assert_gradcheck_on_two_batches(loss)
 
 
 @given(x=finite_rows)
@@ -212,10 +212,7 @@ def test_other_losses_under_bf16_autocast_stay_close_to_fp32() -> None:
         (L.coral, (a, b)),
     ]
     for fn, args in pairs:
-        ref = fn(*args)
-        out = fn(*(x.bfloat16() for x in args))
-        assert out.dtype == torch.float32
-        assert float(out) == pytest.approx(float(ref), rel=1e-2)
+        assert_bf16_close_to_fp32(fn, *args)
 
 
 # ----------------------------------------------------------------- joint MMD

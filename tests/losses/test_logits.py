@@ -17,6 +17,8 @@ from transferkit import losses as L
 
 from .references import (
     Regulariser,
+    assert_bf16_close_to_fp32,
+    assert_gradcheck_on_two_batches,
     logit_batches,
     numeric_gradient,
     ref_bnm,
@@ -300,9 +302,7 @@ def test_mcc_and_bnm_at_extreme_magnitudes_match_float64(scale: float) -> None:
     ids=["distillation", "entropy"],
 )
 def test_other_losses_gradcheck_float64(loss: Callable[..., torch.Tensor]) -> None:
-    a = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(loss, (a, b))
+    assert_gradcheck_on_two_batches(loss)
 
 
 def test_other_losses_under_bf16_autocast_stay_close_to_fp32() -> None:
@@ -313,10 +313,7 @@ def test_other_losses_under_bf16_autocast_stay_close_to_fp32() -> None:
         (L.entropy, (a,)),
     ]
     for fn, args in pairs:
-        ref = fn(*args)
-        out = fn(*(x.bfloat16() for x in args))
-        assert out.dtype == torch.float32
-        assert float(out) == pytest.approx(float(ref), rel=1e-2)
+        assert_bf16_close_to_fp32(fn, *args)
 
 
 @pytest.mark.parametrize(

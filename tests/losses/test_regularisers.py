@@ -16,6 +16,8 @@ from transferkit import losses as L
 from .references import (
     FP32_MAX,
     TwoLayer,
+    assert_bf16_close_to_fp32,
+    assert_gradcheck_on_two_batches,
     finite_rows,
     numeric_gradient,
 )
@@ -179,9 +181,7 @@ def test_afn_at_extreme_magnitudes_matches_float64_or_raises_clearly(scale: floa
     ids=["bss"],
 )
 def test_other_losses_gradcheck_float64(loss: Callable[..., torch.Tensor]) -> None:
-    a = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(loss, (a, b))
+    assert_gradcheck_on_two_batches(loss)
 
 
 def test_other_losses_under_bf16_autocast_stay_close_to_fp32() -> None:
@@ -189,10 +189,7 @@ def test_other_losses_under_bf16_autocast_stay_close_to_fp32() -> None:
     a = torch.randn(32, 8, generator=gen)
     pairs = [(lambda x: L.bss(x, k=2), (a,))]
     for fn, args in pairs:
-        ref = fn(*args)
-        out = fn(*(x.bfloat16() for x in args))
-        assert out.dtype == torch.float32
-        assert float(out) == pytest.approx(float(ref), rel=1e-2)
+        assert_bf16_close_to_fp32(fn, *args)
 
 
 @pytest.mark.parametrize(
