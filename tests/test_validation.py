@@ -12,6 +12,7 @@ from transferkit._validation import (
     check_option,
     check_pair,
     check_positive,
+    check_same_width,
     check_tensor,
     did_you_mean,
 )
@@ -45,6 +46,18 @@ def test_check_pair_reports_dim_and_dtype_mismatch() -> None:
         check_pair(torch.zeros(2, 3), torch.zeros(2, 4), ("source", "target"))
     with pytest.raises(TypeError, match="same dtype"):
         check_pair(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.float64), ("a", "b"))
+
+
+def test_check_same_width_names_both_arguments_for_arrays_and_tensors() -> None:
+    import numpy as np
+
+    check_same_width(np.zeros((2, 3)), torch.zeros(5, 3), ("source", "target"))
+    with pytest.raises(ValueError, match="^source and target: expected the same feature dim"):
+        check_same_width(torch.zeros(2, 3), torch.zeros(2, 4), ("source", "target"))
+    with pytest.raises(
+        ValueError, match=r"^a and b: expected the same number of columns, got 1 and 2$"
+    ):
+        check_same_width(np.zeros((3, 1)), np.zeros((3, 2)), ("a", "b"), what="number of columns")
 
 
 def test_check_labels_range() -> None:

@@ -12,7 +12,7 @@ import itertools
 import math
 import numbers
 from collections.abc import Iterable, Sequence
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -29,12 +29,21 @@ __all__ = [
     "check_option",
     "check_pair",
     "check_positive",
+    "check_same_width",
     "check_seed",
     "check_tensor",
     "did_you_mean",
 ]
 
 T = TypeVar("T", bound=str)
+
+
+class _Shaped(Protocol):
+    """An array or tensor: anything with a ``shape``."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
 
 #: Unsigned integer dtypes beyond uint8, which most torch reductions do not support.
 UNSIGNED_WIDE = tuple(
@@ -281,6 +290,25 @@ def check_pair(a: Tensor, b: Tensor, names: tuple[str, str], *, same_dim: bool =
         raise ValueError(
             f"{first} and {second}: expected the same feature shape, got "
             f"{tuple(a.shape[1:])} and {tuple(b.shape[1:])}"
+        )
+
+
+def check_same_width(
+    a: _Shaped, b: _Shaped, names: tuple[str, str], *, what: str = "feature dimension"
+) -> None:
+    """Check that two ``(N, D)`` arrays or tensors have the same number of columns ``D``.
+
+    Examples:
+        >>> import numpy as np
+        >>> check_same_width(np.zeros((2, 3)), np.zeros((5, 4)), ("source", "target"))
+        Traceback (most recent call last):
+        ...
+        ValueError: source and target: expected the same feature dimension, got 3 and 4
+    """
+    if a.shape[1] != b.shape[1]:
+        first, second = names
+        raise ValueError(
+            f"{first} and {second}: expected the same {what}, got {a.shape[1]} and {b.shape[1]}"
         )
 
 

@@ -23,6 +23,7 @@ from ._validation import (
     check_not_meta,
     check_option,
     check_positive,
+    check_same_width,
 )
 
 __all__ = ["proxy_a_distance"]
@@ -94,11 +95,7 @@ def as_numpy_domains(
     """
     source = as_numpy_features(source_features, "source_features", min_samples=min_samples)
     target = as_numpy_features(target_features, "target_features", min_samples=min_samples)
-    if source.shape[1] != target.shape[1]:
-        raise ValueError(
-            "source_features and target_features: expected the same feature dimension, got "
-            f"{source.shape[1]} and {target.shape[1]}"
-        )
+    check_same_width(source, target, ("source_features", "target_features"))
     pooled = np.concatenate([source, target])
     domain = np.concatenate([np.zeros(len(source), np.int64), np.ones(len(target), np.int64)])
     return pooled, domain, len(source)

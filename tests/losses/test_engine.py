@@ -30,7 +30,10 @@ from .references import (
 
 
 def assert_same_tiles(
-    automatic: Sequence[torch.Tensor], *, same: Sequence[torch.Tensor], other: Sequence[torch.Tensor]
+    automatic: Sequence[torch.Tensor],
+    *,
+    same: Sequence[torch.Tensor],
+    other: Sequence[torch.Tensor],
 ) -> None:
     """The automatic tiling gives, bit for bit, the value and gradients of the ``same``
     tile size, and not those of the ``other`` size (which agree only to rounding)."""

@@ -32,6 +32,14 @@ from ._engine import (
 __all__ = ["CORALLoss", "JointMMDLoss", "MMDLoss", "coral", "joint_mmd", "mmd"]
 
 
+def _check_estimator_and_chunk_size(estimator: object, chunk_size: object) -> Estimator:
+    """The checked ``estimator``; ``chunk_size`` must be ``None`` or a positive integer."""
+    checked = check_option(estimator, "estimator", ESTIMATORS)
+    if chunk_size is not None:
+        check_positive(chunk_size, "chunk_size", integer=True)
+    return checked
+
+
 def mmd(
     source: Tensor,
     target: Tensor,
@@ -181,9 +189,7 @@ class MMDLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.kernel = check_kernel(kernel)
-        self.estimator: Estimator = check_option(estimator, "estimator", ESTIMATORS)
-        if chunk_size is not None:
-            check_positive(chunk_size, "chunk_size", integer=True)
+        self.estimator = _check_estimator_and_chunk_size(estimator, chunk_size)
         self.chunk_size = chunk_size
 
     def extra_repr(self) -> str:
@@ -258,9 +264,7 @@ def joint_mmd(
         >>> float(joint_mmd([feats, probs], [feats, probs], kernels, estimator="biased"))
         0.0
     """
-    estimator = check_option(estimator, "estimator", ESTIMATORS)
-    if chunk_size is not None:
-        check_positive(chunk_size, "chunk_size", integer=True)
+    estimator = _check_estimator_and_chunk_size(estimator, chunk_size)
     for given, name in ((source, "source"), (target, "target"), (kernels, "kernels")):
         if isinstance(given, Tensor) or not isinstance(given, Sequence):
             raise TypeError(
@@ -382,9 +386,7 @@ class JointMMDLoss(nn.Module):
         if isinstance(kernels, Kernel) or not isinstance(kernels, Sequence) or not kernels:
             raise TypeError("kernels: expected a non-empty list of kernels, one per layer")
         self.kernels = [check_kernel(k, f"kernels[{i}]") for i, k in enumerate(kernels)]
-        self.estimator: Estimator = check_option(estimator, "estimator", ESTIMATORS)
-        if chunk_size is not None:
-            check_positive(chunk_size, "chunk_size", integer=True)
+        self.estimator = _check_estimator_and_chunk_size(estimator, chunk_size)
         self.chunk_size = chunk_size
 
     def extra_repr(self) -> str:
