@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from .._validation import check_option, check_positive
+from .._validation import check_option, check_positive, check_same_width
 from ._common import (
     SOURCE_MARKER,
     TARGET_MARKER,
@@ -94,11 +94,9 @@ def embedding(
     method = check_option(method, "method", ("tsne", "pca"))
     source = as_features(source_features, "source_features", min_samples=2)
     target = as_features(target_features, "target_features", min_samples=2)
-    if source.shape[1] != target.shape[1]:
-        raise ValueError(
-            "source_features and target_features: expected the same number of columns, "
-            f"got {source.shape[1]} and {target.shape[1]}"
-        )
+    check_same_width(
+        source, target, ("source_features", "target_features"), what="number of columns"
+    )
     if source.shape[1] < 2:
         raise ValueError(
             f"source_features: expected at least 2 feature columns to embed in 2-D, "
