@@ -4,11 +4,12 @@ A script imports it after putting its own folder on ``sys.path`` (so that it als
 when a test loads the script by file path)::
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _common import RESULTS, environment, load_average, write_atomic
+    from _common import RESULTS, environment, load_average, write_atomic, write_results
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from pathlib import Path
@@ -62,3 +63,12 @@ def write_atomic(path: Path, text: str) -> None:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_results(json_path: Path, result: dict[str, Any], markdown: str) -> None:
+    """Write ``result`` as JSON to ``json_path`` and ``markdown`` next to it as ``.md``.
+
+    Both writes are atomic: a results table never stands next to half of its numbers.
+    """
+    write_atomic(json_path, json.dumps(result, indent=2) + "\n")
+    write_atomic(json_path.with_suffix(".md"), markdown)

@@ -16,7 +16,6 @@ Writes ``benchmarks/results/adaptation.json`` and ``benchmarks/results/adaptatio
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import statistics
 import sys
@@ -31,7 +30,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # for _common
 
 import domain_adaptation_digits as digits_example  # noqa: E402
-from _common import RESULTS, environment, write_atomic  # noqa: E402
+from _common import RESULTS, environment, write_results  # noqa: E402
 
 import transferkit as tk  # noqa: E402
 
@@ -138,8 +137,7 @@ def main() -> None:
     }
     name = "adaptation-quick" if args.quick else "adaptation"
     text = markdown(accuracies, seconds, cpu_seconds, meta)
-    write_atomic(RESULTS / f"{name}.json", json.dumps(payload, indent=2) + "\n")
-    write_atomic(RESULTS / f"{name}.md", text)
+    write_results(RESULTS / f"{name}.json", payload, text)
     print()
     print(text)
 

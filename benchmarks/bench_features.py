@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 import transferkit as tk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _common
-from _common import RESULTS, environment, write_atomic
+from _common import RESULTS, environment, write_results
 
 
 class BasicBlock(nn.Module):
@@ -301,9 +301,8 @@ def main() -> None:
         "rss_cache_growth_mib": cached[-1]["peak_growth_mib"] - cached[0]["peak_growth_mib"],
     }
     suffix = "_quick" if args.quick else ""
-    write_atomic(RESULTS / f"bench_features{suffix}.json", json.dumps(result, indent=2) + "\n")
     table = markdown(result)
-    write_atomic(RESULTS / f"bench_features{suffix}.md", table)
+    write_results(RESULTS / f"bench_features{suffix}.json", result, table)
     print(table)
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import shutil
 import statistics
 import sys
@@ -46,7 +45,7 @@ import transferkit as tk
 from transferkit.features import _fingerprint as _feature_cache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _common
-from _common import RESULTS, environment, load_average, write_atomic
+from _common import RESULTS, environment, load_average, write_results
 
 
 def timed(fn: Any) -> tuple[float, float]:
@@ -227,9 +226,8 @@ def main() -> None:
     result["load_before"] = load_before
     result["load_after"] = load_average()
     suffix = "_quick" if args.quick else ""
-    write_atomic(RESULTS / f"bench_fingerprint{suffix}.json", json.dumps(result, indent=2) + "\n")
     table = markdown(result)
-    write_atomic(RESULTS / f"bench_fingerprint{suffix}.md", table)
+    write_results(RESULTS / f"bench_fingerprint{suffix}.json", result, table)
     print(table)
 
 

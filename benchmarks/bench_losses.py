@@ -35,7 +35,6 @@ Writes ``benchmarks/results/bench_losses.json`` and ``.md`` and prints the table
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
@@ -51,7 +50,7 @@ import torch
 import transferkit as tk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _common
-from _common import RESULTS, environment, load_average, write_atomic
+from _common import RESULTS, environment, load_average, write_results
 
 MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0)
 
@@ -432,8 +431,7 @@ def main() -> None:
     report = {"meta": meta, "rows": rows, "large": large}
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = f"bench_losses{args.tag}"
-    write_atomic(RESULTS / f"{stem}.json", json.dumps(report, indent=2))
-    write_atomic(RESULTS / f"{stem}.md", markdown(report))
+    write_results(RESULTS / f"{stem}.json", report, markdown(report))
     print(markdown(report))
 
 

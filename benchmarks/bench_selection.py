@@ -35,7 +35,6 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -50,7 +49,7 @@ from sklearn.covariance import LedoitWolf
 from transferkit import selection
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _common
-from _common import RESULTS, environment, load_average, write_atomic
+from _common import RESULTS, environment, load_average, write_results
 
 # --------------------------------------------------------------------------- references
 
@@ -362,8 +361,9 @@ def main() -> None:
     if args.quick:
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
-    write_atomic(RESULTS / "bench_selection.json", json.dumps(result, indent=2) + "\n")
-    write_atomic(RESULTS / "bench_selection.md", "# bench_selection\n\n" + to_markdown(result))
+    write_results(
+        RESULTS / "bench_selection.json", result, "# bench_selection\n\n" + to_markdown(result)
+    )
 
 
 if __name__ == "__main__":

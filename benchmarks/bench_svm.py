@@ -23,7 +23,6 @@ Run ``python benchmarks/bench_svm.py`` (both inputs at n in {10000, 20000}, 3 re
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -43,7 +42,7 @@ import transferkit as tk
 from transferkit.sklearn import TorchKernelSVC
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _common
-from _common import RESULTS, environment, load_average, write_atomic
+from _common import RESULTS, environment, load_average, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -220,8 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     table = to_markdown(result)
     print(table)
     output = args.output
-    write_atomic(output, json.dumps(result, indent=2) + "\n")
-    write_atomic(output.with_suffix(".md"), "# bench_svm\n\n" + table)
+    write_results(output, result, "# bench_svm\n\n" + table)
     return 0
 
 

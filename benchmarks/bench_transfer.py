@@ -46,7 +46,7 @@ import transferkit as tk
 from transferkit.datasets import DomainTask, infinite, make_loader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _common
-from _common import environment, write_atomic
+from _common import environment, write_atomic, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -866,8 +866,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     markdown = render_markdown(report, table, pretrained, text)
     print(markdown)
     if not args.no_write and not smoke:
-        write_atomic(RESULTS / "bench_transfer.json", json.dumps(report, indent=2) + "\n")
-        write_atomic(RESULTS / "bench_transfer.md", markdown + "\n")
+        write_results(RESULTS / "bench_transfer.json", report, markdown + "\n")
         write_atomic(ROOT / "docs" / "benchmarks.md", docs_page(markdown) + "\n")
     if smoke:
         check_smoke(table, pretrained)

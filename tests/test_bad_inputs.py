@@ -1016,6 +1016,7 @@ rows(
         ("target unknown", lambda: datasets.tweet_topics("airline", "nope"), ValueError, "target"),
         ("same topics", lambda: datasets.tweet_topics("airline", "airline"), ValueError, "target"),
         ('progress="no"', lambda: datasets.tweet_topics(progress="no"), TypeError, "progress"),
+        ('encoder="minilm"', lambda: datasets.tweet_topics(encoder="minilm"), TypeError, "encoder"),
     ],
 )
 rows(
