@@ -141,3 +141,16 @@ def test_fashion_mnist_from_the_debian_package_is_balanced() -> None:
     assert data.train_images.shape == (60_000, 1, 28, 28)
     assert data.train_labels.bincount().tolist() == [6000] * 10
     assert data.test_labels.bincount().tolist() == [1000] * 10
+
+
+@needs_mnist
+def test_changing_a_loaded_mnist_does_not_change_the_next_one() -> None:
+    # the packaged copy is read once and cached: what a caller gets must be its own
+    first = tk.datasets.mnist()
+    original_image = first.train_images[0].clone()
+    original_label = int(first.test_labels[0])
+    first.train_images[0] = 0
+    first.test_labels[0] = (original_label + 1) % 10
+    again = tk.datasets.mnist()
+    assert torch.equal(again.train_images[0], original_image)
+    assert int(again.test_labels[0]) == original_label

@@ -96,11 +96,12 @@ class ImageSplits:
 
 
 def _to_splits(name: str, classes: tuple[str, ...], arrays: dict[str, np.ndarray]) -> ImageSplits:
+    # copies: the packaged arrays are cached, and a caller may write into its tensors
     def images(a: np.ndarray) -> Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.uint8)).unsqueeze(1)
+        return torch.from_numpy(np.array(a, dtype=np.uint8, order="C", copy=True)).unsqueeze(1)
 
     def labels(a: np.ndarray) -> Tensor:
-        return torch.from_numpy(np.asarray(a, dtype=np.int64))
+        return torch.from_numpy(np.array(a, dtype=np.int64, copy=True))
 
     return ImageSplits(
         name=name,
