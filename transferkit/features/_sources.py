@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler
 
 from .._batch import first_tensor, map_tensors
+from .._precision import as_compute
 from .._validation import check_tensor
 from ..device import dataloader_kwargs
 from ._hooks import FeatureExtractor
@@ -187,10 +188,8 @@ def _cast_floating(obj: Any, dtype: torch.dtype | None) -> Any:
 
 
 def _to_numpy(t: Tensor) -> np.ndarray:
-    t = t.detach()
-    if t.dtype in (torch.float16, torch.bfloat16):
-        t = t.float()
-    return np.asarray(t.cpu().numpy())
+    # NumPy has no bfloat16: half precision leaves as fp32 (the shared compute rule).
+    return np.asarray(as_compute(t.detach()).cpu().numpy())
 
 
 def _labels_to_numpy(labels: Any) -> np.ndarray:
