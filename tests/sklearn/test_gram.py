@@ -144,3 +144,15 @@ def test_user_kernel_blocks_of_the_wrong_shape_are_refused():
         model = TorchKernelSVC(kernel=lambda a, b: a @ b.T, device="cpu").fit(x, y)
     linear = svm("linear", 1.0).fit(x, y)
     np.testing.assert_allclose(model.dual_coef_, linear.dual_coef_, rtol=0, atol=1e-9)
+
+
+def test_user_kernel_values_are_still_checked_for_nan_and_inf():
+    # Named kernels skip scikit-learn's finiteness pass over the n^2 Gram values (they are
+    # bounded, or transferkit.kernels.gram raises on overflow); user callables do not.
+    x, y, _ = binary_rows(10, 1, 2, seed=0)
+
+    def broken(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.full((a.shape[0], b.shape[0]), float("inf"), dtype=a.dtype)
+
+    with pytest.raises(ValueError, match="infinity"):
+        TorchKernelSVC(kernel=broken, device="cpu").fit(x, y)

@@ -10,7 +10,7 @@ from torch import Tensor
 from .._precision import as_compute, no_autocast
 from .._validation import check_pair, check_positive
 from ._distances import overflow_error, rescale_factor, screen_features
-from ._kernels import Kernel
+from ._kernels import GaussianKernel, Kernel, LinearKernel
 
 __all__ = ["gram"]
 
@@ -40,6 +40,25 @@ def _mirror_rows(matrix: Tensor, rows: slice, band: int = 256) -> None:
         tile = matrix[a:b, a:b]
         lower = torch.ones(b - a, b - a, dtype=torch.bool, device=matrix.device).tril_(-1)
         tile[lower] = tile.T[lower]
+
+
+def _values_in_place(kernel: Kernel, base: Tensor, state: Tensor) -> None:
+    """Overwrite ``base`` with ``kernel.from_base(base, state)``, bit for bit.
+
+    ``from_base`` stays out of place (the losses differentiate through it); without
+    autograd the Gaussian sum needs no fresh tile per term (``0 + exp(v)`` is ``exp(v)``
+    exactly, and the other terms are added in the same order), the linear kernel none.
+    """
+    if isinstance(kernel, LinearKernel):
+        return
+    if isinstance(kernel, GaussianKernel):
+        first, *rest = kernel.multipliers
+        scratch = base.clone() if rest else base
+        base.mul_(-0.5 / (first * state)).exp_()
+        for m in rest:
+            base.add_(torch.mul(scratch, -0.5 / (m * state)).exp_())
+        return
+    base.copy_(kernel.from_base(base, state))
 
 
 def _check_out(out: object, shape: tuple[int, int]) -> Tensor:
@@ -187,7 +206,7 @@ def _kernel_strips(
             if symmetric:
                 strip.diagonal().zero_()
         for part in _chunks(strip.shape[0], tile):
-            strip[part] = kernel.from_base(strip[part], state)
+            _values_in_place(kernel, strip[part], state)
         if check and not bool(torch.isfinite(strip).all()):
             raise overflow_error("x and y", largest, strip.dtype, f"{kernel!r} values")
         if not direct:

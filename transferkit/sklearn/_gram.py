@@ -98,9 +98,10 @@ def check_custom_kernel(kernel: KernelFunction) -> KernelFunction:
 
 def _to_tensor(x: np.ndarray, device: torch.device, dtype: torch.dtype) -> Tensor:
     # Squared norms of float32 rows overflow from |x| ~ 1e18 (and lose all precision below
-    # ~1e-16): such Gram matrices came back NaN or silently wrong. float64 has the range.
-    largest = float(np.abs(x).max()) if x.size else 0.0
-    if dtype != torch.float64 and rescale_factor(largest, max(x.shape[1], 1), dtype) != 1.0:
+    # ~1e-16): such Gram matrices came back NaN or silently wrong. float64 has the range
+    # (and transferkit.kernels.gram rescales what it cannot square).
+    largest = float(np.abs(x).max()) if x.size and dtype != torch.float64 else 0.0
+    if rescale_factor(largest, max(x.shape[1], 1), dtype) != 1.0:
         raise ValueError(
             f"X: values up to {largest:.1e} are outside what {dtype} Gram matrices resolve; "
             "use dtype='float64' (the default) or standardise the features"
@@ -145,20 +146,29 @@ def gram_matrix(
     device: torch.device,
     dtype: torch.dtype,
     chunk_size: int,
+    rows: np.ndarray | None = None,
 ) -> np.ndarray:
-    """``kernel(x, y)`` (``y=None``: ``x``) as a float64 ``(N, M)`` array.
+    """``kernel(x[rows], y)`` (``y=None``: ``x[rows]``) as a float64 ``(N, M)`` array.
 
     The matrix is [`transferkit.kernels.gram`][]'s (row strips on ``device`` in
     ``dtype``, written into a float64 host matrix; for ``y=None`` the upper triangle,
     mirrored). For kernels with fixed parameters, columns that cannot change a kernel
-    value are left out of the matrix products first (see `_informative_columns`).
+    value are left out of the matrix products first (see `_informative_columns`). The
+    row selection ``rows`` (``None``: all, in order) and the columns cost one copy of
+    ``x`` together: each fresh temporary of ``x``'s size costs page faults.
     """
+    columns = None
     if _column_free(kernel):
         distance = getattr(kernel, "family", "") == "distance"
-        columns = _informative_columns(x, y, distance)
-        if columns is not None:
-            x = x[:, columns]
-            y = None if y is None else y[:, columns]
+        columns = _informative_columns(x, y, distance)  # the same for any row order
+        if columns is not None and y is not None:
+            y = np.take(y, columns, axis=1)
+    if rows is not None and columns is not None:
+        x = x[np.ix_(rows, columns)]
+    elif rows is not None:
+        x = x[rows]
+    elif columns is not None:
+        x = np.take(x, columns, axis=1)
     xt = _to_tensor(x, device, dtype)
     yt = None if y is None else _to_tensor(y, device, dtype)
     # torch's allocator, not NumPy's: NumPy advises huge pages for large arrays, which made

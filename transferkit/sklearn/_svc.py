@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
+import sklearn
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.calibration import CalibratedClassifierCV
@@ -182,7 +183,9 @@ class TorchKernelSVC(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         self.random_state = random_state
         self.unlabelled = unlabelled
 
-    def _gram(self, x: np.ndarray, y: np.ndarray | None) -> np.ndarray:
+    def _gram(
+        self, x: np.ndarray, y: np.ndarray | None, rows: np.ndarray | None = None
+    ) -> np.ndarray:
         degree, coef0, multipliers = check_kernel_params(self.degree, self.coef0, self.multipliers)
         device = resolve_device(self.device)
         dtype = DTYPES[check_option(self.dtype, "dtype", tuple(DTYPES))]
@@ -192,7 +195,9 @@ class TorchKernelSVC(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
             if callable(self.kernel)
             else named_kernel(self.kernel, self.gamma_, degree, coef0, multipliers)
         )
-        return gram_matrix(kernel, x, y, device=device, dtype=dtype, chunk_size=chunk_size)
+        return gram_matrix(
+            kernel, x, y, device=device, dtype=dtype, chunk_size=chunk_size, rows=rows
+        )
 
     def fit(self, X: Any, y: Any, sample_weight: np.ndarray | None = None) -> TorchKernelSVC:
         """Compute the training Gram matrix in torch and solve the SVM with libsvm.
@@ -236,8 +241,8 @@ class TorchKernelSVC(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         order = np.argsort(np.unique(y, return_inverse=True)[1].ravel(), kind="stable")
         if weight is not None:
             weight = _check_sample_weight(weight, X, dtype=np.float64)[order]  # as SVC's
-        X_grouped, y = X[order], y[order]
-        gram = self._gram(X_grouped, None)
+        y = y[order]
+        gram = self._gram(X, None, rows=order)  # the Gram matrix of X[order]
         extra: dict[str, Any] = {"probability": True} if self.probability else {}
         svc = SVC(
             kernel="precomputed",
@@ -251,7 +256,10 @@ class TorchKernelSVC(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
             random_state=self.random_state,
             **extra,
         )
-        with warnings.catch_warnings():
+        # A named kernel's Gram matrix is finite (bounded kernels; transferkit.kernels.gram
+        # raises where linear/poly values overflow): skip scikit-learn's pass over n^2 values.
+        finite = isinstance(self.kernel, str)
+        with warnings.catch_warnings(), sklearn.config_context(assume_finite=finite):
             # scikit-learn 1.9 deprecates SVC(probability=True) (libsvm's Platt scaling,
             # removal planned for 1.11); it is what ``probability=True`` means here.
             warnings.filterwarnings("ignore", "The `probability` parameter", FutureWarning)
@@ -259,7 +267,7 @@ class TorchKernelSVC(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         del gram
         self.classes_ = svc.classes_
         self.support_ = order[svc.support_].astype(svc.support_.dtype)
-        self.support_vectors_ = X_grouped[svc.support_]
+        self.support_vectors_ = X[self.support_]
         self.n_support_ = svc.n_support_
         self.dual_coef_ = svc.dual_coef_
         self.intercept_ = svc.intercept_
