@@ -2,11 +2,14 @@
 
 Both fit an RBF SVM (``C=1``, ``gamma="scale"``) on ``n`` training rows and predict
 ``n_test`` rows, one thread each (``torch.set_num_threads(1)`` and threadpoolctl limits
-for every BLAS/OpenMP pool). Each repeat runs the two contenders back to back, in
-alternating order (interleaved); the table gives medians over repeats, the total
-(fit + predict) speed-up, whether the predictions are identical, and the machine load
-(``os.getloadavg()``) before and after each size. The Gram step of ``TorchKernelSVC`` is
-timed once on its own to show where the fit time goes.
+for every BLAS/OpenMP pool). ``TorchKernelSVC`` runs twice: with its defaults (float64
+Gram matrices: the model of ``SVC``) and with ``dtype="float32"`` (float32 strips written
+into the float64 matrix: faster, the same predictions are not guaranteed). Each repeat
+runs the three contenders back to back, in rotating order (interleaved); the table gives
+medians over repeats, the total (fit + predict) speed-ups, whether the predictions (and
+support vectors) are identical to ``SVC``'s, and the machine load (``os.getloadavg()``)
+before and after each size. The Gram step of ``TorchKernelSVC`` is timed once on its own
+to show where the fit time goes.
 
 Two inputs:
 
@@ -90,10 +93,12 @@ def run_size(name: str, n: int, n_test: int, repeats: int, device: str) -> dict[
     x_train, y_train, x_test, y_test = load_inputs(name, n, n_test)
     CPU_SECONDS.clear()
     load_before = load_average()
-    times: dict[str, list[float]] = {k: [] for k in ("fit_ours", "pred_ours", "fit_sk", "pred_sk")}
+    keys = ("fit_ours", "pred_ours", "fit_ours32", "pred_ours32", "fit_sk", "pred_sk")
+    times: dict[str, list[float]] = {k: [] for k in keys}
     ours: Any = None
+    ours32: Any = None
     theirs: Any = None
-    ours_pred = theirs_pred = np.empty(0)
+    ours_pred = ours32_pred = theirs_pred = np.empty(0)
 
     def run_ours() -> None:
         nonlocal ours, ours_pred
@@ -103,6 +108,14 @@ def run_size(name: str, n: int, n_test: int, repeats: int, device: str) -> dict[
         seconds, ours_pred = timed(lambda: ours.predict(x_test), "ours")
         times["pred_ours"].append(seconds)
 
+    def run_ours32() -> None:
+        nonlocal ours32, ours32_pred
+        model = TorchKernelSVC(kernel="rbf", C=1.0, device=device, dtype="float32")
+        seconds, ours32 = timed(lambda: model.fit(x_train, y_train), "ours32")
+        times["fit_ours32"].append(seconds)
+        seconds, ours32_pred = timed(lambda: ours32.predict(x_test), "ours32")
+        times["pred_ours32"].append(seconds)
+
     def run_theirs() -> None:
         nonlocal theirs, theirs_pred
         model = SVC(kernel="rbf", C=1.0)
@@ -111,8 +124,10 @@ def run_size(name: str, n: int, n_test: int, repeats: int, device: str) -> dict[
         seconds, theirs_pred = timed(lambda: theirs.predict(x_test), "sk")
         times["pred_sk"].append(seconds)
 
+    contenders = [run_ours, run_theirs, run_ours32]
     for repeat in range(repeats):
-        for run in (run_ours, run_theirs) if repeat % 2 == 0 else (run_theirs, run_ours):
+        shift = repeat % len(contenders)  # rotating order: each goes first in turn
+        for run in contenders[shift:] + contenders[:shift]:
             run()
         print(
             f"  {name} n={n} repeat {repeat}: { ({k: round(v[-1], 2) for k, v in times.items()}) }"
@@ -122,6 +137,7 @@ def run_size(name: str, n: int, n_test: int, repeats: int, device: str) -> dict[
     med = {k: statistics.median(v) for k, v in times.items()}
     total_ours = med["fit_ours"] + med["pred_ours"]
     total_theirs = med["fit_sk"] + med["pred_sk"]
+    total_ours32 = med["fit_ours32"] + med["pred_ours32"]
     row = {
         "input": name,
         "n_train": n,
@@ -139,10 +155,19 @@ def run_size(name: str, n: int, n_test: int, repeats: int, device: str) -> dict[
         "total_s_sklearn": total_theirs,
         "speedup": total_theirs / total_ours,
         "fit_speedup": med["fit_sk"] / med["fit_ours"],
+        "fit_s_ours_float32": med["fit_ours32"],
+        "predict_s_ours_float32": med["pred_ours32"],
+        "total_s_ours_float32": total_ours32,
+        "speedup_float32": total_theirs / total_ours32,
+        "identical_predictions_float32": float(np.mean(ours32_pred == theirs_pred)),
+        "same_support_float32": bool(np.array_equal(ours32.support_, theirs.support_)),
         "gram_s_ours": gram_s,
         # fit + predict CPU seconds per repeat (process time), and their medians' ratio
         "cpu_s_ours": [a + b for a, b in zip(*[iter(CPU_SECONDS["ours"])] * 2, strict=True)],
         "cpu_s_sklearn": [a + b for a, b in zip(*[iter(CPU_SECONDS["sk"])] * 2, strict=True)],
+        "cpu_s_ours_float32": [
+            a + b for a, b in zip(*[iter(CPU_SECONDS["ours32"])] * 2, strict=True)
+        ],
         "identical_predictions": float(np.mean(ours_pred == theirs_pred)),
         "accuracy_ours": float(np.mean(ours_pred == y_test)),
         "accuracy_sklearn": float(np.mean(theirs_pred == y_test)),
@@ -152,9 +177,14 @@ def run_size(name: str, n: int, n_test: int, repeats: int, device: str) -> dict[
     row["cpu_speedup"] = statistics.median(row["cpu_s_sklearn"]) / statistics.median(
         row["cpu_s_ours"]
     )
+    row["cpu_speedup_float32"] = statistics.median(row["cpu_s_sklearn"]) / statistics.median(
+        row["cpu_s_ours_float32"]
+    )
     print(
         f"{name} n={n}: ours {total_ours:.2f}s sklearn {total_theirs:.2f}s "
-        f"({row['speedup']:.2f}x), identical {row['identical_predictions']:.4f}",
+        f"({row['speedup']:.2f}x), identical {row['identical_predictions']:.4f}; "
+        f"float32 {total_ours32:.2f}s ({row['speedup_float32']:.2f}x), identical "
+        f"{row['identical_predictions_float32']:.4f}",
         flush=True,
     )
     return row
@@ -171,8 +201,10 @@ def to_markdown(result: dict[str, Any]) -> str:
         "| input | n train | fit ours / sklearn (s) | predict ours / sklearn (s) "
         "| total ours / sklearn (s) | total speed-up | fit speed-up | CPU-time speed-up "
         "| Gram alone (s) "
-        "| identical predictions | same support | accuracy ours / sklearn | load |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| identical predictions | same support | accuracy ours / sklearn "
+        "| float32: total (s), speed-up, CPU-time speed-up, identical predictions, same support "
+        "| load |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         lines.append(
@@ -184,6 +216,9 @@ def to_markdown(result: dict[str, Any]) -> str:
             f"| {r['gram_s_ours']:.2f} "
             f"| {100 * r['identical_predictions']:.2f}% | {'yes' if r['same_support'] else 'no'} "
             f"| {r['accuracy_ours']:.4f} / {r['accuracy_sklearn']:.4f} "
+            f"| {r['total_s_ours_float32']:.2f}, {r['speedup_float32']:.2f}x, "
+            f"{r['cpu_speedup_float32']:.2f}x, {100 * r['identical_predictions_float32']:.2f}%, "
+            f"{'yes' if r['same_support_float32'] else 'no'} "
             f"| {r['load_before'][0]:.1f} / {r['load_after'][0]:.1f} |"
         )
     return "\n".join(lines) + "\n"

@@ -210,7 +210,7 @@ def _kernel_strips(
         if check and not bool(torch.isfinite(strip).all()):
             raise overflow_error("x and y", largest, strip.dtype, f"{kernel!r} values")
         if not direct:
-            out[rows, start:] = strip.to(device=out.device, dtype=out.dtype)
+            out[rows, start:].copy_(strip)  # converts in one pass, no temporary
         if symmetric:
             _mirror_rows(out, rows)
 

@@ -41,8 +41,9 @@ class TorchKernelSVC(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
     r"""Kernel SVM whose Gram matrices are computed in torch and solved by libsvm.
 
     ``fit`` computes the training Gram matrix with the kernels of
-    [`transferkit.kernels`][] in row strips of ``chunk_size`` (on the GPU when ``device``
-    resolves to one): one matrix product per strip for the upper triangle only, mirrored
+    [`transferkit.kernels`][] by [`transferkit.kernels.gram`][] in row strips of
+    ``chunk_size`` (on the GPU when ``device`` resolves to one), with the rows grouped
+    by class: one matrix product per strip for the upper triangle only, mirrored
     below the diagonal (half the arithmetic, an exactly symmetric matrix), with columns
     that cannot change a kernel value (constant for the distance kernels, all-zero for
     the inner-product ones) left out. libsvm then solves the dual problem through
