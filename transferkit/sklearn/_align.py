@@ -14,7 +14,15 @@ from sklearn.base import (
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .._validation import check_positive
-from ._inputs import split_domains, to_host
+from ._inputs import DomainsInY, split_domains, to_host
+
+
+def fixed_signs(vectors: np.ndarray) -> np.ndarray:
+    """``vectors`` with each column's largest-magnitude entry made positive (a unique basis)."""
+    k = vectors.shape[1]
+    signs = np.sign(vectors[np.abs(vectors).argmax(0), np.arange(k)])
+    result: np.ndarray = vectors * np.where(signs == 0, 1.0, signs)
+    return result
 
 
 def _matrix_power(matrix: np.ndarray, power: float) -> np.ndarray:
@@ -33,7 +41,7 @@ def _regularised_covariance(x: np.ndarray, reg: float) -> np.ndarray:
     return regularised
 
 
-class CORAL(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):  # type: ignore[misc]
+class CORAL(DomainsInY, OneToOneFeatureMixin, TransformerMixin, BaseEstimator):  # type: ignore[misc]
     r"""CORrelation ALignment (Sun et al., 2016): recolour source features to the target.
 
     ``fit(X, y)`` takes source and target rows stacked; target rows carry the label
@@ -76,12 +84,6 @@ class CORAL(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):  # type: ign
         self.reg = reg
         self.unlabelled = unlabelled
 
-    def __sklearn_tags__(self) -> Any:
-        # Fitting needs y to tell source rows from target rows.
-        tags = super().__sklearn_tags__()
-        tags.target_tags.required = True
-        return tags
-
     def fit(self, X: Any, y: Any = None) -> CORAL:
         """Learn the source-to-target recolouring.
 
@@ -118,7 +120,12 @@ class CORAL(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):  # type: ign
         return out
 
 
-class SubspaceAlignment(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # type: ignore[misc]
+class SubspaceAlignment(
+    DomainsInY,
+    ClassNamePrefixFeaturesOutMixin,  # type: ignore[misc]
+    TransformerMixin,  # type: ignore[misc]
+    BaseEstimator,  # type: ignore[misc]
+):
     r"""Subspace alignment (Fernando et al., 2013): align the source PCA basis to the target's.
 
     With $P_s, P_t$ the top ``n_components`` principal directions of each domain
@@ -150,19 +157,10 @@ class SubspaceAlignment(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         self.n_components = n_components
         self.unlabelled = unlabelled
 
-    def __sklearn_tags__(self) -> Any:
-        # Fitting needs y to tell source rows from target rows.
-        tags = super().__sklearn_tags__()
-        tags.target_tags.required = True
-        return tags
-
     @staticmethod
     def _basis(x: np.ndarray, k: int) -> np.ndarray:
         _, _, vt = np.linalg.svd(x - x.mean(0), full_matrices=False)
-        basis = vt[:k].T
-        signs = np.sign(basis[np.abs(basis).argmax(0), np.arange(k)])
-        result: np.ndarray = basis * np.where(signs == 0, 1.0, signs)
-        return result
+        return fixed_signs(vt[:k].T)
 
     def fit(self, X: Any, y: Any = None) -> SubspaceAlignment:
         """Compute both PCA bases and the alignment matrix.

@@ -84,3 +84,16 @@ def split_domains(
                 f"{int(mask.sum())}; stack source and target rows in X"
             )
     return source, target
+
+
+class DomainsInY:
+    """Mixin of the aligners: ``fit`` needs ``y``, whose ``unlabelled`` rows are the target.
+
+    Put it first among the bases, so that scikit-learn's estimator checks know that
+    fitting requires ``y`` (it tells source rows from target rows).
+    """
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()  # type: ignore[misc]
+        tags.target_tags.required = True
+        return tags

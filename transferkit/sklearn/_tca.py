@@ -13,6 +13,7 @@ from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, Transfo
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .._validation import check_option, check_positive
+from ._align import fixed_signs
 from ._gram import (
     KERNELS,
     MULTIPLIERS,
@@ -22,10 +23,10 @@ from ._gram import (
     named_kernel,
     resolve_gamma,
 )
-from ._inputs import split_domains, to_host
+from ._inputs import DomainsInY, split_domains, to_host
 
 
-class TCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # type: ignore[misc]
+class TCA(DomainsInY, ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # type: ignore[misc]
     r"""Transfer Component Analysis (Pan et al., 2011): a kernel map that shrinks the MMD.
 
     On the stacked source and target rows (target rows: ``y == unlabelled``) with kernel
@@ -93,12 +94,6 @@ class TCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # 
         self.multipliers = multipliers
         self.unlabelled = unlabelled
 
-    def __sklearn_tags__(self) -> Any:
-        # Fitting needs y to tell source rows from target rows.
-        tags = super().__sklearn_tags__()
-        tags.target_tags.required = True
-        return tags
-
     def _kernel_matrix(self, x: np.ndarray, y: np.ndarray | None) -> np.ndarray:
         degree, coef0, multipliers = check_kernel_params(self.degree, self.coef0, self.multipliers)
         kernel = named_kernel(self.kernel, self.gamma_, degree, coef0, multipliers)
@@ -143,8 +138,7 @@ class TCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # 
             (standard + standard.T) / 2, subset_by_index=[n - k, n - 1]
         )
         vectors = (root @ vectors)[:, ::-1]
-        signs = np.sign(vectors[np.abs(vectors).argmax(0), np.arange(k)])
-        self.components_ = vectors * np.where(signs == 0, 1.0, signs)
+        self.components_ = fixed_signs(vectors)
         self.eigenvalues_ = values[::-1]
         self.fit_data_ = X.copy()
         self._n_features_out = k
