@@ -56,8 +56,11 @@ def adaptive_feature_norm(
       and code. Call it once per domain and add the two terms.
 
     Add ``0.05 * adaptive_feature_norm(features)`` (the paper's weight for SAFN on
-    Office-31; HAFN used 0.05 as well) for source and target features, on the
-    bottleneck features before the last linear layer. The norm has a zero gradient at
+    Office-31, at learning rate 0.001; HAFN used 0.05 as well) for source and target
+    features, on the bottleneck features before the last linear layer. SAFN enlarges the
+    norms by about ``lr * weight * delta`` per step: at a larger learning rate scale the
+    weight down (``tk.recipe("afn").at_lr(lr)`` does), or the norms outgrow the
+    classifier (at lr 0.1 with weight 0.05 it failed on the source). The norm has a zero gradient at
     ``f_i = 0`` (no NaN), and norms are computed scaled by each row's largest entry, so
     fp32 features of magnitude 1e20 or 1e-20 give the float64 result; a hard-AFN value
     that does not fit in the dtype raises instead of returning ``inf``.
