@@ -390,7 +390,8 @@ def _hash_tensors(tensors: list[Any], digest: Any) -> None:
 def fingerprint(method: str) -> str:
     """What a row of ``method`` computes, independent of where the code lives.
 
-    Hashes the torch version, the recipe values the row uses and a *behavioural probe*:
+    Hashes the torch version, the recipe values the row uses (not their ``reference``
+    text) and a *behavioural probe*:
     the trained parameters and accuracies of the row's own training loop run for 6 steps
     on a tiny synthetic task (every code path of the row: network, BatchNorm handling,
     transfer term, self-training warm-up, optimiser, schedules, AdaBN, evaluation). Moving
@@ -402,6 +403,7 @@ def fingerprint(method: str) -> str:
     digest = hashlib.sha256(torch.__version__.encode())
     for part in method.split("+"):
         values = tk.recipe(_recipe_name(part)).to_dict()
+        values.pop("reference")  # words, not computation
         digest.update(json.dumps(values, sort_keys=True).encode())
     trained: list[nn.Module] = []
     budget = Budget(steps=6, batch_size=16, width=4, feature_dim=16, disc_hidden=16)

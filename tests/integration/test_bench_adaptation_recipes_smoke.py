@@ -105,6 +105,10 @@ def test_cached_rows_are_invalidated_when_what_the_code_computes_changes(
     )
     assert bench.fingerprint("dann") != dann
     assert bench.fingerprint("mcc") == mcc
+    monkeypatch.undo()
+    # words in the recipe's reference are not computation
+    monkeypatch.setattr(tk, "recipe", lambda m, **k: shipped(m, **({"reference": "new words"} | k)))
+    assert bench.fingerprint("dann") == dann
 
 
 def test_data_fingerprint_tells_tasks_apart() -> None:
