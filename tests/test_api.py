@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import pickle
 
 import pytest
 
@@ -55,3 +57,35 @@ def test_top_level_name_exists_and_is_documented(name: str) -> None:
 def test_submodule_name_exists_and_is_documented(module: str, name: str) -> None:
     obj = getattr(getattr(tk, module), name)
     assert inspect.getdoc(obj), f"tk.{module}.{name} has no docstring"
+
+
+PACKAGES = [
+    "adversarial",
+    "datasets",
+    "features",
+    "freezing",
+    "heads",
+    "kernels",
+    "losses",
+    "meta",
+    "plot",
+    "selection",
+    "sklearn",
+]
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_public_objects_report_their_public_package(package: str) -> None:
+    # Pickles, reprs and the feature cache's model fingerprints name ``__module__``:
+    # it must be the public path, which stays put when code moves between private files.
+    if package == "plot":
+        pytest.importorskip("matplotlib")
+    module = importlib.import_module(f"transferkit.{package}")
+    for name in module.__all__:
+        obj = getattr(module, name)
+        home = getattr(obj, "__module__", None)
+        if isinstance(home, str) and home.startswith("transferkit"):
+            assert home == module.__name__, f"{package}.{name} reports {home}"
+            if inspect.isclass(obj) or inspect.isfunction(obj):
+                restored = pickle.loads(pickle.dumps(obj))
+                assert restored is obj

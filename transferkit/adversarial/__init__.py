@@ -25,6 +25,11 @@ term separately and take their mean, so unequal batch sizes do not tilt the loss
 
 from __future__ import annotations
 
+# The doctests of the public objects below run in this namespace.
+import torch  # noqa: F401
+from torch import nn  # noqa: F401
+
+from .._public import publish
 from ._discriminator import DomainDiscriminator
 from ._domain_losses import RANDOMIZE_ABOVE as RANDOMIZE_ABOVE  # public, not in __all__
 from ._domain_losses import ConditionalDomainAdversarialLoss, DomainAdversarialLoss
@@ -41,3 +46,6 @@ __all__ = [
     "WarmStartSchedule",
     "grad_reverse",
 ]
+
+# Public objects report the package as their module (see transferkit._public).
+publish(__name__, globals(), __all__)

@@ -36,6 +36,7 @@ data set raises [`MissingDataError`][] naming what to install.
 
 from __future__ import annotations
 
+from .._public import publish
 from ._files import MissingDataError, data_dirs, read_idx
 from ._image_tasks import mnist_to_digits, mnist_to_mnist_m_lite
 from ._images import ImageSplits, fashion_mnist, mnist, mnist_m_blend, mnist_m_lite, sample_photos
@@ -93,3 +94,6 @@ __all__ = [
     "tweet_topics",
     "tweets",
 ]
+
+# Public objects report the package as their module (see transferkit._public).
+publish(__name__, globals(), __all__)

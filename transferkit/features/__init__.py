@@ -28,12 +28,11 @@ import torch  # noqa: F401  (the docstring examples of the members below use it)
 
 from .._pooling import PoolName as PoolName  # for type hints: transferkit.features.PoolName
 from .._pooling import masked_mean
+from .._public import publish
 from ._extract import extract_features
 from ._hooks import FeatureExtractor
 
 __all__ = ["FeatureExtractor", "extract_features", "masked_mean"]
 
 # Pickles and reprs name the public package, not the private file that defines them.
-for _public in (FeatureExtractor, extract_features):
-    _public.__module__ = __name__
-del _public
+publish(__name__, globals(), __all__)

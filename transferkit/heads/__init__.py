@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from .._public import publish
 from .._surgery import find_head
 from ._classifier import ClassifierHead
 from ._replace import replace_head
@@ -17,6 +18,4 @@ __all__ = ["ClassifierHead", "find_head", "replace_head"]
 
 # Public objects report the package as their module: pickles, reprs and the feature
 # cache's model fingerprints stay what they were before the split into private files.
-for _public in (ClassifierHead, find_head, replace_head):
-    _public.__module__ = __name__
-del _public
+publish(__name__, globals(), __all__)

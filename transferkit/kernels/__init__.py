@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import torch  # noqa: F401  (the doctests of the public objects below run in this namespace)
 
+from .._public import publish
 from ._distances import pairwise_squared_distances
 from ._distances import rescale_factor as rescale_factor  # used by transferkit.sklearn
 from ._gram import gram
@@ -48,6 +49,4 @@ __all__ = [
 
 # Public objects report the package as their module (stable pickles, reprs and cache
 # fingerprints whatever private file defines them).
-for _name in __all__:
-    globals()[_name].__module__ = __name__
-del _name
+publish(__name__, globals(), __all__)

@@ -39,6 +39,7 @@ from __future__ import annotations
 import torch  # noqa: F401
 from torch import nn  # noqa: F401
 
+from .._public import publish
 from ._discrepancies import CORALLoss, JointMMDLoss, MMDLoss, coral, joint_mmd, mmd
 from ._logits import BNMLoss, MCCLoss, bnm, distillation, entropy, mcc
 from ._regularisers import L2SP, AdaptiveFeatureNormLoss, adaptive_feature_norm, bss
@@ -64,6 +65,4 @@ __all__ = [
 
 # Public objects report the package as their module (stable pickles, reprs and cache
 # fingerprints whatever private file defines them).
-for _name in __all__:
-    globals()[_name].__module__ = __name__
-del _name
+publish(__name__, globals(), __all__)

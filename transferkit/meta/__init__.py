@@ -18,6 +18,7 @@ a dictionary of parameter tensors, never the module itself, and only parameters 
 
 from __future__ import annotations
 
+from .._public import publish
 from ._learning import MetaTask, adapt, fomaml, reptile
 from ._prototype import prototype_init
 
@@ -25,6 +26,4 @@ __all__ = ["MetaTask", "adapt", "fomaml", "prototype_init", "reptile"]
 
 # Public objects report the package as their module: pickles (MetaTask pools) and reprs
 # stay what they were before the split into private files.
-for _public in (MetaTask, adapt, fomaml, prototype_init, reptile):
-    _public.__module__ = __name__
-del _public
+publish(__name__, globals(), __all__)

@@ -15,9 +15,13 @@ without it. Every function draws into the ``ax`` you pass (or a new figure made 
 
 from __future__ import annotations
 
+from .._public import publish
 from ._boundary import decision_boundary
 from ._curves import curves
 from ._embedding import embedding
 from ._save import save
 
 __all__ = ["curves", "decision_boundary", "embedding", "save"]
+
+# Public objects report the package as their module (see transferkit._public).
+publish(__name__, globals(), __all__)

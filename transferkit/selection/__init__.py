@@ -35,6 +35,7 @@ Everything accepts ``numpy`` arrays or ``torch`` tensors and computes in float64
 
 from __future__ import annotations
 
+from .._public import publish
 from ._baselines import knn_score, linear_probe_score
 from ._hscore import hscore
 from ._importance import dev, importance_weights, iwcv
@@ -64,3 +65,6 @@ __all__ = [
     "rank",
     "snd",
 ]
+
+# Public objects report the package as their module (see transferkit._public).
+publish(__name__, globals(), __all__)

@@ -34,6 +34,7 @@ every row is taken to come from the target domain.
 
 from __future__ import annotations
 
+from .._public import publish
 from ._align import CORAL, SubspaceAlignment
 from ._deep_features import DeepFeatures
 from ._pipeline import make_deep_svm_pipeline
@@ -52,7 +53,4 @@ __all__ = [
 ]
 
 # Pickles and reprs name the public package, not the private file an object lives in.
-for _public in (CORAL, TCA, DeepFeatures, PrototypeClassifier, SubspaceAlignment, TorchKernelSVC):
-    _public.__module__ = __name__
-make_deep_svm_pipeline.__module__ = __name__
-del _public
+publish(__name__, globals(), __all__)
