@@ -36,8 +36,11 @@ selects a parameter when it matches its name, or the name of a module that holds
 
 from __future__ import annotations
 
+from .._public import publish
 from ._batchnorm import BNPolicy as BNPolicy
-from ._batchnorm import FrozenBatchNorm, _EvalOnlyTrain, _keep_eval
+from ._batchnorm import FrozenBatchNorm
+from ._batchnorm import _EvalOnlyTrain as _EvalOnlyTrain  # published below (pickles)
+from ._batchnorm import _keep_eval as _keep_eval  # published below (pickles)
 from ._blocks import trainable_summary
 from ._freeze import freeze, unfreeze
 from ._gradual import GradualUnfreezing
@@ -52,19 +55,7 @@ __all__ = [
     "unfreeze",
 ]
 
-# Public objects report the package as their module: pickles, reprs and the feature
-# cache's model fingerprints stay what they were before the split into private files.
-# The BatchNorm "eval" policy's hook and train() replacement live inside models pickled
-# with torch.save(model), so they keep their old home (transferkit.freezing) too.
-for _public in (
-    FrozenBatchNorm,
-    GradualUnfreezing,
-    freeze,
-    param_groups,
-    trainable_summary,
-    unfreeze,
-    _EvalOnlyTrain,
-    _keep_eval,
-):
-    _public.__module__ = __name__
-del _public
+# Public objects report the package as their module (see transferkit._public). The
+# BatchNorm "eval" policy's hook and train() replacement live inside models pickled with
+# torch.save(model), so they keep their old home (transferkit.freezing) too.
+publish(__name__, globals(), [*__all__, "_EvalOnlyTrain", "_keep_eval"])

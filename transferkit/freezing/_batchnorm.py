@@ -238,11 +238,3 @@ def _is_bn_like(module: nn.Module) -> bool:
 
 def _bn_class(module: nn.Module) -> type[nn.Module]:
     return module.bn_class if isinstance(module, FrozenBatchNorm) else type(module)
-
-
-# FrozenBatchNorm reports transferkit.freezing as its module, so doctest looks for its
-# methods' examples there and skips them; collect them here instead.
-__test__ = {
-    "FrozenBatchNorm.from_batchnorm": FrozenBatchNorm.from_batchnorm,
-    "FrozenBatchNorm.to_batchnorm": FrozenBatchNorm.to_batchnorm,
-}
