@@ -182,8 +182,6 @@ def main() -> None:
             acc, flat = train(method, task, args, device)
             agree = agree and ranks_agree(flat)
             rows.append((method, acc))
-        if tk.distributed.is_distributed():
-            dist.barrier()  # all ranks done before any tears the process group down
         took = time.perf_counter() - start
         if rank == 0:
             backend = dist.get_backend() if tk.distributed.is_distributed() else "none"
@@ -201,9 +199,12 @@ def main() -> None:
             assert agree, "DDP replicas diverged"
             gain = rows[1][1] - rows[0][1]
             assert gain > 0.0, f"{args.method} should beat source-only, gain was {gain:.3f}"
-    finally:
+    except BaseException:
         if tk.distributed.is_distributed():
-            dist.destroy_process_group()
+            dist.destroy_process_group()  # no barrier: the other ranks may be gone
+        raise
+    if tk.distributed.is_distributed():
+        tk.distributed.shutdown()  # barrier + a teardown that avoids gloo's exit race
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import transferkit as tk
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -29,9 +31,11 @@ def _entry(
     try:
         result = fn(rank, world, *args)
         torch.save(result, Path(out) / f"rank{rank}.pt")
-        dist.barrier()  # tear down only when every rank is done (gloo aborts otherwise)
+        if dist.is_initialized():  # ``fn`` may have ended the run itself
+            tk.distributed.shutdown()  # every rank done, then a teardown without gloo's exit race
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def run_distributed(

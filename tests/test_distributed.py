@@ -124,6 +124,38 @@ def test_per_rank_estimate_differs_from_global(
     assert all(abs(float(v) - float(global_value)) > 1e-3 for v in per_rank)
 
 
+def test_shutdown_needs_a_process_group_and_a_valid_settle_time() -> None:
+    with pytest.raises(RuntimeError, match="shutdown: no process group is initialised"):
+        D.shutdown()
+    with pytest.raises(ValueError, match="settle: expected a finite value >= 0"):
+        D.shutdown(settle=-0.1)
+    with pytest.raises(ValueError, match="settle: expected a finite value >= 0"):
+        D.shutdown(settle=float("nan"))
+    with pytest.raises(TypeError, match="settle: expected a number"):
+        D.shutdown(settle="1")  # type: ignore[arg-type]
+
+
+def _ddp_then_shutdown(rank: int, world: int) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(nn.Linear(4, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(8, 4) + rank).sum().backward()
+        optimizer.step()
+    weight = model.module.weight.detach().clone()
+    del model, optimizer
+    D.shutdown(settle=0.01)
+    return {"weight": weight, "still_distributed": D.is_distributed()}
+
+
+@pytest.mark.distributed
+def test_shutdown_ends_a_ddp_run_on_every_rank(tmp_path: Path) -> None:
+    results = run_distributed(_ddp_then_shutdown, tmp_path)
+    assert [r["still_distributed"] for r in results] == [False, False]
+    torch.testing.assert_close(results[0]["weight"], results[1]["weight"])  # replicas agree
+
+
 def test_top_level_exposes_module() -> None:
     assert tk.distributed.all_gather is D.all_gather
 

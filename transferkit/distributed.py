@@ -31,6 +31,9 @@ that would fail or let the ranks drift apart).
 
 from __future__ import annotations
 
+import gc
+import logging
+import time
 from typing import Any
 
 import torch
@@ -40,12 +43,15 @@ from torch import Tensor, nn
 from . import _surgery
 from ._validation import check_positive, check_tensor
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "all_gather",
     "get_rank",
     "get_world_size",
     "is_distributed",
     "shard_indices",
+    "shutdown",
     "unwrap_model",
 ]
 
@@ -181,3 +187,46 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         True
     """
     return _surgery.unwrap_model(model)
+
+
+def shutdown(*, settle: float = 0.1) -> None:
+    """End a distributed run: wait for every rank, then destroy the default process group.
+
+    Call it once at the end of a ``torchrun`` script, on every rank, in place of
+    ``dist.barrier(); dist.destroy_process_group()``. It works around a race in PyTorch's
+    gloo backend that aborts a rank *after* its work is done, at interpreter exit, with
+    ``terminate called without an active exception`` (SIGABRT, so ``torchrun`` reports a
+    failure): the gradient all-reduces that DDP starts inside ``backward()`` capture a
+    Python object (the autograd call's ``contextvars`` context) in their thread-local
+    state; the last reference to them can be dropped by a gloo worker thread just after
+    the final barrier returns, and if the main thread has meanwhile begun shutting the
+    interpreter down, that worker's attempt to take the GIL to free the object ends the
+    process. Destroying the process group does not stop the workers (DDP keeps a
+    reference to the group), so ``shutdown`` frees what is collectable, then releases
+    the GIL for ``settle`` seconds (the workers need microseconds; the margin covers a
+    loaded machine) before destroying the group.
+
+    Args:
+        settle: seconds to leave the GIL to the backend's worker threads (``>= 0``).
+
+    Raises:
+        RuntimeError: if no process group is initialised.
+        TypeError: if ``settle`` is not a number.
+        ValueError: if ``settle`` is negative or not finite.
+
+    Examples:
+        >>> shutdown()  # outside torchrun
+        Traceback (most recent call last):
+        ...
+        RuntimeError: shutdown: no process group is initialised (call dist.init_process_group first)
+    """
+    seconds = check_positive(settle, "settle", strict=False)
+    if not is_distributed():
+        raise RuntimeError(
+            "shutdown: no process group is initialised (call dist.init_process_group first)"
+        )
+    dist.barrier()  # every rank has finished its work
+    gc.collect()  # frees DDP reducers caught in reference cycles while the group is alive
+    time.sleep(seconds)  # releases the GIL: worker threads drop their last work objects
+    dist.destroy_process_group()
+    logger.debug("shutdown: process group destroyed after %.3f s settle time", seconds)
