@@ -29,6 +29,27 @@ def test_gram_matches_numpy_reference_and_the_kernel_call(name: str, chunk: int)
     torch.testing.assert_close(got, KERNELS[name](tx, ty), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("name", list(KERNELS))
+def test_features_without_products_are_skipped_exactly(name: str, symmetric: bool) -> None:
+    # Constant features (all zero after centring) and features that are zero in one side
+    # only: the matrix product skips them, the norms must still count them.
+    x, y = _points(11, 8, d=7)
+    x[:, 1] = 0.0
+    y[:, 1] = 0.0  # zero everywhere
+    x[:, 3] = 2.5
+    y[:, 3] = 2.5  # constant in both: zero after centring
+    x[:, 5] = 0.0  # zero in x only: y's values still enter the distances
+    y = x if symmetric else y
+    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+    got = gram(tx, None if symmetric else ty, KERNELS[name])
+    if symmetric and "heuristic" in name:  # the reference would pool x with itself
+        torch.testing.assert_close(got, KERNELS[name](tx, tx), rtol=1e-10, atol=1e-10)
+    else:
+        expected = reference_kernel(name, x, y)
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("chunk", [1, 7, 100, 4096])
 @pytest.mark.parametrize("name", list(KERNELS))
 def test_symmetric_gram_is_exactly_symmetric_with_exact_self_distances(
