@@ -17,7 +17,8 @@ each with its shipped ``tk.recipe(method).at_lr(lr0)`` trade-off and ramp:
   with target statistics re-estimated by ``tk.adapt_batchnorm``: ``dann``, ``cdan``,
   ``dan`` (MK-MMD), ``mcc``, ``bnm``, ``afn``, ``mdd``, ``self_training``
   (``tk.FixMatchLoss`` + ``tk.recipe("self_training").pseudo_labeler``, which warms
-  up on the source first) and combinations such as ``dann+self_training``;
+  up on the source first, with pseudo-labels from the recipe's ``mean_teacher``) and
+  combinations such as ``dann+self_training``;
 * ``oracle``: trained on the labelled target training split (the ceiling).
 
 "Gap closed" is ``(method - source_only) / (oracle - source_only)`` of the mean
@@ -182,21 +183,18 @@ def transfer_term(
     if method == "afn":
         # SAFN on each domain's (dropped-out) bottleneck features, summed; the norm step
         # lr * lambda * delta_r of the paper's learning rate (tk.recipe("afn").lr) is kept
+        # (recipe.tradeoff already carries at_lr's scaling); with option ``entropy`` the
+        # target predictions' entropy is added at that weight (SAFN+ENT)
         delta = float(recipe.options["delta"])
-        scale = tk.recipe("afn").lr / recipe.lr
-        return (
-            (
-                lambda fs, ls, ft, lt: (
-                    scale
-                    * (
-                        tk.losses.adaptive_feature_norm(fs, delta=delta)
-                        + tk.losses.adaptive_feature_norm(ft, delta=delta)
-                    )
-                )
-            ),
-            [],
-            True,
-        )
+        entropy = float(recipe.options.get("entropy", 0.0)) / max(recipe.tradeoff, 1e-12)
+
+        def afn(fs: Tensor, ls: Tensor, ft: Tensor, lt: Tensor) -> Tensor:
+            norm = tk.losses.adaptive_feature_norm(
+                fs, delta=delta
+            ) + tk.losses.adaptive_feature_norm(ft, delta=delta)
+            return norm + entropy * tk.losses.entropy(lt) if entropy else norm
+
+        return afn, [], True
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -255,9 +253,11 @@ def train(
     recipe = tk.recipe(_recipe_name(base), **overrides).at_lr(lr)
     term, modules, ramped = transfer_term(base, recipe, budget, task.num_classes, seed)
     fixmatch = None
+    teacher = None
     if self_training:
         labeler = tk.recipe("self_training").pseudo_labeler(task.num_classes, budget.steps)
         fixmatch = tk.FixMatchLoss(labeler, weak=tk.augment.weak, strong=tk.augment.strong)
+        teacher = tk.recipe("self_training").mean_teacher(model)
     params = [*model.parameters(), *(p for m in modules for p in m.parameters())]
     optimizer = recipe.optimizer(params)
     scheduler = recipe.scheduler(optimizer, budget.steps)
@@ -304,8 +304,10 @@ def train(
                     f_t = neck(model.forward_features(x_t))
                     weight = recipe.tradeoff_at(progress) if ramped else recipe.tradeoff
                     loss = loss + weight * term(f_s, logits_s, f_t, model.fc(f_t))
-                if fixmatch is not None:
-                    loss = loss + fixmatch(model, x_t)
+                if fixmatch is not None and teacher is not None:
+                    # pseudo-labels from the mean teacher, with target batch statistics
+                    with tk.bn_domain(teacher, "target"):
+                        loss = loss + fixmatch(model, x_t, teacher=teacher)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -317,6 +319,8 @@ def train(
                 schedule.step()
         if fixmatch is not None:
             fixmatch.step()
+        if teacher is not None:
+            teacher.update(model)
     if trained is not None:
         trained += [model, *modules]
     result: dict[str, float] = {}

@@ -31,6 +31,7 @@ import transferkit as tk
 from transferkit import (
     adversarial,
     augment,
+    averaging,
     batchnorm,
     datasets,
     device,
@@ -2035,6 +2036,40 @@ flag_rows(
 )
 
 
+rows(
+    "averaging.ModelEMA",
+    [
+        ("model not a module", lambda: averaging.ModelEMA("net"), TypeError, "model"),
+        ("decay 1", lambda: averaging.ModelEMA(nn.Linear(2, 2), decay=1.0), ValueError, "decay"),
+        (
+            "decay negative",
+            lambda: averaging.ModelEMA(nn.Linear(2, 2), decay=-0.5),
+            ValueError,
+            "decay",
+        ),
+        ("decay NaN", lambda: averaging.ModelEMA(nn.Linear(2, 2), decay=NAN), ValueError, "decay"),
+        (
+            "decay a bool",
+            lambda: averaging.ModelEMA(nn.Linear(2, 2), decay=True),
+            TypeError,
+            "decay",
+        ),
+        (
+            "update with another architecture",
+            lambda: averaging.ModelEMA(nn.Linear(2, 2)).update(nn.Linear(3, 2)),
+            ValueError,
+            "model",
+        ),
+        (
+            "update with a non-module",
+            lambda: averaging.ModelEMA(nn.Linear(2, 2)).update("net"),
+            TypeError,
+            "model",
+        ),
+    ],
+)
+
+
 def fixmatch(**kwargs: Any) -> self_training.FixMatchLoss:
     values: dict[str, Any] = {"weak": augment.weak, "strong": augment.strong}
     values.update(kwargs)
@@ -2052,6 +2087,12 @@ rows(
         ),
         ("weak not callable", lambda: fixmatch(weak=None), TypeError, "weak"),
         ("model not callable", lambda: fixmatch()("model", images()), TypeError, "model"),
+        (
+            "teacher not callable",
+            lambda: fixmatch()(nn.Flatten(), images(), teacher="ema"),
+            TypeError,
+            "teacher",
+        ),
         (
             "x meta",
             lambda: fixmatch()(nn.Flatten(), torch.empty(2, 3, 8, 8, device="meta")),

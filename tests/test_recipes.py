@@ -157,3 +157,16 @@ def test_at_lr_keeps_the_published_norm_step_of_afn_and_only_the_lr_of_others() 
     for bad in (0.0, -1.0, float("inf"), float("nan"), True, "0.1"):
         with pytest.raises(ValueError, match="lr"):
             afn.at_lr(bad)  # type: ignore[arg-type]
+
+
+def test_self_training_recipe_ships_a_mean_teacher() -> None:
+    net = tk.convert_domain_bn(tk.models.SmallCNN(num_classes=10))
+    teacher = tk.recipe("self_training").mean_teacher(net)
+    assert isinstance(teacher, tk.ModelEMA)
+    assert teacher.decay == tk.recipe("self_training").options["teacher_decay"] == 0.99
+    assert teacher.module is not net and not any(p.requires_grad for p in teacher.parameters())
+    # the copy keeps the domain-specific BatchNorm, so it can run in the target domain
+    with tk.bn_domain(teacher, "target"):
+        assert teacher(torch.randn(4, 1, 16, 16)).shape == (4, 10)
+    with pytest.raises(ValueError, match="teacher_decay"):
+        tk.recipe("dann").mean_teacher(net)

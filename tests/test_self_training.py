@@ -199,6 +199,58 @@ def test_pseudo_labeler_loss_rejects_mismatched_batches() -> None:
         labeler(torch.randn(4, 3), update=1)  # type: ignore[arg-type]
 
 
+def test_class_statistics_are_bias_corrected_from_the_first_batch() -> None:
+    # momentum 0.999 (the default): without the correction the average would sit at
+    # 0.999 * uniform + 0.001 * batch after one batch, and balancing would be nearly off
+    labeler = tk.PseudoLabeler(2, balance="distribution")
+    logits = torch.tensor([[3.0, 0.0]] * 9 + [[0.0, 1.0]])
+    labeler(logits)
+    torch.testing.assert_close(labeler.class_mean, logits.softmax(1).mean(0))
+    labeler(logits)
+    torch.testing.assert_close(labeler.class_mean, logits.softmax(1).mean(0))
+
+
+def test_class_statistics_average_every_batch_seen() -> None:
+    momentum = 0.9
+    labeler = tk.PseudoLabeler(3, balance="class_threshold", momentum=momentum)
+    batches = [torch.randn(5, 3) * 2 for _ in range(4)]
+    raw = np.zeros(3)
+    for batch in batches:
+        labeler(batch)
+        raw = momentum * raw + (1 - momentum) * batch.softmax(1).mean(0).double().numpy()
+    expected = raw / (1 - momentum ** len(batches))
+    np.testing.assert_allclose(labeler.class_mean.double().numpy(), expected, rtol=1e-5)
+    assert float(labeler.class_mean.sum()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_distribution_alignment_balances_a_dominant_class_at_the_default_momentum() -> None:
+    # a network that calls most of the batch class 0: after alignment, class 0 no longer
+    # takes every confident pseudo-label (it did when the uniform start damped the average)
+    labeler = tk.PseudoLabeler(2, threshold=0.7, balance="distribution")
+    logits = torch.tensor([[2.0, 0.0]] * 8 + [[0.5, 0.0]] * 2)
+    pseudo = labeler(logits)
+    # aligned: the 0.88-confident class-0 rows drop to 0.60, the 0.62 ones flip to class 1
+    assert pseudo.mask.tolist() == [False] * 8 + [True] * 2
+    assert pseudo.labels[pseudo.mask].tolist() == [1, 1]
+    plain = tk.PseudoLabeler(2, threshold=0.7)(logits)
+    assert plain.mask.tolist() == [True] * 8 + [False] * 2
+    assert set(plain.labels.tolist()) == {0}
+
+
+def test_state_dict_round_trip_keeps_the_bias_correction() -> None:
+    labeler = tk.PseudoLabeler(3, balance="distribution", momentum=0.9)
+    labeler(torch.randn(8, 3) * 3)
+    other = tk.PseudoLabeler(3, balance="distribution", momentum=0.9)
+    other.load_state_dict(labeler.state_dict())
+    batch = torch.randn(8, 3) * 3
+    torch.testing.assert_close(other(batch).confidence, labeler(batch).confidence)
+    torch.testing.assert_close(other.class_mean, labeler.class_mean)
+    # a state without the update count (saved before the correction) loads as converged
+    old = {"steps": 0, "class_mean": torch.tensor([0.5, 0.3, 0.2])}
+    other.load_state_dict(old)
+    torch.testing.assert_close(other.class_mean, old["class_mean"])
+
+
 # --------------------------------------------------------------------------- FixMatch
 
 
@@ -240,6 +292,27 @@ def test_fixmatch_step_advances_the_ramp_and_rejects_non_callables() -> None:
         tk.FixMatchLoss(3, weak=tk.augment.weak, strong=tk.augment.weak)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="model"):
         fixmatch("net", torch.randn(2, 1, 8, 8))  # type: ignore[arg-type]
+
+
+def test_fixmatch_takes_pseudo_labels_from_the_teacher_and_trains_only_the_model() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3)
+    teacher = tk.ModelEMA(net)
+    with torch.no_grad():
+        teacher.module.weight.zero_()
+        teacher.module.bias.copy_(torch.tensor([0.0, 5.0, 0.0]))  # always class 1
+    x = torch.randn(6, 4)
+    fixmatch = tk.FixMatchLoss(
+        tk.PseudoLabeler(3, threshold=0.9), weak=lambda v: v, strong=lambda v: v
+    )
+    loss = fixmatch(net, x, teacher=teacher)
+    assert fixmatch.last is not None and fixmatch.last.labels.tolist() == [1] * 6
+    torch.testing.assert_close(loss, F.cross_entropy(net(x), torch.ones(6, dtype=torch.long)))
+    loss.backward()
+    assert net.weight.grad is not None
+    assert teacher.module.weight.grad is None
+    with pytest.raises(TypeError, match="teacher"):
+        fixmatch(net, x, teacher="ema")  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- augment

@@ -36,6 +36,7 @@ from .adversarial import (
     WarmStartSchedule,
     grad_reverse,
 )
+from .averaging import ModelEMA
 from .batchnorm import DomainSpecificBatchNorm, adapt_batchnorm, bn_domain, convert_domain_bn
 from .device import autocast, dataloader_kwargs, resolve_device, seed_everything, to_device
 from .features import FeatureExtractor, extract_features
@@ -71,6 +72,7 @@ __all__ = [
     "GradientReversal",
     "GradualUnfreezing",
     "MarginDisparityDiscrepancy",
+    "ModelEMA",
     "PseudoLabeler",
     "PseudoLabels",
     "Recipe",
