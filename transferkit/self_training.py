@@ -326,9 +326,11 @@ class FixMatchLoss:
     turns its logits into pseudo-labels with ``labeler`` and returns
     ``labeler.loss(model(strong(x)), pseudo)``: the cross-entropy of the strong view
     against confident weak-view predictions, times the labeler's ramped weight. Call
-    ``labeler.step()`` (or [`step`][]) once per training step. Both forward passes run
-    in the model's current mode: in training mode they use target batch statistics (and,
-    with [`transferkit.bn_domain`][], update the target's running statistics). While the
+    ``labeler.step()`` (or [`step`][]) once per training step. With ``teacher=`` (e.g.
+    a [`transferkit.ModelEMA`][] of the model: a mean teacher) the weak view goes
+    through the teacher instead. Each forward pass runs in its network's current mode:
+    in training mode it uses target batch statistics (and, with
+    [`transferkit.bn_domain`][], updates the target's running statistics). While the
     labeler's weight is 0 (its warm-up) neither pass runs: the loss is a zero that
     needs no gradient and ``last`` is ``None``.
 
