@@ -1143,6 +1143,16 @@ rows(
     ],
 )
 module_rows("distributed.unwrap_model", distributed.unwrap_model, "model")
+rows(
+    "distributed.shutdown",
+    [
+        ("settle negative", lambda: distributed.shutdown(settle=-1.0), ValueError, "settle"),
+        ("settle nan", lambda: distributed.shutdown(settle=float("nan")), ValueError, "settle"),
+        ("settle inf", lambda: distributed.shutdown(settle=float("inf")), ValueError, "settle"),
+        ("settle a string", lambda: distributed.shutdown(settle="0.1"), TypeError, "settle"),
+        ("settle a bool", lambda: distributed.shutdown(settle=True), TypeError, "settle"),
+    ],
+)
 
 # --------------------------------------------------------------------------- features
 
