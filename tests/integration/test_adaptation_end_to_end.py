@@ -133,6 +133,7 @@ def test_self_training_recipe_warms_up_on_the_source_then_beats_source_only() ->
         weak=tk.augment.weak,
         strong=tk.augment.strong,
     )
+    teacher = recipe.mean_teacher(model)
     source = infinite(make_loader(task.source_x, task.source_y, batch_size=32, seed=0))
     target = infinite(make_loader(task.target_x, batch_size=32, drop_last=True, seed=1))
     used = []
@@ -141,14 +142,15 @@ def test_self_training_recipe_warms_up_on_the_source_then_beats_source_only() ->
         x_s, y_s = next(source)
         with tk.bn_domain(model, "source"):
             loss = F.cross_entropy(model(tk.augment.weak(x_s)), y_s)
-        with tk.bn_domain(model, "target"):
-            loss = loss + fixmatch(model, next(target)[0])
+        with tk.bn_domain(model, "target"), tk.bn_domain(teacher, "target"):
+            loss = loss + fixmatch(model, next(target)[0], teacher=teacher)
         used.append(fixmatch.last is not None)
         fixmatch.step()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         scheduler.step()
+        teacher.update(model)
     warmup = round(recipe.warmup * STEPS)
     assert not any(used[:warmup]) and all(used[warmup + 1 :])
     source_only = _accuracy(_train(task, self_training=False), task)
