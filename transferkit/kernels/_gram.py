@@ -193,7 +193,6 @@ def _kernel_strips(
     direct = out.dtype == x.dtype and out.device == x.device
     x_norm = (x * x).sum(1)  # used by the distance kernels only
     y_norm = x_norm if symmetric else (y * y).sum(1)
-    x, y = _drop_null_columns(x, y, symmetric)
     tile = max(1, _CPU_TILE_ELEMENTS // max(m, 1)) if x.device.type == "cpu" else chunk_size
     height = min(chunk_size, _SYMMETRIC_STRIP) if symmetric else chunk_size
     for rows in _chunks(n, height):
@@ -214,22 +213,6 @@ def _kernel_strips(
             out[rows, start:].copy_(strip)  # converts in one pass, no temporary
         if symmetric:
             _mirror_rows(out, rows)
-
-
-def _drop_null_columns(x: Tensor, y: Tensor, symmetric: bool) -> tuple[Tensor, Tensor]:
-    """``x`` and ``y`` without the features whose products ``x_k y_k`` are all exactly 0.
-
-    Such a feature adds exact zeros to every inner product, so the matrix product can skip
-    it (after centring, a feature that is constant over the rows is all zeros: pixels that
-    are always background, dead ReLU units). The norms are taken before, from all features.
-    """
-    used = x.ne(0).any(0)
-    if not symmetric:
-        used &= y.ne(0).any(0)
-    if bool(used.all()):
-        return x, y
-    x = x[:, used]
-    return x, (x if symmetric else y[:, used])
 
 
 def _callable_strips(
