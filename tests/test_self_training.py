@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -466,3 +467,144 @@ def test_fixmatch_runs_no_forward_pass_during_the_warmup() -> None:
 def test_warmup_steps_must_be_a_non_negative_integer(value: object, error: type[Exception]) -> None:
     with pytest.raises((TypeError, ValueError), match="warmup_steps"):
         tk.PseudoLabeler(3, warmup_steps=value)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- combinations
+
+
+@pytest.mark.parametrize("balance", ["distribution", "class_threshold"])
+def test_state_dict_round_trip_before_any_update_resumes_identically(balance: str) -> None:
+    # a checkpoint taken during the warm-up (FixMatchLoss has not called the labeler yet)
+    labeler = tk.PseudoLabeler(3, balance=balance)
+    resumed = tk.PseudoLabeler(3, balance=balance)
+    resumed.load_state_dict(labeler.state_dict())
+    for _ in range(3):
+        batch = torch.randn(8, 3) * 3
+        torch.testing.assert_close(resumed(batch).confidence, labeler(batch).confidence)
+        torch.testing.assert_close(resumed.class_mean, labeler.class_mean)
+        torch.testing.assert_close(resumed.thresholds, labeler.thresholds)
+    assert float(resumed.class_mean.sum()) == pytest.approx(1.0)
+
+
+def test_state_dict_round_trip_through_torch_save_is_exact(tmp_path: Path) -> None:
+    # the class statistics must come back bit for bit, whatever the number of updates
+    torch.manual_seed(0)
+    path = tmp_path / "labeler.pt"
+    for updates in range(1, 30):
+        labeler = tk.PseudoLabeler(4, balance="distribution", momentum=0.999, rampup_steps=50)
+        for _ in range(updates):
+            labeler(torch.randn(16, 4) * 2)
+            labeler.step()
+        torch.save(labeler.state_dict(), path)
+        resumed = tk.PseudoLabeler(4, balance="distribution", momentum=0.999, rampup_steps=50)
+        resumed.load_state_dict(torch.load(path, weights_only=True))
+        assert resumed.steps == labeler.steps and resumed.weight == labeler.weight
+        assert torch.equal(resumed.class_mean, labeler.class_mean), updates
+        for _ in range(3):
+            batch = torch.randn(16, 4) * 2
+            a, b = labeler(batch), resumed(batch)
+            assert torch.equal(a.confidence, b.confidence) and torch.equal(a.mask, b.mask)
+        assert torch.equal(resumed.class_mean, labeler.class_mean), updates
+
+
+def test_distribution_alignment_with_a_zero_prior_gives_finite_confidence() -> None:
+    # all of a sample's probability on a class whose prior is 0: the aligned vector is
+    # all zeros; that sample is simply not confident (never NaN)
+    labeler = tk.PseudoLabeler(3, balance="distribution", prior=torch.tensor([0.0, 0.5, 0.5]))
+    pseudo = labeler(torch.tensor([[200.0, 0.0, 0.0], [0.0, 3.0, 0.0]]))
+    assert bool(torch.isfinite(pseudo.confidence).all()), pseudo.confidence
+    assert pseudo.confidence[0] == 0.0 and not bool(pseudo.mask[0])
+    assert int(pseudo.labels[1]) == 1 and bool(torch.isfinite(labeler.class_mean).all())
+    zero_threshold = tk.PseudoLabeler(
+        3, threshold=0.0, balance="distribution", prior=torch.tensor([0.0, 0.5, 0.5])
+    )
+    assert not bool(zero_threshold(torch.tensor([[200.0, 0.0, 0.0]])).mask[0])
+
+
+def _bn_student_and_teacher() -> tuple[torch.nn.Module, tk.ModelEMA]:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
+    return net, tk.ModelEMA(net)
+
+
+def test_fixmatch_with_a_teacher_leaves_the_students_batchnorm_to_the_strong_view() -> None:
+    net, teacher = _bn_student_and_teacher()
+    fixmatch = tk.FixMatchLoss(
+        tk.PseudoLabeler(3, threshold=0.0), weak=lambda v: v * 2, strong=lambda v: v + 1
+    )
+    x = torch.randn(16, 4)
+    fixmatch(net, x, teacher=teacher)
+    # one forward pass through the student (the strong view), one through the teacher
+    assert int(net[1].num_batches_tracked) == 1
+    assert int(teacher.module[1].num_batches_tracked) == 1
+    reference = torch.nn.BatchNorm1d(8)
+    with torch.no_grad():
+        reference(net[0](x + 1))
+    torch.testing.assert_close(net[1].running_mean, reference.running_mean)
+    fixmatch(net, x)  # without a teacher the weak view goes through the student too
+    assert int(net[1].num_batches_tracked) == 3
+
+
+@pytest.mark.parametrize("teacher_training", [True, False])
+def test_fixmatch_leaves_the_modes_of_model_and_teacher_as_they_were(
+    teacher_training: bool,
+) -> None:
+    net, teacher = _bn_student_and_teacher()
+    teacher.train(teacher_training)
+    fixmatch = tk.FixMatchLoss(
+        tk.PseudoLabeler(3, threshold=0.0), weak=lambda v: v, strong=lambda v: v
+    )
+    fixmatch(net, torch.randn(8, 4), teacher=teacher)
+    assert net.training and all(m.training for m in net.modules())
+    assert all(m.training == teacher_training for m in teacher.modules())
+    if not teacher_training:  # an eval-mode teacher keeps its running statistics
+        assert int(teacher.module[1].num_batches_tracked) == 0
+
+
+def test_fixmatch_refuses_a_teacher_in_another_batchnorm_domain_than_the_model() -> None:
+    # in eval mode the teacher would silently label target data with source statistics
+    torch.manual_seed(0)
+    net = tk.convert_domain_bn(tk.models.SmallCNN(num_classes=10, width=8))
+    teacher = tk.ModelEMA(net)
+    teacher.eval()
+    fixmatch = tk.FixMatchLoss(
+        tk.PseudoLabeler(10, threshold=0.0), weak=lambda v: v, strong=lambda v: v
+    )
+    x = torch.rand(4, 1, 16, 16)
+    with tk.bn_domain(net, "target"), pytest.raises(ValueError, match="bn_domain"):
+        fixmatch(net, x, teacher=teacher)
+    with tk.bn_domain(net, "target"), tk.bn_domain(teacher, "target"):
+        loss = fixmatch(net, x, teacher=teacher)
+    assert torch.isfinite(loss)
+    fixmatch(net, x, teacher=teacher)  # both in the source domain: fine
+
+
+def test_fixmatch_under_bfloat16_autocast_matches_float32() -> None:
+    net, teacher = _bn_student_and_teacher()
+    student_copy, teacher_copy = (
+        tk.ModelEMA(net).module,
+        tk.ModelEMA(teacher.module).module,
+    )
+    fixmatch = tk.FixMatchLoss(
+        tk.PseudoLabeler(3, threshold=0.0), weak=lambda v: v * 2, strong=lambda v: v + 1
+    )
+    x = torch.randn(16, 4)
+    reference = fixmatch(student_copy, x, teacher=teacher_copy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = fixmatch(net, x, teacher=teacher)
+    assert value.dtype == torch.float32
+    assert math.isclose(float(value.detach()), float(reference.detach()), rel_tol=0.03)
+
+
+def test_ramp_counts_steps_past_the_end_and_stops_where_step_stops() -> None:
+    labeler = tk.recipe("self_training").pseudo_labeler(3, max_steps=8)
+    weights = []
+    for _ in range(12):  # more steps than planned: the weight stays at the top
+        weights.append(labeler.weight)
+        labeler.step()
+    assert weights[:4] == [0.0] * 4 and weights[8:] == [1.0] * 4
+    assert weights == sorted(weights)
+    short = tk.recipe("self_training").pseudo_labeler(3, max_steps=8)
+    for _ in range(5):  # fewer steps: the weight is where the ramp got to
+        short.step()
+    assert short.weight == pytest.approx(0.25)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._validation import check_in_range, check_option, check_positive, check_tensor
+from .batchnorm import _domain_layers
 
 __all__ = ["FixMatchLoss", "PseudoLabeler", "PseudoLabels"]
 
@@ -99,7 +100,8 @@ class PseudoLabeler:
       predicts get lower thresholds, so they are not starved of pseudo-labels.
     * ``"distribution"``: distribution alignment (ReMixMatch, Berthelot et al., 2020):
       ``p`` is replaced by ``normalise(p * prior / m)`` before thresholding, pulling the
-      predicted class frequencies towards ``prior`` (uniform unless given).
+      predicted class frequencies towards ``prior`` (uniform unless given). A sample
+      whose probability is all on classes of prior 0 gets confidence 0 (never used).
 
     Weight: [`weight`][] is ``0`` for the first ``warmup_steps`` steps, then
     ``max_weight * ramp_value((step - warmup_steps) / rampup_steps, ramp)``
@@ -255,9 +257,14 @@ class PseudoLabeler:
             self.updates += 1
         if self.balance == "distribution":
             aligned = probs * (self.prior / self.class_mean.clamp_min(1e-12)).to(probs.device)
-            probs = aligned / aligned.sum(dim=1, keepdim=True)
-        confidence, labels = probs.max(dim=1)
-        mask = confidence >= self.thresholds.to(probs.device)[labels]
+            total = aligned.sum(dim=1, keepdim=True)
+            # all of a sample's mass on classes whose prior is 0: not confident (not 0/0)
+            aligned = aligned / torch.where(total > 0, total, 1.0)
+            confidence, labels = aligned.max(dim=1)
+            labels = torch.where(total[:, 0] > 0, labels, probs.argmax(dim=1))
+        else:
+            confidence, labels = probs.max(dim=1)
+        mask = (confidence >= self.thresholds.to(probs.device)[labels]) & (confidence > 0)
         return PseudoLabels(labels=labels, mask=mask, confidence=confidence)
 
     def loss(self, logits: Tensor, pseudo: PseudoLabels) -> Tensor:
@@ -289,26 +296,38 @@ class PseudoLabeler:
             return self.weight * masked.mean()
 
     def state_dict(self) -> dict[str, Any]:
-        """The step and the class statistics (to resume a run)."""
+        """The step and the class statistics (to resume a run).
+
+        ``class_mean`` is the bias-corrected average (for reading); ``class_sum``, the
+        uncorrected one, restores the statistics bit for bit.
+        """
         return {
             "steps": self.steps,
             "class_mean": self.class_mean.clone(),
+            "class_sum": self._class_sum.clone(),
             "updates": self.updates,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what [`state_dict`][] returned."""
-        class_mean = check_tensor(state["class_mean"], "class_mean", ndim=1, floating=True)
-        if class_mean.shape[0] != self.num_classes:
-            raise ValueError(
-                f"class_mean: expected {self.num_classes} values, got {class_mean.shape[0]}"
-            )
+        class_mean = self._check_statistics(state["class_mean"], "class_mean")
         self.steps = int(check_positive(state["steps"], "steps", strict=False, integer=True))
         # states saved before the bias correction hold a converged average: no correction
         updates = state.get("updates", 10**9)
         self.updates = int(check_positive(updates, "updates", strict=False, integer=True))
-        correction = 1.0 - self.momentum ** max(self.updates, 1)
-        self._class_sum = class_mean.detach().float().cpu().clone() * correction
+        if "class_sum" in state:
+            class_sum = self._check_statistics(state["class_sum"], "class_sum")
+        elif self.updates == 0:  # nothing averaged yet: the sum starts at zero
+            class_sum = torch.zeros(self.num_classes)
+        else:
+            class_sum = class_mean * (1.0 - self.momentum**self.updates)
+        self._class_sum = class_sum
+
+    def _check_statistics(self, values: object, name: str) -> Tensor:
+        checked = check_tensor(values, name, ndim=1, floating=True)
+        if checked.shape[0] != self.num_classes:
+            raise ValueError(f"{name}: expected {self.num_classes} values, got {checked.shape[0]}")
+        return checked.detach().float().cpu().clone()
 
     def __repr__(self) -> str:
         return (
@@ -390,17 +409,25 @@ class FixMatchLoss:
                 (default: ``model``). Pass a [`transferkit.ModelEMA`][] of the model
                 for a mean teacher: its pseudo-labels follow an average of the recent
                 weights instead of the last update, so a few bad steps do not feed
-                their own errors back (under domain-specific BatchNorm, run it in the
-                target domain as well: ``tk.bn_domain(ema, "target")``).
+                their own errors back. Under domain-specific BatchNorm the teacher must
+                run in the model's domain (``tk.bn_domain(ema, "target")`` next to
+                ``tk.bn_domain(model, "target")``).
 
         Returns:
             A scalar tensor (differentiable through the strong view).
+
+        Raises:
+            ValueError: ``model`` and ``teacher`` both have domain-specific BatchNorm
+                layers, and their active domains differ (in eval mode the teacher would
+                label target data with source statistics).
         """
         if not callable(model):
             raise TypeError(f"model: expected a callable, got {type(model).__name__}")
         if teacher is not None and not callable(teacher):
             raise TypeError(f"teacher: expected a callable or None, got {type(teacher).__name__}")
         check_tensor(x, "x", min_samples=1)
+        if teacher is not None:
+            _check_same_bn_domain(model, teacher)
         if self.labeler.weight == 0.0:
             self.last = None
             return x.new_zeros((), dtype=torch.float32)
@@ -418,3 +445,17 @@ class FixMatchLoss:
 
     def __repr__(self) -> str:
         return f"FixMatchLoss({self.labeler!r}, weak={self.weak!r}, strong={self.strong!r})"
+
+
+def _check_same_bn_domain(model: object, teacher: object) -> None:
+    """Refuse a teacher whose domain-specific BatchNorm runs in another domain."""
+    if not isinstance(model, torch.nn.Module) or not isinstance(teacher, torch.nn.Module):
+        return
+    ours = sorted({layer.domain for layer in _domain_layers(model)})
+    theirs = sorted({layer.domain for layer in _domain_layers(teacher)})
+    if ours and theirs and ours != theirs:
+        raise ValueError(
+            f"teacher: its domain-specific BatchNorm is in domain {', '.join(theirs)}, the "
+            f"model's in {', '.join(ours)}; run both in the same one, e.g. "
+            f'tk.bn_domain(model, "{ours[0]}") and tk.bn_domain(teacher, "{ours[0]}")'
+        )
