@@ -17,21 +17,19 @@ the first things to try before any adaptation loss:
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._validation import (
-    check_module_data,
-    check_option,
-    check_positive,
-    did_you_mean,
-)
+from ._domain_bn import AffineMode, DomainSpecificBatchNorm, _check_domain, _check_domains
+from ._public import publish
+from ._surgery import find_ddp, unwrap_model
+from ._validation import check_module_data, check_option, check_positive
+from .freezing._batchnorm import FrozenBatchNorm, _bn_policy
 
 __all__ = [
     "DomainSpecificBatchNorm",
@@ -41,128 +39,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-AffineMode = Literal["shared", "separate"]
-
-
-# --------------------------------------------------------------------------- DSBN
-
-
-class DomainSpecificBatchNorm(nn.Module):
-    """A BatchNorm layer with one set of statistics per domain (DSBN).
-
-    Holds one BatchNorm of the wrapped kind per domain in [`norms`][] (a
-    ``ModuleDict``), each a copy of the layer it was built from (same running statistics
-    at the start). The *active* domain ([`domain`][], set by [`bn_domain`][])
-    decides which statistics normalise the input and, in training mode, which running
-    statistics are updated; the others are untouched.
-
-    With ``affine="shared"`` (default) the per-domain layers have no affine terms and the
-    wrapper owns one ``weight``/``bias`` pair used for every domain (Chang et al. share
-    nothing; sharing halves the parameters that the small target batches must fit and
-    was as good or better in our benchmarks). With ``affine="separate"`` each domain's
-    layer keeps its own affine terms.
-
-    Args:
-        norm: the BatchNorm layer to convert (``BatchNorm1d/2d/3d`` or ``SyncBatchNorm``);
-            it is copied, not modified.
-        domains: names of the domains (at least two, unique); the first is active at
-            the start.
-        affine: ``"shared"`` or ``"separate"`` affine terms (ignored when ``norm`` has no
-            affine terms).
-
-    Attributes:
-        domain: the active domain's name.
-
-    Shape:
-        - Input: what the wrapped layer takes, e.g. ``(N, C, H, W)``; output: the same.
-
-    Examples:
-        >>> import torch
-        >>> dsbn = DomainSpecificBatchNorm(torch.nn.BatchNorm1d(3))
-        >>> _ = dsbn(torch.randn(8, 3))  # source statistics are updated
-        >>> dsbn.domain = "target"
-        >>> _ = dsbn(torch.randn(8, 3) + 5)
-        >>> means = {name: float(bn.running_mean.mean()) for name, bn in dsbn.norms.items()}
-        >>> means["target"] > means["source"]
-        True
-    """
-
-    def __init__(
-        self,
-        norm: _BatchNorm,
-        domains: Sequence[str] = ("source", "target"),
-        *,
-        affine: AffineMode = "shared",
-    ) -> None:
-        super().__init__()
-        if not isinstance(norm, _BatchNorm):
-            raise TypeError(f"norm: expected a BatchNorm layer, got {type(norm).__name__}")
-        names = _check_domains(domains)
-        self.affine_mode: AffineMode = check_option(affine, "affine", ("shared", "separate"))
-        shared = norm.affine and self.affine_mode == "shared"
-        if shared:
-            self.weight: nn.Parameter | None = nn.Parameter(norm.weight.detach().clone())
-            self.bias: nn.Parameter | None = nn.Parameter(norm.bias.detach().clone())
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        layers = {}
-        for name in names:
-            layer = copy.deepcopy(norm)
-            if shared:
-                layer.affine = False
-                layer.weight = None  # type: ignore[assignment]
-                layer.bias = None  # type: ignore[assignment]
-            layers[name] = layer
-        self.norms = nn.ModuleDict(layers)
-        self.domains: tuple[str, ...] = names
-        self.num_features = norm.num_features
-        self._domain = names[0]
-        self.train(norm.training)
-
-    @property
-    def domain(self) -> str:
-        """The active domain: its statistics are used and updated."""
-        return self._domain
-
-    @domain.setter
-    def domain(self, name: str) -> None:
-        self._domain = _check_domain(name, self.domains)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Normalise ``x`` with the active domain's layer, then the shared affine terms."""
-        out: Tensor = self.norms[self._domain](x)
-        if self.weight is not None and self.bias is not None:
-            shape = (1, -1) + (1,) * (out.dim() - 2)
-            out = torch.addcmul(self.bias.view(shape), out, self.weight.view(shape))
-        return out
-
-    def extra_repr(self) -> str:
-        """Number of features, domain names and affine mode."""
-        return f"{self.num_features}, domains={self.domains}, affine={self.affine_mode!r}"
-
-
-def _check_domains(domains: object) -> tuple[str, ...]:
-    if isinstance(domains, str) or not isinstance(domains, Sequence):
-        raise TypeError(f"domains: expected a sequence of names, got {type(domains).__name__}")
-    names = tuple(domains)
-    if len(names) < 2 or not all(isinstance(n, str) and n for n in names):
-        raise ValueError(f"domains: expected at least two non-empty names, got {names!r}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"domains: expected unique names, got {names!r}")
-    if any("." in n for n in names):
-        raise ValueError(f"domains: names may not contain '.', got {names!r}")
-    return names
-
-
-def _check_domain(name: object, domains: Sequence[str]) -> str:
-    if not isinstance(name, str):
-        raise TypeError(f"domain: expected a str, got {type(name).__name__}")
-    if name not in domains:
-        hint = did_you_mean(name, domains)
-        raise ValueError(f"domain: expected one of {tuple(domains)!r}, got {name!r}{hint}")
-    return name
 
 
 def convert_domain_bn(
@@ -178,6 +54,13 @@ def convert_domain_bn(
     parameters. Each domain starts from the layer's current statistics (a pretrained
     network's statistics are kept for every domain). Layers that are already
     domain-specific are left alone.
+
+    Frozen layers stay frozen, in either order of the calls: shared affine terms keep the
+    ``requires_grad`` of the layer they come from, the per-domain copies of a layer frozen
+    with ``tk.freeze(..., bn="eval")`` keep that policy, and a
+    [`transferkit.FrozenBatchNorm`][] (``bn="frozen"``) becomes a domain-specific layer
+    whose per-domain layers are ``FrozenBatchNorm`` (fixed statistics until
+    ``tk.unfreeze``, then one set per domain).
 
     Args:
         model: the network (or a single BatchNorm layer, then a new module is returned).
@@ -200,8 +83,8 @@ def convert_domain_bn(
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     names = _check_domains(domains)
     check_option(affine, "affine", ("shared", "separate"))
-    if isinstance(model, _BatchNorm):
-        return DomainSpecificBatchNorm(model, names, affine=affine)
+    if isinstance(model, (_BatchNorm, FrozenBatchNorm)):
+        return _domain_specific(model, names, affine)
     converted = 0
 
     def convert(parent: nn.Module) -> None:
@@ -209,8 +92,8 @@ def convert_domain_bn(
         for child_name, child in parent.named_children():
             if isinstance(child, DomainSpecificBatchNorm):
                 continue
-            if isinstance(child, _BatchNorm):
-                setattr(parent, child_name, DomainSpecificBatchNorm(child, names, affine=affine))
+            if isinstance(child, (_BatchNorm, FrozenBatchNorm)):
+                setattr(parent, child_name, _domain_specific(child, names, affine))
                 converted += 1
             else:
                 convert(child)
@@ -220,6 +103,21 @@ def convert_domain_bn(
         raise ValueError(f"model: {type(model).__name__} has no BatchNorm layer to convert")
     logger.debug("convert_domain_bn: %d BatchNorm layers converted", converted)
     return model
+
+
+def _domain_specific(
+    layer: _BatchNorm | FrozenBatchNorm, names: tuple[str, ...], affine: AffineMode
+) -> DomainSpecificBatchNorm:
+    """The domain-specific version of ``layer``; a FrozenBatchNorm stays frozen per domain."""
+    if isinstance(layer, _BatchNorm):
+        return DomainSpecificBatchNorm(layer, names, affine=affine)
+    trainable = layer.to_batchnorm().requires_grad_(False)
+    converted = DomainSpecificBatchNorm(trainable, names, affine=affine)
+    for name in names:
+        norm = converted.norms[name]
+        assert isinstance(norm, _BatchNorm)
+        converted.norms[name] = FrozenBatchNorm.from_batchnorm(norm)
+    return converted
 
 
 def _domain_layers(model: nn.Module) -> list[DomainSpecificBatchNorm]:
@@ -267,10 +165,12 @@ def bn_domain(model: nn.Module, domain: str) -> Iterator[nn.Module]:
     try:
         for layer in layers:
             layer.domain = domain
+            layer._blocks = getattr(layer, "_blocks", 0) + 1  # chosen on purpose (AdaBN)
         yield model
     finally:
         for layer, name in zip(layers, previous, strict=True):
             layer.domain = name
+            layer._blocks = max(getattr(layer, "_blocks", 1) - 1, 0)
 
 
 # --------------------------------------------------------------------------- AdaBN
@@ -292,6 +192,12 @@ class _Moments:
             return
         mean = values.mean(1)
         m2 = ((values - mean[:, None]) ** 2).sum(1)
+        self.merge(n, mean, m2)
+
+    def merge(self, n: int, mean: Tensor, m2: Tensor) -> None:
+        """Add the moments of ``n`` more values per channel (Chan et al.'s update)."""
+        if n == 0:
+            return
         if self.mean is None or self.m2 is None:
             self.count, self.mean, self.m2 = n, mean, m2
             return
@@ -301,11 +207,28 @@ class _Moments:
         self.m2 = self.m2 + m2 + delta**2 * (self.count * n / total)
         self.count = total
 
+    def merge_ranks(self, group: Any, channels: int, device: torch.device) -> None:
+        """Merge the moments of every rank of ``group`` (the same result on each rank).
 
-def _adaptable_norms(model: nn.Module) -> list[_BatchNorm]:
-    """BatchNorm layers whose statistics AdaBN re-estimates (see adapt_batchnorm)."""
-    from .freezing._batchnorm import _bn_policy
+        One all-reduce of a ``world x (2C + 1)`` table in which each rank fills its row
+        (works with gloo and NCCL), then the rows are merged in rank order.
+        """
+        import torch.distributed as dist
 
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        table = torch.zeros(world, 2 * channels + 1, dtype=torch.float64, device=device)
+        if self.mean is not None and self.m2 is not None:
+            table[rank, 0] = self.count
+            table[rank, 1 : channels + 1] = self.mean
+            table[rank, channels + 1 :] = self.m2
+        dist.all_reduce(table, group=group)
+        self.count, self.mean, self.m2 = 0, None, None
+        for row in table:
+            self.merge(int(row[0]), row[1 : channels + 1], row[channels + 1 :])
+
+
+def _adaptable_norms(model: nn.Module) -> tuple[list[_BatchNorm], int]:
+    """BatchNorm layers whose statistics AdaBN re-estimates, and how many frozen ones it skips."""
     skipped_inactive: set[int] = set()
     for module in model.modules():
         if isinstance(module, DomainSpecificBatchNorm):
@@ -313,16 +236,43 @@ def _adaptable_norms(model: nn.Module) -> list[_BatchNorm]:
                 if name != module.domain:
                     skipped_inactive.add(id(layer))
     norms = []
+    frozen = 0
     for module in model.modules():
+        if isinstance(module, FrozenBatchNorm) and id(module) not in skipped_inactive:
+            frozen += module.running_mean is not None
+            continue
         if not isinstance(module, _BatchNorm) or id(module) in skipped_inactive:
             continue
         if not module.track_running_stats or module.running_mean is None:
             continue  # always normalises with batch statistics: nothing to re-estimate
         if _bn_policy(module) == "eval":
-            logger.info("adapt_batchnorm: skipping a BatchNorm frozen with bn='eval'")
+            frozen += 1
             continue
         norms.append(module)
-    return norms
+    if frozen:
+        logger.info(
+            "adapt_batchnorm: %d frozen BatchNorm layers (tk.freeze) keep their statistics", frozen
+        )
+    return norms, frozen
+
+
+def _warn_default_domain(model: nn.Module) -> None:
+    """Warn when DSBN statistics of the default domain are re-estimated outside bn_domain."""
+    layers = [
+        layer
+        for layer in _domain_layers(model)
+        if not getattr(layer, "_blocks", 0) and layer.domain == layer.domains[0]
+    ]
+    if layers:
+        first = layers[0]
+        logger.warning(
+            "adapt_batchnorm: re-estimating the %r statistics of %d DomainSpecificBatchNorm "
+            "layers (their default domain, no bn_domain block is active); for target data "
+            "use `with tk.bn_domain(model, %r): tk.adapt_batchnorm(model, data)`",
+            first.domain,
+            len(layers),
+            first.domains[-1],
+        )
 
 
 def _batches(data: Any, batch_size: int, device: torch.device) -> tuple[Iterator[Any], int | None]:
@@ -377,9 +327,18 @@ def adapt_batchnorm(
     they were before, also when the pass raises (then the running statistics are
     restored too). Parameters are never touched. Layers without running statistics
     (``track_running_stats=False``), layers frozen with ``tk.freeze(..., bn="eval")``
-    and [`transferkit.FrozenBatchNorm`][] layers keep their statistics. In a model
-    converted with [`convert_domain_bn`][], only the *active* domain's statistics are
-    re-estimated (use ``with tk.bn_domain(model, "target"):``).
+    and [`transferkit.FrozenBatchNorm`][] layers keep their statistics (when every
+    layer is frozen, a ValueError says so). In a model converted with
+    [`convert_domain_bn`][], only the *active* domain's statistics are re-estimated
+    (use ``with tk.bn_domain(model, "target"):``; outside such a block a warning says
+    that the first domain's statistics are replaced).
+
+    The pass runs the module inside ``DataParallel``, ``DistributedDataParallel`` and
+    ``torch.compile`` wrappers directly (no recompilation, no buffer broadcast per
+    batch). Under ``DistributedDataParallel`` with an initialised process group, each
+    rank passes its own shard of the target data (e.g. through a
+    ``DistributedSampler``) and the ranks' statistics are merged exactly, so every rank
+    ends with the statistics of all the shards: call it on every rank.
 
     Args:
         model: the network; it is updated in place and returned. Inputs are moved to
@@ -422,12 +381,21 @@ def adapt_batchnorm(
         )
     if not isinstance(progress, bool):
         raise TypeError(f"progress: expected a bool, got {type(progress).__name__}")
-    norms = _adaptable_norms(model)
+    wrapped, model = model, unwrap_model(model)
+    ddp = find_ddp(wrapped)
+    norms, frozen = _adaptable_norms(model)
     if not norms:
+        because = (
+            f"; its {frozen} BatchNorm layers with statistics are frozen (tk.freeze keeps "
+            "them fixed): tk.unfreeze them first to re-estimate them"
+            if frozen
+            else " (GroupNorm, LayerNorm and track_running_stats=False layers have none)"
+        )
         raise ValueError(
             f"model: {type(model).__name__} has no BatchNorm layer with running statistics "
-            "to re-estimate"
+            f"to re-estimate{because}"
         )
+    _warn_default_domain(model)
     tensors = [*model.parameters(), *model.buffers()]
     device = tensors[0].device if tensors else torch.device("cpu")
     dtype = next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
@@ -468,6 +436,11 @@ def adapt_batchnorm(
             else:
                 model(inputs)
             seen += 1
+        group = _ddp_group(ddp)
+        if group is not None:  # each rank saw its shard: merge, so every rank gets the same
+            for norm in norms:
+                moments[norm].merge_ranks(group, norm.num_features, norm.running_mean.device)  # type: ignore[union-attr]
+            seen = _sum_ranks(seen, group, device)
         for norm in norms:
             stats = moments[norm]
             if stats.count < 2 or stats.mean is None or stats.m2 is None:
@@ -494,4 +467,26 @@ def adapt_batchnorm(
         for module, mode in modes.items():
             module.training = mode
     logger.debug("adapt_batchnorm: %d layers re-estimated over %d batches", len(norms), seen)
-    return model
+    return wrapped
+
+
+def _ddp_group(ddp: nn.parallel.DistributedDataParallel | None) -> Any:
+    """The process group of a DDP wrapper when the ranks must merge their statistics."""
+    import torch.distributed as dist
+
+    if ddp is None or not dist.is_available() or not dist.is_initialized():
+        return None
+    group = getattr(ddp, "process_group", None)
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def _sum_ranks(value: int, group: Any, device: torch.device) -> int:
+    import torch.distributed as dist
+
+    total = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(total, group=group)
+    return int(total.item())
+
+
+# pickles and reprs name the public home, not the private file
+publish(__name__, globals(), ["DomainSpecificBatchNorm"])

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .._domain_bn import DomainSpecificBatchNorm
 from .._validation import check_bool, check_positive
 
 BNPolicy = Literal["eval", "train", "frozen"]
@@ -237,4 +238,16 @@ def _is_bn_like(module: nn.Module) -> bool:
 
 
 def _bn_class(module: nn.Module) -> type[nn.Module]:
+    """The BatchNorm class a layer stands for (a DSBN: that of its per-domain layers)."""
+    if isinstance(module, DomainSpecificBatchNorm):
+        return _bn_class(next(iter(module.norms.values())))
     return module.bn_class if isinstance(module, FrozenBatchNorm) else type(module)
+
+
+def _holds_bn_affine(module: nn.Module) -> bool:
+    """Whether ``module``'s own ``weight``/``bias`` are BatchNorm affine terms.
+
+    True for BatchNorm layers and for the shared affine terms of a
+    ``DomainSpecificBatchNorm`` (``train_bn`` keeps both trainable).
+    """
+    return isinstance(module, (_BatchNorm, DomainSpecificBatchNorm))

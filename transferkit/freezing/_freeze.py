@@ -16,6 +16,7 @@ from ._batchnorm import (
     BNPolicy,
     FrozenBatchNorm,
     _clear_eval_policy,
+    _holds_bn_affine,
     _set_eval_policy,
 )
 from ._ddp import _check_ddp_dynamic, _check_ddp_synced
@@ -137,7 +138,7 @@ def freeze(
     for name, owner, param in selection.entries:
         if param is None:
             continue
-        if train_bn and isinstance(owner, _BatchNorm):
+        if train_bn and _holds_bn_affine(owner):
             param.requires_grad_(True)  # trainable afterwards, even if frozen before
             continue
         if param.requires_grad:

@@ -9,13 +9,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._surgery import find_ddp, unwrap_model
 from .._validation import check_bool, check_in_range, check_option, check_positive
 from ..schedules import _SCHEDULER_TYPES, Scheduler, extend_scheduler
 from ..schedules import _nodes as _scheduler_nodes
-from ._batchnorm import _BN_POLICIES, BNPolicy
+from ._batchnorm import _BN_POLICIES, BNPolicy, _holds_bn_affine
 from ._blocks import _blocks, _depths, _head_name
 from ._ddp import _check_ddp_synced
 from ._freeze import freeze, unfreeze
@@ -229,7 +228,7 @@ class GradualUnfreezing:
         overlap = sum(
             1
             for _, owner, p in staged
-            if p is not None and id(p) in held and not (train_bn and isinstance(owner, _BatchNorm))
+            if p is not None and id(p) in held and not (train_bn and _holds_bn_affine(owner))
         )
         if overlap:
             logger.warning(
@@ -397,7 +396,7 @@ class GradualUnfreezing:
             if p is not None
             and p.requires_grad
             and id(p) not in held
-            and (not batchnorm_only or isinstance(owner, _BatchNorm))
+            and (not batchnorm_only or _holds_bn_affine(owner))
         ]
         if not fresh:
             return

@@ -10,13 +10,20 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
+from .._domain_bn import DomainSpecificBatchNorm
 from .._surgery import unwrap_model
 from .._validation import check_in_range, check_positive
 from ._blocks import _blocks, _depths, _head_name
 
 _NORM_TYPES: tuple[type[nn.Module], ...] = tuple(
     t
-    for t in (_NormBase, nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None))
+    for t in (
+        _NormBase,
+        nn.LayerNorm,
+        nn.GroupNorm,
+        getattr(nn, "RMSNorm", None),
+        DomainSpecificBatchNorm,  # its shared affine terms are BatchNorm terms
+    )
     if isinstance(t, type)
 )
 

@@ -10,6 +10,7 @@ from collections.abc import Iterator, Sequence
 
 from torch import nn
 
+from .._domain_bn import DomainSpecificBatchNorm
 from .._surgery import matches
 from .._validation import did_you_mean
 from ._batchnorm import FrozenBatchNorm, _bn_class, _is_bn_like
@@ -106,6 +107,14 @@ class _Selection:
             self.types: tuple[type[nn.Module], ...] | None = as_tuple
         else:
             self.types = None
+        # the per-domain layers of a DomainSpecificBatchNorm count as what the wrapper is:
+        # types=DomainSpecificBatchNorm selects their statistics with the shared terms
+        self._wrappers = {
+            id(inner): wrapper
+            for wrapper in model.modules()
+            if isinstance(wrapper, DomainSpecificBatchNorm)
+            for inner in wrapper.norms.values()
+        }
         entries = list(_entries(model))
         entry_names = [name for name, _, _ in entries]
         modules = [name for name, _ in model.named_modules() if name]
@@ -137,7 +146,12 @@ class _Selection:
         ):
             return False
         if self.types is not None and not (
-            isinstance(module, self.types) or issubclass(_bn_class(module), self.types)
+            self._is_type(module)
+            or (id(module) in self._wrappers and self._is_type(self._wrappers[id(module)]))
         ):
             return False
         return not any(matches(name, p) for p in self.exclude)
+
+    def _is_type(self, module: nn.Module) -> bool:
+        assert self.types is not None
+        return isinstance(module, self.types) or issubclass(_bn_class(module), self.types)

@@ -1,0 +1,157 @@
+"""AdaBN combined with what users wrap and freeze: DSBN, frozen layers, compile, DDP."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import transferkit as tk
+from tests._dist_utils import run_distributed
+
+
+def _net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.Flatten(),
+        nn.Linear(4 * 5 * 5, 6),
+    )
+
+
+def _stats(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+
+
+def test_adapt_batchnorm_on_dsbn_outside_bn_domain_warns_that_source_is_replaced(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # failed before the fix: the source statistics were silently replaced by target ones
+    net = tk.convert_domain_bn(_net())
+    target = torch.randn(16, 2, 5, 5) * 2 + 3
+    with caplog.at_level(logging.WARNING, logger="transferkit"):
+        tk.adapt_batchnorm(net, target)
+    assert "bn_domain" in caplog.text and "'source'" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="transferkit"):
+        with tk.bn_domain(net, "target"):
+            tk.adapt_batchnorm(net, target)
+        with tk.bn_domain(net, "source"):  # chosen on purpose: no warning
+            tk.adapt_batchnorm(net, target)
+    assert caplog.text == ""
+
+
+def test_adapt_batchnorm_on_a_frozen_model_says_its_layers_are_frozen() -> None:
+    # failed before the fix: "no BatchNorm layer with running statistics", while the
+    # model has two, frozen by tk.freeze
+    for bn in ("eval", "frozen"):
+        net = _net()
+        tk.freeze(net, exclude="7", bn=bn)  # type: ignore[arg-type]
+        before = _stats(net)
+        with pytest.raises(ValueError, match="2 BatchNorm layers .* are frozen"):
+            tk.adapt_batchnorm(net, torch.randn(8, 2, 5, 5))
+        after = _stats(net)
+        assert all(torch.equal(v, after[k]) for k, v in before.items())
+    for model in (nn.Sequential(nn.Conv2d(2, 4, 1), nn.GroupNorm(2, 4)), _no_stats()):
+        with pytest.raises(ValueError, match="no BatchNorm layer .*GroupNorm"):
+            tk.adapt_batchnorm(model, torch.randn(8, 2, 5, 5))
+
+
+def _no_stats() -> nn.Module:
+    return nn.Sequential(nn.BatchNorm2d(2, track_running_stats=False))
+
+
+def test_adapt_batchnorm_on_a_frozen_dsbn_model_keeps_every_domain_and_flag() -> None:
+    net = tk.convert_domain_bn(_net())
+    tk.freeze(net, until="1")  # the first DSBN layer keeps its statistics
+    flags = [p.requires_grad for p in net.parameters()]
+    before = _stats(net)
+    net.train()
+    with tk.bn_domain(net, "target"):
+        tk.adapt_batchnorm(net, torch.randn(16, 2, 5, 5) + 4)
+    after = _stats(net)
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert changed == ["5.norms.target.running_mean", "5.norms.target.running_var"]
+    assert flags == [p.requires_grad for p in net.parameters()]
+    assert not any(m.training for m in net[1].norms.values())  # bn="eval" kept
+    assert net.training and net[5].norms["target"].training and net[3].training
+
+
+def _counting_backend() -> tuple[list[int], Any]:
+    calls: list[int] = []
+
+    def backend(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> Any:
+        calls.append(1)
+        return graph.forward
+
+    return calls, backend
+
+
+def test_adapt_batchnorm_runs_the_module_inside_wrappers() -> None:
+    # failed before the fix for torch.compile: the pass compiled new graphs (BatchNorm in
+    # training mode, with hooks), which later calls of the compiled model recompile
+    target = torch.randn(32, 2, 5, 5) * 3 + 1
+    reference = _net()
+    tk.adapt_batchnorm(reference, target, batch_size=8)
+    calls, backend = _counting_backend()
+    net = _net().eval()
+    compiled = torch.compile(net, backend=backend)
+    compiled(target[:4])
+    compiled_before = len(calls)
+    assert tk.adapt_batchnorm(compiled, target, batch_size=8) is compiled
+    assert len(calls) == compiled_before  # nothing compiled by the pass
+    wrapped = _net()
+    tk.adapt_batchnorm(nn.DataParallel(wrapped), target, batch_size=8)
+    for model in (net, wrapped):
+        after = _stats(model)
+        for key, value in _stats(reference).items():
+            torch.testing.assert_close(after[key], value)
+    assert not net.training
+
+
+def _adabn_shard(rank: int, world: int, data: torch.Tensor) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.BatchNorm1d(3), nn.Linear(3, 2))
+    ddp = nn.parallel.DistributedDataParallel(net)
+    shard = data[rank::world]
+    tk.adapt_batchnorm(ddp, shard, batch_size=4)
+    return {k: v.clone() for k, v in net[0].state_dict().items()}
+
+
+def test_adapt_batchnorm_under_ddp_merges_the_statistics_of_every_shard(
+    tmp_path: Path,
+) -> None:
+    # failed before the fix: every rank kept the statistics of its own shard only
+    generator = torch.Generator().manual_seed(0)
+    data = torch.randn(30, 3, generator=generator, dtype=torch.float64).float() * 2 + 1
+    data[1::2] += 5  # the shards differ
+    results = run_distributed(_adabn_shard, tmp_path, data)
+    values = data.double().numpy()
+    for result in results:
+        np.testing.assert_allclose(result["running_mean"].numpy(), values.mean(0), rtol=1e-5)
+        np.testing.assert_allclose(result["running_var"].numpy(), values.var(0, ddof=1), rtol=1e-5)
+        assert int(result["num_batches_tracked"]) == 8  # 4 batches on each rank
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+def test_adapt_batchnorm_handles_momentum_none_bn3d_and_sync_batchnorm() -> None:
+    data = torch.randn(12, 3, 2, 2, 2) * 2 + 1
+    values = data.double().transpose(0, 1).reshape(3, -1)
+    for layer in (nn.BatchNorm3d(3, momentum=None), nn.SyncBatchNorm(3)):
+        net = nn.Sequential(copy.deepcopy(layer))
+        tk.adapt_batchnorm(net, data, batch_size=4)
+        norm = net[0]
+        assert norm.momentum == layer.momentum and norm.training == layer.training
+        torch.testing.assert_close(norm.running_mean.double(), values.mean(1), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(norm.running_var.double(), values.var(1), rtol=1e-5, atol=1e-6)
