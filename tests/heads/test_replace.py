@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torch import nn
@@ -146,3 +148,30 @@ def test_replace_head_on_headless_model_without_sizes_raises_clearly() -> None:
     model = nn.Sequential(nn.ReLU(), nn.Identity())
     with pytest.raises(ValueError, match=r"'1' is an identity \(a headless model\)"):
         tk.replace_head(model, 3)
+
+
+def test_replace_head_on_a_domain_bn_model_warns_about_a_shared_batchnorm_head(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # failed before the fix: the head's BatchNorm1d silently mixed both domains' statistics
+    net = tk.convert_domain_bn(tk.models.SmallCNN(num_classes=10))
+    with caplog.at_level(logging.WARNING, logger="transferkit"):
+        tk.replace_head(net, 3)  # no BatchNorm in a Linear head
+    assert caplog.text == ""
+    head = tk.ClassifierHead(128, 5, hidden=(32,), norm="batch", pool=None)
+    with caplog.at_level(logging.WARNING, logger="transferkit"):
+        tk.replace_head(net, head)
+    assert "convert_domain_bn" in caplog.text
+    tk.convert_domain_bn(net)  # the advice works: the head's layer becomes domain-specific
+    assert isinstance(net.fc.hidden[1], tk.DomainSpecificBatchNorm)
+    tk.freeze(net, exclude="fc")
+    recipe = tk.recipe("dann")
+    optimizer = recipe.optimizer(tk.param_groups(net, recipe.lr))
+    held = [p for g in optimizer.param_groups for p in g["params"]]
+    assert len(held) == len({id(p) for p in held})
+    assert {id(p) for p in held} == {id(p) for p in net.fc.parameters()}
+    net.train()
+    source = net.fc.hidden[1].norms["source"].running_mean.clone()
+    with tk.bn_domain(net, "target"):
+        net(torch.randn(8, 1, 16, 16))
+    assert torch.equal(net.fc.hidden[1].norms["source"].running_mean, source)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 
 from torch import nn
-from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
+from .._domain_bn import DomainSpecificBatchNorm
 from .._surgery import find_head, last_linear, replace_module, unwrap_model
 from .._validation import check_positive, did_you_mean
 from ..freezing import FrozenBatchNorm
@@ -88,6 +89,30 @@ def _out_features(head: nn.Module) -> int | None:
     return None if found is None else int(found[1].out_features)
 
 
+def _warn_shared_batchnorm(model: nn.Module, heads: list[nn.Module]) -> None:
+    """Warn when a new head brings plain BatchNorm layers into a domain-specific model."""
+    if not any(isinstance(m, DomainSpecificBatchNorm) for m in model.modules()):
+        return
+    modules = [m for head in heads for m in head.modules()]
+    inner = {
+        id(norm)
+        for m in modules
+        if isinstance(m, DomainSpecificBatchNorm)
+        for norm in m.norms.values()
+    }
+    plain = [
+        m for m in modules if isinstance(m, (_BatchNorm, FrozenBatchNorm)) and id(m) not in inner
+    ]
+    if plain:
+        logger.warning(
+            "replace_head: the new head has %d BatchNorm layers but the model uses "
+            "domain-specific BatchNorm: inside tk.bn_domain these would mix the domains' "
+            "statistics. Call tk.convert_domain_bn(model) again (converted layers are left "
+            "alone) before building the optimizer",
+            len(plain),
+        )
+
+
 def _timm_classifiers(model: nn.Module) -> list[nn.Module]:
     """What timm's ``get_classifier()`` returns, as a list (distilled models give two)."""
     try:
@@ -148,6 +173,10 @@ def replace_head(
     receives pooled, flattened features of that size: when a whole block is replaced
     (ConvNeXt's or VGG's entire ``classifier``) or auxiliary heads come later in the
     definition order (GoogLeNet), build the head yourself and pass it.
+
+    On a model converted with [`transferkit.convert_domain_bn`][], a new head with
+    BatchNorm layers (``ClassifierHead(..., norm="batch")``) logs a warning: its layers
+    would be shared by the domains; call ``convert_domain_bn(model)`` again.
 
     Args:
         model: the network (changed in place).
@@ -232,6 +261,7 @@ def replace_head(
             if isinstance(getattr(model, "num_classes", None), int):
                 setattr(model, "num_classes", num_classes)  # noqa: B010 (typed as Module)
             logger.info("replace_head: %s -> %s (timm reset_classifier)", name, new_heads)
+            _warn_shared_batchnorm(model, new_heads)
             return new_heads[0]
         raise ValueError(
             f"model: {type(model).__name__}.reset_classifier({num_classes}) did not give a "
@@ -260,4 +290,5 @@ def replace_head(
         if config is not None and isinstance(getattr(config, "num_labels", None), int):
             config.num_labels = classes
     logger.info("replace_head: %s -> %s", name, type(new).__name__)
+    _warn_shared_batchnorm(model, [new])
     return new
