@@ -186,6 +186,7 @@ def test_model_ema_looks_through_data_parallel_and_compile_wrappers() -> None:
     wrapped = nn.DataParallel(net)
     ema = tk.ModelEMA(wrapped, decay=0.5)
     assert isinstance(ema.module, nn.Sequential)  # the user's network, not the wrapper
+    assert isinstance(tk.ModelEMA(torch.compile(net)).module, nn.Sequential)
     assert set(ema.module.state_dict()) == set(net.state_dict())  # loads into net as is
     for student in (wrapped, torch.compile(net), net):
         with torch.no_grad():

@@ -156,6 +156,44 @@ def test_shutdown_ends_a_ddp_run_on_every_rank(tmp_path: Path) -> None:
     torch.testing.assert_close(results[0]["weight"], results[1]["weight"])  # replicas agree
 
 
+def _mean_teacher_of_ddp(rank: int, world: int) -> dict[str, Any]:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    model = nn.parallel.DistributedDataParallel(net)
+    teacher = tk.ModelEMA(model, decay=0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = []
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(8, 4) + rank).pow(2).mean().backward()
+        optimizer.step()
+        teacher.update(model)
+        seen.append(net[0].weight.detach().clone())
+    keys = sorted(teacher.module.state_dict())
+    teacher.train()
+    teacher(torch.randn(8, 4))  # no collective inside: the copy is not a DDP module
+    return {
+        "keys": keys,
+        "plain_keys": sorted(net.state_dict()),
+        "is_ddp": isinstance(teacher.module, nn.parallel.DistributedDataParallel),
+        "weight": teacher.module[0].weight.clone(),
+        "seen": torch.stack(seen),
+    }
+
+
+@pytest.mark.distributed
+def test_model_ema_of_a_ddp_model_averages_the_network_inside(tmp_path: Path) -> None:
+    results = run_distributed(_mean_teacher_of_ddp, tmp_path)
+    for result in results:
+        assert not result["is_ddp"]
+        assert result["keys"] == result["plain_keys"]  # loads into the plain network
+        seen = result["seen"]
+        # decay 0.5 with the warm-up: d = 0, 0.5, 0.5
+        expected = 0.5 * (0.5 * seen[0] + 0.5 * seen[1]) + 0.5 * seen[2]
+        torch.testing.assert_close(result["weight"], expected)
+    torch.testing.assert_close(results[0]["weight"], results[1]["weight"])  # ranks agree
+
+
 def test_top_level_exposes_module() -> None:
     assert tk.distributed.all_gather is D.all_gather
 

@@ -577,6 +577,9 @@ def test_fixmatch_refuses_a_teacher_in_another_batchnorm_domain_than_the_model()
         loss = fixmatch(net, x, teacher=teacher)
     assert torch.isfinite(loss)
     fixmatch(net, x, teacher=teacher)  # both in the source domain: fine
+    other = tk.convert_domain_bn(tk.models.SmallCNN(num_classes=10, width=8), ("a", "b"))
+    with tk.bn_domain(net, "target"):
+        fixmatch(net, x, teacher=other)  # a teacher with other domains: not checked
 
 
 def test_fixmatch_under_bfloat16_autocast_matches_float32() -> None:

@@ -451,11 +451,17 @@ def _check_same_bn_domain(model: object, teacher: object) -> None:
     """Refuse a teacher whose domain-specific BatchNorm runs in another domain."""
     if not isinstance(model, torch.nn.Module) or not isinstance(teacher, torch.nn.Module):
         return
-    ours = sorted({layer.domain for layer in _domain_layers(model)})
-    theirs = sorted({layer.domain for layer in _domain_layers(teacher)})
-    if ours and theirs and ours != theirs:
+    ours = {layer.domain for layer in _domain_layers(model)}
+    layers = _domain_layers(teacher)
+    if len(ours) != 1 or not layers:
+        return
+    (domain,) = ours
+    if not all(domain in layer.domains for layer in layers):
+        return  # a teacher with other domain names: not ours to judge
+    theirs = sorted({layer.domain for layer in layers})
+    if theirs != [domain]:
         raise ValueError(
             f"teacher: its domain-specific BatchNorm is in domain {', '.join(theirs)}, the "
-            f"model's in {', '.join(ours)}; run both in the same one, e.g. "
-            f'tk.bn_domain(model, "{ours[0]}") and tk.bn_domain(teacher, "{ours[0]}")'
+            f"model's in {domain}; run both in the same one: tk.bn_domain(model, "
+            f'"{domain}") and tk.bn_domain(teacher, "{domain}")'
         )
