@@ -307,3 +307,13 @@ def test_model_ema_kept_on_the_cpu_follows_a_cuda_model() -> None:
     assert ema.module[0].weight.device.type == "cpu"
     torch.testing.assert_close(ema.module[0].weight, torch.full((3, 2), 2.0))
     torch.testing.assert_close(ema.module[1].running_mean, net[1].running_mean.cpu())
+
+
+def test_model_ema_refuses_a_state_dict_with_corrupt_extra_state() -> None:
+    ema = tk.ModelEMA(nn.Linear(2, 2).to(torch.bfloat16))
+    ema.update(nn.Linear(2, 2).to(torch.bfloat16))
+    state = ema.state_dict()
+    assert set(state["_extra_state"]["master"]) == {"weight", "bias"}
+    for bad in ({"updates": -1}, {"updates": 1, "master": {"weight": "w"}}, "updates"):
+        with pytest.raises((TypeError, ValueError), match="updates|master"):
+            ema.load_state_dict({**state, "_extra_state": bad})

@@ -197,7 +197,11 @@ class ModelEMA(nn.Module):
 
     def set_extra_state(self, state: Any) -> None:
         """Restore the update count (and master copies) saved by ``state_dict()``."""
-        updates = state.get("updates") if isinstance(state, Mapping) else None
+        if not isinstance(state, Mapping):
+            raise TypeError(
+                f"updates: expected a mapping with 'updates', got {type(state).__name__}"
+            )
+        updates = state.get("updates")
         self.updates = int(check_positive(updates, "updates", strict=False, integer=True))
         master = state.get("master", {})
         if not isinstance(master, Mapping) or not all(
