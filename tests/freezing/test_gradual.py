@@ -271,7 +271,7 @@ def test_gradual_unfreezing_train_bn_trains_batchnorm_of_frozen_stages_from_the_
     assert len(optimizer.param_groups) == groups + 3 * 2  # BatchNorm groups not added twice
 
 
-@pytest.mark.parametrize("scheduler", [None, "OneCycleLR"])
+@pytest.mark.parametrize("scheduler", [None, "OneCycleLR", "CyclicLR"])
 def test_gradual_unfreezing_continues_layer_decay_of_param_groups_built_on_the_head_alone(
     scheduler: str | None,
 ) -> None:
@@ -281,17 +281,28 @@ def test_gradual_unfreezing_continues_layer_decay_of_param_groups_built_on_the_h
     net = make_net()
     tk.freeze(net, exclude="fc")
     optimizer = torch.optim.AdamW(tk.param_groups(net, 0.1, layer_decay=0.7, weight_decay=0.05))
-    built = None
-    if scheduler is not None:
-        peaks = [g["lr"] for g in optimizer.param_groups]
+    built: torch.optim.lr_scheduler.LRScheduler | None = None
+    peaks = [g["lr"] for g in optimizer.param_groups]
+    if scheduler == "OneCycleLR":
         built = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=10)
+    elif scheduler == "CyclicLR":
+        # failed before the fix: the stages' peaks were read off the groups' lower bound
+        # (initial_lr), 100x too small here
+        built = torch.optim.lr_scheduler.CyclicLR(
+            optimizer, base_lr=1e-3, max_lr=peaks, step_size_up=4, cycle_momentum=False
+        )
     schedule = tk.GradualUnfreezing(net, STAGES, optimizer, scheduler=built)
     unfreeze_all(net, schedule)
-    key = "lr" if built is None else "max_lr"
     names = {id(p): n for n, p in net.named_parameters()}
+
+    def peak(index: int, group: dict[str, object]) -> object:
+        if isinstance(built, torch.optim.lr_scheduler.CyclicLR):
+            return built.max_lrs[index]
+        return group["lr" if built is None else "max_lr"]
+
     got = {
-        names[id(p)]: (g[key], g["weight_decay"])
-        for g in optimizer.param_groups
+        names[id(p)]: (peak(i, g), g["weight_decay"])
+        for i, g in enumerate(optimizer.param_groups)
         for p in g["params"]
     }
     want = settings_by_parameter(net, tk.param_groups(net, 0.1, layer_decay=0.7, weight_decay=0.05))

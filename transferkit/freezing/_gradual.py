@@ -292,32 +292,35 @@ class GradualUnfreezing:
         }
         return names, where
 
-    @staticmethod
-    def _base_lr(group: Mapping[str, Any]) -> float:
-        """The lr a group was built with: OneCycleLR's peak, a scheduler's initial lr, or lr."""
+    def _base_lr(self, index: int) -> float:
+        """The lr group ``index`` was built with: its peak (OneCycleLR's ``max_lr``,
+        CyclicLR's ``max_lrs``), else a scheduler's ``initial_lr``, else its ``lr``."""
+        assert self.optimizer is not None
+        if self.scheduler is not None:
+            for node in _scheduler_nodes(self.scheduler):
+                if isinstance(node, torch.optim.lr_scheduler.CyclicLR) and index < len(
+                    node.max_lrs
+                ):
+                    return float(node.max_lrs[index])  # CyclicLR keeps its peaks in a list
+        group = self.optimizer.param_groups[index]
         for key in ("max_lr", "initial_lr", "lr"):
             if key in group:
                 return float(group[key])
         raise ValueError("optimizer: a parameter group has no 'lr'")
 
     def _reference_lr(self) -> float:
-        """The base lr of the optimizer's first group (CyclicLR keeps its peak in a list)."""
-        assert self.optimizer is not None
-        if self.scheduler is not None:
-            for node in _scheduler_nodes(self.scheduler):
-                if isinstance(node, torch.optim.lr_scheduler.CyclicLR):
-                    return float(node.max_lrs[0])
-        return self._base_lr(self.optimizer.param_groups[0])
+        """The base lr of the optimizer's first group."""
+        return self._base_lr(0)
 
     def _existing_depths(self) -> list[tuple[float, int]]:
         """``(base lr, depth)`` of the existing groups whose parameters share one depth."""
         assert self.optimizer is not None
         _, where = self._block_depths()
         found: list[tuple[float, int]] = []
-        for group in self.optimizer.param_groups:
+        for index, group in enumerate(self.optimizer.param_groups):
             depths = {where[id(p)][1] for p in group["params"] if id(p) in where}
             if len(depths) == 1:
-                found.append((self._base_lr(group), depths.pop()))
+                found.append((self._base_lr(index), depths.pop()))
         return found
 
     def _recorded_layer_decay(self) -> float | None:
