@@ -98,7 +98,6 @@ class DomainSpecificBatchNorm(nn.Module):
         self.domains: tuple[str, ...] = names
         self.num_features = norm.num_features
         self._domain = names[0]
-        self._blocks = 0  # open bn_domain blocks (adapt_batchnorm warns outside them)
         self.train(norm.training)
 
     @property

@@ -40,6 +40,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# id(layer) -> open bn_domain blocks: a domain chosen on purpose (adapt_batchnorm warns
+# when it re-estimates the default domain outside any block)
+_OPEN_BLOCKS: dict[int, int] = {}
+
 
 def convert_domain_bn(
     model: nn.Module,
@@ -165,12 +169,14 @@ def bn_domain(model: nn.Module, domain: str) -> Iterator[nn.Module]:
     try:
         for layer in layers:
             layer.domain = domain
-            layer._blocks = getattr(layer, "_blocks", 0) + 1  # chosen on purpose (AdaBN)
+            _OPEN_BLOCKS[id(layer)] = _OPEN_BLOCKS.get(id(layer), 0) + 1
         yield model
     finally:
         for layer, name in zip(layers, previous, strict=True):
             layer.domain = name
-            layer._blocks = max(getattr(layer, "_blocks", 1) - 1, 0)
+            left = _OPEN_BLOCKS.pop(id(layer), 1) - 1
+            if left > 0:
+                _OPEN_BLOCKS[id(layer)] = left
 
 
 # --------------------------------------------------------------------------- AdaBN
@@ -261,7 +267,7 @@ def _warn_default_domain(model: nn.Module) -> None:
     layers = [
         layer
         for layer in _domain_layers(model)
-        if not getattr(layer, "_blocks", 0) and layer.domain == layer.domains[0]
+        if id(layer) not in _OPEN_BLOCKS and layer.domain == layer.domains[0]
     ]
     if layers:
         first = layers[0]

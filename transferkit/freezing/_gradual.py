@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import torch
 from torch import nn
@@ -293,8 +292,11 @@ class GradualUnfreezing:
         return names, where
 
     def _base_lr(self, index: int) -> float:
-        """The lr group ``index`` was built with: its peak (OneCycleLR's ``max_lr``,
-        CyclicLR's ``max_lrs``), else a scheduler's ``initial_lr``, else its ``lr``."""
+        """The lr group ``index`` was built with (its peak under a cyclic schedule).
+
+        OneCycleLR's ``max_lr`` key, CyclicLR's ``max_lrs`` entry, else a scheduler's
+        ``initial_lr``, else ``lr``.
+        """
         assert self.optimizer is not None
         if self.scheduler is not None:
             for node in _scheduler_nodes(self.scheduler):
