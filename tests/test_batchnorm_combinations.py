@@ -129,6 +129,7 @@ def _adabn_shard(rank: int, world: int, data: torch.Tensor) -> dict[str, torch.T
     return {k: v.clone() for k, v in net[0].state_dict().items()}
 
 
+@pytest.mark.distributed
 def test_adapt_batchnorm_under_ddp_merges_the_statistics_of_every_shard(
     tmp_path: Path,
 ) -> None:
@@ -155,3 +156,31 @@ def test_adapt_batchnorm_handles_momentum_none_bn3d_and_sync_batchnorm() -> None
         assert norm.momentum == layer.momentum and norm.training == layer.training
         torch.testing.assert_close(norm.running_mean.double(), values.mean(1), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(norm.running_var.double(), values.var(1), rtol=1e-5, atol=1e-6)
+
+
+def _surgery_through_ddp(rank: int, world: int) -> dict[str, str]:
+    errors = {}
+    for name, surgery in (
+        ("convert", tk.convert_domain_bn),
+        ("head", lambda model: tk.replace_head(model, 5)),
+    ):
+        net = tk.models.SmallCNN(num_classes=3, width=4, feature_dim=16)
+        ddp = nn.parallel.DistributedDataParallel(net, find_unused_parameters=True)
+        try:
+            surgery(ddp)
+            errors[name] = ""
+        except ValueError as exc:
+            errors[name] = str(exc)
+        errors[f"{name} untouched"] = str(isinstance(net.features[1], nn.BatchNorm2d))
+    return errors
+
+
+@pytest.mark.distributed
+def test_convert_domain_bn_and_replace_head_refuse_a_ddp_wrapper(tmp_path: Path) -> None:
+    # failed before the fix: both worked through the wrapper, and the new parameters
+    # (shared affine terms, the new head) were never synchronised: ranks drift silently
+    # with find_unused_parameters=True, the setting freezing through DDP asks for
+    for errors in run_distributed(_surgery_through_ddp, tmp_path):
+        assert "before wrapping" in errors["convert"], errors
+        assert "before wrapping" in errors["head"], errors
+        assert errors["convert untouched"] == errors["head untouched"] == "True"

@@ -75,7 +75,9 @@ def convert_domain_bn(
         The model, with its BatchNorm layers replaced.
 
     Raises:
-        ValueError: the model has no BatchNorm layer, or invalid ``domains``/``affine``.
+        ValueError: the model has no BatchNorm layer, invalid ``domains``/``affine``, or
+            ``model`` is a ``DistributedDataParallel`` wrapper (convert before wrapping:
+            DDP would never synchronise the new parameters).
 
     Examples:
         >>> import transferkit as tk
@@ -87,6 +89,13 @@ def convert_domain_bn(
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     names = _check_domains(domains)
     check_option(affine, "affine", ("shared", "separate"))
+    if find_ddp(model) is not None:
+        raise ValueError(
+            "model: convert_domain_bn through DistributedDataParallel would add parameters "
+            "(the per-domain layers and shared affine terms) that this DDP never "
+            "synchronises, so the ranks would drift apart; convert the bare model before "
+            "wrapping it, or convert model.module and wrap it again"
+        )
     if isinstance(model, (_BatchNorm, FrozenBatchNorm)):
         return _domain_specific(model, names, affine)
     converted = 0

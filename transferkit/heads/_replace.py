@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from .._domain_bn import DomainSpecificBatchNorm
-from .._surgery import find_head, last_linear, replace_module, unwrap_model
+from .._surgery import find_ddp, find_head, last_linear, replace_module, unwrap_model
 from .._validation import check_positive, did_you_mean
 from ..freezing import FrozenBatchNorm
 from ._classifier import ClassifierHead
@@ -188,7 +188,8 @@ def replace_head(
 
     Raises:
         TypeError: wrong argument types.
-        ValueError: no head found, ``name`` is not a module, or sizes mismatch.
+        ValueError: no head found, ``name`` is not a module, sizes mismatch, or ``model``
+            is a ``DistributedDataParallel`` wrapper (replace the head before wrapping).
 
     Examples:
         >>> import torch, transferkit as tk
@@ -203,6 +204,13 @@ def replace_head(
         >>> replace_head(net, 4)
         Linear(in_features=128, out_features=4, bias=True)
     """
+    if isinstance(model, nn.Module) and find_ddp(model) is not None:
+        raise ValueError(
+            "model: replace_head through DistributedDataParallel would train a head that this "
+            "DDP never synchronises (it registers parameters when it is built), so the ranks "
+            "would drift apart; replace the head before wrapping, or replace it in "
+            "model.module and wrap the model again"
+        )
     model = unwrap_model(model)
     if name is None:
         name, old = find_head(model)
