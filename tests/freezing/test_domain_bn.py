@@ -111,6 +111,27 @@ def test_param_groups_gives_no_weight_decay_to_the_shared_batchnorm_scale() -> N
     assert not any(n.startswith(("features.1.", "features.5.")) for n in decayed(converted))
 
 
+@pytest.mark.parametrize("affine", ["shared", "separate"])
+def test_layer_decay_gives_a_domain_bn_layer_the_depth_of_the_layer_it_replaced(
+    affine: str,
+) -> None:
+    # failed before the fix with "separate": the per-domain copies of one layer became two
+    # blocks at two depths (source and target scale got different lrs) and every block
+    # below them lost one more factor of layer_decay
+    def lrs(model: nn.Module) -> dict[str, float]:
+        names = {id(p): n for n, p in model.named_parameters()}
+        groups = tk.param_groups(model, 1.0, layer_decay=0.5)
+        return {names[id(p)]: g["lr"] for g in groups for p in g["params"]}
+
+    plain = lrs(make_net())
+    converted = lrs(tk.convert_domain_bn(make_net(), affine=affine))  # type: ignore[arg-type]
+    for name, lr in converted.items():
+        layer = name.split(".norms.")[0] if ".norms." in name else name.rsplit(".", 1)[0]
+        assert lr == plain[f"{layer}.{name.rsplit('.', 1)[1]}"], name
+    summary = tk.trainable_summary(tk.convert_domain_bn(make_net(), affine=affine))  # type: ignore[arg-type]
+    assert "norms.source" not in summary
+
+
 def test_gradual_unfreezing_train_bn_trains_the_shared_terms_of_a_domain_bn_model() -> None:
     # failed before the fix: the shared terms were frozen and left out of the optimizer
     net = tk.convert_domain_bn(make_net())

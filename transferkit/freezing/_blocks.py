@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from .._domain_bn import DomainSpecificBatchNorm
 from .._surgery import find_head, unwrap_model
 from ._batchnorm import _bn_policy, _is_bn_like
 
@@ -24,6 +25,8 @@ _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 def _should_split(module: nn.Module, name: str, head: str | None) -> bool:
     if head is not None and head.startswith(name + "."):
         return True
+    if isinstance(module, DomainSpecificBatchNorm):
+        return False  # one layer: its per-domain copies sit at the same depth
     if isinstance(module, _CONTAINERS):
         return True
     total = _numel(module)
