@@ -87,9 +87,10 @@ class GradualUnfreezing:
         optimizer: receives the newly trainable parameters; ``None`` only toggles freezing.
         every: calls to [`step`][] between two stages.
         lr: base learning rate of the new groups: one value, one per stage, or ``None``
-            for the base lr of the optimizer's first group (its OneCycleLR ``max_lr``, else
-            its ``initial_lr``, else its ``lr``). With ``layer_decay``: the head's lr (one
-            value; ``None`` reads it off the existing groups).
+            for the base lr of the optimizer's first group (its OneCycleLR ``max_lr`` or
+            CyclicLR upper bound, else its ``initial_lr``, else its ``lr``). With
+            ``layer_decay``: the head's lr (one value; ``None`` reads it off the existing
+            groups' base lrs, the same way).
         bn: BatchNorm policy for frozen stages (see [`freeze`][]).
         weight_decay: weight decay of the new decayed groups (``None``: inherited, see above).
         no_decay: names that get no weight decay, as in [`param_groups`][].
