@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import statistics
 import sys
@@ -105,6 +106,7 @@ class Budget:
     width: int = 16
     feature_dim: int = 128
     disc_hidden: int = 256
+    neck_norm: str | None = None  # "batch": SmallCNN's BatchNorm bottleneck (--neck-norm)
 
 
 @dataclass(frozen=True)
@@ -244,12 +246,22 @@ def train(
     parts = method.split("+")
     base, self_training = parts[0], "self_training" in parts
     model = tk.models.SmallCNN(
-        task.input_shape[0], task.num_classes, width=budget.width, feature_dim=budget.feature_dim
+        task.input_shape[0],
+        task.num_classes,
+        width=budget.width,
+        feature_dim=budget.feature_dim,
+        neck_norm="batch" if budget.neck_norm == "batch" else None,
     )
     adapt = method not in ("source_only", "oracle")
     if adapt:
         tk.convert_domain_bn(model)
     lr = float(overrides.pop("lr", budget.lr))
+    if base == "afn" and budget.neck_norm == "batch" and "options" not in overrides:
+        # With a BatchNorm bottleneck (TLlib's), TLlib's digit scripts keep lambda 0.05
+        # at lr 0.01-0.1: the paper's value, not scaled down with the learning rate.
+        options = dict(tk.recipe("afn").options)
+        options.pop("scale_tradeoff_with_lr")
+        overrides["options"] = options
     recipe = tk.recipe(_recipe_name(base), **overrides).at_lr(lr)
     term, modules, ramped = transfer_term(base, recipe, budget, task.num_classes, seed)
     fixmatch = None
@@ -351,6 +363,7 @@ class Unit:
     quick: bool
     lr: float
     shift: bool
+    neck_norm: str | None = None
 
 
 #: The optimiser settings source only chooses from (on held-out source accuracy).
@@ -391,7 +404,7 @@ def _hash_tensors(tensors: list[Any], digest: Any) -> None:
         digest.update(value.numpy().tobytes())
 
 
-def fingerprint(method: str) -> str:
+def fingerprint(method: str, neck_norm: str | None = None) -> str:
     """What a row of ``method`` computes, independent of where the code lives.
 
     Hashes the torch version, the recipe values the row uses (not their ``reference``
@@ -410,7 +423,9 @@ def fingerprint(method: str) -> str:
         values.pop("reference")  # words, not computation
         digest.update(json.dumps(values, sort_keys=True).encode())
     trained: list[nn.Module] = []
-    budget = Budget(steps=6, batch_size=16, width=4, feature_dim=16, disc_hidden=16)
+    budget = Budget(
+        steps=6, batch_size=16, width=4, feature_dim=16, disc_hidden=16, neck_norm=neck_norm
+    )
     with _one_thread():
         result = train(method, _probe_task(), budget, 0, overrides={"lr": 0.1}, trained=trained)
     digest.update(json.dumps(result, sort_keys=True).encode())
@@ -459,7 +474,8 @@ def run_unit(unit: Unit) -> dict[str, Any]:
     task = task_for(unit.task, unit.seed, unit.quick)
     start, cpu_start = time.perf_counter(), time.process_time()
     overrides = {"lr": unit.lr, "augment": unit.shift}
-    acc = train(unit.method, task, spec.budget, unit.seed, overrides=overrides)
+    budget = dataclasses.replace(spec.budget, neck_norm=unit.neck_norm)
+    acc = train(unit.method, task, budget, unit.seed, overrides=overrides)
     wall = time.perf_counter() - start
     cpu = time.process_time() - cpu_start  # one thread: what the run costs on an idle core
     print(
@@ -471,7 +487,7 @@ def run_unit(unit: Unit) -> dict[str, Any]:
     return {
         **asdict(unit),
         "steps": spec.budget.steps,
-        "code": _fingerprint(unit.method),
+        "code": _fingerprint(unit.method, unit.neck_norm),
         "data": data_fingerprint(task),
         "wall_s": wall,
         "cpu_s": cpu,
@@ -479,16 +495,27 @@ def run_unit(unit: Unit) -> dict[str, Any]:
     }
 
 
-KEY_FIELDS = ("task", "method", "seed", "quick", "steps", "lr", "shift", "code", "data")
+KEY_FIELDS = (
+    "task",
+    "method",
+    "seed",
+    "quick",
+    "steps",
+    "lr",
+    "shift",
+    "neck_norm",
+    "code",
+    "data",
+)
 
 
-_FINGERPRINTS: dict[str, str] = {}
+_FINGERPRINTS: dict[tuple[str, str | None], str] = {}
 
 
-def _fingerprint(method: str) -> str:
-    if method not in _FINGERPRINTS:
-        _FINGERPRINTS[method] = fingerprint(method)
-    return _FINGERPRINTS[method]
+def _fingerprint(method: str, neck_norm: str | None = None) -> str:
+    if (method, neck_norm) not in _FINGERPRINTS:
+        _FINGERPRINTS[method, neck_norm] = fingerprint(method, neck_norm)
+    return _FINGERPRINTS[method, neck_norm]
 
 
 def task_for(task: str, seed: int, quick: bool) -> DomainTask:
@@ -499,14 +526,20 @@ def task_for(task: str, seed: int, quick: bool) -> DomainTask:
 
 
 def unit_key(row: dict[str, Any]) -> str:
-    return json.dumps([row[name] for name in KEY_FIELDS])
+    # rows written before the neck_norm field existed ran the plain bottleneck
+    return json.dumps([row.get(name) for name in KEY_FIELDS])
 
 
 def _unit_key(unit: Unit) -> str:
     steps = task_specs(unit.quick)[unit.task].budget.steps
     data = data_fingerprint(task_for(unit.task, unit.seed, unit.quick))
     return unit_key(
-        {**asdict(unit), "steps": steps, "code": _fingerprint(unit.method), "data": data}
+        {
+            **asdict(unit),
+            "steps": steps,
+            "code": _fingerprint(unit.method, unit.neck_norm),
+            "data": data,
+        }
     )
 
 
@@ -726,6 +759,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--render-only", action="store_true", help="tables from finished runs only (no training)"
     )
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument(
+        "--neck-norm",
+        choices=["batch"],
+        default=None,
+        help="every row on SmallCNN(neck_norm='batch'); results to adaptation_recipes_neck_batch",
+    )
     args = parser.parse_args(argv)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     tasks = args.tasks or list(task_specs(args.quick))
@@ -738,10 +777,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "jobs": args.jobs,
         "environment": environment(),
         "budgets": {
-            n: asdict(s.budget) | {"size": s.size} for n, s in task_specs(args.quick).items()
+            n: asdict(s.budget) | {"size": s.size, "neck_norm": args.neck_norm}
+            for n, s in task_specs(args.quick).items()
         },
         "recipes": {m: tk.recipe(_recipe_name(m.split("+")[0])).to_dict() for m in methods},
     }
+    stem = "adaptation_recipes" + (f"_neck_{args.neck_norm}" if args.neck_norm else "")
     started = time.perf_counter()
     cached = {unit_key(r): r for r in _cached_rows(args.quick)} if args.render_only else {}
 
@@ -754,7 +795,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # 1. source only on every grid point; the optimiser is chosen on held-out source data
     grid_rows = fetch(
         [
-            Unit(t, "source_only", s, args.quick, lr, shift)
+            Unit(t, "source_only", s, args.quick, lr, shift, args.neck_norm)
             for s in seeds
             for t in tasks
             for lr, shift in GRID
@@ -768,7 +809,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         [m for m in methods if m in SECOND_GROUP],
     ]
     units = [
-        Unit(t, m, s, args.quick, chosen[t]["lr"], chosen[t]["shift"])
+        Unit(t, m, s, args.quick, chosen[t]["lr"], chosen[t]["shift"], args.neck_norm)
         for g in groups
         for s in seeds
         for t in tasks
@@ -781,7 +822,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if (r["lr"], r["shift"]) == (chosen[r["task"]]["lr"], chosen[r["task"]]["shift"])
     ] + fetch(units)
     if args.render_only:
-        previous = RESULTS / "adaptation_recipes.json"
+        previous = RESULTS / f"{stem}.json"
         if previous.is_file():
             report["environment"] = json.loads(previous.read_text())["environment"]
     report["wall_s"] = time.perf_counter() - started
@@ -797,9 +838,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     table_md = markdown(table, seeds) + "\n\n" + selection_markdown(chosen, grid_rows)
     print(table_md)
     if not args.no_write and not args.quick:
-        write_atomic(RESULTS / "adaptation_recipes.json", json.dumps(report, indent=2) + "\n")
-        write_atomic(RESULTS / "adaptation_recipes.md", table_md + "\n")
-        update_docs(table_md, report)
+        write_atomic(RESULTS / f"{stem}.json", json.dumps(report, indent=2) + "\n")
+        write_atomic(RESULTS / f"{stem}.md", table_md + "\n")
+        if args.neck_norm is None:
+            update_docs(table_md, report)
     if args.quick and set(task_specs(True)) <= set(table):
         check_quick(table)
     return 0

@@ -1668,6 +1668,7 @@ rows(
 positive_rows("models.MLP", lambda v: models.MLP(v, 2), "in_features", integer=True)
 add("models.MLP", "hidden holds 0", lambda: models.MLP(3, 2, hidden=(0,)), ValueError, "hidden")
 positive_rows("models.SmallCNN", lambda v: models.SmallCNN(width=v), "width", integer=True)
+option_rows("models.SmallCNN", lambda v: models.SmallCNN(neck_norm=v), "neck_norm")
 
 # --------------------------------------------------------------------------- plot
 

@@ -360,7 +360,9 @@ _RECIPES: dict[str, Recipe] = {
             "with delta_r 0.1-0.3 and entropy weight 0.03, but their AFN bottleneck has "
             "BatchNorm; on tk.models.SmallCNN (none in the bottleneck) lambda 0.05 or 0.005 "
             "at lr 0.1 drove every target prediction to one class (14-16% on MNIST -> "
-            "digits, 3 seeds), so the scaled step stays"
+            "digits, 3 seeds), so the scaled step stays. With a BatchNorm bottleneck "
+            "(tk.models.SmallCNN(neck_norm='batch')) the unscaled lambda 0.05 trains: 77.1% "
+            "vs AdaBN 71.9% on MNIST -> digits (3 seeds), 34.6% on MNIST -> MNIST-M-lite"
         ),
     ),
     "self_training": Recipe(
