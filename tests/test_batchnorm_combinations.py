@@ -184,3 +184,57 @@ def test_convert_domain_bn_and_replace_head_refuse_a_ddp_wrapper(tmp_path: Path)
         assert "before wrapping" in errors["convert"], errors
         assert "before wrapping" in errors["head"], errors
         assert errors["convert untouched"] == errors["head untouched"] == "True"
+
+
+class _BatchNormReLU(nn.BatchNorm2d):
+    """A BatchNorm subclass that acts after the affine step, like timm's BatchNormAct2d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(super().forward(x))
+
+
+@pytest.mark.parametrize("affine", ["shared", "separate"])
+def test_convert_domain_bn_keeps_the_output_of_a_batchnorm_subclass(affine: str) -> None:
+    # failed before the fix with "shared": the shared scale and shift were applied after
+    # the subclass's activation (relu(bn(x)) * w + b instead of relu(bn(x) * w + b))
+    torch.manual_seed(0)
+    layer = _BatchNormReLU(4)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 2.0)
+        layer.bias.uniform_(-1.0, 1.0)
+        layer.running_mean.uniform_(-1.0, 1.0)
+        layer.running_var.uniform_(0.5, 2.0)
+    net = nn.Sequential(nn.Conv2d(2, 4, 1), layer)
+    x = torch.randn(8, 2, 3, 3)
+    expected = net.eval()(x)
+    tk.convert_domain_bn(net, affine=affine)  # type: ignore[arg-type]
+    torch.testing.assert_close(net(x), expected)
+    with tk.bn_domain(net, "target"):
+        torch.testing.assert_close(net(x), expected)
+    parameters = dict(net.named_parameters())
+    assert sorted(parameters) == (
+        ["0.bias", "0.weight", "1.bias", "1.weight"]
+        if affine == "shared"
+        else sorted(
+            ["0.bias", "0.weight"]
+            + [f"1.norms.{d}.{w}" for d in ("source", "target") for w in ("bias", "weight")]
+        )
+    )
+    # one set of affine terms learns from both domains; statistics stay per domain
+    net.train()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    loss = net(x).sum()
+    with tk.bn_domain(net, "target"):
+        loss = loss + net(x * 3 + 1).sum()
+    loss.backward()
+    optimizer.step()
+    source, target = net[1].norms["source"], net[1].norms["target"]
+    assert not torch.equal(source.running_mean, target.running_mean)
+    if affine == "shared":
+        assert source.weight is target.weight is net[1].weight
+    restored = copy.deepcopy(net)
+    restored.load_state_dict(net.state_dict())
+    net.eval(), restored.eval()
+    for domain in ("source", "target"):
+        with tk.bn_domain(net, domain), tk.bn_domain(restored, domain):
+            torch.testing.assert_close(restored(x), net(x))

@@ -20,6 +20,7 @@ from ._validation import check_option, did_you_mean
 __all__ = ["DomainSpecificBatchNorm"]
 
 AffineMode = Literal["shared", "separate"]
+_PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 class DomainSpecificBatchNorm(nn.Module):
@@ -35,11 +36,14 @@ class DomainSpecificBatchNorm(nn.Module):
     wrapper owns one ``weight``/``bias`` pair used for every domain (Chang et al. share
     nothing; sharing halves the parameters that the small target batches must fit and
     was as good or better in our benchmarks). With ``affine="separate"`` each domain's
-    layer keeps its own affine terms.
+    layer keeps its own affine terms. A BatchNorm *subclass* that does more after the
+    affine step (timm's ``BatchNormAct2d``: activation, drop) keeps its affine terms
+    inside: with ``"shared"`` every domain's layer holds the wrapper's very
+    ``weight``/``bias`` tensors, so the order normalise, scale and shift, activate stays.
 
     Args:
-        norm: the BatchNorm layer to convert (``BatchNorm1d/2d/3d`` or ``SyncBatchNorm``);
-            it is copied, not modified.
+        norm: the BatchNorm layer to convert (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``
+            or a subclass); it is copied, not modified.
         domains: names of the domains (at least two, unique); the first is active at
             the start.
         affine: ``"shared"`` or ``"separate"`` affine terms (ignored when ``norm`` has no
@@ -86,10 +90,15 @@ class DomainSpecificBatchNorm(nn.Module):
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
+        # a subclass may act on the output of the affine step (BatchNormAct2d): the shared
+        # terms then stay inside each domain's layer, as the same tensors
+        self._affine_inside = shared and type(norm) not in _PLAIN_BN
         layers = {}
         for name in names:
             layer = copy.deepcopy(norm)
-            if shared:
+            if self._affine_inside:
+                layer.weight, layer.bias = self.weight, self.bias  # type: ignore[assignment]
+            elif shared:
                 layer.affine = False
                 layer.weight = None  # type: ignore[assignment]
                 layer.bias = None  # type: ignore[assignment]
@@ -112,7 +121,8 @@ class DomainSpecificBatchNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Normalise ``x`` with the active domain's layer, then the shared affine terms."""
         out: Tensor = self.norms[self._domain](x)
-        if self.weight is not None and self.bias is not None:
+        inside = getattr(self, "_affine_inside", False)  # absent from older pickles
+        if self.weight is not None and self.bias is not None and not inside:
             shape = (1, -1) + (1,) * (out.dim() - 2)
             out = torch.addcmul(self.bias.view(shape), out, self.weight.view(shape))
         return out

@@ -198,6 +198,30 @@ def test_timm_batchnormact_frozen_policy_keeps_statistics(caplog: pytest.LogCapt
     assert "BatchNorm subclass" in caplog.text
 
 
+@pytest.mark.vision
+def test_timm_batchnormact_model_keeps_its_output_under_domain_bn() -> None:
+    # failed before the fix: with shared affine terms, BatchNormAct2d's scale and shift
+    # were applied after its activation, so the converted network computed another function
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=3)
+    with torch.no_grad():  # a "pretrained" model: affine terms and statistics not at init
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 1.5)
+    model.eval()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    expected = model(x)
+    tk.convert_domain_bn(model)
+    torch.testing.assert_close(model(x), expected)
+    tk.freeze(model, exclude="classifier", train_bn=True)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert "bn1.weight" in trainable and "conv_stem.weight" not in trainable
+
+
 # --------------------------------------------------------------- headless heads, train_bn
 
 
