@@ -186,11 +186,20 @@ def test_convert_then_freeze_eval_keeps_every_domains_statistics_through_trainin
     assert all(not torch.equal(v, after[k]) for k, v in stats.items())
 
 
-@pytest.mark.parametrize("scheduler", ["one_cycle", "lambda"])
-def test_gradual_unfreezing_on_domain_bn_resumes_like_an_uninterrupted_run(scheduler: str) -> None:
+@pytest.mark.parametrize(
+    ("scheduler", "bn", "affine"),
+    [
+        ("one_cycle", "eval", "shared"),
+        ("lambda", "eval", "shared"),
+        ("lambda", "frozen", "separate"),
+    ],
+)
+def test_gradual_unfreezing_on_domain_bn_resumes_like_an_uninterrupted_run(
+    scheduler: str, bn: str, affine: str
+) -> None:
     def build() -> tuple[nn.Module, torch.optim.Optimizer, object, tk.GradualUnfreezing]:
-        net = tk.convert_domain_bn(make_net())
-        tk.freeze(net, exclude="fc")
+        net = tk.convert_domain_bn(make_net(), affine=affine)  # type: ignore[arg-type]
+        tk.freeze(net, exclude="fc", bn=bn)  # type: ignore[arg-type]
         optimizer = torch.optim.SGD(
             tk.param_groups(net, 0.1, weight_decay=1e-3, layer_decay=0.5), lr=0.1, momentum=0.9
         )
@@ -200,7 +209,14 @@ def test_gradual_unfreezing_on_domain_bn_resumes_like_an_uninterrupted_run(sched
             else torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.9**step)
         )
         stages = ["neck", "features.5", "features.4", ["features.0", "features.1"]]
-        schedule = tk.GradualUnfreezing(net, stages, optimizer, every=2, scheduler=sched)
+        schedule = tk.GradualUnfreezing(
+            net,
+            stages,
+            optimizer,
+            every=2,
+            scheduler=sched,
+            bn=bn,  # type: ignore[arg-type]
+        )
         return net, optimizer, sched, schedule
 
     def run(parts: tuple[nn.Module, torch.optim.Optimizer, object, tk.GradualUnfreezing]) -> None:
