@@ -1752,6 +1752,29 @@ rows(
     ],
 )
 flag_rows("recipes.Recipe", lambda v: recipes.Recipe("dann", nesterov=v), "nesterov")
+rows(
+    "recipes.Recipe.param_groups",
+    [
+        (
+            "layer_decay 2",
+            lambda: recipes.recipe("dann").param_groups(net(), layer_decay=2.0),
+            ValueError,
+            "layer_decay",
+        ),
+        (
+            "model a string",
+            lambda: recipes.recipe("dann").param_groups("resnet"),  # type: ignore[arg-type]
+            TypeError,
+            "model",
+        ),
+        (
+            "everything frozen",
+            lambda: recipes.recipe("dann").param_groups(net().requires_grad_(False)),
+            ValueError,
+            "model",
+        ),
+    ],
+)
 
 # --------------------------------------------------------------------------- schedules
 

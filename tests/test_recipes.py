@@ -170,3 +170,47 @@ def test_self_training_recipe_ships_a_mean_teacher() -> None:
         assert teacher(torch.randn(4, 1, 16, 16)).shape == (4, 10)
     with pytest.raises(ValueError, match="teacher_decay"):
         tk.recipe("dann").mean_teacher(net)
+
+
+def test_optimizer_warns_when_param_groups_drop_the_recipes_weight_decay(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """tk.param_groups(model, lr) writes weight_decay=0.0 into every group, which overrides
+    the recipe's SGD weight decay: before the fix the recipe trained without decay, silently.
+    """
+    import logging
+
+    recipe = tk.recipe("dann")
+    net = tk.models.SmallCNN(num_classes=3, width=4)
+    with caplog.at_level(logging.WARNING, logger="transferkit"):
+        silent = recipe.optimizer(tk.param_groups(net, recipe.lr))
+    assert {g["weight_decay"] for g in silent.param_groups} == {0.0}
+    assert "weight_decay" in caplog.text and "recipe.param_groups" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="transferkit"):
+        optimizer = recipe.optimizer(recipe.param_groups(net))
+        plain = recipe.optimizer(net.parameters())  # the optimiser's own default applies
+        no_decay = tk.recipe("dann", weight_decay=0.0)
+        no_decay.optimizer(tk.param_groups(net, no_decay.lr))  # intended: no warning
+    assert caplog.text == ""
+    assert plain.param_groups[0]["weight_decay"] == recipe.weight_decay
+    by_name = {g["name"]: g["weight_decay"] for g in optimizer.param_groups}
+    assert by_name["fc"] == recipe.weight_decay
+    assert by_name["fc (no_decay)"] == 0.0
+    held = [id(p) for g in optimizer.param_groups for p in g["params"]]
+    assert sorted(held) == sorted(id(p) for p in net.parameters())
+
+
+def test_recipe_param_groups_follow_freezing_and_layer_decay() -> None:
+    recipe = tk.recipe("dan").at_lr(0.1)
+    net = tk.models.SmallCNN(num_classes=3, width=4)
+    tk.freeze(net, until="features")
+    groups = recipe.param_groups(net, layer_decay=0.5)
+    assert {g["name"]: g["lr"] for g in groups} == {
+        "neck.1": 0.05,
+        "neck.1 (no_decay)": 0.05,
+        "fc": 0.1,
+        "fc (no_decay)": 0.1,
+    }
+    trainable = {id(p) for p in net.parameters() if p.requires_grad}
+    assert {id(p) for g in groups for p in g["params"]} == trainable

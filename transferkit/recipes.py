@@ -19,12 +19,14 @@ source-only there). See the adaptation guide for the measured effect of each pie
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Literal
 
 import torch
+from torch import nn
 
 from ._validation import (
     check_bool,
@@ -34,9 +36,12 @@ from ._validation import (
     did_you_mean,
 )
 from .averaging import ModelEMA
+from .freezing import param_groups
 from .self_training import PseudoLabeler
 
 __all__ = ["Recipe", "available", "recipe"]
+
+logger = logging.getLogger(__name__)
 
 RampKind = Literal["dann", "sigmoid", "linear", "none"]
 BNMode = Literal["domain", "adabn", "shared"]
@@ -149,15 +154,54 @@ class Recipe:
         """SGD with this recipe's learning rate, momentum, Nesterov and weight decay.
 
         ``params`` may be parameters or param-group dicts (e.g. from
-        [`transferkit.param_groups`][]); groups that set their own ``lr`` keep it and
-        are annealed by the same factor.
+        [`Recipe.param_groups`][transferkit.Recipe.param_groups]); groups that set their
+        own ``lr`` or ``weight_decay`` keep them, and every ``lr`` is annealed by the same
+        factor. A warning is logged when every decayed group sets weight decay 0.0 while
+        the recipe has some: usually ``tk.param_groups(model, lr)`` without
+        ``weight_decay`` (``recipe.param_groups(model)`` passes the recipe's).
         """
+        params = list(params)
+        decayed = [
+            float(g["weight_decay"])
+            for g in params
+            if isinstance(g, Mapping)
+            and "weight_decay" in g
+            and not str(g.get("name", "")).endswith("(no_decay)")
+        ]
+        if self.weight_decay > 0 and decayed and not any(decayed):
+            logger.warning(
+                "Recipe.optimizer: every parameter group sets weight_decay=0.0, not the "
+                "recipe's %g; use recipe.param_groups(model), or tk.recipe(%r, "
+                "weight_decay=0.0) if no decay is intended",
+                self.weight_decay,
+                self.method,
+            )
         return torch.optim.SGD(
             params,
             lr=self.lr,
             momentum=self.momentum,
             nesterov=self.nesterov and self.momentum > 0,
             weight_decay=self.weight_decay,
+        )
+
+    def param_groups(
+        self,
+        model: nn.Module,
+        *,
+        layer_decay: float | None = None,
+        no_decay: str | Sequence[str] = ("bias", "norm"),
+    ) -> list[dict[str, Any]]:
+        """[`transferkit.param_groups`][] with this recipe's ``lr`` and ``weight_decay``.
+
+        Examples:
+            >>> import transferkit as tk
+            >>> groups = recipe("dann").param_groups(tk.models.SmallCNN(num_classes=3))
+            >>> groups[0]["lr"], groups[0]["weight_decay"], groups[1]["weight_decay"]
+            (0.01, 0.0005, 0.0)
+        """
+        decay = self.weight_decay
+        return param_groups(
+            model, self.lr, layer_decay=layer_decay, weight_decay=decay, no_decay=no_decay
         )
 
     def scheduler(

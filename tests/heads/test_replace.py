@@ -166,7 +166,7 @@ def test_replace_head_on_a_domain_bn_model_warns_about_a_shared_batchnorm_head(
     assert isinstance(net.fc.hidden[1], tk.DomainSpecificBatchNorm)
     tk.freeze(net, exclude="fc")
     recipe = tk.recipe("dann")
-    optimizer = recipe.optimizer(tk.param_groups(net, recipe.lr))
+    optimizer = recipe.optimizer(recipe.param_groups(net))
     held = [p for g in optimizer.param_groups for p in g["params"]]
     assert len(held) == len({id(p) for p in held})
     assert {id(p) for p in held} == {id(p) for p in net.fc.parameters()}
