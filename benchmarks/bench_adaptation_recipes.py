@@ -259,9 +259,7 @@ def train(
     if base == "afn" and budget.neck_norm == "batch" and "options" not in overrides:
         # With a BatchNorm bottleneck (TLlib's), TLlib's digit scripts keep lambda 0.05
         # at lr 0.01-0.1: the paper's value, not scaled down with the learning rate.
-        options = dict(tk.recipe("afn").options)
-        options.pop("scale_tradeoff_with_lr")
-        overrides["options"] = options
+        overrides["options"] = {"scale_tradeoff_with_lr": 0.0}
     recipe = tk.recipe(_recipe_name(base), **overrides).at_lr(lr)
     term, modules, ramped = transfer_term(base, recipe, budget, task.num_classes, seed)
     fixmatch = None

@@ -214,3 +214,19 @@ def test_recipe_param_groups_follow_freezing_and_layer_decay() -> None:
     }
     trainable = {id(p) for p in net.parameters() if p.requires_grad}
     assert {id(p) for g in groups for p in g["params"]} == trainable
+
+
+def test_options_override_changes_one_option_and_keeps_the_others() -> None:
+    # before the fix options={...} replaced the whole mapping: changing the threshold
+    # silently switched distribution alignment off and lost the teacher's decay
+    recipe = tk.recipe("self_training", options={"threshold": 0.9})
+    assert recipe.options["threshold"] == 0.9
+    assert recipe.options["distribution_alignment"] == 1.0
+    assert recipe.options["teacher_decay"] == tk.recipe("self_training").options["teacher_decay"]
+    labeler = recipe.pseudo_labeler(10, max_steps=100)
+    assert labeler.threshold == 0.9
+    assert labeler.balance == "distribution"
+    afn = tk.recipe("afn", options={"scale_tradeoff_with_lr": 0.0})
+    assert afn.options["delta"] == 1.0 and afn.options["dropout"] == 0.5
+    assert afn.at_lr(0.1).tradeoff == afn.tradeoff  # the paper's weight, unscaled
+    assert tk.recipe("afn").options["scale_tradeoff_with_lr"] == 1.0  # defaults untouched

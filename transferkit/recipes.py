@@ -443,7 +443,9 @@ def recipe(method: str, **overrides: Any) -> Recipe:
     Args:
         method: one of [`available`][] (``"dann"``, ``"cdan"``, ``"dan"``, ``"mcc"``,
             ``"self_training"``, ...).
-        **overrides: fields of [`Recipe`][] to replace (e.g. ``tradeoff=0.3``).
+        **overrides: fields of [`Recipe`][] to replace (e.g. ``tradeoff=0.3``);
+            ``options`` is merged into the method's options (``options={"threshold":
+            0.9}`` changes the threshold and keeps the rest).
 
     Returns:
         A frozen [`Recipe`][].
@@ -467,7 +469,10 @@ def recipe(method: str, **overrides: Any) -> Recipe:
     if unknown:
         hint = did_you_mean(unknown[0], fields)
         raise ValueError(f"overrides: unknown Recipe field {unknown[0]!r}{hint}")
-    result = dataclasses.replace(_RECIPES[method], **overrides)
+    base = _RECIPES[method]
+    if isinstance(overrides.get("options"), Mapping):
+        overrides["options"] = {**base.options, **overrides["options"]}
+    result = dataclasses.replace(base, **overrides)
     for name in ("lr", "weight_decay", "lr_gamma", "lr_power", "tradeoff"):
         value = getattr(result, name)
         if (
