@@ -281,3 +281,63 @@ def test_every_bit_flip_in_a_npy_header_is_caught_or_harmless(tmp_path: Path) ->
     path.write_bytes(original)
     assert messages and harmless
     assert all("features_0.npy is corrupted" in message for message in messages)
+
+
+def test_rows_computed_under_the_callers_autocast_are_never_reused_as_full_precision(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # amp=False inside a caller's torch.autocast block runs the model in bfloat16: the
+    # cache used to record amp=None for those rows and hand them back to a later
+    # full-precision call (and full-precision rows to a later autocast call).
+    net, x = Counting(small_cnn()), images(24)
+    full = tk.extract_features(net, x, layers="net.neck", progress=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = tk.extract_features(net, x, layers="net.neck", cache=tmp_path, progress=False)
+        again = tk.extract_features(net, x, layers="net.neck", cache=tmp_path, progress=False)
+    assert np.abs(half - full).max() > 1e-4  # really computed in bfloat16
+    np.testing.assert_array_equal(again, half)  # and reused while the autocast is the same
+    calls = net.calls
+    with caplog.at_level(logging.WARNING, logger="transferkit.features"):
+        later = tk.extract_features(net, x, layers="net.neck", cache=tmp_path, progress=False)
+    assert net.calls > calls, "bfloat16 rows were served to a full-precision call"
+    np.testing.assert_array_equal(later, full)
+    assert "different amp" in caplog.text
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rerun = tk.extract_features(net, x, layers="net.neck", cache=tmp_path, progress=False)
+    np.testing.assert_array_equal(rerun, half)  # full-precision rows not served either
+
+
+def test_the_cache_key_records_the_autocast_in_effect_not_the_amp_flag(tmp_path: Path) -> None:
+    # amp=True is bfloat16/float16 on CUDA but no autocast at all on CPU: keyed by the flag,
+    # a cache written with amp=True on a GPU was reused by amp=True on a CPU.
+    net, x = Counting(small_cnn()), images(16)
+    plain = tk.extract_features(net, x, layers="net.neck", cache=tmp_path, progress=False)
+    calls = net.calls
+    # on CPU amp=True is the very same computation, so the rows are reused ...
+    same = tk.extract_features(
+        net, x, layers="net.neck", cache=tmp_path, amp=True, device="cpu", progress=False
+    )
+    assert net.calls == calls
+    np.testing.assert_array_equal(same, plain)
+    # ... and the header names the autocast dtype and device type when there is one
+    tk.extract_features(
+        net, x, layers="net.neck", cache=tmp_path, amp=torch.bfloat16, progress=False
+    )
+    header = json.loads((tmp_path / "header.json").read_text())
+    assert header["fingerprint"]["amp"] == "cpu:bfloat16"
+
+
+@pytest.mark.cuda
+def test_amp_true_rows_of_a_gpu_are_not_reused_on_the_cpu(tmp_path: Path) -> None:
+    net, x = Counting(small_cnn()), images(16)
+    gpu = tk.extract_features(
+        net, x, layers="net.neck", cache=tmp_path, amp=True, device="cuda", progress=False
+    )
+    calls = net.calls
+    cpu = tk.extract_features(
+        net, x, layers="net.neck", cache=tmp_path, amp=True, device="cpu", progress=False
+    )
+    assert net.calls > calls
+    full = tk.extract_features(net, x, layers="net.neck", device="cpu", progress=False)
+    np.testing.assert_array_equal(cpu, full)
+    assert np.abs(gpu - full).max() > 0

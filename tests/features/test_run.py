@@ -62,3 +62,39 @@ def test_an_empty_batch_is_skipped_and_leaves_the_cache_valid(tmp_path: Path) ->
     for _ in range(2):  # the count mismatch is reported, not a corrupted header
         with pytest.raises(ValueError, match="data: yielded 4 samples, expected 6"):
             tk.extract_features(nn.Identity(), data, cache=tmp_path, progress=False)
+
+
+class InPlaceInput(nn.Module):
+    """Normalises its input in place, as some models' first step does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        out: Tensor = self.linear(x.sub_(0.5).relu_())
+        return out
+
+
+@pytest.mark.parametrize("kind", ["tensor", "ndarray", "float64 ndarray", "dict"])
+def test_a_model_writing_to_its_input_never_changes_the_callers_data(kind: str) -> None:
+    # Tensors and arrays are batched by slicing: the batches were views of the caller's
+    # data, so an in-place op in the model's forward rewrote the caller's tensor or array.
+    torch.manual_seed(0)
+    net = InPlaceInput().eval()
+    rows = torch.randn(10, 6)
+    data: object = {
+        "tensor": rows.clone(),
+        "ndarray": rows.numpy().copy(),
+        "float64 ndarray": rows.double().numpy().copy(),
+        "dict": {"x": rows.clone(), "attention_mask": torch.ones(10, 6)},
+    }[kind]
+    expected = net.linear(rows.sub(0.5).relu()).detach().numpy()
+    out = tk.extract_features(net, data, batch_size=4, progress=False)
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+    given = data["x"] if isinstance(data, dict) else data
+    np.testing.assert_array_equal(np.asarray(given, dtype=np.float32), rows.numpy())
+    # and again: the second call sees the same inputs, so it gives the same features
+    np.testing.assert_allclose(
+        tk.extract_features(net, data, batch_size=4, progress=False), expected, atol=1e-6
+    )

@@ -49,3 +49,62 @@ def test_deep_features_take_grad_and_bfloat16_tensors(kind):
     )
     got = DeepFeatures(net, device="cpu", progress=False).fit_transform(given)
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+class _Runs:
+    """Counts forward calls (a plain object: the cache fingerprints it by its repr)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __call__(self, *args: object) -> None:
+        self.n += 1
+
+
+def test_each_distinct_dataframe_or_row_list_gets_its_own_cache_folder(tmp_path, caplog):
+    # The cache folder was named after iter(X): a DataFrame's column names, str() of
+    # NumPy rows (which elides long rows). Every DataFrame with the same columns shared
+    # one folder, so cross-validation folds recomputed and overwrote each other's rows.
+    pd = pytest.importorskip("pandas")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
+    rng = np.random.default_rng(0)
+    frames = [pd.DataFrame(rng.normal(size=(12, 4)), columns=list("abcd")) for _ in range(2)]
+    runs = _Runs()
+    handle = net.register_forward_hook(runs)
+    try:
+        features = DeepFeatures(net, cache=tmp_path, device="cpu", batch_size=4)
+        first = [features.fit_transform(frame) for frame in frames]
+        calls = runs.n
+        with caplog.at_level("WARNING", logger="transferkit.features"):
+            again = [features.transform(frame) for frame in frames]
+        assert runs.n == calls, "a DataFrame's features were recomputed"
+        assert "recomputing" not in caplog.text and "changed" not in caplog.text
+        for a, b, frame in zip(first, again, frames, strict=True):
+            np.testing.assert_array_equal(a, b)
+            np.testing.assert_allclose(
+                a, net(torch.tensor(frame.to_numpy(), dtype=torch.float32)).detach(), atol=1e-6
+            )
+        # rows given as a list of long NumPy rows: two lists that differ in one value
+        long_rows = [rng.normal(size=(1, 40, 40)).astype(np.float32) for _ in range(3)]
+        changed = [row.copy() for row in long_rows]
+        changed[1][0, 20, 20] += 1.0
+        conv = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten())
+        cached = DeepFeatures(conv, cache=tmp_path / "rows", device="cpu")
+        cached.fit_transform(long_rows)
+        cached.fit_transform(changed)
+        assert len(list((tmp_path / "rows").iterdir())) == 2
+    finally:
+        handle.remove()
+
+
+def test_a_bfloat16_tensor_can_be_cached(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
+    rows = torch.randn(10, 4).bfloat16()
+    cached = DeepFeatures(net, cache=tmp_path, device="cpu").fit_transform(rows)
+    plain = DeepFeatures(net, device="cpu").fit_transform(rows)
+    np.testing.assert_array_equal(cached, plain)
+    other = DeepFeatures(net, cache=tmp_path, device="cpu").fit_transform(rows.float())
+    np.testing.assert_array_equal(other, plain)  # bf16 values, exact in float32
+    assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2

@@ -7,16 +7,19 @@ a full scikit-learn pipeline with a kernel SVM.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from sklearn.base import clone
-from sklearn.model_selection import GridSearchCV, train_test_split
-from sklearn.pipeline import Pipeline
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV, cross_val_score, train_test_split
+from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.svm import SVC
 
 import transferkit as tk
@@ -250,6 +253,81 @@ def test_bad_text_inputs_raise_clear_errors(tiny_bert, tokenizer) -> None:
         DeepFeatures(tiny_bert, tokenizer=tokenizer).fit(np.array(["a", None], dtype=object))
     with pytest.raises(TypeError, match="pad"):
         DeepFeatures(tiny_bert, tokenizer=lambda texts, **kw: {}).fit_transform(TEXTS)
+
+
+def test_a_pandas_string_series_is_text_in_a_pipeline_and_cross_validation(
+    tiny_bert, tokenizer
+) -> None:
+    # pandas 3 stores strings in a StringArray (Series.values is no ndarray): such a
+    # Series (a DataFrame's text column) was taken for numbers and raised a TypeError.
+    pd = pytest.importorskip("pandas")
+    texts, labels = TEXTS * 2, np.tile(LABELS, 2)
+    series = pd.Series(texts, index=np.arange(100, 100 + len(texts)), dtype="string")
+    features = DeepFeatures(tiny_bert, tokenizer=tokenizer, device="cpu")
+    np.testing.assert_allclose(
+        features.fit_transform(series), features.transform(texts), rtol=0, atol=1e-6
+    )
+    pipe = make_pipeline(
+        DeepFeatures(tiny_bert, tokenizer=tokenizer, device="cpu"),
+        LogisticRegression(max_iter=200),
+    )
+    from_series = cross_val_score(pipe, series, labels, cv=2)
+    from_list = cross_val_score(pipe, texts, labels, cv=2)
+    np.testing.assert_array_equal(from_series, from_list)
+
+
+def test_a_text_pipeline_leaves_the_encoder_as_it_was_and_survives_pickling(
+    tokenizer, tmp_path: Path
+) -> None:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(1)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
+    encoder = BertModel(config).train()  # in training mode, as after fine-tuning
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    texts, labels = TEXTS * 2, np.tile(LABELS, 2)
+    pipe = make_deep_svm_pipeline(encoder, tokenizer=tokenizer, cache=tmp_path, device="cpu")
+    predicted = pipe.fit(texts, labels).predict(texts)
+    fitted = pipe.named_steps["features"].model
+    assert all(m.training for m in fitted.modules())  # mode restored (dropout was off)
+    assert all(torch.equal(before[k], v) for k, v in fitted.state_dict().items())
+    loaded = pickle.loads(pickle.dumps(pipe))
+    np.testing.assert_array_equal(loaded.predict(texts), predicted)
+    np.testing.assert_allclose(
+        loaded.decision_function(texts[:3]), pipe.decision_function(texts[:3]), atol=1e-8
+    )
+    # one text as a one-element list works; a bare string or an empty list raise
+    assert loaded.predict([texts[0]]).tolist() == predicted[:1].tolist()
+    with pytest.raises(TypeError, match="single string"):
+        loaded.predict(texts[0])
+    with pytest.raises(ValueError, match="N >= 1"):
+        loaded.predict([])
+
+
+def test_features_cached_before_fine_tuning_are_not_reused_after_it(
+    tiny_bert, tokenizer, tmp_path: Path
+) -> None:
+    model = copy.deepcopy(tiny_bert)
+    features = DeepFeatures(model, tokenizer=tokenizer, cache=tmp_path, device="cpu")
+    before = features.fit_transform(TEXTS)
+    with torch.no_grad():  # a step of fine-tuning, in place, on the model the step holds
+        model.encoder.layer[-1].output.dense.weight.mul_(1.5)
+    after = features.transform(TEXTS)
+    fresh = DeepFeatures(model, tokenizer=tokenizer, device="cpu").fit_transform(TEXTS)
+    np.testing.assert_allclose(after, fresh, rtol=0, atol=1e-6)
+    assert np.abs(after - before).max() > 1e-3
+    # another pooling or layer of the same model is another result, never the cached one
+    cls = DeepFeatures(
+        model, tokenizer=tokenizer, cache=tmp_path, device="cpu", pool="token"
+    ).fit_transform(TEXTS)
+    assert np.abs(cls - after).max() > 1e-3
 
 
 @pytest.mark.slow

@@ -53,9 +53,11 @@ def extract_features(
     ``labels.npy``) next to a ``header.json`` that records shapes, dtypes, layer names, a
     fingerprint of the model (every parameter and buffer byte, module types, ``repr``, the
     code of the module classes, each module's own attributes such as ``self.scale = 2.0``
-    except those its ``forward`` assigns; not forward hooks) and settings, and for every
-    chunk of rows written (one batch) a digest of all the bytes of its input batch and a
-    checksum of the stored rows.
+    except those its ``forward`` assigns; not forward hooks) and settings (layers, pooling
+    and the autocast in effect: its device type and dtype, so ``amp=True`` on CUDA and on
+    CPU, or a caller's ``torch.autocast`` block around an ``amp=False`` call, never share
+    rows), and for every chunk of rows written (one batch) a digest of all the bytes of
+    its input batch and a checksum of the stored rows.
     Every call hashes each batch of the data (tensors without copying; Dataset items as
     they are loaded) and reuses a chunk only if its digest and checksum match: changed
     rows or items are recomputed (logged as a warning), an interrupted run resumes with
@@ -122,7 +124,9 @@ def extract_features(
 
     Thread safety: calls that use the same model are serialised (a lock per model), and
     the model's device, dtype, parameters, buffers and train/eval flags are restored
-    exactly, whether the call returns or raises.
+    exactly, whether the call returns or raises. The data is never written to: a batch of
+    a tensor or array that still shares its memory after the cast and the device move is
+    copied, so a model that changes its input in place leaves the caller's as it was.
 
     Examples:
         >>> import transferkit as tk

@@ -19,7 +19,7 @@ from torch import nn
 
 from .._pooling import PoolName
 from .._validation import check_positive
-from ..device import resolve_device
+from ..device import _autocast_dtype, resolve_device
 from ..distributed import get_world_size, is_distributed
 from ._cache import _CacheSink
 from ._fingerprint import _model_fingerprint
@@ -55,7 +55,7 @@ class _Plan:
         assert self.cache is not None
         if source.cacheable is not None:
             raise ValueError(f"cache: {source.cacheable}")
-        key = _cache_key(self.extractor, self.amp_dtype, self.amp_enabled, source)
+        key = _cache_key(self.extractor, self.amp_dtype, self.amp_enabled, source, self.target)
         sink = _CacheSink(Path(self.cache), self.names, key, source.batch_size)
         sink.open()
         return sink
@@ -165,8 +165,31 @@ def _amp_dtype(amp: object) -> tuple[bool, torch.dtype | None]:
     raise TypeError(f"amp: expected a bool, torch.float16 or torch.bfloat16, got {amp!r}")
 
 
+def _effective_autocast(target: torch.device, amp: torch.dtype | None, enabled: bool) -> str | None:
+    """The autocast the extraction really runs under on ``target``, e.g. ``"cuda:bfloat16"``.
+
+    ``amp=True`` means bf16/fp16 on CUDA but nothing on CPU, and with ``amp=False`` an
+    enclosing ``torch.autocast`` block of the caller still applies: the cache key records
+    what is in effect, so half-precision rows are never reused as full-precision ones (or
+    the other way round).
+    """
+    chosen = _autocast_dtype(target, amp) if enabled else None
+    if chosen is None:
+        try:
+            active = torch.is_autocast_enabled(target.type)
+        except (RuntimeError, TypeError, ValueError):  # a device type autocast does not know
+            active = False
+        if active:
+            chosen = torch.get_autocast_dtype(target.type)
+    return None if chosen is None else f"{target.type}:{str(chosen).removeprefix('torch.')}"
+
+
 def _cache_key(
-    extractor: FeatureExtractor, amp: torch.dtype | None, enabled: bool, source: _Source
+    extractor: FeatureExtractor,
+    amp: torch.dtype | None,
+    enabled: bool,
+    source: _Source,
+    target: torch.device,
 ) -> dict[str, Any]:
     model = extractor.model
     return {
@@ -174,7 +197,7 @@ def _cache_key(
         "model_class": type(model).__qualname__,
         "layers": list(extractor.layers) if extractor.layers is not None else None,
         "pool": extractor.pool,
-        "amp": str(amp) if enabled else None,
+        "amp": _effective_autocast(target, amp, enabled),
         "data": source.describe(),
         "num_rows": source.num_rows,
     }

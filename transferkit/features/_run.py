@@ -32,6 +32,7 @@ from ._sources import (
     _Source,
     _split_batch,
     _to_numpy,
+    _unshared,
 )
 
 logger = logging.getLogger("transferkit.features")
@@ -142,10 +143,13 @@ def _run(
                     elif chunk is not None:
                         stale.append((rows, rows + count))
                 guard.prepare()
+                given = inputs
                 inputs = _cast_floating(inputs, param_dtype)
                 inputs = to_device(_pinned(inputs) if pin else inputs, target)
                 if plan.channels_last:
                     inputs = _channels_last(inputs)
+                if source.in_memory:  # slices of the caller's data: never written to
+                    inputs = _unshared(inputs, given)
                 outputs = [_to_numpy(t) for t in _call(plan.extractor, inputs)]
                 label_array = _labels_to_numpy(labels) if labels is not None else None
                 for name, out in zip(names, outputs, strict=True):

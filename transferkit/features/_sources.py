@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler
 
-from .._batch import first_tensor, map_tensors
+from .._batch import first_tensor, iter_tensors, map_tensors
 from .._precision import as_compute
 from .._validation import check_tensor
 from ..device import dataloader_kwargs
@@ -215,6 +215,22 @@ def _channels_last(obj: Any) -> Any:
             else t
         ),
     )
+
+
+def _storage(t: Tensor) -> tuple[torch.device, int]:
+    return t.device, t.untyped_storage().data_ptr()
+
+
+def _unshared(obj: Any, original: Any) -> Any:
+    """``obj`` with every tensor that still shares memory with ``original`` cloned.
+
+    In-memory data is batched by slicing, so a batch is a view of the caller's tensor (or
+    of the array ``torch.from_numpy`` wrapped): a model that writes to its input in place
+    (``x.relu_()``, ``x.sub_(mean)``) would change the caller's data. Tensors that a cast,
+    a pinned copy or a device move already replaced are left as they are.
+    """
+    shared = {_storage(t) for t in iter_tensors(original) if not t.is_meta}
+    return map_tensors(obj, lambda t: t.clone() if not t.is_meta and _storage(t) in shared else t)
 
 
 def _call(extractor: FeatureExtractor, inputs: Any) -> list[Tensor]:

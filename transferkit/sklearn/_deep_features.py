@@ -73,7 +73,8 @@ class DeepFeatures(TransformerMixin, BaseEstimator):  # type: ignore[misc]
             any callable ``tokenizer(texts, truncation=True, max_length=...)`` returning
             a dict of per-text token lists, with a ``pad`` method like Hugging Face's.
         max_length: tokens kept per text (``None``: the tokenizer's limit).
-        cache: a folder for the features. Each distinct ``X`` (hashed) gets its own
+        cache: a folder for the features. Each distinct ``X`` (hashed by value: texts,
+            arrays, tensors, a pandas DataFrame's values) gets its own
             sub-folder, handed to [`transferkit.extract_features`][] as its ``cache``:
             features are reused while the model's weights, the data and the settings
             match, and recomputed (with a warning) when they do not. So fitting and
@@ -136,7 +137,11 @@ class DeepFeatures(TransformerMixin, BaseEstimator):  # type: ignore[misc]
 
     @staticmethod
     def _as_tensor(X: Any) -> Tensor:
-        tensor = X.detach().cpu() if isinstance(X, Tensor) else torch.as_tensor(np.asarray(X))
+        if isinstance(X, Tensor):
+            tensor = X.detach().cpu()
+        else:
+            array = np.asarray(X)  # read-only for a memory map or a pandas 3 DataFrame
+            tensor = torch.as_tensor(array if array.flags.writeable else array.copy())
         if tensor.dim() < 2 or tensor.shape[0] == 0:
             raise ValueError(
                 f"X: expected an (N, ...) array with N >= 1, got shape {tuple(tensor.shape)}"

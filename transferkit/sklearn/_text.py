@@ -37,17 +37,32 @@ def is_text(X: Any) -> bool:
         return False
     if isinstance(X, np.ndarray):
         return X.ndim == 1 and X.size > 0 and X.dtype.kind in "UO" and isinstance(X[0], str)
-    values = getattr(X, "values", None)  # a pandas Series
-    if isinstance(values, np.ndarray) and hasattr(X, "iloc"):
+    values = _pandas_values(X)
+    if values is not None:
         return is_text(values)
     if isinstance(X, Sequence) and len(X) > 0:
         return isinstance(X[0], str)
     return False
 
 
+def _pandas_values(X: Any) -> np.ndarray | None:
+    """A pandas Series' (or DataFrame's) values as a NumPy array; None for anything else.
+
+    ``.values`` of a pandas 3 string Series is a ``StringArray``, not an ndarray:
+    ``to_numpy()`` gives the strings as an object array whatever the dtype.
+    """
+    if not hasattr(X, "iloc"):
+        return None
+    convert = getattr(X, "to_numpy", None)
+    values = convert() if callable(convert) else getattr(X, "values", None)
+    return values if isinstance(values, np.ndarray) else None
+
+
 def texts_of(X: Any) -> list[str]:
-    values = getattr(X, "values", X) if hasattr(X, "iloc") else X
-    texts = values.tolist() if isinstance(values, np.ndarray) else list(values)
+    values = _pandas_values(X)
+    if values is None and isinstance(X, np.ndarray):
+        values = X
+    texts = values.tolist() if values is not None else list(X)
     for row, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"X: expected only strings, got {type(text).__name__} at row {row}")
@@ -121,14 +136,24 @@ def fingerprint(X: Any) -> str:
         for key in sorted(X):
             digest.update(str(key).encode() + b"\x00")
             digest.update(fingerprint(X[key]).encode())
-    elif isinstance(X, (Tensor, np.ndarray)) and not (
-        isinstance(X, np.ndarray) and X.dtype.kind == "O"
-    ):
-        array = X.detach().cpu().numpy() if isinstance(X, Tensor) else X
-        array = np.ascontiguousarray(array)
-        digest.update(f"{array.dtype}|{array.shape}|".encode())
-        digest.update(array.tobytes())
-    else:  # text
-        for text in X:
-            digest.update(str(text).encode("utf-8", errors="replace") + b"\x00")
+    elif is_text(X):
+        for text in texts_of(X):
+            digest.update(text.encode("utf-8", errors="replace") + b"\x00")
+    else:  # numbers: a tensor, an array, a pandas DataFrame, nested lists (by value)
+        if isinstance(X, Tensor):
+            tensor = X.detach().cpu().resolve_conj().resolve_neg()
+            digest.update(f"{tensor.dtype}|".encode())  # bfloat16: hashed as its bits
+            bits = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor
+            array = bits.numpy()
+        else:
+            values = _pandas_values(X)
+            array = np.asarray(X if values is None else values)
+        if array.dtype.kind == "O":  # no fixed-size bytes to hash: every item by repr
+            digest.update(b"O")
+            for item in array.reshape(-1):
+                digest.update(repr(item).encode("utf-8", errors="replace") + b"\x00")
+        else:
+            array = np.ascontiguousarray(array)
+            digest.update(f"{array.dtype.str}|{array.shape}|".encode())
+            digest.update(array.reshape(-1).view(np.uint8).data)
     return digest.hexdigest()[:24]
