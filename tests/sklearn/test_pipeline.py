@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 import transferkit as tk
 from tests.sklearn._reference import small_net, two_domains
-from transferkit.sklearn import CORAL, TorchKernelSVC, make_deep_svm_pipeline
+from transferkit.sklearn import CORAL, DeepFeatures, TorchKernelSVC, make_deep_svm_pipeline
 
 
 def test_deep_svm_pipeline_works_in_grid_search():
@@ -47,3 +48,34 @@ def test_aligners_compose_with_plain_sklearn_pipelines():
     pipe = make_pipeline(StandardScaler(), CORAL(), TorchKernelSVC(unlabelled=-1)).fit(x, y)
     assert pipe.predict(target).shape == (len(target),)
     assert set(pipe.classes_) == {0, 1}
+
+
+def test_the_svm_skips_the_rows_an_aligner_with_its_own_marker_takes_as_target():
+    # The SVM's unlabelled marker was always -1: with CORAL(unlabelled="target") the target
+    # rows were learnt as a class "target", which the pipeline then predicted.
+    rng = np.random.default_rng(0)
+    source = rng.normal(size=(60, 4))
+    labels = np.where(source[:, 0] > 0, "pos", "neg")
+    target = rng.normal(size=(40, 4)) + 1.0
+    x = np.vstack([source, target]).astype(np.float32)
+    y = np.r_[labels, ["target"] * 40]
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh())
+    pipe = make_deep_svm_pipeline(net, align=CORAL(unlabelled="target"), device="cpu")
+    pipe.fit(x, y)
+    assert pipe.named_steps["svc"].unlabelled == "target"
+    assert set(pipe.classes_) == {"neg", "pos"}
+    assert set(pipe.predict(target)) <= {"neg", "pos"}
+    # the same pipeline built by hand with the marker given to both steps agrees
+    manual = make_pipeline(
+        DeepFeatures(net),
+        StandardScaler(),
+        CORAL(unlabelled="target"),
+        TorchKernelSVC(unlabelled="target", device="cpu"),
+    ).fit(x, y)
+    np.testing.assert_array_equal(manual.predict(target), pipe.predict(target))
+    with pytest.raises(ValueError, match="differs from the aligner"):
+        make_deep_svm_pipeline(net, align=CORAL(unlabelled="target"), unlabelled=-1)
+    numeric = make_deep_svm_pipeline(net, align=tk.sklearn.TCA(unlabelled=-2))
+    assert numeric.named_steps["svc"].unlabelled == -2
+    assert make_deep_svm_pipeline(net, align="tca").named_steps["svc"].unlabelled == -1

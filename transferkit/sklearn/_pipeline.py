@@ -41,8 +41,9 @@ def make_deep_svm_pipeline(
     The steps are named ``"features"`` ([`DeepFeatures`][]), ``"scale"``
     (``StandardScaler``), ``"align"`` and ``"svc"`` ([`TorchKernelSVC`][]), so grid
     searches address ``svc__C``, ``align__mu``, ... With ``align``, fit the pipeline on
-    source and target rows stacked, target rows labelled ``-1`` (the SVM then gets
-    ``unlabelled=-1`` and learns from the labelled rows only).
+    source and target rows stacked, target rows labelled ``-1`` (or the ``unlabelled``
+    marker of an aligner you pass, e.g. ``CORAL(unlabelled="target")``): the SVM gets
+    the aligner's marker as its ``unlabelled`` and learns from the labelled rows only.
 
     Args:
         model: the torch feature extractor.
@@ -61,8 +62,9 @@ def make_deep_svm_pipeline(
         An unfitted ``sklearn.pipeline.Pipeline``.
 
     Raises:
-        ValueError: for an unknown ``align`` name, or a [`DeepFeatures`][] argument
-            given both by keyword and in ``feature_params``.
+        ValueError: for an unknown ``align`` name, a [`DeepFeatures`][] argument
+            given both by keyword and in ``feature_params``, or an SVM ``unlabelled``
+            that differs from the aligner's.
 
     Examples:
         >>> import torch
@@ -93,6 +95,31 @@ def make_deep_svm_pipeline(
             else align
         )
         steps.append(("align", aligner))
-        svc_params.setdefault("unlabelled", -1)
+        # The SVM skips the rows the aligner takes as the target domain: with another
+        # marker it would learn the target rows as one more class.
+        marker = _unlabelled_marker(aligner)
+        if "unlabelled" in svc_params and not _same_marker(svc_params["unlabelled"], marker):
+            raise ValueError(
+                f"unlabelled: the SVM's {svc_params['unlabelled']!r} differs from the "
+                f"aligner's {marker!r}; the target rows would be learnt as a class. Give "
+                "the marker to the aligner only (the SVM takes the aligner's)"
+            )
+        svc_params.setdefault("unlabelled", marker)
     steps.append(("svc", TorchKernelSVC(**svc_params)))
     return Pipeline(steps)
+
+
+def _unlabelled_marker(aligner: Any) -> Any:
+    """The label by which ``aligner`` recognises target rows (``-1`` if it has none)."""
+    get_params = getattr(aligner, "get_params", None)
+    params = get_params(deep=False) if callable(get_params) else {}
+    return params.get("unlabelled", -1)
+
+
+def _same_marker(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    try:
+        return bool(a == b)
+    except (TypeError, ValueError):  # e.g. an array-valued comparison
+        return False
