@@ -234,3 +234,28 @@ def test_float32_gram_refuses_magnitudes_it_cannot_resolve(kernel, scale):
     wide = TorchKernelSVC(kernel=kernel, device="cpu").fit(x / scale, y).score(x / scale, y)
     if kernel != "linear":  # libsvm's linear dual diverges at 1e20 in any precision
         assert TorchKernelSVC(kernel=kernel, device="cpu").fit(x, y).score(x, y) == wide
+
+
+@pytest.mark.parametrize("make", [TorchKernelSVC, tk.sklearn.PrototypeClassifier])
+def test_score_with_unlabelled_rows_checks_dataframe_columns_like_predict(make):
+    # score() with `unlabelled` turned X into a bare array before scoring, so a DataFrame
+    # whose columns came in another order than in fit was scored on the wrong columns
+    # (only a "no valid feature names" warning), while predict() refused it.
+    pd = pytest.importorskip("pandas")
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(rng.normal(size=(80, 3)) * [1, 10, 100], columns=["a", "b", "c"])
+    y = (frame["a"] > 0).to_numpy().astype(int)
+    y[:10] = -1
+    weight = rng.uniform(0.5, 2.0, len(y))
+    kwargs = {"device": "cpu"} if make is TorchKernelSVC else {}
+    model = make(unlabelled=-1, **kwargs).fit(frame, y)
+    keep = y != -1
+    expected = float(np.average(model.predict(frame[keep]) == y[keep], weights=weight[keep]))
+    assert model.score(frame, y, sample_weight=weight) == pytest.approx(expected)
+    swapped = frame[["c", "b", "a"]]
+    with pytest.raises(ValueError, match="feature names"):
+        model.predict(swapped)
+    with pytest.raises(ValueError, match="feature names"):
+        model.score(swapped, y)
+    with pytest.raises(ValueError, match="labels to match"):
+        model.score(frame, y[:-1])

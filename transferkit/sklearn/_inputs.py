@@ -56,6 +56,29 @@ def drop_unlabelled(
     return x[keep], y[keep], None if weight is None else np.asarray(weight)[keep]
 
 
+def labelled_rows(
+    X: Any, y: Any, weight: Any, unlabelled: object
+) -> tuple[Any, np.ndarray, np.ndarray | None]:
+    """``drop_unlabelled`` for ``score``: rows of ``X`` kept in its own type.
+
+    A pandas DataFrame stays a DataFrame (rows taken with ``iloc``), so the estimator
+    still checks its column names against those seen in ``fit``: as a bare array, a
+    DataFrame with its columns in another order was scored silently on the wrong columns.
+    """
+    labels = np.asarray(to_host(y))
+    keep = np.asarray(labels != unlabelled, dtype=bool).reshape(-1)
+    if not keep.any():
+        raise ValueError(
+            f"y: every row is marked unlabelled (y == {unlabelled!r}); a classifier needs "
+            "labelled rows"
+        )
+    X = to_host(X)
+    if len(keep) != len(X):
+        raise ValueError(f"y: expected {len(X)} labels to match X, got {len(keep)}")
+    rows = X.iloc[keep] if hasattr(X, "iloc") else np.asarray(X)[keep]
+    return rows, labels[keep], None if weight is None else np.asarray(weight)[keep]
+
+
 def split_domains(
     y: Any, n: int, unlabelled: Any, estimator: str, minimum: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .._validation import check_option, check_positive
-from ._inputs import drop_unlabelled, to_host
+from ._inputs import drop_unlabelled, labelled_rows, to_host
 
 
 class PrototypeClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
@@ -129,8 +129,6 @@ class PrototypeClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
     def score(self, X: Any, y: Any, sample_weight: np.ndarray | None = None) -> float:
         """Accuracy on the labelled rows (rows equal to ``unlabelled`` skipped)."""
         if self.unlabelled is not None:
-            X, y, sample_weight = drop_unlabelled(
-                np.asarray(X), np.asarray(y), sample_weight, self.unlabelled
-            )
+            X, y, sample_weight = labelled_rows(X, y, sample_weight, self.unlabelled)
         accuracy: float = super().score(X, y, sample_weight=sample_weight)
         return accuracy

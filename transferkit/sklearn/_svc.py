@@ -32,7 +32,7 @@ from ._gram import (
     named_kernel,
     resolve_gamma,
 )
-from ._inputs import drop_unlabelled, row_chunks, to_host
+from ._inputs import drop_unlabelled, labelled_rows, row_chunks, to_host
 
 logger = logging.getLogger("transferkit.sklearn")
 
@@ -380,8 +380,6 @@ class TorchKernelSVC(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
             The mean accuracy.
         """
         if self.unlabelled is not None:
-            X, y, sample_weight = drop_unlabelled(
-                np.asarray(X), np.asarray(y), sample_weight, self.unlabelled
-            )
+            X, y, sample_weight = labelled_rows(X, y, sample_weight, self.unlabelled)
         accuracy: float = super().score(X, y, sample_weight=sample_weight)
         return accuracy
