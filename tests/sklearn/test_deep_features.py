@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -108,3 +110,35 @@ def test_a_bfloat16_tensor_can_be_cached(tmp_path):
     other = DeepFeatures(net, cache=tmp_path, device="cpu").fit_transform(rows.float())
     np.testing.assert_array_equal(other, plain)  # bf16 values, exact in float32
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2
+
+
+def test_an_in_place_input_transform_or_model_never_changes_the_callers_rows(tmp_path):
+    # input_transform got views of the caller's rows: t.mul_(2) rewrote the user's array
+    # (and on a read-only memory map would crash the process).
+    torch.manual_seed(0)
+
+    class InPlace(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = self.linear(x.add_(1.0))
+            return out
+
+    net = InPlace()
+    rows = np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32)
+    given = rows.copy()
+    features = DeepFeatures(net, device="cpu", input_transform=lambda t: t.mul_(2.0))
+    out = features.fit_transform(given)
+    np.testing.assert_array_equal(given, rows)
+    expected = net.linear(torch.from_numpy(rows) * 2 + 1).detach().numpy()
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+    np.save(tmp_path / "rows.npy", rows)
+    mapped = np.load(tmp_path / "rows.npy", mmap_mode="r")  # read-only
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nor torch's "array is not writable" warning
+        np.testing.assert_allclose(features.transform(mapped), expected, rtol=1e-6, atol=1e-6)
+        plain = DeepFeatures(net, device="cpu").fit_transform(mapped)
+    np.testing.assert_allclose(plain, net.linear(torch.from_numpy(rows) + 1).detach(), atol=1e-6)
+    np.testing.assert_array_equal(mapped, rows)

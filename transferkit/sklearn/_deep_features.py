@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -63,8 +64,9 @@ class DeepFeatures(TransformerMixin, BaseEstimator):  # type: ignore[misc]
         batch_size: samples per forward pass.
         device: where the model runs (``"auto"``: CUDA when available).
         input_transform: optional per-sample callable applied to each input row (a torch
-            tensor) before the model, like a torchvision ``transform``. (Named so because
-            ``transform`` is the transformer's method.) Array inputs only.
+            tensor, a copy: it may work in place) before the model, like a torchvision
+            ``transform``. (Named so because ``transform`` is the transformer's method.)
+            Array inputs only.
         input_shape: reshape each flat input row to this shape, e.g. ``(1, 16, 16)``, so
             that image models work on 2-D scikit-learn arrays. Array inputs only.
         amp: run the model under autocast.
@@ -140,8 +142,13 @@ class DeepFeatures(TransformerMixin, BaseEstimator):  # type: ignore[misc]
         if isinstance(X, Tensor):
             tensor = X.detach().cpu()
         else:
-            array = np.asarray(X)  # read-only for a memory map or a pandas 3 DataFrame
-            tensor = torch.as_tensor(array if array.flags.writeable else array.copy())
+            array = np.asarray(X)
+            with warnings.catch_warnings():
+                # A memory map or a pandas 3 DataFrame is read-only. Shared without a copy:
+                # nothing writes to it (extract_features copies a batch before a model
+                # could write to it, TransformedRows each row before the transform).
+                warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+                tensor = torch.as_tensor(array)
         if tensor.dim() < 2 or tensor.shape[0] == 0:
             raise ValueError(
                 f"X: expected an (N, ...) array with N >= 1, got shape {tuple(tensor.shape)}"

@@ -28,7 +28,9 @@ class TransformedRows(Dataset[Tensor]):
         return int(self.rows.shape[0])
 
     def __getitem__(self, index: int) -> Tensor:
-        return self.transform(self.rows[index])
+        # a copy: a transform that works in place (t.div_(255)) must not reach the caller's
+        # array (nor a read-only memory map, where the write would crash the process)
+        return self.transform(self.rows[index].clone())
 
 
 def is_text(X: Any) -> bool:
