@@ -68,3 +68,32 @@ def test_input_data_is_not_modified(digits):
         transformer.fit_transform(x, np.r_[y[:50], -np.ones(50, dtype=int)])
     np.testing.assert_array_equal(x, x_train[:100])
     np.testing.assert_array_equal(y, y_train[:100])
+
+
+@pytest.mark.parametrize("make", ["svc", "prototype", "coral"])
+def test_a_label_list_mixing_class_names_and_the_marker_skips_the_marked_rows(make):
+    # ["cat", -1, "dog"] becomes a NumPy string array, where -1 is the text "-1": the
+    # classifiers learnt a class "-1" (and predicted it), the aligners found no target row.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 3))
+    y: list[object] = ["cat" if v > 0 else "dog" for v in x[:, 0]]
+    for i in range(0, 40, 4):
+        y[i] = -1
+    marked = np.array([label == -1 for label in y])
+    as_object = np.array(y, dtype=object)  # the unambiguous form: the reference
+    if make == "coral":
+        ours = CORAL().fit_transform(x, y)
+        np.testing.assert_array_equal(ours, CORAL().fit_transform(x, as_object))
+        np.testing.assert_array_equal(ours[marked], x[marked])  # target rows: unchanged
+        return
+    build = {
+        "svc": lambda: TorchKernelSVC(device="cpu", unlabelled=-1),
+        "prototype": lambda: PrototypeClassifier(unlabelled=-1),
+    }[make]
+    model = build().fit(x, y)
+    assert list(model.classes_) == ["cat", "dog"]
+    np.testing.assert_array_equal(model.predict(x), build().fit(x, as_object).predict(x))
+    assert model.score(x, y) == build().fit(x, as_object).score(x, as_object)
+    # a string class "None" is no marker when unlabelled is None
+    named = np.where(marked, "None", np.array(y, dtype=str))
+    assert "None" in PrototypeClassifier().fit(x, named).classes_

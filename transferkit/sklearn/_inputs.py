@@ -41,13 +41,28 @@ def row_chunks(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(start + size, n))
 
 
+def unlabelled_mask(labels: np.ndarray, unlabelled: object) -> np.ndarray:
+    """Boolean mask of the rows whose label is the ``unlabelled`` marker.
+
+    A Python list that mixes class names and the marker (``["cat", -1, "dog"]``, the
+    semi-supervised convention for string labels) becomes a NumPy *string* array, where
+    the marker is the text ``"-1"``: that text counts as the marker too, instead of
+    becoming one more class.
+    """
+    mask = np.broadcast_to(np.asarray(labels == unlabelled, dtype=bool), labels.shape)
+    number = isinstance(unlabelled, (int, float, np.number)) and not isinstance(unlabelled, bool)
+    if number and labels.dtype.kind in "US":
+        mask = mask | np.asarray(labels == str(unlabelled), dtype=bool)
+    return np.array(mask, dtype=bool).reshape(-1)
+
+
 def drop_unlabelled(
     x: np.ndarray, y: np.ndarray, weight: np.ndarray | None, unlabelled: object
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """The rows of ``x``, ``y`` (and ``weight``) whose label is not ``unlabelled``."""
     if unlabelled is None:
         return x, y, weight
-    keep = np.asarray(y != unlabelled, dtype=bool)
+    keep = ~unlabelled_mask(np.asarray(y), unlabelled)
     if not keep.any():
         raise ValueError(
             f"y: every row is marked unlabelled (y == {unlabelled!r}); a classifier needs "
@@ -66,7 +81,7 @@ def labelled_rows(
     DataFrame with its columns in another order was scored silently on the wrong columns.
     """
     labels = np.asarray(to_host(y))
-    keep = np.asarray(labels != unlabelled, dtype=bool).reshape(-1)
+    keep = ~unlabelled_mask(labels, unlabelled)
     if not keep.any():
         raise ValueError(
             f"y: every row is marked unlabelled (y == {unlabelled!r}); a classifier needs "
@@ -95,7 +110,7 @@ def split_domains(
     labels = np.asarray(to_host(y))
     if labels.ndim != 1 or labels.shape[0] != n:
         raise ValueError(f"y: expected {n} labels to match X, got shape {labels.shape}")
-    target = np.asarray(labels == unlabelled, dtype=bool).reshape(n)
+    target = unlabelled_mask(labels, unlabelled)
     source = ~target
     for mask, domain, how in (
         (target, "target", f"labelled unlabelled={unlabelled!r}"),
