@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -73,3 +74,22 @@ def test_an_empty_cache_path_is_refused_not_the_current_folder(
     with pytest.raises(ValueError, match="cache: expected a directory path, got an empty"):
         tk.extract_features(nn.Identity(), torch.ones(3, 2), cache=cache, progress=False)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_pool_or_early_stop_that_an_extractor_would_ignore_raises() -> None:
+    # pool and early_stop come from a FeatureExtractor; extract_features(extractor,
+    # pool="max") returned the extractor's average pooling with no error.
+    net, x = small_cnn(), images(3)
+    extractor = tk.FeatureExtractor(net, "features")
+    with pytest.raises(ValueError, match="pool: the FeatureExtractor pools with 'avg'"):
+        tk.extract_features(extractor, x, pool="max", progress=False)
+    with pytest.raises(ValueError, match="pool"):
+        tk.extract_features(extractor, x, pool=None, progress=False)
+    with pytest.raises(ValueError, match="early_stop"):
+        tk.extract_features(extractor, x, early_stop=True, progress=False)
+    # the extractor's own settings, or the defaults, are accepted
+    peak = tk.FeatureExtractor(net, "features", pool="max")
+    out = tk.extract_features(peak, x, pool="max", progress=False)
+    np.testing.assert_array_equal(out, tk.extract_features(peak, x, progress=False))
+    expected = tk.extract_features(net, x, layers="features", pool="max", progress=False)
+    np.testing.assert_array_equal(out, expected)

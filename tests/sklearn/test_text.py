@@ -370,3 +370,18 @@ def test_minilm_encoder_and_svm_are_one_pipeline_on_tweets(tokenizer, tmp_path: 
     assert len(list(tmp_path.iterdir())) >= 6
     svc = SVC().fit(cached.fit_transform(x_train), y_train)
     assert svc.score(cached.transform(x_test), y_test) > np.mean(chance)
+
+
+def test_max_length_is_never_silently_ignored_for_token_dicts_or_arrays(
+    tiny_bert, tokenizer
+) -> None:
+    # max_length truncates raw texts; with a tokenizer's output (already tokenised) it was
+    # ignored, so the features of the full-length tokens came back without a word.
+    enc = tokenizer(TEXTS, padding=True, return_tensors="np")
+    with pytest.raises(ValueError, match="max_length: truncates raw texts only"):
+        DeepFeatures(tiny_bert, max_length=5, device="cpu").fit_transform(enc)
+    with pytest.raises(ValueError, match="max_length"):
+        DeepFeatures(torch.nn.Linear(3, 2), max_length=5).fit_transform(np.ones((4, 3)))
+    short = DeepFeatures(tiny_bert, tokenizer=tokenizer, max_length=5, device="cpu")
+    expected = reference_masked_mean(tiny_bert, tokenizer, TEXTS, max_length=5)
+    np.testing.assert_allclose(short.fit_transform(TEXTS), expected, atol=1e-5)

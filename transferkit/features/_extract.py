@@ -89,8 +89,9 @@ def extract_features(
     afterwards.
 
     Args:
-        model_or_extractor: a network, or a [`FeatureExtractor`][] (then ``layers`` and
-            ``pool`` come from it).
+        model_or_extractor: a network, or a [`FeatureExtractor`][] (then ``layers``,
+            ``pool`` and ``early_stop`` come from it: passing ``layers``, or a ``pool`` or
+            ``early_stop=True`` that differs from the extractor's, raises ``ValueError``).
         data: see above.
         layers: module names (see [`FeatureExtractor`][]); ``None``: the model output.
         batch_size: samples per forward pass for tensors, arrays and Datasets.

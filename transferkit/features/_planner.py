@@ -84,6 +84,17 @@ def _make_plan(
         if layers is not None:
             raise ValueError("layers: give layers to the FeatureExtractor, not to both")
         extractor, owned = model_or_extractor, False
+        # pool and early_stop come from the extractor: a value that would change the
+        # result must not be dropped silently ("avg" is the default, so it cannot tell)
+        if pool != "avg" and pool != extractor.pool:
+            raise ValueError(
+                f"pool: the FeatureExtractor pools with {extractor.pool!r}; give pool to "
+                f"the FeatureExtractor, not {pool!r} to extract_features"
+            )
+        if early_stop is not False and early_stop != extractor.early_stop:
+            raise ValueError(
+                "early_stop: give early_stop to the FeatureExtractor, not to extract_features"
+            )
     elif isinstance(model_or_extractor, nn.Module):
         extractor = FeatureExtractor(model_or_extractor, layers, pool, early_stop=early_stop)
         owned = True

@@ -74,7 +74,8 @@ class DeepFeatures(TransformerMixin, BaseEstimator):  # type: ignore[misc]
         tokenizer: turns raw-text ``X`` into model inputs: a Hugging Face tokenizer or
             any callable ``tokenizer(texts, truncation=True, max_length=...)`` returning
             a dict of per-text token lists, with a ``pad`` method like Hugging Face's.
-        max_length: tokens kept per text (``None``: the tokenizer's limit).
+        max_length: tokens kept per text (``None``: the tokenizer's limit). Raw-text
+            inputs only (``ValueError`` otherwise, rather than being ignored).
         cache: a folder for the features. Each distinct ``X`` (hashed by value: texts,
             arrays, tensors, a pandas DataFrame's values) gets its own
             sub-folder, handed to [`transferkit.extract_features`][] as its ``cache``:
@@ -185,6 +186,12 @@ class DeepFeatures(TransformerMixin, BaseEstimator):  # type: ignore[misc]
             raise TypeError(
                 "tokenizer: needs a pad() method (as Hugging Face tokenizers have) to batch "
                 "texts of different lengths"
+            )
+        if kind != "text" and self.max_length is not None:
+            raise ValueError(
+                "max_length: truncates raw texts only; this X is "
+                f"{'an array' if kind == 'array' else 'a token dict (tokenised already)'}, "
+                "so it would be ignored (truncate when tokenising, or pass max_length=None)"
             )
         if kind != "array" and (self.input_shape is not None or self.input_transform is not None):
             raise ValueError(
