@@ -54,10 +54,14 @@ def test_deep_features_take_grad_and_bfloat16_tensors(kind):
 
 
 class _Runs:
-    """Counts forward calls (a plain object: the cache fingerprints it by its repr)."""
+    """Counts forward calls, also those of deep copies of the model (``clone`` in a grid
+    search copies the model and its hooks: the copies count here too)."""
 
     def __init__(self) -> None:
         self.n = 0
+
+    def __deepcopy__(self, memo: dict[int, object]) -> _Runs:
+        return self
 
     def __call__(self, *args: object) -> None:
         self.n += 1
@@ -142,3 +146,37 @@ def test_an_in_place_input_transform_or_model_never_changes_the_callers_rows(tmp
         plain = DeepFeatures(net, device="cpu").fit_transform(mapped)
     np.testing.assert_allclose(plain, net.linear(torch.from_numpy(rows) + 1).detach(), atol=1e-6)
     np.testing.assert_array_equal(mapped, rows)
+
+
+def test_a_grid_search_over_layers_with_a_cache_runs_the_model_once_per_candidate(tmp_path):
+    # Every candidate's features went to one folder per input: candidates with other
+    # layers or pooling discarded each other's rows, so re-running the search (or the
+    # next candidate on the same fold) recomputed everything, with warnings.
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.pipeline import Pipeline
+
+    task = tk.datasets.digits(None, seed=0)
+    x = task.source_x[:60].flatten(1).numpy()
+    y = task.source_y[:60].numpy()
+    net = small_net()
+    runs = _Runs()
+    handle = net.register_forward_hook(runs)
+    try:
+        pipe = Pipeline(
+            [
+                ("features", DeepFeatures(net, input_shape=(1, 16, 16), cache=tmp_path)),
+                ("clf", LogisticRegression(max_iter=300)),
+            ]
+        )
+        grid = {"features__layers": ["neck", "fc"], "features__pool": ["avg", "max"]}
+        search = GridSearchCV(pipe, grid, cv=2, refit=False).fit(x, y)
+        first = runs.n
+        assert first > 0
+        again = GridSearchCV(pipe, grid, cv=2, refit=False).fit(x, y)
+        assert runs.n == first, "a cached candidate was recomputed"
+        np.testing.assert_array_equal(
+            search.cv_results_["mean_test_score"], again.cv_results_["mean_test_score"]
+        )
+    finally:
+        handle.remove()

@@ -79,6 +79,9 @@ class CallCounter:
     def __call__(self, *args: object) -> None:
         self.n += 1
 
+    def __deepcopy__(self, memo: dict[int, object]) -> CallCounter:
+        return self  # clone() in a grid search copies the model: its copies count here too
+
 
 def reference_masked_mean(model, tokenizer, texts, max_length=None) -> np.ndarray:  # type: ignore[no-untyped-def]
     """All texts padded together; mean of the last hidden state over real tokens."""
@@ -219,6 +222,7 @@ def test_pipeline_takes_tokenizer_and_cache_as_keywords_in_grid_search(
     try:
         search = GridSearchCV(pipe, {"svc__C": [0.1, 1.0, 10.0]}, cv=2).fit(texts, labels)
         runs = calls.n
+        assert runs > 0  # the clones' forward passes are counted
         search.fit(texts, labels)  # the same folds again: every feature from the cache
         assert calls.n == runs
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -77,12 +78,14 @@ class DeepFeatures(TransformerMixin, BaseEstimator):  # type: ignore[misc]
         max_length: tokens kept per text (``None``: the tokenizer's limit). Raw-text
             inputs only (``ValueError`` otherwise, rather than being ignored).
         cache: a folder for the features. Each distinct ``X`` (hashed by value: texts,
-            arrays, tensors, a pandas DataFrame's values) gets its own
+            arrays, tensors, a pandas DataFrame's values) and each setting of ``layers``,
+            ``pool``, ``amp``, ``max_length`` and ``input_shape`` gets its own
             sub-folder, handed to [`transferkit.extract_features`][] as its ``cache``:
             features are reused while the model's weights, the data and the settings
             match, and recomputed (with a warning) when they do not. So fitting and
-            predicting on the same rows, or re-running a grid search, runs the model
-            once per distinct input.
+            predicting on the same rows, or re-running a grid search (also one over
+            ``features__layers`` or ``features__pool``), runs the model once per
+            distinct input and setting.
 
     Examples:
         >>> import numpy as np
@@ -227,7 +230,12 @@ class DeepFeatures(TransformerMixin, BaseEstimator):  # type: ignore[misc]
     def _cache_dir(self, X: Any) -> str | None:
         if self.cache is None:
             return None
-        return os.path.join(os.fspath(self.cache), f"inputs-{fingerprint(X)}")
+        # The settings that change the features name the folder too, so candidates of a
+        # grid search over layers or pooling keep their own rows instead of recomputing
+        # and overwriting each other's (the extraction's own key still guards each folder).
+        settings = repr((self.layers, self.pool, self.amp, self.max_length, self.input_shape))
+        tag = hashlib.sha256(settings.encode()).hexdigest()[:8]
+        return os.path.join(os.fspath(self.cache), f"inputs-{fingerprint(X)}-{tag}")
 
     def transform(self, X: Any) -> np.ndarray:
         """Deep features of ``X``, ``(N, F)``.
