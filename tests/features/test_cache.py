@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -341,3 +343,33 @@ def test_amp_true_rows_of_a_gpu_are_not_reused_on_the_cpu(tmp_path: Path) -> Non
     full = tk.extract_features(net, x, layers="net.neck", device="cpu", progress=False)
     np.testing.assert_array_equal(cpu, full)
     assert np.abs(gpu - full).max() > 0
+
+
+@given(
+    perm_seed=st.integers(0, 2**16),
+    batch=st.integers(1, 9),
+    second_batch=st.integers(1, 9),
+    swap=st.booleans(),
+)
+@settings(max_examples=20, deadline=None)
+def test_rows_come_back_in_input_order_after_any_reordering_of_cached_data(
+    perm_seed: int, batch: int, second_batch: int, swap: bool
+) -> None:
+    # Property: whatever the cache holds (the data in another order, cached with another
+    # batch size), each returned row is the feature of the input row at that position.
+    import tempfile
+
+    net = small_cnn()
+    x = images(13)
+    reference = tk.extract_features(net, x, layers="neck", progress=False)
+    perm = np.random.default_rng(perm_seed).permutation(13)
+    first, second = (x[perm], x) if swap else (x, x[perm])
+    with tempfile.TemporaryDirectory() as folder:
+        tk.extract_features(
+            net, first, layers="neck", batch_size=batch, cache=folder, progress=False
+        )
+        got = tk.extract_features(
+            net, second, layers="neck", batch_size=second_batch, cache=folder, progress=False
+        )
+    expected = reference if swap else reference[perm]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)

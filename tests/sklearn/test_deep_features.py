@@ -180,3 +180,45 @@ def test_a_grid_search_over_layers_with_a_cache_runs_the_model_once_per_candidat
         )
     finally:
         handle.remove()
+
+
+class _FailsOnce:
+    """An input_transform that raises at one call (an interrupted extraction)."""
+
+    def __init__(self, at: int) -> None:
+        self.calls, self.at = 0, at
+
+    def __call__(self, row: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return row
+
+
+def test_an_interrupted_cached_extraction_of_a_training_batchnorm_model_resumes_exactly(
+    tmp_path,
+):
+    # DeepFeatures + cache + a model left in training mode (BatchNorm), interrupted half
+    # way: the model keeps its mode and statistics, and the resumed call returns exactly
+    # the uninterrupted features (eval-mode BatchNorm), never a partial or zero row.
+    net = small_net().train()
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+    stats = {k: v.clone() for k, v in net.state_dict().items()}
+    x = tk.datasets.digits(None, seed=0).source_x[:40].numpy()
+    reference = DeepFeatures(net, layers="neck", batch_size=8).fit_transform(x)
+    assert net.training
+    failing = _FailsOnce(at=25)
+    features = DeepFeatures(net, layers="neck", batch_size=8, cache=tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        features.set_params(input_transform=failing).fit_transform(x)
+    assert all(m.training for m in net.modules())
+    assert all(torch.equal(stats[k], v) for k, v in net.state_dict().items())
+    failing.at = -1
+    resumed = features.transform(x)
+    np.testing.assert_array_equal(resumed, reference)
+    assert failing.calls == 25 + 40  # every row loaded again (digests), none skipped
+    with torch.no_grad():
+        evaluated = net.eval().forward_features(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(resumed, evaluated, rtol=1e-5, atol=1e-6)
