@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.base import clone
+from sklearn.utils.estimator_checks import parametrize_with_checks
 
 import transferkit as tk
 from tests.sklearn._reference import small_net
@@ -222,3 +223,49 @@ def test_an_interrupted_cached_extraction_of_a_training_batchnorm_model_resumes_
     with torch.no_grad():
         evaluated = net.eval().forward_features(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(resumed, evaluated, rtol=1e-5, atol=1e-6)
+
+
+class AnyWidth(torch.nn.Module):
+    """A model that takes rows of any width (mean and max of each row), as a global
+    pooling network takes images of any size."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True), x[:, :1]], 1)
+
+
+@parametrize_with_checks([DeepFeatures(AnyWidth())])
+def test_passes_sklearn_estimator_checks(estimator, check):
+    # Failed on main: width and column names were never checked in transform, and NaN,
+    # complex, empty, sparse and object inputs gave unclear errors or went through.
+    check(estimator)
+
+
+@pytest.mark.filterwarnings("ignore:X does not have valid feature names")
+def test_a_dataframe_with_its_columns_in_another_order_raises_like_sklearn():
+    # transform ran any DataFrame through the model: one whose columns came in another
+    # order than in fit gave other features (and predictions) with no error, where every
+    # scikit-learn transformer raises. A reversed column order crashed in torch instead.
+    pd = pytest.importorskip("pandas")
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(rng.normal(size=(30, 4)), columns=list("abcd"))
+    features = DeepFeatures(AnyWidth(), device="cpu").fit(frame)
+    assert list(features.feature_names_in_) == list("abcd")
+    np.testing.assert_array_equal(features.transform(frame), features.transform(frame.to_numpy()))
+    for order in ("badc", "dcba"):
+        with pytest.raises(ValueError, match="feature names"):
+            features.transform(frame[list(order)])
+    with pytest.raises(ValueError, match="X has 3 features, but DeepFeatures is expecting 4"):
+        features.transform(frame.to_numpy()[:, :3])
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        features.transform(np.where(np.eye(30, 4) > 0, np.nan, frame.to_numpy()))
+    # image rows: the width is the product of the per-sample shape
+    images = DeepFeatures(AnyWidth(), device="cpu").fit(rng.normal(size=(5, 2, 3)))
+    assert images.n_features_in_ == 6 and not hasattr(images, "feature_names_in_")
+    with pytest.raises(ValueError, match="X has 8 features"):
+        images.transform(rng.normal(size=(5, 2, 4)))
+    # refitting on texts or tokens forgets the array width
+    tokens = {"input_ids": np.ones((3, 4), dtype=np.int64)}
+    embed = torch.nn.Embedding(2, 3)
+    refit = DeepFeatures(embed, device="cpu").fit(np.ones((3, 4), dtype=np.int64))
+    assert refit.n_features_in_ == 4
+    assert not hasattr(refit.fit(tokens), "n_features_in_")

@@ -11,6 +11,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils.validation import validate_data
 from torch import Tensor
 from torch.utils.data import DataLoader
 
@@ -147,19 +148,77 @@ class DeepFeatures(TransformerMixin, BaseEstimator):  # type: ignore[misc]
             tensor = X.detach().cpu()
         else:
             array = np.asarray(X)
+            if array.dtype.kind == "O":  # numbers in an object array (else a clear error)
+                try:
+                    array = array.astype(np.float64)
+                except (TypeError, ValueError) as err:
+                    raise TypeError(
+                        "X: each item of an object array argument must be a string or a "
+                        f"number (raw texts need tokenizer=); {err}"
+                    ) from err
+            if array.dtype.kind not in "biufc":
+                raise TypeError(
+                    f"X: expected numbers (or raw texts with tokenizer=), got dtype {array.dtype}"
+                )
+            if any(stride < 0 for stride in array.strides):  # a reversed view (torch refuses)
+                array = array.copy()
             with warnings.catch_warnings():
                 # A memory map or a pandas 3 DataFrame is read-only. Shared without a copy:
                 # nothing writes to it (extract_features copies a batch before a model
                 # could write to it, TransformedRows each row before the transform).
                 warnings.filterwarnings("ignore", "The given NumPy array is not writable")
                 tensor = torch.as_tensor(array)
+        if tensor.is_complex():
+            raise ValueError(f"X: Complex data not supported, got dtype {tensor.dtype}")
         if tensor.dim() < 2 or tensor.shape[0] == 0:
             raise ValueError(
-                f"X: expected an (N, ...) array with N >= 1, got shape {tuple(tensor.shape)}"
+                f"X: expected an (N, ...) array with N >= 1, got shape {tuple(tensor.shape)}; "
+                "Reshape your data (X.reshape(-1, 1) for one feature, X.reshape(1, -1) for "
+                "one sample)"
             )
+        if tensor[0].numel() == 0:
+            raise ValueError(
+                f"X: 0 feature(s) (shape={tuple(tensor.shape)}) while a minimum of 1 is required."
+            )
+        if tensor.is_floating_point():
+            step = max(1, (1 << 24) // max(1, tensor[0].numel()))  # rows per 16M values
+            for start in range(0, int(tensor.shape[0]), step):
+                if not bool(torch.isfinite(tensor[start : start + step]).all()):
+                    raise ValueError(
+                        "X: contains NaN or infinity; the model's features would be NaN"
+                    )
         return tensor.float() if not tensor.is_floating_point() else tensor
 
+    def _check_features(self, X: Any, rows: Tensor, *, reset: bool) -> None:
+        """Record (``fit``) or check (``transform``) the feature count and column names.
+
+        As scikit-learn's transformers: a DataFrame whose columns come in another order
+        than in ``fit``, or an array of another width, raises instead of being run
+        through the model on the wrong columns.
+        """
+        if not reset and not hasattr(self, "n_features_in_"):
+            return  # transform without fit (nothing is learnt, so nothing to compare)
+        if rows.dim() == 2:
+            validate_data(self, X, skip_check_array=True, reset=reset)
+            return
+        width = int(np.prod(rows.shape[1:]))
+        if reset:
+            self.n_features_in_ = width
+            self.__dict__.pop("feature_names_in_", None)
+        elif width != self.n_features_in_:
+            raise ValueError(
+                f"X has {width} features, but DeepFeatures is expecting "
+                f"{self.n_features_in_} features as input."
+            )
+
     def _kind(self, X: Any) -> Literal["array", "text", "tokens"]:
+        if (isinstance(X, Tensor) and X.layout != torch.strided) or callable(
+            getattr(X, "toarray", None)
+        ):  # (a scipy dok matrix is also a Mapping: checked first)
+            raise TypeError(
+                "X: sparse input is not supported; pass a dense array (X.toarray(), "
+                "tensor.to_dense())"
+            )
         if isinstance(X, Mapping):
             return "tokens"
         if is_text(X):
@@ -209,6 +268,9 @@ class DeepFeatures(TransformerMixin, BaseEstimator):  # type: ignore[misc]
     def fit(self, X: Any, y: Any = None) -> DeepFeatures:
         """Check the inputs and record ``n_features_in_`` (array inputs); no training.
 
+        For array inputs ``transform`` then checks the width (and a DataFrame's column
+        names, ``feature_names_in_``) as scikit-learn's transformers do.
+
         Args:
             X: inputs: an ``(N, ...)`` array, raw texts (with ``tokenizer``) or a dict of
                 token arrays.
@@ -220,8 +282,11 @@ class DeepFeatures(TransformerMixin, BaseEstimator):  # type: ignore[misc]
         kind = self._kind(X)
         self._check_params(kind)
         if kind == "array":
-            self.n_features_in_ = int(np.prod(self._as_tensor(X).shape[1:]))
-        elif kind == "tokens":
+            self._check_features(X, self._as_tensor(X), reset=True)
+            return self
+        for name in ("n_features_in_", "feature_names_in_"):  # from an earlier array fit
+            self.__dict__.pop(name, None)
+        if kind == "tokens":
             token_inputs(X)
         else:
             texts_of(X)
@@ -269,6 +334,7 @@ class DeepFeatures(TransformerMixin, BaseEstimator):  # type: ignore[misc]
             n = int(next(iter(data.values())).shape[0])
         else:
             rows = self._as_tensor(X)
+            self._check_features(X, rows, reset=False)
             n = int(rows.shape[0])
             if self.input_shape is not None:
                 shape = tuple(int(s) for s in self.input_shape)
