@@ -79,3 +79,30 @@ def test_the_svm_skips_the_rows_an_aligner_with_its_own_marker_takes_as_target()
     numeric = make_deep_svm_pipeline(net, align=tk.sklearn.TCA(unlabelled=-2))
     assert numeric.named_steps["svc"].unlabelled == -2
     assert make_deep_svm_pipeline(net, align="tca").named_steps["svc"].unlabelled == -1
+
+
+@pytest.mark.parametrize("solver", ["exact", "nystroem"])
+def test_sample_weights_reach_the_svm_and_follow_its_labelled_rows(solver):
+    # Pipeline(..., align) + svc__sample_weight: the weights of the unlabelled target
+    # rows must be dropped with those rows (not shifted onto other rows), for both paths.
+    x, y, _, target = two_domains()
+    xs = np.vstack([x[y != -1], target])
+    ys = np.r_[y[y != -1], -np.ones(len(target), dtype=int)]
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(ys))  # target rows interleaved with source rows
+    xs, ys = xs[order], ys[order]
+    weight = rng.uniform(0.1, 3.0, len(ys))
+    params = {"device": "cpu", "solver": solver, "n_components": 30, "random_state": 0}
+    pipe = make_pipeline(StandardScaler(), CORAL(), TorchKernelSVC(unlabelled=-1, **params))
+    pipe.fit(xs, ys, torchkernelsvc__sample_weight=weight)
+    # the same SVM fitted by hand on the aligned labelled rows and their weights
+    aligned = make_pipeline(StandardScaler(), CORAL()).fit_transform(xs, ys)
+    keep = ys != -1
+    manual = TorchKernelSVC(**params).fit(aligned[keep], ys[keep], sample_weight=weight[keep])
+    probe = make_pipeline(StandardScaler(), CORAL()).fit(xs, ys).transform(target)
+    np.testing.assert_allclose(
+        pipe.decision_function(target), manual.decision_function(probe), rtol=1e-7, atol=1e-9
+    )
+    unweighted = make_pipeline(StandardScaler(), CORAL(), TorchKernelSVC(unlabelled=-1, **params))
+    unweighted.fit(xs, ys)
+    assert not np.allclose(pipe.decision_function(target), unweighted.decision_function(target))
