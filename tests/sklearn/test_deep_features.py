@@ -269,3 +269,40 @@ def test_a_dataframe_with_its_columns_in_another_order_raises_like_sklearn():
     refit = DeepFeatures(embed, device="cpu").fit(np.ones((3, 4), dtype=np.int64))
     assert refit.n_features_in_ == 4
     assert not hasattr(refit.fit(tokens), "n_features_in_")
+
+
+def test_clones_searching_in_parallel_threads_share_one_cache_without_corrupting_it(tmp_path):
+    # GridSearchCV clones the pipeline (and deep-copies the model) per candidate and fold;
+    # with n_jobs=2 threads the clones read and write the same cache folders at once.
+    from joblib import parallel_backend
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.pipeline import Pipeline
+
+    task = tk.datasets.digits(None, seed=0)
+    x = task.source_x[:80].flatten(1).numpy()
+    y = task.source_y[:80].numpy()
+
+    def search(cache):
+        pipe = Pipeline(
+            [
+                ("features", DeepFeatures(small_net(), input_shape=(1, 16, 16), cache=cache)),
+                ("clf", LogisticRegression(max_iter=300)),
+            ]
+        )
+        grid = {"features__layers": ["neck", "fc"], "clf__C": [0.1, 1.0, 10.0]}
+        with parallel_backend("threading", n_jobs=2):
+            return GridSearchCV(pipe, grid, cv=3, n_jobs=2).fit(x, y)
+
+    plain = search(None)
+    cached = [search(tmp_path) for _ in range(2)]  # cold, then warm
+    for result in cached:
+        np.testing.assert_allclose(
+            result.cv_results_["mean_test_score"], plain.cv_results_["mean_test_score"]
+        )
+        np.testing.assert_array_equal(result.predict(x), plain.predict(x))
+    folders = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert len(folders) == 2 * 6 + 1  # 2 layer settings x 6 fold parts, + the refit on all
+    for folder in folders:
+        header = (folder / "header.json").read_text()
+        assert '"complete":true' in header
