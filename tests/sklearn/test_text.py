@@ -146,10 +146,12 @@ def test_an_inner_layer_is_mask_pooled_too(tiny_bert, tokenizer) -> None:
     np.testing.assert_allclose(out, (hidden * mask).sum(1) / mask.sum(1), atol=1e-5)
 
 
-def test_padding_does_not_change_a_text_s_features(tiny_bert, tokenizer) -> None:
-    features = DeepFeatures(tiny_bert, tokenizer=tokenizer, device="cpu")
+@pytest.mark.parametrize("pool", ["avg", "max", "avgmax"])
+@pytest.mark.parametrize("layers", [None, "encoder.layer.0"])
+def test_padding_does_not_change_a_text_s_features(tiny_bert, tokenizer, pool, layers) -> None:
+    features = DeepFeatures(tiny_bert, tokenizer=tokenizer, device="cpu", pool=pool, layers=layers)
     alone = features.fit_transform(["ok"])
-    with_long = features.transform(["ok", TEXTS[6]])
+    with_long = features.transform(["ok", TEXTS[6]])  # one batch: "ok" padded to 17 tokens
     np.testing.assert_allclose(with_long[0], alone[0], atol=1e-5)
 
 
