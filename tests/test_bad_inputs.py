@@ -1753,7 +1753,7 @@ rows(
 )
 flag_rows("recipes.Recipe", lambda v: recipes.Recipe("dann", nesterov=v), "nesterov")
 rows(
-    "recipes.Recipe.param_groups",
+    "recipes.Recipe",
     [
         (
             "layer_decay 2",
