@@ -317,3 +317,34 @@ def test_model_ema_refuses_a_state_dict_with_corrupt_extra_state() -> None:
     for bad in ({"updates": -1}, {"updates": 1, "master": {"weight": "w"}}, "updates"):
         with pytest.raises((TypeError, ValueError), match="updates|master"):
             ema.load_state_dict({**state, "_extra_state": bad})
+
+
+def test_model_ema_built_inside_a_bn_domain_block_rests_like_the_model() -> None:
+    """A copy made inside ``bn_domain(model, "target")`` must not stay in "target".
+
+    Before the fix the copy kept the block's domain for good: outside any block the
+    teacher normalised with target statistics while the student used its default
+    (source) ones, and nothing said so.
+    """
+    torch.manual_seed(0)
+    student = tk.convert_domain_bn(tk.models.SmallCNN(num_classes=3, width=4))
+    student.train()
+    with tk.bn_domain(student, "target"):
+        student(torch.randn(8, 1, 16, 16) * 3 + 2)  # target statistics differ
+    with tk.bn_domain(student, "target"):
+        teacher = tk.ModelEMA(student)
+        inside = [m.domain for m in teacher.module.modules() if hasattr(m, "domains")]
+    rest = [m.domain for m in teacher.module.modules() if hasattr(m, "domains")]
+    assert inside == rest == ["source"] * len(rest)
+    student.eval()
+    teacher.eval()
+    x = torch.randn(4, 1, 16, 16)
+    torch.testing.assert_close(teacher(x), student(x), rtol=0, atol=0)
+    with tk.bn_domain(student, "target"), tk.bn_domain(teacher, "target"):
+        torch.testing.assert_close(teacher(x), student(x), rtol=0, atol=0)
+    # a domain set on purpose outside any block is the model's resting domain: kept
+    for layer in student.modules():
+        if isinstance(layer, tk.DomainSpecificBatchNorm):
+            layer.domain = "target"
+    kept = tk.ModelEMA(student)
+    assert {m.domain for m in kept.module.modules() if hasattr(m, "domains")} == {"target"}

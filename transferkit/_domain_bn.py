@@ -20,6 +20,16 @@ from ._validation import check_option, did_you_mean
 __all__ = ["DomainSpecificBatchNorm"]
 
 AffineMode = Literal["shared", "separate"]
+# id(layer) -> the domain it returns to when every open bn_domain block on it closes
+# (set when the outermost block opens): copies made inside a block rest like the model.
+_RESTING: dict[int, str] = {}
+
+
+def resting_domain(layer: DomainSpecificBatchNorm) -> str:
+    """The domain ``layer`` has outside every open [`bn_domain`][] block."""
+    return _RESTING.get(id(layer), layer.domain)
+
+
 _PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 

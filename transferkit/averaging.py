@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ._domain_bn import DomainSpecificBatchNorm, resting_domain
 from ._surgery import unwrap_model
 from ._validation import check_positive
 from .freezing._batchnorm import _bn_policy, _clear_eval_policy, _set_eval_policy
@@ -56,7 +57,9 @@ class ModelEMA(nn.Module):
     Args:
         model: the network being trained (copied with ``copy.deepcopy``; not modified).
             ``DistributedDataParallel``, ``DataParallel`` and ``torch.compile`` wrappers
-            are looked through: the copy is the network inside them.
+            are looked through: the copy is the network inside them. Domain-specific
+            BatchNorm layers of the copy start in the model's domain outside any
+            [`transferkit.bn_domain`][] block, even when built inside one.
         decay: the largest averaging weight ``d``, in ``[0, 1)``. The time constant is
             about ``1 / (1 - decay)`` updates: 0.99 (the mean teacher's value in its
             ramp-up phase) suits runs of a few hundred steps; 0.999 (the mean teacher
@@ -94,7 +97,14 @@ class ModelEMA(nn.Module):
         if not 0.0 <= float(decay) < 1.0:
             raise ValueError(f"decay: expected a number in [0, 1), got {decay!r}")
         self.decay = float(decay)
-        self.module = copy.deepcopy(unwrap_model(model))
+        source = unwrap_model(model)
+        self.module = copy.deepcopy(source)
+        # a copy made inside tk.bn_domain(model, ...) rests in the model's own domain
+        for original, copied in zip(source.modules(), self.module.modules(), strict=True):
+            if isinstance(original, DomainSpecificBatchNorm) and isinstance(
+                copied, DomainSpecificBatchNorm
+            ):
+                copied.domain = resting_domain(original)
         self.module.requires_grad_(False)
         self.training = self.module.training
         self.updates = 0

@@ -26,7 +26,13 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._adabn import _batches, _ddp_group, _Moments, _sum_ranks
-from ._domain_bn import AffineMode, DomainSpecificBatchNorm, _check_domain, _check_domains
+from ._domain_bn import (
+    _RESTING,
+    AffineMode,
+    DomainSpecificBatchNorm,
+    _check_domain,
+    _check_domains,
+)
 from ._public import publish
 from ._surgery import find_ddp, unwrap_model
 from ._validation import check_module_data, check_option, check_positive
@@ -178,6 +184,8 @@ def bn_domain(model: nn.Module, domain: str) -> Iterator[nn.Module]:
     previous = [layer.domain for layer in layers]
     try:
         for layer in layers:
+            if id(layer) not in _OPEN_BLOCKS:
+                _RESTING[id(layer)] = layer.domain
             layer.domain = domain
             _OPEN_BLOCKS[id(layer)] = _OPEN_BLOCKS.get(id(layer), 0) + 1
         yield model
@@ -187,6 +195,8 @@ def bn_domain(model: nn.Module, domain: str) -> Iterator[nn.Module]:
             left = _OPEN_BLOCKS.pop(id(layer), 1) - 1
             if left > 0:
                 _OPEN_BLOCKS[id(layer)] = left
+            else:
+                _RESTING.pop(id(layer), None)
 
 
 # --------------------------------------------------------------------------- AdaBN
