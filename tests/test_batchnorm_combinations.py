@@ -146,6 +146,41 @@ def test_adapt_batchnorm_under_ddp_merges_the_statistics_of_every_shard(
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
 
 
+def _adabn_tiny_shard(rank: int, world: int) -> dict[str, str]:
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    # a short timeout: without the fix rank 0 waited in the merge for rank 1, which had
+    # already raised (a hang under the default 30-minute timeout)
+    group = dist.new_group(timeout=timedelta(seconds=15))
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.BatchNorm1d(3), nn.Linear(3, 2))
+    before = net[0].running_mean.clone()
+    ddp = nn.parallel.DistributedDataParallel(net, process_group=group)
+    shard = torch.randn(8 if rank == 0 else 1, 3)  # rank 1: one sample, not enough
+    try:
+        tk.adapt_batchnorm(ddp, shard, batch_size=4)
+        outcome = "no error"
+    except (ValueError, RuntimeError) as exc:
+        outcome = f"{type(exc).__name__}: {exc}"
+    unchanged = torch.equal(net[0].running_mean, before)
+    return {"outcome": outcome, "unchanged": str(unchanged)}
+
+
+@pytest.mark.distributed
+def test_adapt_batchnorm_under_ddp_fails_on_every_rank_when_one_shard_is_too_small(
+    tmp_path: Path,
+) -> None:
+    # failed before the fix: rank 1 raised alone and rank 0 waited in the merge until
+    # the process group timed out
+    results = run_distributed(_adabn_tiny_shard, tmp_path)
+    assert results[1]["outcome"].startswith("ValueError") and "target_data" in results[1]["outcome"]
+    assert results[0]["outcome"].startswith("RuntimeError")
+    assert "other rank" in results[0]["outcome"]
+    assert all(r["unchanged"] == "True" for r in results)
+
+
 def test_adapt_batchnorm_handles_momentum_none_bn3d_and_sync_batchnorm() -> None:
     data = torch.randn(12, 3, 2, 2, 2) * 2 + 1
     values = data.double().transpose(0, 1).reshape(3, -1)

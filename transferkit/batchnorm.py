@@ -202,6 +202,46 @@ def bn_domain(model: nn.Module, domain: str) -> Iterator[nn.Module]:
 # --------------------------------------------------------------------------- AdaBN
 
 
+def _forward_all(
+    model: nn.Module,
+    target_data: Any,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    progress: bool,
+) -> int:
+    """Run ``model`` on every batch of ``target_data``; return the number of batches."""
+    from .device import to_device
+    from .features._sources import _cast_floating
+
+    batches, total = _batches(target_data, batch_size, device)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = iter(tqdm(batches, total=total, desc="adapt_batchnorm", unit="batch"))
+    seen = 0
+    for batch in batches:
+        inputs = _cast_floating(to_device(batch, device), dtype)
+        if isinstance(inputs, Mapping):
+            model(**inputs)
+        else:
+            model(inputs)
+        seen += 1
+    return seen
+
+
+def _raise_if_any_rank_failed(failure: Exception | None, group: Any, device: torch.device) -> None:
+    """Every rank learns whether one failed its pass, so no rank waits in the merge."""
+    failed = _sum_ranks(int(failure is not None), group, device)
+    if failure is not None:
+        raise failure
+    if failed:
+        raise RuntimeError(
+            f"adapt_batchnorm: {failed} other rank(s) failed their pass over target_data "
+            "(see their error); the statistics were not merged and are left unchanged"
+        )
+
+
 def _adaptable_norms(model: nn.Module) -> tuple[list[_BatchNorm], int]:
     """BatchNorm layers whose statistics AdaBN re-estimates, and how many frozen ones it skips."""
     skipped_inactive: set[int] = set()
@@ -368,24 +408,17 @@ def adapt_batchnorm(
         for norm in norms:
             norm.momentum = None
             norm.training = True
-        batches, total = _batches(target_data, batch_size, device)
-        if progress:
-            from tqdm.auto import tqdm
-
-            batches = iter(tqdm(batches, total=total, desc="adapt_batchnorm", unit="batch"))
-        from .device import to_device
-        from .features._sources import _cast_floating
-
-        seen = 0
-        for batch in batches:
-            inputs = _cast_floating(to_device(batch, device), dtype)
-            if isinstance(inputs, Mapping):
-                model(**inputs)
-            else:
-                model(inputs)
-            seen += 1
         group = _ddp_group(ddp)
+        seen = 0
+        failure: Exception | None = None
+        try:
+            seen = _forward_all(model, target_data, batch_size, device, dtype, progress)
+        except Exception as error:
+            if group is None:
+                raise
+            failure = error  # the other ranks must hear of it, or they wait forever
         if group is not None:  # each rank saw its shard: merge, so every rank gets the same
+            _raise_if_any_rank_failed(failure, group, device)
             for norm in norms:
                 moments[norm].merge_ranks(group, norm.num_features, norm.running_mean.device)  # type: ignore[union-attr]
             seen = _sum_ranks(seen, group, device)
