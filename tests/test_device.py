@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections import OrderedDict, namedtuple
+from collections import OrderedDict, defaultdict, namedtuple
 
 import numpy as np
 import pytest
@@ -192,3 +192,46 @@ def test_dataloader_kwargs_cuda_pins_memory() -> None:
     kwargs = tk.dataloader_kwargs("cuda")
     assert kwargs["pin_memory"] is True
     assert kwargs["num_workers"] >= 1
+
+
+def test_to_device_keeps_a_defaultdict_and_its_factory() -> None:
+    # fails before the fix: defaultdict(values) raises TypeError and the batch came back
+    # as a plain dict, so a later missing key raised KeyError instead of using the factory
+    batch: defaultdict[str, list[torch.Tensor]] = defaultdict(list, {"x": [torch.ones(2)]})
+    moved = tk.to_device(batch, "cpu")
+    assert type(moved) is defaultdict
+    assert moved.default_factory is list
+    assert torch.equal(moved["x"][0], torch.ones(2))
+    assert moved["absent"] == []
+    assert "absent" not in batch  # the input was not touched
+
+
+@dataclasses.dataclass
+class BatchWithMask:
+    images: torch.Tensor
+    mask: torch.Tensor | None = dataclasses.field(init=False, default=None)
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenWithDerived:
+    images: torch.Tensor
+    total: torch.Tensor = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "total", self.images.sum())
+
+
+def test_to_device_keeps_dataclass_fields_set_after_construction() -> None:
+    # fails before the fix: dataclasses.replace() rebuilt the batch from its init fields,
+    # so an init=False field set later came back as its default (None)
+    batch = BatchWithMask(torch.zeros(2, 3))
+    batch.mask = torch.tensor([True, False])
+    moved = tk.to_device(batch, "cpu")
+    assert moved.mask is not None
+    assert torch.equal(moved.mask, torch.tensor([True, False]))
+    cast = tk._batch.map_tensors(batch, lambda t: t.to(torch.float64))
+    assert cast.images.dtype == torch.float64 and cast.mask.dtype == torch.float64
+    assert batch.mask.dtype == torch.bool  # the input was not touched
+    derived = tk._batch.map_tensors(FrozenWithDerived(torch.ones(3)), lambda t: t * 2)
+    assert torch.equal(derived.images, torch.full((3,), 2.0))
+    assert float(derived.total) == 6.0  # the mapped value of the derived field

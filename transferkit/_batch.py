@@ -5,9 +5,11 @@ feature extraction (casting, pinning, ``channels_last``, finding a layer's outpu
 ``adapt_batchnorm`` and the feature cache's batch digests:
 
 * a dataclass instance (every field; rebuilt with ``dataclasses.replace`` over its
-  ``init`` fields),
-* a ``Mapping`` (``dict``, ``OrderedDict``, Hugging Face ``BatchEncoding``; rebuilt with its
-  own type when that type accepts a dict, else as a plain ``dict``),
+  ``init`` fields, then its ``init=False`` fields are set to their mapped values, so a
+  field filled in after construction is kept),
+* a ``Mapping`` (``dict``, ``OrderedDict``, ``defaultdict`` with its ``default_factory``,
+  Hugging Face ``BatchEncoding``; rebuilt with its own type when that type accepts a dict,
+  else as a plain ``dict``),
 * a ``namedtuple`` (rebuilt positionally),
 * a ``list`` or ``tuple`` (rebuilt with its own type).
 
@@ -18,6 +20,7 @@ place: containers are rebuilt.
 from __future__ import annotations
 
 import dataclasses
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
@@ -50,10 +53,16 @@ def rebuild(obj: Any, kind: Kind, items: list[tuple[Any, Any]]) -> Any:
     """A new container like ``obj`` (of ``kind``, from [`children`][]) holding ``items``."""
     if kind == "dataclass":
         init = {f.name for f in dataclasses.fields(obj) if f.init}
-        return dataclasses.replace(obj, **{k: v for k, v in items if k in init})
+        new = dataclasses.replace(obj, **{k: v for k, v in items if k in init})
+        for key, value in items:
+            if key not in init:  # set after construction: replace() would drop or reset it
+                object.__setattr__(new, key, value)
+        return new
     if kind == "mapping":
         values = dict(items)
         try:
+            if isinstance(obj, defaultdict):  # its constructor takes the factory first
+                return type(obj)(obj.default_factory, values)
             return type(obj)(values)
         except TypeError:
             return values
