@@ -611,3 +611,37 @@ def test_ramp_counts_steps_past_the_end_and_stops_where_step_stops() -> None:
     for _ in range(5):  # fewer steps: the weight is where the ramp got to
         short.step()
     assert short.weight == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize(("height", "width"), [(16, 32), (32, 16), (10, 24)])
+def test_random_affine_rotates_non_square_images_rigidly(height: int, width: int) -> None:
+    # fails before the fix: the rotation acted on coordinates normalised per axis, so a
+    # non-square image was sheared and stretched instead of rotated. Reference: the same
+    # image zero-padded to a square canvas (where per-axis normalisation is harmless),
+    # rotated by the same angles, then cropped back.
+    side = max(height, width)
+    top, left = (side - height) // 2, (side - width) // 2
+    assert (side - height) % 2 == 0 and (side - width) % 2 == 0  # centres coincide
+    x = torch.rand(
+        6, 2, height, width, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
+    square = torch.zeros(6, 2, side, side, dtype=torch.float64)
+    square[:, :, top : top + height, left : left + width] = x
+    out = tk.augment.random_affine(x, degrees=60, generator=torch.Generator().manual_seed(5))
+    reference = tk.augment.random_affine(
+        square, degrees=60, generator=torch.Generator().manual_seed(5)
+    )[:, :, top : top + height, left : left + width]
+    # theta is built in float32: agreement to float32 precision (the defect was O(1))
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(AUGMENTS))
+@pytest.mark.parametrize("shape", [(4, 1, 28, 28), (4, 3, 12, 20), (4, 3, 20, 12)])
+def test_augmentations_keep_01_images_in_range_for_any_channels_and_aspect(
+    name: str, shape: tuple[int, int, int, int]
+) -> None:
+    # bilinear sampling, clamping and zero fill never leave [0, 1] (bicubic would)
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(0)).round()  # hard edges
+    out = AUGMENTS[name](x, torch.Generator().manual_seed(1))
+    assert out.shape == x.shape
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0 + 1e-6

@@ -71,8 +71,10 @@ def random_affine(
     Each image gets an angle uniform in ``[-degrees, degrees]``, a shift uniform in
     ``[-translate, translate]`` times its width/height along each axis and a zoom factor
     uniform in ``scale``; the transforms are applied together by bilinear
-    ``grid_sample``. Pixels that come from outside the image are filled according to
-    ``padding_mode`` (``"zeros"``, ``"border"`` or ``"reflection"``).
+    ``grid_sample``. Rotations are rigid in pixels, also for non-square images (a
+    rectangle rotated by 90 degrees keeps its side lengths). Pixels that come from
+    outside the image are filled according to ``padding_mode`` (``"zeros"``,
+    ``"border"`` or ``"reflection"``).
 
     Args:
         x: images.
@@ -116,9 +118,17 @@ def random_affine(
     shift = _uniform(2 * n, -translate, translate, images, generator).view(n, 2) * 2.0
     zoom = _uniform(n, float(scale[0]), float(scale[1]), images, generator)
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-    # the grid maps output to input coordinates: inverse rotation and zoom, then shift
+    # the grid maps output to input coordinates: inverse rotation and zoom, then shift.
+    # Grid coordinates are normalised to [-1, 1] along each axis; the rotation acts in
+    # pixels, so its off-diagonal terms carry the aspect ratio (1 for square images).
+    height, width = images.shape[-2:]
+    aspect = height / width
     theta = torch.stack(
-        [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
+        [
+            torch.stack([cos, -sin * aspect, shift[:, 0]], 1),
+            torch.stack([sin / aspect, cos, shift[:, 1]], 1),
+        ],
+        1,
     )
     work = images if images.dtype in (torch.float32, torch.float64) else images.float()
     grid = F.affine_grid(theta.to(work.dtype), list(work.shape), align_corners=False)
