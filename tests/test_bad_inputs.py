@@ -197,6 +197,10 @@ def labels(n: int = 6, classes: int = 2) -> torch.Tensor:
     return torch.arange(n) % classes
 
 
+def _u8(*shape: int) -> torch.Tensor:
+    return torch.zeros(*shape, dtype=torch.uint8)
+
+
 # --------------------------------------------------------------------------- kernels
 
 for kernel_name, kernel in [
@@ -1068,10 +1072,42 @@ rows(
         (
             "labels of the wrong length",
             lambda: datasets.ImageSplits(
-                "x", ("a", "b"), torch.zeros(4, 8, 8), labels(3), torch.zeros(2, 8, 8), labels(2)
+                "x", ("a", "b"), _u8(4, 1, 8, 8), labels(3), _u8(2, 1, 8, 8), labels(2)
             ),
             ValueError,
             "train_labels",
+        ),
+        (
+            "float images",
+            lambda: datasets.ImageSplits(
+                "x", ("a", "b"), torch.zeros(2, 1, 8, 8), labels(2), _u8(2, 1, 8, 8), labels(2)
+            ),
+            TypeError,
+            "train_images",
+        ),
+        (
+            "images without a channel axis",
+            lambda: datasets.ImageSplits(
+                "x", ("a", "b"), _u8(2, 8, 8), labels(2), _u8(2, 8, 8), labels(2)
+            ),
+            ValueError,
+            "train_images",
+        ),
+        (
+            "a label outside the classes",
+            lambda: datasets.ImageSplits(
+                "x", ("a", "b"), _u8(2, 1, 8, 8), labels(2), _u8(2, 1, 8, 8), labels(2) + 1
+            ),
+            ValueError,
+            "test_labels",
+        ),
+        (
+            "test images of another size",
+            lambda: datasets.ImageSplits(
+                "x", ("a", "b"), _u8(2, 1, 8, 8), labels(2), _u8(2, 1, 9, 9), labels(2)
+            ),
+            ValueError,
+            "test_images",
         ),
     ],
 )

@@ -98,3 +98,18 @@ def test_fashion_mnist_searches_the_transferkit_data_dir(
     assert data.name == "fashion_mnist"
     assert data.classes[0] == "T-shirt/top"
     assert data.train_images.shape == (12, 1, 28, 28)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bad_checksum"])
+def test_read_idx_reports_a_damaged_gzip_file_as_value_error(tmp_path: Path, damage: str) -> None:
+    # fails before the fix: gzip's EOFError / BadGzipFile escaped, although read_idx
+    # documents ValueError for a truncated file (and mnist()'s callers catch that)
+    write_idx(tmp_path / "a", np.arange(200, dtype=np.uint8).reshape(2, 10, 10), compress=True)
+    packed = (tmp_path / "a").read_bytes()
+    if damage == "truncated":
+        packed = packed[:-12]
+    else:  # flip a byte of the CRC-32 trailer
+        packed = packed[:-8] + bytes([packed[-8] ^ 0xFF]) + packed[-7:]
+    (tmp_path / "a").write_bytes(packed)
+    with pytest.raises(ValueError, match="truncated or corrupt gzip"):
+        tk.datasets.read_idx(tmp_path / "a")

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import transferkit as tk
-from tests.datasets.offline import fake_mnist_dir, needs_mnist
+from tests.datasets.offline import IDX_STEMS, fake_mnist_dir, needs_mnist, write_idx
 
 
 def _fashion_available() -> bool:
@@ -154,3 +154,47 @@ def test_changing_a_loaded_mnist_does_not_change_the_next_one() -> None:
     again = tk.datasets.mnist()
     assert torch.equal(again.train_images[0], original_image)
     assert int(again.test_labels[0]) == original_label
+
+
+def _rewrite(folder: Path, key: str, array: np.ndarray) -> None:
+    stem = IDX_STEMS[key]
+    (folder / f"{stem}.gz").unlink()
+    write_idx(folder / f"{stem}.gz", array, compress=True)
+
+
+def test_mnist_refuses_int32_pixels_instead_of_wrapping_them(tmp_path: Path) -> None:
+    # fails before the fix: np.array(..., dtype=uint8) cast 300 to 44 without a word
+    fake_mnist_dir(tmp_path)
+    pixels = np.full((5, 28, 28), 300, dtype=">i4")
+    _rewrite(tmp_path, "test_images", pixels)
+    with pytest.raises(ValueError, match=r"mnist: the test_images file holds >i4"):
+        tk.datasets.mnist(tmp_path)
+
+
+def test_mnist_refuses_labels_outside_its_classes(tmp_path: Path) -> None:
+    # fails before the fix: a label 12 of a corrupt file loaded as a class of MNIST
+    arrays = fake_mnist_dir(tmp_path)
+    labels = arrays["train_labels"].copy()
+    labels[3] = 12
+    _rewrite(tmp_path, "train_labels", labels)
+    with pytest.raises(ValueError, match=r"mnist: .*train_labels.*\[0, 9\]"):
+        tk.datasets.mnist(tmp_path)
+
+
+def test_mnist_refuses_test_images_of_another_size(tmp_path: Path) -> None:
+    # fails before the fix: 32x32 test images loaded next to 28x28 train images
+    fake_mnist_dir(tmp_path)
+    _rewrite(tmp_path, "test_images", np.zeros((5, 32, 32), dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"mnist: .*test_images.*\(1, 28, 28\)"):
+        tk.datasets.mnist(tmp_path)
+
+
+def test_image_splits_refuses_float_images_and_out_of_range_labels() -> None:
+    images = torch.zeros(2, 1, 4, 4, dtype=torch.uint8)
+    labels = torch.tensor([0, 1])
+    with pytest.raises(TypeError, match="train_images: expected uint8"):
+        tk.datasets.ImageSplits("x", ("a", "b"), images.float() / 255, labels, images, labels)
+    with pytest.raises(ValueError, match=r"test_labels: expected class indices in \[0, 1\]"):
+        tk.datasets.ImageSplits("x", ("a", "b"), images, labels, images, labels + 1)
+    with pytest.raises(ValueError, match="train_images: expected a 4-D"):
+        tk.datasets.ImageSplits("x", ("a", "b"), images[:, 0], labels, images, labels)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -94,7 +95,8 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
         The array with the shape and dtype stored in the file header.
 
     Raises:
-        ValueError: the file is not an idx file or is truncated.
+        ValueError: the file is not an idx file, or is truncated or corrupt (also a
+            gzipped file whose compressed stream is cut short or fails its checksum).
 
     Examples:
         >>> import tempfile, pathlib
@@ -106,7 +108,10 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     path = check_path(path, "path")
     data = path.read_bytes()
     if data[:2] == b"\x1f\x8b":  # gzip magic: the name may or may not end in .gz
-        data = gzip.decompress(data)
+        try:
+            data = gzip.decompress(data)
+        except (EOFError, OSError, zlib.error) as err:  # cut short, or a bad checksum
+            raise ValueError(f"path: {path} is a truncated or corrupt gzip file ({err})") from err
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise ValueError(f"path: {path} is not an idx file (bad magic number)")
     ndim = data[3]

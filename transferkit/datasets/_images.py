@@ -58,7 +58,9 @@ class ImageSplits:
     """A labelled image data set with its standard train/test split.
 
     Images are ``uint8`` tensors shaped ``(N, C, H, W)`` (use [`float_images`][] for
-    ``[0, 1]`` floats); labels are ``int64`` ``(N,)``.
+    ``[0, 1]`` floats), the same ``(C, H, W)`` in both splits; labels are ``int64``
+    ``(N,)`` indices into ``classes``. Anything else raises when the splits are built, so
+    a corrupt data file fails loudly instead of loading as data.
 
     Attributes:
         name: e.g. ``"mnist"``.
@@ -81,8 +83,22 @@ class ImageSplits:
             (self.train_images, self.train_labels, "train"),
             (self.test_images, self.test_labels, "test"),
         ):
-            check_tensor(images, f"{name}_images", finite=False)
-            check_labels(targets, f"{name}_labels", num_samples=images.shape[0])
+            check_tensor(images, f"{name}_images", ndim=4, finite=False)
+            if images.dtype != torch.uint8:
+                raise TypeError(
+                    f"{name}_images: expected uint8 images (0-255), got dtype {images.dtype}"
+                )
+            check_labels(
+                targets,
+                f"{name}_labels",
+                num_samples=images.shape[0],
+                num_classes=len(self.classes),
+            )
+        if self.train_images.shape[1:] != self.test_images.shape[1:]:
+            raise ValueError(
+                f"test_images: expected images shaped like the train images "
+                f"{tuple(self.train_images.shape[1:])}, got {tuple(self.test_images.shape[1:])}"
+            )
 
     @staticmethod
     def float_images(images: Tensor) -> Tensor:
@@ -96,21 +112,43 @@ class ImageSplits:
 
 
 def _to_splits(name: str, classes: tuple[str, ...], arrays: dict[str, np.ndarray]) -> ImageSplits:
-    # copies: the packaged arrays are cached, and a caller may write into its tensors
-    def images(a: np.ndarray) -> Tensor:
+    # The files' own dtypes are checked before converting: a cast would silently wrap
+    # int32 pixels or zero [0, 1] floats. ImageSplits then checks label range and shapes.
+    # Copies: the packaged arrays are cached, and a caller may write into its tensors.
+    def images(key: str) -> Tensor:
+        a = arrays[key]
+        if a.dtype != np.uint8 or a.ndim != 3:
+            raise ValueError(
+                f"{name}: the {key} file holds {a.dtype} values shaped {a.shape}, expected "
+                "(N, H, W) uint8 images; the data files are corrupt or of another data set"
+            )
         return torch.from_numpy(np.array(a, dtype=np.uint8, order="C", copy=True)).unsqueeze(1)
 
-    def labels(a: np.ndarray) -> Tensor:
+    def labels(key: str) -> Tensor:
+        a = arrays[key]
+        if not np.issubdtype(a.dtype, np.integer) or a.ndim != 1:
+            raise ValueError(
+                f"{name}: the {key} file holds {a.dtype} values shaped {a.shape}, expected "
+                "(N,) integer labels; the data files are corrupt or of another data set"
+            )
         return torch.from_numpy(np.array(a, dtype=np.int64, copy=True))
 
-    return ImageSplits(
-        name=name,
-        classes=classes,
-        train_images=images(arrays["train_images"]),
-        train_labels=labels(arrays["train_labels"]),
-        test_images=images(arrays["test_images"]),
-        test_labels=labels(arrays["test_labels"]),
-    )
+    try:
+        return ImageSplits(
+            name=name,
+            classes=classes,
+            train_images=images("train_images"),
+            train_labels=labels("train_labels"),
+            test_images=images("test_images"),
+            test_labels=labels("test_labels"),
+        )
+    except (TypeError, ValueError) as err:
+        if str(err).startswith(f"{name}: "):
+            raise
+        raise ValueError(
+            f"{name}: the data files are inconsistent ({err}); they are corrupt or of "
+            "another data set"
+        ) from err
 
 
 # --------------------------------------------------------------------------- MNIST
@@ -156,6 +194,8 @@ def mnist(root: str | os.PathLike[str] | None = None) -> ImageSplits:
     Raises:
         MissingDataError: no idx files in ``root``, or ``root=None`` and the packaged copy
             is not installed (the message names the extra to install).
+        ValueError: a data file is truncated or corrupt, holds values of the wrong type
+            or shape, or labels outside 0-9.
 
     Examples:
         >>> data = mnist()  # doctest: +SKIP
@@ -187,6 +227,8 @@ def fashion_mnist(root: str | os.PathLike[str] | None = None) -> ImageSplits:
 
     Raises:
         MissingDataError: the files were not found; the message says how to fetch them.
+        ValueError: a data file is truncated or corrupt, holds values of the wrong type
+            or shape, or labels outside 0-9.
 
     Examples:
         >>> data = fashion_mnist()  # doctest: +SKIP
