@@ -142,7 +142,8 @@ class _CacheSink:
         except (ValueError, KeyError, TypeError) as err:
             raise self._corrupt(str(self.header_path), err) from err
         if stored_key != self.key:
-            changed = sorted(k for k in self.key if stored_key.get(k) != self.key[k])
+            keys = set(self.key) | set(stored_key)
+            changed = sorted(k for k in keys if stored_key.get(k) != self.key.get(k))
             logger.warning(
                 "cache: %s was computed with a different %s; recomputing it",
                 self.directory,

@@ -195,6 +195,22 @@ def _effective_autocast(target: torch.device, amp: torch.dtype | None, enabled: 
     return None if chosen is None else f"{target.type}:{str(chosen).removeprefix('torch.')}"
 
 
+def _tf32_in_effect(target: torch.device, autocast: str | None) -> str | None:
+    """TF32 math a CUDA extraction runs with outside autocast, e.g. ``"conv"``.
+
+    cuDNN convolutions use TF32 by default (about 1e-3 relative error, against float32
+    rounding on the CPU): the cache key records it, so such rows are not served to a
+    float32 call on the CPU (or with TF32 off), nor the other way round.
+    """
+    if target.type != "cuda" or autocast is not None:
+        return None
+    flags = (
+        ("conv", torch.backends.cudnn.allow_tf32),
+        ("matmul", torch.backends.cuda.matmul.allow_tf32),
+    )
+    return "+".join(name for name, on in flags if on) or None
+
+
 def _cache_key(
     extractor: FeatureExtractor,
     amp: torch.dtype | None,
@@ -203,12 +219,17 @@ def _cache_key(
     target: torch.device,
 ) -> dict[str, Any]:
     model = extractor.model
-    return {
+    autocast = _effective_autocast(target, amp, enabled)
+    key = {
         "model": _model_fingerprint(model),
         "model_class": type(model).__qualname__,
         "layers": list(extractor.layers) if extractor.layers is not None else None,
         "pool": extractor.pool,
-        "amp": _effective_autocast(target, amp, enabled),
+        "amp": autocast,
         "data": source.describe(),
         "num_rows": source.num_rows,
     }
+    tf32 = _tf32_in_effect(target, autocast)
+    if tf32 is not None:  # absent otherwise: float32 caches written before stay valid
+        key["tf32"] = tf32
+    return key
