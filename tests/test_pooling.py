@@ -167,3 +167,46 @@ def test_pooling_agrees_between_heads_and_features_on_any_token_shape(
     np.testing.assert_allclose(
         from_head.double().numpy(), numpy_pool(x.numpy(), mode, mask_np), atol=1e-5
     )
+
+
+def test_token_pooling_of_a_head_checks_the_mask_and_rejects_left_padding() -> None:
+    # failed before the fix: the head dropped the mask for "token", so a left-padded batch
+    # was classified from its padding token, and a mask of the wrong shape went unchecked
+    torch.manual_seed(3)
+    head = tk.ClassifierHead(4, 2, hidden=(), dropout=0.0, pool="token")
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match=r"attention_mask: .*first token.*padding.*rows \[0\]"):
+        head(x, attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]))
+    with pytest.raises(ValueError, match="attention_mask"):
+        head(x, attention_mask=torch.ones(2, 5))
+    with pytest.raises(ValueError, match="attention_mask"):
+        head(x, attention_mask=torch.full((2, 3), 0.5))
+    # right padding: the first token is real and the mask changes nothing
+    right = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    torch.testing.assert_close(head(x, attention_mask=right), head(x))
+    torch.testing.assert_close(head.pool(x, right.bool()), x[:, 0])
+
+
+@pytest.mark.parametrize("mode", ["avg", "max", "avgmax"])
+def test_a_row_without_real_tokens_pools_to_zeros_in_heads(mode: str) -> None:
+    """Guard: an all-padding row gives zeros (not NaN from 0/0, not -inf from the max)."""
+    x = torch.randn(3, 4, 5)
+    mask = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]])
+    pooled = head_pool(x, mode, mask)
+    assert torch.isfinite(pooled).all()
+    assert torch.equal(pooled[1], torch.zeros_like(pooled[1]))
+    np.testing.assert_allclose(
+        pooled.numpy(), numpy_pool(x.numpy(), mode, mask.numpy()), rtol=1e-6, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("mode", ["avg", "max", "avgmax"])
+def test_head_pools_channels_last_maps_like_contiguous_ones(mode: str) -> None:
+    """Guard: a channels-last map (strides N, 1, W*C, C) pools over H, W, not over C."""
+    x = torch.randn(2, 6, 4, 5)
+    last = x.to(memory_format=torch.channels_last)
+    assert not last.is_contiguous()
+    torch.testing.assert_close(head_pool(last, mode), head_pool(x, mode))
+    np.testing.assert_allclose(
+        head_pool(last, mode).numpy(), numpy_pool(x.numpy(), mode), rtol=1e-6
+    )

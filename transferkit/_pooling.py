@@ -7,7 +7,8 @@ Rules (the same for heads and features):
   ``"token"`` is an error.
 * token sequences ``(N, T, D)``: ``"avg"``/``"max"``/``"avgmax"`` over ``T``; with an
   attention mask ``(N, T)`` padding is ignored (a row with no real token gives zeros);
-  ``"token"`` takes the first token (``[CLS]``).
+  ``"token"`` takes the first token (``[CLS]``), and with a mask it must be real (a
+  left-padded row raises).
 * features ``(N, D)``: one position, so avg = max = token = the features
   (``"avgmax"`` gives ``[x, x]``).
 * ``None``: no pooling.
@@ -127,6 +128,13 @@ def pool(
         return x.clone() if copy else x
     if mode == "token":
         if x.dim() == 3:  # token sequence (N, T, D)
+            if mask is not None and not bool(mask[:, 0].to(device="cpu").bool().all()):
+                rows = torch.nonzero(~mask[:, 0].bool()).flatten().tolist()
+                raise ValueError(
+                    f"attention_mask: pool 'token' takes the first token, but it is padding "
+                    f"in rows {rows[:5]} of {name} (a left-padded batch); pad on the right "
+                    "or use 'avg', 'max' or 'avgmax', which ignore padding anywhere"
+                )
             first = x[:, 0]
             return first.clone() if copy else first
         raise ValueError(

@@ -100,6 +100,9 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def last_linear(module: nn.Module, prefix: str = "") -> tuple[str, nn.Linear] | None:
     """The last ``nn.Linear`` of ``module`` in definition order, with its qualified name.
 
+    A module registered twice counts at its last place (``Sequential(a, relu, b, a)``
+    ends in ``a``, named ``"3"``), not only where it first appeared.
+
     Args:
         module: where to look (``module`` itself counts).
         prefix: prepended to the names, as in ``named_modules(prefix=...)``.
@@ -112,7 +115,7 @@ def last_linear(module: nn.Module, prefix: str = "") -> tuple[str, nn.Linear] | 
         ('head.2', Linear(in_features=8, out_features=2, bias=True))
     """
     found: tuple[str, nn.Linear] | None = None
-    for name, child in module.named_modules(prefix=prefix):
+    for name, child in module.named_modules(prefix=prefix, remove_duplicate=False):
         if isinstance(child, nn.Linear):
             found = (name, child)
     return found
@@ -145,8 +148,16 @@ def _name_of(model: nn.Module, target: nn.Module) -> str | None:
     return None
 
 
+def _children(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Direct children by name, a module registered under two names under both.
+
+    (``named_children`` lists a shared module once, under its first name only.)
+    """
+    return [(name, child) for name, child in module._modules.items() if child is not None]
+
+
 def _last_linear(container: nn.Module, prefix: str) -> tuple[str, nn.Module] | None:
-    children = list(container.named_children())
+    children = _children(container)
     if children and isinstance(children[-1][1], nn.Identity):
         # a headless classifier block (``classifier[-1] = nn.Identity()``): the identity
         # is the head, not the hidden Linear before it
@@ -199,7 +210,7 @@ def find_head(model: nn.Module) -> tuple[str, nn.Module]:
             name = _name_of(model, classifier)
             if name is not None:
                 return name, classifier
-    children = dict(model.named_children())
+    children = dict(_children(model))
     for attribute in _HEAD_ATTRIBUTES:
         candidate = children.get(attribute)
         if candidate is None:

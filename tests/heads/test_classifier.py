@@ -148,3 +148,13 @@ def test_public_objects_name_the_package_not_its_private_files() -> None:
     # pickles, reprs and feature-cache fingerprints stay as before the package split
     for name in tk.heads.__all__:
         assert getattr(tk.heads, name).__module__ == "transferkit.heads", name
+
+
+def test_norm_without_hidden_layers_is_an_error_not_ignored() -> None:
+    # failed before the fix: ClassifierHead(C, n, hidden=(), norm=...) built a head with
+    # no normalisation at all, silently
+    for norm in ("batch", "layer"):
+        with pytest.raises(ValueError, match=r"norm: .*hidden=\(\)"):
+            tk.ClassifierHead(8, 3, hidden=(), norm=norm)  # type: ignore[arg-type]
+    head = tk.ClassifierHead(8, 3, hidden=(4,), norm="layer", pool=None)
+    assert sum(isinstance(m, nn.LayerNorm) for m in head.modules()) == 1

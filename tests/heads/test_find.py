@@ -34,3 +34,16 @@ def test_find_head_raises_a_clear_error() -> None:
         tk.find_head(nn.Conv2d(3, 3, 1))
     with pytest.raises(TypeError, match="model"):
         tk.find_head("resnet")  # type: ignore[arg-type]
+
+
+def test_find_head_sees_a_shared_module_at_its_last_place() -> None:
+    # failed before the fix: definition order counted a reused module only where it first
+    # appeared, so the last Linear *run* (``tied``, again at the end) lost to ``middle``
+    tied, middle = nn.Linear(4, 4), nn.Linear(4, 4)
+    model = nn.Sequential(tied, nn.ReLU(), middle, nn.ReLU(), tied)
+    assert tk.find_head(model) == ("4", tied)
+    # and a head attribute that aliases an earlier child is still found by its name
+    net = nn.Module()
+    net.neck = nn.Identity()
+    net.fc = net.neck
+    assert tk.find_head(net)[0] == "fc"

@@ -175,3 +175,64 @@ def test_replace_head_on_a_domain_bn_model_warns_about_a_shared_batchnorm_head(
     with tk.bn_domain(net, "target"):
         net(torch.randn(8, 1, 16, 16))
     assert torch.equal(net.fc.hidden[1].norms["source"].running_mean, source)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_new_head_takes_the_training_mode_of_the_old_one(training: bool) -> None:
+    # failed before the fix: a fresh head stayed in training mode inside a model set to
+    # eval(), so its dropout made "evaluation" logits random
+    torch.manual_seed(0)
+    model = tk.models.SmallCNN(num_classes=3).train(training)
+    head = tk.replace_head(model, tk.ClassifierHead(128, 5, hidden=(16,), pool=None))
+    assert head.training is training and all(m.training is training for m in head.modules())
+    x = torch.randn(4, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x)) is not training  # dropout 0.5 only in training
+    # a given head in eval mode joins a model being trained: it trains too
+    model = tk.models.SmallCNN(num_classes=3).train()
+    head = tk.replace_head(model, tk.ClassifierHead(128, 5, pool=None).eval())
+    assert head.training
+    # the timm path (reset_classifier) too
+    timm_like = HeadlessTimmLike().eval()
+    assert not tk.replace_head(timm_like, 4).training
+
+
+class AliasedHead(nn.Module):
+    """The classifier registered twice: ``self.fc`` is ``self.classifier[-1]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 8)
+        self.classifier = nn.Sequential(nn.ReLU(), nn.Linear(8, 3))
+        self.fc = self.classifier[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.classifier(self.body(x))
+        return out
+
+
+@pytest.mark.parametrize("new", [3, 5, "module"])
+def test_a_head_registered_under_two_names_is_replaced_under_both(
+    new: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    # failed before the fix: only model.fc was replaced and forward() kept using the old
+    # head through model.classifier[1] (same class count: no error, an untrained copy)
+    torch.manual_seed(0)
+    model = AliasedHead()
+    old = model.fc
+    given = nn.Linear(8, 4) if new == "module" else new
+    with caplog.at_level(logging.WARNING, logger="transferkit.heads"):
+        head = tk.replace_head(model, given)  # type: ignore[arg-type]
+    assert "registered under 2 names ['classifier.1', 'fc']" in caplog.text
+    assert model.fc is head and model.classifier[1] is head
+    assert all(m is not old for m in model.modules())
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(model(x), head(torch.relu(model.body(x))))
+    # an identity shared with another layer is left there (it stands in for that layer too)
+    shared = nn.Identity()
+    net = nn.Module()
+    net.body = nn.Linear(4, 8)
+    net.neck = shared
+    net.fc = shared
+    tk.replace_head(net, 2)
+    assert isinstance(net.fc, nn.Linear) and net.neck is shared

@@ -281,6 +281,61 @@ def test_timm_head_layouts_give_logits_after_replace_head(
 
 @pytest.mark.vision
 @pytest.mark.parametrize(
+    ("library", "name", "kwargs"),
+    [
+        ("torchvision", "resnet18", {}),
+        ("torchvision", "mobilenet_v3_small", {}),  # classifier.3 inside a Sequential
+        ("timm", "convnext_atto", {}),  # head.fc
+        ("timm", "deit_tiny_distilled_patch16_224", {"img_size": 32}),  # reset_classifier
+        ("timm", "resnet18", {"num_classes": 0}),  # headless
+    ],
+)
+def test_replace_head_keeps_an_eval_model_in_eval_mode_on_its_device_and_dtype(
+    library: str, name: str, kwargs: dict[str, object]
+) -> None:
+    """Failed before the fix: the new head was left in training mode inside a model set to
+    eval() (its dropout / BatchNorm would run in training mode at evaluation)."""
+    torch.manual_seed(0)
+    if library == "timm":
+        model = pytest.importorskip("timm").create_model(name, pretrained=False, **kwargs)
+    else:
+        model = getattr(pytest.importorskip("torchvision.models"), name)(weights=None)
+    model = model.double().eval()
+    head = tk.replace_head(model, 5)
+    assert not any(m.training for m in model.modules())
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    assert tk.find_head(model)[1] is head
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        out = model(x)
+        assert out.shape == (2, 5) and torch.equal(out, model(x))
+    model.train()
+    given = tk.ClassifierHead(head.in_features, 4, pool=None).eval()
+    new = tk.replace_head(model, given, name=tk.find_head(model)[0])
+    assert new.training and all(m.training for m in new.modules())
+
+
+@pytest.mark.vision
+def test_a_module_for_one_of_deits_two_heads_needs_a_name() -> None:
+    # failed before the fix: replace_head(deit, module) replaced "head" only, and every
+    # prediction stayed the average of the new head and the old distillation head
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "deit_tiny_distilled_patch16_224", pretrained=False, num_classes=5, img_size=32
+    ).eval()
+    with pytest.raises(ValueError, match=r"2 classifiers \['head', 'head_dist'\]"):
+        tk.replace_head(model, tk.ClassifierHead(192, 5, hidden=(), pool=None))
+    first = tk.replace_head(model, nn.Linear(192, 5), name="head")
+    second = tk.replace_head(model, nn.Linear(192, 5), name="head_dist")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = model.forward_features(x)
+        torch.testing.assert_close(model(x), (first(tokens[:, 0]) + second(tokens[:, 1])) / 2)
+
+
+@pytest.mark.vision
+@pytest.mark.parametrize(
     ("factory", "head", "in_features"),
     [
         (lambda m: m.resnet18(weights=None), "fc", 512),

@@ -57,8 +57,9 @@ class ClassifierHead(nn.Module):
     and here agree exactly): averages are accumulated in float32 for float16/bfloat16
     input (then returned in the input's dtype), and an ``attention_mask`` ``(N, T)``
     passed to ``forward`` makes avg/max ignore padding tokens, as
-    [`transferkit.features.masked_mean`][] does (``"token"`` ignores the mask: the first
-    token is always real).
+    [`transferkit.features.masked_mean`][] does. With ``"token"`` the mask is checked
+    and the first token of every row must be real: a left-padded batch (padding first)
+    raises instead of classifying a padding token.
 
     Args:
         in_features: channels ``C`` or feature size ``D`` of the input.
@@ -67,7 +68,8 @@ class ClassifierHead(nn.Module):
         dropout: dropout probability in ``[0, 1)``.
         pool: ``"avg"``, ``"max"``, ``"avgmax"``, ``"token"`` or ``None``.
         activation: ``"relu"``, ``"gelu"``, ``"silu"`` or ``"tanh"``.
-        norm: ``None``, ``"batch"`` (BatchNorm1d) or ``"layer"`` (LayerNorm) in hidden layers.
+        norm: ``None``, ``"batch"`` (BatchNorm1d) or ``"layer"`` (LayerNorm) in hidden
+            layers (an error with ``hidden=()``, which has none).
 
     Shape:
         - Input: ``(N, C, H, W)``, ``(N, T, D)`` or ``(N, D)`` with ``C = D = in_features``.
@@ -75,8 +77,9 @@ class ClassifierHead(nn.Module):
         - Output: ``(N, num_classes)``.
 
     Raises:
-        ValueError: bad sizes or options at construction; a wrong input rank or feature
-            size, or a mask that is not ``(N, T)`` of 0/1, in ``forward``.
+        ValueError: bad sizes or options at construction (``norm`` without hidden
+            layers); a wrong input rank or feature size, a mask that is not ``(N, T)``
+            of 0/1, or (``"token"``) a mask whose first token is padding, in ``forward``.
 
     Examples:
         >>> import torch
@@ -115,6 +118,11 @@ class ClassifierHead(nn.Module):
         )
         act = _ACTIVATIONS[check_option(activation, "activation", tuple(_ACTIVATIONS))]
         norm_type = None if norm is None else check_option(norm, "norm", _NORMS)
+        if norm_type is not None and not hidden:
+            raise ValueError(
+                f"norm: {norm_type!r} normalises hidden layers, but hidden=() has none; "
+                "pass hidden sizes, or norm=None for a linear head"
+            )
 
         width = self.in_features * (2 if self.pool_type == "avgmax" else 1)
         layers: list[nn.Module] = []
@@ -160,7 +168,8 @@ class ClassifierHead(nn.Module):
                 "attention_mask: only (N, T, D) token input is masked (pool 'avg', 'max' or "
                 f"'avgmax'), got input of shape {tuple(x.shape)} with pool={mode!r}"
             )
-        mask = None if mode == "token" else attention_mask
+        # "token" checks the mask too: the first token must be real (not left padding)
+        mask = attention_mask
         # averages accumulate in float32; the head's layers take the input's dtype back
         return _pooling.pool(x, mode, mask=mask, name="input").to(x.dtype)
 

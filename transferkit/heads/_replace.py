@@ -156,7 +156,10 @@ def replace_head(
     With an ``int``, the new head is ``nn.Linear(in_features, num_classes)`` where
     ``in_features`` is read from the old head (its ``in_features``, or that of its first
     ``nn.Linear``). A given module is used as it is (a mismatching ``in_features``
-    attribute raises). The new head is moved to the model's device and dtype. Class
+    attribute raises). The new head is moved to the model's device and dtype and put in
+    the training mode of the old head (a model in ``eval()`` gets a head in eval mode).
+    A head with weights registered under several names (``model.fc =
+    model.classifier[-1]``) is replaced under all of them. Class
     counts kept on the model are updated: timm's ``num_classes``, Hugging Face's
     ``num_labels`` and ``config.num_labels`` (used by their loss).
 
@@ -166,7 +169,9 @@ def replace_head(
     ``global_pool=''`` gets its class's default pool back (logged as a warning), since a
     classifier needs pooled features. timm's distilled models (DeiT, LeViT: both heads
     are reset, the first is returned) and 1x1-conv heads (BiT ``ResNetV2``) also go
-    through ``reset_classifier``. A torchvision model whose head was set to
+    through ``reset_classifier``; a given module for a distilled model raises (its other
+    head would keep its old weights in every prediction) unless ``name`` picks the head
+    to replace. A torchvision model whose head was set to
     ``nn.Identity()`` gets a ``Linear`` sized by the output of the last layer with
     weights before it (512 for ResNet-18; the ``fc`` of ResNet/RegNet/ShuffleNet, the
     last item of a ``classifier``/``heads`` Sequential). That guess assumes the identity
@@ -188,8 +193,10 @@ def replace_head(
 
     Raises:
         TypeError: wrong argument types.
-        ValueError: no head found, ``name`` is not a module, sizes mismatch, or ``model``
-            is a ``DistributedDataParallel`` wrapper (replace the head before wrapping).
+        ValueError: no head found, ``name`` is not a module, sizes mismatch, a module
+            given for one of several combined heads (DeiT/LeViT) without ``name``, or
+            ``model`` is a ``DistributedDataParallel`` wrapper (replace the head before
+            wrapping).
 
     Examples:
         >>> import torch, transferkit as tk
@@ -212,6 +219,7 @@ def replace_head(
             "model.module and wrap the model again"
         )
     model = unwrap_model(model)
+    given_name = name is not None
     if name is None:
         name, old = find_head(model)
     else:
@@ -237,6 +245,9 @@ def replace_head(
     reference = next(iter(old.parameters()), None)
     if reference is None:
         reference = next(iter(model.parameters()), None)
+    # the new head runs in the mode of the one it replaces (a fresh module is in training
+    # mode: in a model set to eval() its dropout and BatchNorm would stay active)
+    training = old.training
     reset = getattr(model, "reset_classifier", None)
     classifiers = (
         _timm_classifiers(model) if callable(getattr(model, "get_classifier", None)) else []
@@ -266,6 +277,7 @@ def replace_head(
             for timm_head in new_heads:
                 if reference is not None:
                     timm_head.to(device=reference.device, dtype=reference.dtype)
+                timm_head.train(training)
             if isinstance(getattr(model, "num_classes", None), int):
                 setattr(model, "num_classes", num_classes)  # noqa: B010 (typed as Module)
             logger.info("replace_head: %s -> %s (timm reset_classifier)", name, new_heads)
@@ -274,6 +286,16 @@ def replace_head(
         raise ValueError(
             f"model: {type(model).__name__}.reset_classifier({num_classes}) did not give a "
             f"head with {num_classes} outputs; pass the head module yourself"
+        )
+    if not given_name and len(classifiers) > 1 and any(m is old for m in classifiers):
+        # DeiT/LeViT average their head with a distillation head in forward(): replacing
+        # one would keep the other's old weights in every prediction, silently
+        names = [n for n, m in model.named_modules() if any(m is c for c in classifiers)]
+        raise ValueError(
+            f"head_or_num_classes: {type(model).__name__} has {len(classifiers)} classifiers "
+            f"{names} whose outputs it combines; a given module would replace only "
+            f"{name!r} and the others would keep their old weights. Pass a number of "
+            "classes (all are reset), or replace each one yourself with name=..."
         )
     if isinstance(head_or_num_classes, int):
         num_classes = int(check_positive(head_or_num_classes, "head_or_num_classes", integer=True))
@@ -288,7 +310,23 @@ def replace_head(
             )
     if reference is not None:
         new = new.to(device=reference.device, dtype=reference.dtype)
-    replace_module(model, name, new)
+    new.train(training)
+    # every name the old head is registered under (``model.fc = model.classifier[-1]``):
+    # replacing only the one found would leave forward() calling the old head
+    # (not for an identity: one shared nn.Identity may also stand in for other layers)
+    names = [n for n, m in model.named_modules(remove_duplicate=False) if m is old and n]
+    if headless:
+        names = [name]
+    for alias in dict.fromkeys([name, *names]):
+        replace_module(model, alias, new)
+    if len(names) > 1:
+        logger.warning(
+            "replace_head: the head %r is registered under %d names %s; the new head "
+            "replaces it under all of them (pass name=... to check which one is meant)",
+            name,
+            len(names),
+            names,
+        )
     classes = _out_features(new)
     if classes is not None:
         for attribute in ("num_classes", "num_labels"):
