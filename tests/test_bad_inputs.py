@@ -1462,6 +1462,20 @@ rows(
             "input",
         ),
         ("input integer", lambda: tk.ClassifierHead(3, 2)(feats().long()), TypeError, "input"),
+        (
+            "norm without hidden",
+            lambda: tk.ClassifierHead(3, 2, hidden=(), norm="batch"),
+            ValueError,
+            "norm",
+        ),
+        (
+            "token mask left-padded",
+            lambda: tk.ClassifierHead(3, 2, pool="token")(
+                torch.randn(2, 4, 3), torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+            ),
+            ValueError,
+            "attention_mask",
+        ),
     ],
 )
 module_rows("heads.find_head", tk.find_head, "model")
@@ -2004,6 +2018,12 @@ rows(
             lambda: selection.rank({"a": X20}, Y20, score="acc"),
             ValueError,
             "score",
+        ),
+        (
+            "score NaN",
+            lambda: selection.rank({"a": X20}, Y20, score=lambda v, y: float("nan")),
+            ValueError,
+            "candidate 'a'",
         ),
     ],
 )

@@ -12,19 +12,61 @@ import transferkit as tk
 from transferkit.metrics import proxy_a_distance
 
 
-def test_proxy_a_distance_equals_the_held_out_error_formula() -> None:
+@pytest.mark.parametrize("sizes", [(150, 120), (130, 130)])
+def test_proxy_a_distance_equals_the_held_out_error_formula(sizes: tuple[int, int]) -> None:
+    """Unequal domains: balanced class weights and the balanced error (mean of the two
+    domains' error rates); equal domains: the plain fit and error rate."""
     rng = np.random.default_rng(0)
-    source = rng.normal(size=(150, 4))
-    target = rng.normal(size=(120, 4)) + 0.4
+    source = rng.normal(size=(sizes[0], 4))
+    target = rng.normal(size=(sizes[1], 4)) + 0.4
     pooled = np.concatenate([source, target])
-    domain = np.r_[np.zeros(150), np.ones(120)]
+    domain = np.r_[np.zeros(sizes[0]), np.ones(sizes[1])]
     x_train, x_test, d_train, d_test = train_test_split(
         pooled, domain, test_size=0.5, stratify=domain, random_state=3
     )
-    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-    error = np.mean(model.fit(x_train, d_train).predict(x_test) != d_test)
+    weight = None if sizes[0] == sizes[1] else "balanced"
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, class_weight=weight))
+    wrong = model.fit(x_train, d_train).predict(x_test) != d_test
+    error = (wrong[d_test == 0].mean() + wrong[d_test == 1].mean()) / 2
+    if sizes[0] == sizes[1]:
+        assert error == pytest.approx(wrong.mean())
     expected = 2 * (1 - 2 * min(error, 0.5))
     assert proxy_a_distance(source, target, seed=3) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("classifier", ["logistic", "svm"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_proxy_a_distance_of_one_distribution_is_near_zero_whatever_the_sizes(
+    classifier: str, seed: int
+) -> None:
+    # failed before the fix: 50 vs 500 samples of the same distribution scored ~1.6 of 2
+    # (a classifier that always answers "target" has a plain error of 50/550)
+    rng = np.random.default_rng(seed)
+    small, large = rng.normal(size=(50, 3)), rng.normal(size=(500, 3))
+    for source, target in ((small, large), (large, small)):
+        value = proxy_a_distance(source, target, classifier=classifier, seed=seed)  # type: ignore[arg-type]
+        assert 0.0 <= value < 0.5
+    # and a real shift still shows with unequal sizes
+    assert proxy_a_distance(small, large + 3.0, classifier=classifier, seed=seed) > 1.8  # type: ignore[arg-type]
+
+
+def test_proxy_a_distance_depends_only_on_its_seed_and_leaves_inputs_alone() -> None:
+    """Guard: no global RNG state is used (the split and the SVM take ``seed``), and the
+    input arrays and tensors are not modified."""
+    rng = np.random.default_rng(4)
+    source = rng.normal(size=(60, 3))
+    target = torch.from_numpy(rng.normal(size=(40, 3)) + 0.3).float()
+    copies = source.copy(), target.clone()
+    values = []
+    for global_seed in (0, 1):
+        np.random.seed(global_seed)  # noqa: NPY002 (the legacy global state is the point)
+        torch.manual_seed(global_seed)
+        values.append(
+            [proxy_a_distance(source, target, classifier=c, seed=5) for c in ("logistic", "svm")]
+        )
+    assert values[0] == values[1]
+    np.testing.assert_array_equal(source, copies[0])
+    assert torch.equal(target, copies[1])
 
 
 @pytest.mark.parametrize("classifier", ["logistic", "svm"])

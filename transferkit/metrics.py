@@ -101,17 +101,24 @@ def as_numpy_domains(
     return pooled, domain, len(source)
 
 
-def make_domain_classifier(classifier: DomainClassifierName, *, C: float, seed: int) -> object:
-    """A standardising linear scikit-learn classifier for source-vs-target features."""
+def make_domain_classifier(
+    classifier: DomainClassifierName, *, C: float, seed: int, balanced: bool = False
+) -> object:
+    """A standardising linear scikit-learn classifier for source-vs-target features.
+
+    ``balanced`` weights both domains equally whatever their sizes (not for density
+    ratios, which need the domains' real proportions).
+    """
+    weight = "balanced" if balanced else None
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import LinearSVC
 
     if classifier == "logistic":
-        model: object = LogisticRegression(C=C, max_iter=2000)
+        model: object = LogisticRegression(C=C, max_iter=2000, class_weight=weight)
     else:
-        model = LinearSVC(C=C, max_iter=20000, random_state=seed)
+        model = LinearSVC(C=C, max_iter=20000, random_state=seed, class_weight=weight)
     return make_pipeline(StandardScaler(), model)
 
 
@@ -128,8 +135,8 @@ def proxy_a_distance(
 
     A linear domain classifier (standardised features, then logistic regression or a
     linear SVM) is trained to tell source (label 0) from target (label 1) on a stratified
-    ``1 - test_fraction`` split and tested on the rest. With its held-out error
-    $\epsilon$,
+    ``1 - test_fraction`` split and tested on the rest. With its held-out balanced
+    error $\epsilon$ (the mean of the source and the target error rates),
 
     $$
     d_A = 2 (1 - 2 \epsilon).
@@ -139,6 +146,12 @@ def proxy_a_distance(
     classifier does no better than chance. A classifier worse than chance carries no
     evidence of a difference, so $\epsilon$ is capped at 0.5 and the result lies
     in ``[0, 2]``. Lower means the features are more domain-invariant.
+
+    Domains of different sizes count equally: the classifier is trained with balanced
+    class weights and $\epsilon$ is the balanced error, so identical feature sets score
+    near 0 whatever their sizes (a plain error rate would reward always predicting the
+    larger domain: 50 vs 500 samples of one distribution would score about 1.6). For
+    equal sizes this is the plain error rate of Ben-David et al.
 
     Args:
         source_features: source features.
@@ -167,7 +180,7 @@ def proxy_a_distance(
         >>> same < 0.5, far > 1.9
         (True, True)
     """
-    pooled, domain, _ = as_numpy_domains(source_features, target_features, min_samples=4)
+    pooled, domain, n_source = as_numpy_domains(source_features, target_features, min_samples=4)
     check_option(classifier, "classifier", ("logistic", "svm"))
     check_positive(C, "C")
     check_in_range(test_fraction, "test_fraction", 0.1, 0.9)
@@ -176,9 +189,17 @@ def proxy_a_distance(
     x_train, x_test, d_train, d_test = train_test_split(
         pooled, domain, test_size=test_fraction, stratify=domain, random_state=seed
     )
-    model = make_domain_classifier(classifier, C=C, seed=seed)
+    # unequal domains are weighted equally in training too, or the classifier learns to
+    # predict the larger domain (a balanced error of 0.5, however far apart they are);
+    # equal domains keep the unweighted fit
+    balanced = len(pooled) != 2 * n_source
+    model = make_domain_classifier(classifier, C=C, seed=seed, balanced=balanced)
     model.fit(x_train, d_train)  # type: ignore[attr-defined]
-    error = float(np.mean(model.predict(x_test) != d_test))  # type: ignore[attr-defined]
+    wrong = model.predict(x_test) != d_test  # type: ignore[attr-defined]
+    # the balanced error (mean of the two domains' error rates): with unequal domains a
+    # plain error rate rewards predicting the larger domain, so identical feature sets
+    # would score far above 0; for equal domains it is the plain error rate
+    error = float(np.mean([wrong[d_test == k].mean() for k in (0, 1)]))
     distance = 2.0 * (1.0 - 2.0 * min(error, 0.5))
     logger.debug("proxy_a_distance: held-out domain error %.4f -> %.4f", error, distance)
     return distance

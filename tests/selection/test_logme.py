@@ -83,3 +83,29 @@ def test_logme_is_invariant_to_sample_order_and_class_names(seed: int) -> None:
     base = selection.logme(f, y)
     assert selection.logme(f[order], y[order]) == pytest.approx(base, rel=1e-6, abs=1e-9)
     assert selection.logme(f, renamed) == pytest.approx(base, rel=1e-9)
+
+
+def reference_null_evidence(y: np.ndarray) -> float:
+    """Independent: with F = 0 each one-hot column is N(0, s^2 I) noise; maximise over s."""
+    from scipy.stats import norm
+
+    values = []
+    for c in np.unique(y):
+        target = (y == c).astype(np.float64)
+        scale = np.sqrt(target @ target / len(y))  # maximum-likelihood noise level
+        values.append(norm.logpdf(target, scale=scale).mean())
+    return float(np.mean(values))
+
+
+@pytest.mark.parametrize(("n", "d"), [(50, 6), (5, 8)])  # the eigh and the SVD path
+def test_logme_of_all_zero_features_is_the_noise_model_evidence_not_nan(n: int, d: int) -> None:
+    # failed before the fix: a dead layer (all-zero features) scored NaN (log 0 - log 0 in
+    # the fixed point), and rank() then ordered every other candidate arbitrarily
+    rng = np.random.default_rng(n)
+    y = np.arange(n) % 3
+    zero = selection.logme(np.zeros((n, d)), y)
+    assert zero == pytest.approx(reference_null_evidence(y), rel=1e-5)
+    # the null model is the alpha -> inf limit of any features: never more evidence
+    f, _ = informative_features(rng, n, d, 3)
+    assert zero <= selection.logme(f, y)
+    assert selection.logme(torch.zeros(n, d, dtype=torch.float16), torch.from_numpy(y)) == zero

@@ -61,3 +61,31 @@ def test_feature_scores_rank_digits_above_noise_of_any_dimension(digits, score, 
         warnings.simplefilter("error")  # the default scores need no warning here
         table = selection.rank(candidates, labels, score=score)
     assert table.best == "digits pixels", str(table)
+
+
+def test_rank_refuses_a_nan_score_instead_of_misordering_the_others() -> None:
+    # failed before the fix: NaN compares False with everything, so sorting left
+    # {"a": 1, "b": NaN, "c": 2} as a, b, c: "a" ranked above the better "c"
+    values = {"a": 1.0, "b": float("nan"), "c": 2.0}
+    labels = np.arange(10) % 2
+
+    def lookup(name: object, _: object) -> float:
+        return values[str(name)]
+
+    with pytest.raises(ValueError, match="candidate 'b': the lookup score is NaN"):
+        selection.rank({k: k for k in values}, labels, score=lookup)  # type: ignore[misc]
+    del values["b"]
+    assert selection.rank({k: k for k in values}, labels, score=lookup).names == ["c", "a"]  # type: ignore[misc]
+
+
+def test_rank_keeps_ties_in_input_order_and_a_dead_layer_ranks_last() -> None:
+    """Guard: equal scores keep the input order (stable sort, both directions), and an
+    all-zero candidate (dead layer) gets a finite LogME below real features."""
+    labels = np.arange(12) % 3
+    for order in (["x", "y", "z"], ["z", "y", "x"]):
+        table = selection.rank({k: k for k in order}, labels, score=lambda v, y: 0.5)  # type: ignore[misc]
+        assert table.names == order and [r.rank for r in table] == [1, 2, 3]
+    rng = np.random.default_rng(0)
+    features = np.eye(3)[labels] + 0.1 * rng.normal(size=(12, 3))
+    table = selection.rank({"dead": np.zeros((12, 3)), "real": features}, labels)
+    assert table.names == ["real", "dead"] and np.isfinite(table["dead"].score)

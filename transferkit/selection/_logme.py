@@ -31,7 +31,9 @@ def logme(features: ArrayLike, labels: ArrayLike) -> float:
     column rank (``N > D``). When it does not, the log-determinant here keeps the
     $(D - \text{rank})\log\alpha$ term of the zero singular values (the evidence as
     the paper defines it), which the reference's truncated SVD drops. Classes are the
-    distinct values in ``labels``. Features are used as given (no centring).
+    distinct values in ``labels``. Features are used as given (no centring). All-zero
+    features (a dead layer) get the evidence of the noise model alone, the lowest any
+    features can score (the fixed point would divide by zero there).
 
     Args:
         features: target features of one candidate model.
@@ -72,6 +74,8 @@ def logme(features: ArrayLike, labels: ArrayLike) -> float:
         u, singular, _ = np.linalg.svd(f, full_matrices=False)
         sigma = singular**2
         x = u.T @ targets
+    if not float(sigma.max(initial=0.0)) > 0.0:
+        return _logme_without_signal(targets)
     sigma = sigma[:, None]
     x2 = x**2
     residual_x2 = (targets**2).sum(0) - x2.sum(0)
@@ -107,4 +111,22 @@ def logme(features: ArrayLike, labels: ArrayLike) -> float:
         - alpha / 2.0 * m2
         - n / 2.0 * math.log(2.0 * math.pi)
     ) / n
+    return float(evidence.mean())
+
+
+def _logme_without_signal(targets: np.ndarray) -> float:
+    r"""LogME of features that are all zero (e.g. a dead layer): only the noise model is left.
+
+    With $F = 0$ the prior precision $\alpha$ cancels out of the evidence
+    ($\frac D2 \log\alpha - \frac12\log|\alpha I|$) and the fixed point, which
+    divides by $\alpha$, would give NaN. What remains, $\frac N2\log\beta -
+    \frac\beta2\|y_c\|^2 - \frac N2\log 2\pi$, is maximised at
+    $\beta = N / (\|y_c\|^2 + 10^{-5})$ (the same ``1e-5`` as the fixed point). It is
+    the $\alpha \to \infty$ (no weights) evidence of any features, so no candidate
+    scores below it.
+    """
+    n = targets.shape[0]
+    res2 = (targets**2).sum(0)
+    beta = n / (res2 + 1e-5)
+    evidence = (n / 2.0 * np.log(beta) - beta / 2.0 * res2 - n / 2.0 * math.log(2.0 * math.pi)) / n
     return float(evidence.mean())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, overload
@@ -123,7 +124,8 @@ def rank(
     ``"logme"``, ``"hscore"``, ``"knn"`` and ``"linear_probe"``, source-class
     probabilities ``(N, Z)`` for ``"leep"``, predicted source classes (or scores) for
     ``"nce"``. A callable ``score(values, labels) -> float`` (higher is better) may be
-    given instead of a name. Ties keep the input order.
+    given instead of a name. Ties keep the input order (and get consecutive ranks); a
+    NaN score raises rather than being placed arbitrarily.
 
     Args:
         candidates: ``{name: features or probabilities}``, e.g. one entry per pretrained
@@ -138,7 +140,8 @@ def rank(
         - every candidate: ``(N, ...)``; ``labels``: ``(N,)``.
 
     Raises:
-        ValueError: no candidates, an unknown score name, or invalid candidate data.
+        ValueError: no candidates, an unknown score name, invalid candidate data, or a
+            score that is NaN.
         TypeError: ``score`` is neither a name nor a callable.
 
     Examples:
@@ -179,6 +182,12 @@ def rank(
             value = float(function(values, labels))
         except (ValueError, TypeError) as error:
             raise type(error)(f"candidate {candidate!r}: {error}") from error
+        if math.isnan(value):
+            # NaN compares False with everything: sorting would silently misorder the others
+            raise ValueError(
+                f"candidate {candidate!r}: the {name} score is NaN, so it cannot be ranked; "
+                "check its values (e.g. a score function that divides by zero)"
+            )
         logger.info("rank: %s %s = %.4f", candidate, name, value)
         results.append((str(candidate), value))
     order = sorted(range(len(results)), key=lambda i: -results[i][1])
