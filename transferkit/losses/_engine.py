@@ -95,6 +95,15 @@ def _tile_values(
         joint = torch.mul(values[0], values[1])
         for value in values[2:]:
             joint.mul_(value)
+    if i0 == j0:
+        # A distance kernel's diagonal base is the constant ||z_i - z_i||^2 = 0: it adds
+        # nothing to the gradient. Left in, its derivative (-1 / (2 m sigma^2) per
+        # bandwidth) enters the reductions once as K'_ii w_i z_i and once as
+        # z_i K'_ii w_i, which cancel only up to rounding: with a bandwidth small against
+        # the distances that rounding is the whole gradient.
+        for kernel, block in zip(kernels, blocks, strict=True):
+            if kernel.family == "distance":
+                block.diagonal().zero_()
     return joint, blocks
 
 
