@@ -184,3 +184,25 @@ def test_public_objects_report_the_package_and_pickle_through_it() -> None:
     assert b"transferkit.kernels._" not in data
     x = torch.randn(4, 3)
     torch.testing.assert_close(pickle.loads(data)(x, x), kernel(x, x))
+
+
+@pytest.mark.parametrize(
+    "kernel",
+    [GaussianKernel(bandwidth=1e-25), LaplacianKernel(bandwidth=1e-46)],
+    ids=["gaussian-1e-25", "laplacian-1e-46"],
+)
+def test_a_fixed_bandwidth_below_the_fp32_range_gives_the_float64_values(
+    kernel: GaussianKernel | LaplacianKernel,
+) -> None:
+    # sigma^2 (Gaussian) or sigma (Laplacian) used to become 0 in fp32, so the zero
+    # distance on the diagonal gave 0 * -inf = NaN, and mmd returned NaN without error.
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
+    y = x[:4] + 1.0
+    got, exact = kernel(x, x), kernel(x.double(), x.double())
+    assert bool(torch.isfinite(got).all())
+    torch.testing.assert_close(got.double(), exact)
+    for estimator in ("biased", "unbiased"):
+        value = tk.losses.mmd(x, y, kernel, estimator)
+        assert float(value) == pytest.approx(
+            float(tk.losses.mmd(x.double(), y.double(), kernel, estimator)), abs=1e-6
+        )

@@ -142,11 +142,18 @@ def _check_bandwidth(bandwidth: float | None) -> float | None:
     return None if bandwidth is None else check_positive(bandwidth, "bandwidth")
 
 
+def _square(value: float) -> float:
+    """``value ** 2``, ``inf`` where the Python float overflows (``_fixed_state`` caps it)."""
+    return value * value if value < 1e150 else math.inf
+
+
 def _fixed_state(value: float, x: Tensor, smallest_multiplier: float = 1.0) -> Tensor:
-    """A fixed, rescaled kernel parameter as a 0-d tensor, kept inside the normal range.
+    """A fixed kernel parameter as a 0-d tensor of ``x``'s compute dtype, kept normal.
 
     The clamp keeps ``-1 / (m * value)`` finite: where it acts, every off-diagonal
     kernel value is already ``exp(-huge) = 0`` or ``exp(-tiny) = 1`` to working precision.
+    Without it a bandwidth whose square underflows the dtype (``1e-20`` in fp32) made
+    ``0 * -inf = NaN`` on the diagonal, where the distance is 0.
     """
     dtype = compute_dtype(x)
     info = torch.finfo(dtype)
@@ -205,14 +212,14 @@ class GaussianKernel(Kernel):
     def prepare(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """``sigma^2`` as a 0-d tensor: fixed, or the pooled mean squared distance."""
         if self.bandwidth is not None:
-            return torch.tensor(self.bandwidth**2, dtype=compute_dtype(x), device=x.device)
+            return _fixed_state(_square(self.bandwidth), x, min(self.multipliers))
         return _positive_or_one(pooled_mean_squared_distance(x, y))
 
     def prepare_rescaled(self, x: Tensor, y: Tensor, scale: float) -> Tensor:
         """``sigma^2`` in the units of inputs divided by ``scale`` (the heuristic is scale-free)."""
         if scale == 1.0 or self.bandwidth is None:
             return self.prepare(x, y)
-        return _fixed_state((self.bandwidth / scale) ** 2, x, min(self.multipliers))
+        return _fixed_state(_square(self.bandwidth / scale), x, min(self.multipliers))
 
     def value_bound(self, largest: float, dim: int) -> float:
         """Each of the ``len(multipliers)`` terms is at most one."""
@@ -284,7 +291,7 @@ class LaplacianKernel(Kernel):
     def prepare(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """``sigma`` as a 0-d tensor."""
         if self.bandwidth is not None:
-            return torch.tensor(self.bandwidth, dtype=compute_dtype(x), device=x.device)
+            return _fixed_state(self.bandwidth, x)
         return _positive_or_one(pooled_mean_squared_distance(x, y)).sqrt()
 
     def prepare_rescaled(self, x: Tensor, y: Tensor, scale: float) -> Tensor:
