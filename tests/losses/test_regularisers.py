@@ -81,6 +81,47 @@ def test_l2sp_keeps_the_model_out_of_its_parameters() -> None:
     assert list(reg.parameters()) == []
 
 
+@pytest.mark.parametrize("new_outputs", [5, 3])
+def test_l2sp_refuses_a_head_whose_shape_changed(new_outputs: int) -> None:
+    # A 1-output head replaced by a 5-output one used to broadcast its (1, 3) anchor
+    # against the (5, 3) weight and return a number; other shapes failed with torch's
+    # broadcasting RuntimeError that named no parameter.
+    net = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 1 if new_outputs == 5 else 7))
+    reg = L.L2SP(net)
+    net[1] = nn.Linear(3, new_outputs)
+    with pytest.raises(ValueError, match=r"'1.weight' has shape .* but its anchor"):
+        reg()
+
+
+def test_l2sp_refuses_a_parameter_unfrozen_after_construction_without_an_anchor() -> None:
+    # Freeze, build L2SP, unfreeze (as GradualUnfreezing does): the unfrozen layer used
+    # to be silently left out, so its drift from the pretrained weights cost nothing.
+    net = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    net[0].requires_grad_(False)
+    reg = L.L2SP(net, alpha=1.0, beta=0.5)
+    assert float(reg().detach()) == 0.0  # still frozen: nothing to regularise
+    net[0].requires_grad_(True)
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+    with pytest.raises(ValueError, match=r"\['0.weight', '0.bias'\] are trainable but"):
+        reg()
+
+
+def test_l2sp_decays_a_late_unfrozen_parameter_that_matches_exclude() -> None:
+    net = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    net[1].requires_grad_(False)
+    reg = L.L2SP(net, alpha=1.0, beta=0.5, exclude=["*bias"])
+    assert reg.anchored == ["0.weight"] and reg.excluded == ["0.bias"]
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+    net[1].bias.requires_grad_(True)
+    biases = sum(float((b.detach() ** 2).sum()) for b in (net[0].bias, net[1].bias))
+    assert float(reg().detach()) == pytest.approx(0.5 * 12.0 + 0.25 * biases)
+    net[1].weight.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"\['1.weight'\] are trainable but"):
+        reg()
+
+
 def test_safn_value_is_delta_squared_and_gradient_grows_every_norm() -> None:
     rng = np.random.default_rng(8)
     f = rng.normal(size=(6, 4))

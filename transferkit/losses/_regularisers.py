@@ -210,7 +210,12 @@ class L2SP(nn.Module):
     At construction every trainable (``requires_grad``) parameter of ``model`` is
     anchored at its current value ``w^0`` unless its name matches ``exclude``; the
     excluded trainable parameters (typically the new head) get plain weight decay
-    ``beta``. Frozen parameters are ignored. The anchors are registered buffers, so they
+    ``beta``. Parameters frozen at construction get no anchor: build L2SP *before*
+    freezing layers that will be unfrozen later (e.g. by
+    [`GradualUnfreezing`][transferkit.GradualUnfreezing]), since a parameter that
+    becomes trainable without an anchor makes the call raise (one that matches
+    ``exclude`` gets the weight decay). An anchored parameter whose shape changed (a
+    replaced layer) raises too. The anchors are registered buffers, so they
     move with ``.to()`` and save/load with ``state_dict()``; their names are the
     parameter names with ``.`` replaced by ``__``. The module keeps a reference to
     ``model`` (not as a submodule: its parameters are not this module's parameters).
@@ -227,7 +232,9 @@ class L2SP(nn.Module):
 
     Raises:
         ValueError: negative ``alpha``/``beta`` or an ``exclude`` pattern that matches no
-            trainable parameter.
+            trainable parameter; when called: an anchored parameter that disappeared,
+            changed shape or moved to another device than its anchor, or a trainable
+            parameter that has no anchor and matches no ``exclude`` pattern.
         TypeError: ``model`` is not a module or ``exclude`` holds non-strings.
 
     Examples:
@@ -275,6 +282,7 @@ class L2SP(nn.Module):
                     f"{type(model).__name__}{did_you_mean(pattern, names)}"
                 )
         self._model = [model]  # a list, so that nn.Module does not register it
+        self._patterns = patterns
         self.anchored: list[str] = []
         self.excluded: list[str] = []
         self._buffer_names: dict[str, str] = {}
@@ -303,10 +311,26 @@ class L2SP(nn.Module):
         missing = [n for n in self.anchored + self.excluded if n not in params]
         if missing:
             raise ValueError(f"model: parameters {missing[:3]} disappeared since construction")
+        known = set(self.anchored) | set(self.excluded)
+        late = [n for n, p in params.items() if p.requires_grad and n not in known]
+        unanchored = [n for n in late if not matches(n, self._patterns)]
+        if unanchored:
+            raise ValueError(
+                f"model: parameters {unanchored[:3]} are trainable but were frozen (or did "
+                "not exist) when L2SP was built, so they have no anchor and would not be "
+                "regularised; build L2SP before freezing (it anchors what is trainable "
+                "then) or add them to exclude"
+            )
         terms: list[Tensor] = []
         for name in self.anchored:
             param = params[name]
             anchor: Tensor = getattr(self, self._buffer_names[name])
+            if anchor.shape != param.shape:
+                raise ValueError(
+                    f"model: parameter {name!r} has shape {tuple(param.shape)} but its anchor "
+                    f"{tuple(anchor.shape)}; the layer was replaced after L2SP was built (e.g. "
+                    "a new head): exclude it or build L2SP after replacing it"
+                )
             if anchor.device != param.device:
                 raise ValueError(
                     f"L2SP: parameter {name!r} is on {param.device} but its anchor is on "
@@ -314,9 +338,10 @@ class L2SP(nn.Module):
                 )
             diff = as_compute(param) - anchor.to(compute_dtype(param))
             terms.append(0.5 * self.alpha * (diff * diff).sum())
-        for name in self.excluded:
+        for name in self.excluded + [n for n in late if n not in unanchored]:
             weight = as_compute(params[name])
             terms.append(0.5 * self.beta * (weight * weight).sum())
         if not terms:
-            return torch.zeros(())
+            first = next(iter(params.values()), None)
+            return torch.zeros((), device=None if first is None else first.device)
         return torch.stack([t.to(terms[0].dtype) for t in terms]).sum()
