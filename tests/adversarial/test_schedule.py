@@ -103,3 +103,23 @@ def test_warm_start_schedule_state_dict_resumes_the_ramp() -> None:
 def test_warm_start_schedule_rejects_bad_arguments(kwargs, error) -> None:
     with pytest.raises(error):
         tk.WarmStartSchedule(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("state", "error"),
+    [
+        ({"step": 3, "max_steps": 2.5}, TypeError),
+        ({"step": 3, "max_steps": True}, TypeError),
+        ({"step": 3, "max_steps": 0}, ValueError),
+        ({"step": 3, "lo": "0"}, TypeError),
+    ],
+)
+def test_warm_start_schedule_load_state_dict_checks_like_the_constructor(
+    state: dict[str, object], error: type[Exception]
+) -> None:
+    # max_steps=2.5 used to be truncated to 2 without a word: the ramp then ended a
+    # step early, where the constructor refuses 2.5 with a TypeError.
+    schedule = tk.WarmStartSchedule(10)
+    with pytest.raises(error, match="max_steps|lo"):
+        schedule.load_state_dict(state)
+    assert schedule.step_count == 0 and schedule.max_steps == 10

@@ -101,13 +101,17 @@ class WarmStartSchedule:
 
         Raises:
             ValueError: if ``state`` lacks the ``"step"`` key or holds invalid values.
+            TypeError: if ``state`` holds a non-integer ``max_steps`` or non-numeric
+                hyper-parameters.
         """
         if not isinstance(state, dict) or "step" not in state:
             raise ValueError("state: expected a dict from WarmStartSchedule.state_dict()")
         step = state["step"]
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"state['step']: expected a non-negative integer, got {step!r}")
-        max_steps = int(check_positive(state.get("max_steps", self.max_steps), "max_steps"))
+        max_steps = int(
+            check_positive(state.get("max_steps", self.max_steps), "max_steps", integer=True)
+        )
         alpha = check_positive(state.get("alpha", self.alpha), "alpha")
         lo, hi = self._check_bounds(state.get("lo", self.lo), state.get("hi", self.hi))
         self.max_steps, self.alpha, self.lo, self.hi = max_steps, alpha, lo, hi
