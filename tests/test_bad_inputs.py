@@ -570,6 +570,10 @@ rows(
             ValueError,
             "source_logits and source_features",
         ),
+        ("seed=True", lambda: cdan(randomized=True, seed=True), TypeError, "seed"),
+        ("seed=1.5", lambda: cdan(randomized=True, seed=1.5), TypeError, "seed"),
+        ("seed=-1", lambda: cdan(randomized=True, seed=-1), ValueError, "seed"),
+        ("seed is a string", lambda: cdan(seed="0"), TypeError, "seed"),
     ],
 )
 positive_rows(

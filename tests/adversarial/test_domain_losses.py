@@ -375,3 +375,31 @@ def test_cdan_features_dim_is_a_deprecated_spelling_of_feature_dim() -> None:
         tk.ConditionalDomainAdversarialLoss(
             nn.Linear(1, 1), num_classes=5, feature_dim=8, features_dim=8
         )
+
+
+def test_cdan_seed_fixes_the_random_map_without_touching_the_global_generator() -> None:
+    disc = tk.DomainDiscriminator(16, hidden=8)
+
+    def make(seed: int | None) -> tk.ConditionalDomainAdversarialLoss:
+        return tk.ConditionalDomainAdversarialLoss(
+            disc, num_classes=3, feature_dim=5, randomized=True, randomized_dim=16, seed=seed
+        )
+
+    torch.manual_seed(0)
+    first = make(7)
+    assert torch.equal(torch.get_rng_state(), torch.manual_seed(0).get_state())
+    torch.manual_seed(123)
+    second = make(7)
+    assert first.random_features is not None and second.random_features is not None
+    assert torch.equal(first.random_features, second.random_features)
+    assert torch.equal(first.random_classes, second.random_classes)  # type: ignore[arg-type]
+    assert not torch.equal(first.random_features, make(8).random_features)  # type: ignore[arg-type]
+    torch.manual_seed(0)
+    unseeded = make(None)  # the global generator: reproducible from torch.manual_seed
+    torch.manual_seed(0)
+    assert torch.equal(unseeded.random_features, make(None).random_features)  # type: ignore[arg-type]
+    if torch.cuda.is_available():
+        moved = make(7).cuda()
+        assert moved.random_features is not None
+        assert moved.random_features.device.type == "cuda"
+        assert torch.equal(moved.random_features.cpu(), first.random_features)

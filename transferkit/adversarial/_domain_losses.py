@@ -10,7 +10,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._precision import as_compute, no_autocast
-from .._validation import check_bool, check_features, check_pair, check_positive, check_tensor
+from .._validation import (
+    check_bool,
+    check_features,
+    check_pair,
+    check_positive,
+    check_seed,
+    check_tensor,
+)
 from ._adversary import (
     adversary_and_grl,
     check_predictions,
@@ -182,7 +189,9 @@ class ConditionalDomainAdversarialLoss(_AdversarialLossBase):
             ``feature_dim`` are given and ``F * C > 4096``.
         randomized_dim: ``d``, output size of the randomized map.
         grl: the reversal layer; default ``GradientReversal(1.0)``.
-        seed: seed of the random matrices (``None`` uses torch's global generator).
+        seed: seed of the random matrices, an integer in ``[0, 2**64 - 1]`` (``None``
+            uses torch's global generator); the matrices are drawn on the CPU, so a seed
+            gives the same map on every device.
 
     Call arguments:
         source_logits, source_features, target_logits, target_features (in that order:
@@ -195,9 +204,10 @@ class ConditionalDomainAdversarialLoss(_AdversarialLossBase):
         - Output: scalar, fp32 (also under autocast).
 
     Raises:
-        TypeError: for non-tensor, non-floating or mismatched-dtype input.
-        ValueError: for wrong ranks, sizes or devices, non-finite values, or
-            ``randomized=True`` without ``num_classes`` and ``feature_dim``.
+        TypeError: for non-tensor, non-floating or mismatched-dtype input, or a seed
+            that is not an integer.
+        ValueError: for wrong ranks, sizes or devices, non-finite values, a negative
+            seed, or ``randomized=True`` without ``num_classes`` and ``feature_dim``.
 
     Examples:
         >>> from transferkit.adversarial import DomainDiscriminator
@@ -266,8 +276,11 @@ class ConditionalDomainAdversarialLoss(_AdversarialLossBase):
                 "feature_dim to draw its random matrices; pass both"
             )
         self.randomized = bool(randomized)
+        checked_seed = None if seed is None else check_seed(seed)
         if self.randomized:
-            generator = None if seed is None else torch.Generator().manual_seed(seed)
+            generator = (
+                None if checked_seed is None else torch.Generator().manual_seed(checked_seed)
+            )
             shape_f = (self.feature_dim, self.randomized_dim)
             shape_g = (self.num_classes, self.randomized_dim)
             self.register_buffer("random_features", torch.randn(shape_f, generator=generator))  # type: ignore[arg-type]
