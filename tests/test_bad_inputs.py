@@ -2024,6 +2024,12 @@ rows(
             "score",
         ),
         (
+            "candidates names equal as strings",
+            lambda: selection.rank({1: X20, "1": X20}, Y20),
+            ValueError,
+            "candidates",
+        ),
+        (
             "score NaN",
             lambda: selection.rank({"a": X20}, Y20, score=lambda v, y: float("nan")),
             ValueError,

@@ -236,3 +236,32 @@ def test_a_head_registered_under_two_names_is_replaced_under_both(
     net.fc = shared
     tk.replace_head(net, 2)
     assert isinstance(net.fc, nn.Linear) and net.neck is shared
+
+
+class WithAuxiliaryHead(nn.Module):
+    """Inception's layout: ``AuxLogits.fc`` (used in training) defined before ``fc``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 8)
+        self.AuxLogits = nn.Module()
+        self.AuxLogits.conv = nn.Linear(8, 6)
+        self.AuxLogits.fc = nn.Linear(6, 10)
+        self.fc = nn.Linear(8, 10)
+
+
+def test_auxiliary_classifiers_left_at_the_old_class_count_are_named(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # before: replace_head(inception, 5) silently left AuxLogits.fc with 1000 outputs, and
+    # an auxiliary loss on 5 classes trained it as a 1000-way classifier
+    model = WithAuxiliaryHead()
+    with caplog.at_level(logging.WARNING, logger="transferkit.heads"):
+        head = tk.replace_head(model, 5)
+    assert model.fc is head and "['AuxLogits.fc'] still give 10 outputs, not 5" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="transferkit.heads"):
+        tk.replace_head(model, 5, name="AuxLogits.fc")
+        tk.replace_head(model, 5)  # same class count: nothing to say
+    assert caplog.text == ""
+    assert model.AuxLogits.fc.out_features == 5 and model.AuxLogits.fc.in_features == 6

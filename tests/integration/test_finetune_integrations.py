@@ -316,6 +316,27 @@ def test_replace_head_keeps_an_eval_model_in_eval_mode_on_its_device_and_dtype(
 
 
 @pytest.mark.vision
+@pytest.mark.parametrize(
+    ("name", "auxiliary"),
+    [("googlenet", ["aux1.fc2", "aux2.fc2"]), ("inception_v3", ["AuxLogits.fc"])],
+)
+def test_torchvision_auxiliary_classifiers_are_named_and_replaceable(
+    name: str, auxiliary: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    models = pytest.importorskip("torchvision.models")
+    model = getattr(models, name)(weights=None, aux_logits=True, init_weights=False)
+    with caplog.at_level(logging.WARNING, logger="transferkit.heads"):
+        tk.replace_head(model, 5)
+    assert f"{auxiliary} still give 1000 outputs, not 5" in caplog.text
+    for aux in auxiliary:
+        tk.replace_head(model, 5, name=aux)
+    model.train()
+    size = 299 if name == "inception_v3" else 64
+    outputs = model(torch.randn(2, 3, size, size))
+    assert all(out.shape == (2, 5) for out in outputs)
+
+
+@pytest.mark.vision
 def test_a_module_for_one_of_deits_two_heads_needs_a_name() -> None:
     # failed before the fix: replace_head(deit, module) replaced "head" only, and every
     # prediction stayed the average of the new head and the old distillation head

@@ -89,3 +89,11 @@ def test_rank_keeps_ties_in_input_order_and_a_dead_layer_ranks_last() -> None:
     features = np.eye(3)[labels] + 0.1 * rng.normal(size=(12, 3))
     table = selection.rank({"dead": np.zeros((12, 3)), "real": features}, labels)
     assert table.names == ["real", "dead"] and np.isfinite(table["dead"].score)
+
+
+def test_rank_refuses_names_that_collide_as_strings() -> None:
+    # before: {1: good, "1": noise} gave two rows both named "1", so table["1"] and
+    # as_dict() silently returned one of them
+    labels = np.arange(10) % 2
+    with pytest.raises(ValueError, match=r"candidates: names \['1'\] appear twice"):
+        selection.rank({1: 1.0, "1": 2.0}, labels, score=lambda v, y: float(v))  # type: ignore[dict-item]

@@ -113,6 +113,33 @@ def _warn_shared_batchnorm(model: nn.Module, heads: list[nn.Module]) -> None:
         )
 
 
+def _warn_auxiliary_heads(model: nn.Module, old_classes: int, classes: int) -> None:
+    """Warn about auxiliary classifiers that still give ``old_classes`` outputs.
+
+    Inception's ``AuxLogits``, GoogLeNet's ``aux1``/``aux2``: in training mode the model
+    returns their logits too.
+    """
+    left = [
+        qualified
+        for qualified, module in model.named_modules()
+        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
+        and "aux" in qualified.lower()
+        and _output_size(module) == old_classes
+    ]
+    if left:
+        logger.warning(
+            "replace_head: the auxiliary classifier(s) %s still give %d outputs, not %d; "
+            "an auxiliary loss on the new labels would train them as %d-way classifiers. "
+            "Replace them too, e.g. replace_head(model, %d, name=%r)",
+            left,
+            old_classes,
+            classes,
+            old_classes,
+            classes,
+            left[0],
+        )
+
+
 def _timm_classifiers(model: nn.Module) -> list[nn.Module]:
     """What timm's ``get_classifier()`` returns, as a list (distilled models give two)."""
     try:
@@ -177,7 +204,9 @@ def replace_head(
     last item of a ``classifier``/``heads`` Sequential). That guess assumes the identity
     receives pooled, flattened features of that size: when a whole block is replaced
     (ConvNeXt's or VGG's entire ``classifier``) or auxiliary heads come later in the
-    definition order (GoogLeNet), build the head yourself and pass it.
+    definition order (GoogLeNet), build the head yourself and pass it. Auxiliary
+    classifiers (Inception's ``AuxLogits.fc``, GoogLeNet's ``aux1.fc2``) are not the head:
+    when they keep the old class count a warning names them (replace each with ``name=``).
 
     On a model converted with [`transferkit.convert_domain_bn`][], a new head with
     BatchNorm layers (``ClassifierHead(..., norm="batch")``) logs a warning: its layers
@@ -328,6 +357,9 @@ def replace_head(
             names,
         )
     classes = _out_features(new)
+    old_classes = None if headless else _out_features(old)
+    if classes is not None and old_classes is not None and classes != old_classes:
+        _warn_auxiliary_heads(model, old_classes, classes)
     if classes is not None:
         for attribute in ("num_classes", "num_labels"):
             if isinstance(getattr(model, attribute, None), int):

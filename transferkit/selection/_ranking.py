@@ -140,8 +140,8 @@ def rank(
         - every candidate: ``(N, ...)``; ``labels``: ``(N,)``.
 
     Raises:
-        ValueError: no candidates, an unknown score name, invalid candidate data, or a
-            score that is NaN.
+        ValueError: no candidates, an unknown score name, invalid candidate data, a
+            score that is NaN, or two names that are equal as strings (``1`` and ``"1"``).
         TypeError: ``score`` is neither a name nor a callable.
 
     Examples:
@@ -176,6 +176,13 @@ def rank(
         )
     else:
         raise TypeError(f"score: expected a score name or a callable, got {type(score).__name__}")
+    labels_of = [str(candidate) for candidate in candidates]
+    if len(set(labels_of)) != len(labels_of):
+        repeated = sorted({n for n in labels_of if labels_of.count(n) > 1})
+        raise ValueError(
+            f"candidates: names {repeated} appear twice once written as strings (e.g. 1 and "
+            "'1'); the table could not tell those candidates apart"
+        )
     results: list[tuple[str, float]] = []
     for candidate, values in candidates.items():
         try:
