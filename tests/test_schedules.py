@@ -446,3 +446,51 @@ def test_gradual_unfreezing_warns_when_a_scheduler_it_does_not_know_exists(
         tk.GradualUnfreezing(make_net(), ["neck"], optimizer, scheduler=schedule.scheduler)
     with pytest.raises(TypeError, match="scheduler: expected"):
         tk.GradualUnfreezing(make_net(), ["neck"], optimizer, scheduler="cos")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("extend", [False, True])
+def test_factor_schedule_with_an_added_group_resumes_like_an_uninterrupted_run(
+    extend: bool, tmp_path: Path
+) -> None:
+    # fails before the fix (extend=False): the saved state holds two factor entries and
+    # LambdaLR.load_state_dict indexed the fresh schedule's single one (IndexError)
+    first, second = new_param(), new_param()
+
+    def build() -> tuple[torch.optim.Optimizer, FactorSchedule]:
+        optimizer = torch.optim.SGD([first], lr=1.0)
+        return optimizer, warmup_cosine(optimizer, 12, warmup_steps=3)
+
+    def add(optimizer: torch.optim.Optimizer, scheduler: FactorSchedule) -> None:
+        optimizer.add_param_group({"params": [second], "lr": 0.5})
+        if extend:
+            extend_scheduler(scheduler)
+
+    def run(optimizer: torch.optim.Optimizer, scheduler: FactorSchedule) -> list[list[float]]:
+        seen = []
+        for _ in range(4):
+            optimizer.step()
+            scheduler.step()
+            seen.append([float(g["lr"]) for g in optimizer.param_groups])
+        return seen
+
+    optimizer, scheduler = build()
+    for _ in range(2):
+        optimizer.step()
+        scheduler.step()
+    add(optimizer, scheduler)
+    optimizer.step()
+    scheduler.step()
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+        tmp_path / "checkpoint.pt",
+    )
+    continued = run(optimizer, scheduler)
+
+    resumed_optimizer, resumed_scheduler = build()
+    add(resumed_optimizer, resumed_scheduler)  # the group is re-added first
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    resumed_optimizer.load_state_dict(checkpoint["optimizer"])
+    resumed_scheduler.load_state_dict(checkpoint["scheduler"])
+    assert run(resumed_optimizer, resumed_scheduler) == continued
+    factors = [scheduler.lr_lambdas[0](step) for step in range(4, 8)]
+    np.testing.assert_allclose(continued, [[f, 0.5 * f] for f in factors], rtol=1e-12)

@@ -259,7 +259,9 @@ class FactorSchedule(torch_schedulers.LambdaLR):
     the optimizer after construction (gradual unfreezing, ``add_param_group``) is picked up
     at the next [`step`][] with its lr at that time as its base, so it never breaks the
     schedule; [`extend_scheduler`][] (or ``GradualUnfreezing(..., scheduler=...)``) puts
-    it on the schedule right away instead of at the next step.
+    it on the schedule right away instead of at the next step. Its ``state_dict()`` then
+    covers the added groups; to resume, re-add them (with the lrs they were added with)
+    before ``optimizer.load_state_dict`` and ``scheduler.load_state_dict``.
 
     Args:
         optimizer: the optimizer whose groups are scheduled.
@@ -301,6 +303,22 @@ class FactorSchedule(torch_schedulers.LambdaLR):
                 f"got {value!r}"
             )
         return super().get_lr()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a state saved by ``state_dict()``, also one that covers added groups.
+
+        A schedule that picked up groups added mid-run saves one factor entry per group;
+        the fresh schedule of a resumed run knows only the groups it was built with, so it
+        first extends itself to the saved count (every group shares the one factor).
+
+        Args:
+            state_dict: a mapping returned by ``state_dict()``.
+        """
+        saved = state_dict.get("lr_lambdas")
+        if isinstance(saved, (list, tuple)) and len(saved) > len(self.lr_lambdas):
+            extra = len(saved) - len(self.lr_lambdas)
+            self.lr_lambdas = [*self.lr_lambdas, *[self.lr_lambdas[0]] * extra]
+        super().load_state_dict(state_dict)
 
 
 class _CycleFactor:
