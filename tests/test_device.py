@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 from collections import OrderedDict, defaultdict, namedtuple
@@ -130,7 +131,8 @@ def test_autocast_rejects_fp32_dtype() -> None:
 
 @pytest.mark.cuda
 def test_autocast_cuda_picks_bf16_when_supported() -> None:
-    expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    native = torch.cuda.get_device_capability()[0] >= 8 or bool(torch.version.hip)
+    expected = torch.bfloat16 if native else torch.float16
     with tk.autocast("cuda") as dtype:
         out = torch.nn.Linear(4, 2).cuda()(torch.randn(3, 4, device="cuda"))
     assert dtype == expected
@@ -232,3 +234,38 @@ def test_to_device_keeps_dataclass_fields_set_after_construction() -> None:
     assert moved is not batch and batch.mask is not None  # the input was not touched
     derived = tk.to_device(FrozenWithDerived(torch.ones(3)), "cpu")
     assert isinstance(derived, FrozenWithDerived) and float(derived.total) == 3.0
+
+
+@pytest.mark.parametrize(
+    ("capabilities", "device", "expected"),
+    [
+        ([(7, 5)], "cuda", torch.float16),  # T4: bf16 only emulated
+        ([(7, 0)], "cuda", torch.float16),  # V100
+        ([(8, 0)], "cuda", torch.bfloat16),  # A100
+        ([(9, 0), (7, 5)], "cuda:1", torch.float16),  # the asked device, not the current
+        ([(7, 5), (9, 0)], "cuda:1", torch.bfloat16),
+    ],
+)
+def test_autocast_cuda_picks_fp16_where_bf16_is_only_emulated(
+    monkeypatch: pytest.MonkeyPatch,
+    capabilities: list[tuple[int, int]],
+    device: str,
+    expected: torch.dtype,
+) -> None:
+    # fails before the fix: torch.cuda.is_bf16_supported() counts emulated bf16 (its
+    # default including_emulation=True) and asks about the current device only, so a
+    # T4 or V100 (or a cuda:1 next to an A100) got slow emulated bf16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(capabilities))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: capabilities[i or 0])
+    monkeypatch.setattr(
+        torch.cuda,
+        "is_bf16_supported",
+        lambda including_emulation=True: including_emulation or capabilities[0][0] >= 8,
+    )
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch, "autocast", lambda **kwargs: contextlib.nullcontext())
+    with tk.autocast(device) as dtype:
+        pass
+    assert dtype == expected

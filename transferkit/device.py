@@ -127,13 +127,27 @@ def _move(obj: Any, device: torch.device, non_blocking: bool) -> Any:
     )
 
 
+def _cuda_bf16_native(device: torch.device) -> bool:
+    """Whether the CUDA ``device`` computes in bf16 natively (compute capability >= 8.0).
+
+    ``torch.cuda.is_bf16_supported()`` also answers ``True`` where bf16 is only emulated
+    (e.g. a T4 or V100: slow kernels) and asks about the *current* device, not
+    ``device``; ROCm GPUs that torch supports all have bf16.
+    """
+    if torch.version.hip:
+        return bool(torch.cuda.is_bf16_supported())
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    major, _ = torch.cuda.get_device_capability(index)
+    return major >= 8
+
+
 def _autocast_dtype(device: torch.device, dtype: torch.dtype | None) -> torch.dtype | None:
     if dtype is not None:
         if dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"dtype: expected torch.float16 or torch.bfloat16, got {dtype}")
         return dtype
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if _cuda_bf16_native(device) else torch.float16
     # CPU and MPS autocast only when the caller asks for a dtype: CPU fp16 is slow and
     # bf16 changes numerics, so it must be an explicit choice.
     return None
@@ -145,8 +159,10 @@ def autocast(
 ) -> Iterator[torch.dtype | None]:
     """Mixed-precision context that picks a sensible dtype for the device.
 
-    * CUDA: ``dtype=None`` chooses bf16 where the GPU supports it
-      (``torch.cuda.is_bf16_supported()``), else fp16.
+    * CUDA: ``dtype=None`` chooses bf16 where the GPU computes it natively (compute
+      capability 8.0 or newer: Ampere, Hopper, ...; every ROCm GPU), else fp16. GPUs
+      where ``torch.cuda.is_bf16_supported()`` is true only through emulation (T4,
+      V100) get fp16. The capability is read for ``device`` itself (e.g. ``"cuda:1"``).
     * CPU / MPS: autocast is enabled only when ``dtype`` is given (bf16 on CPU).
     * ``enabled=False``: a no-op, so code can keep one ``with`` block for both paths.
 
