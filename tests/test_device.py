@@ -269,3 +269,40 @@ def test_autocast_cuda_picks_fp16_where_bf16_is_only_emulated(
     with tk.autocast(device) as dtype:
         pass
     assert dtype == expected
+
+
+def test_seed_everything_gives_wide_seeds_their_own_numpy_stream() -> None:
+    # fails before the fix: NumPy was seeded with seed % 2**32, so seeds 5 and 5 + 2**32
+    # drew the same NumPy numbers (while torch's differed)
+    draws = []
+    for seed in (5, 5 + 2**32, 2**64 - 1, 2**32 - 1):
+        tk.seed_everything(seed)
+        draws.append(tuple(np.random.rand(4).tolist()))  # noqa: NPY002
+    assert len(set(draws)) == 4
+    np.random.seed(5)  # noqa: NPY002 - a seed below 2**32 keeps its historical stream
+    assert tuple(np.random.rand(4).tolist()) == draws[0]  # noqa: NPY002
+
+
+class _RandomTriple(torch.utils.data.Dataset[tuple[float, float, float]]):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> tuple[float, float, float]:
+        return random.random(), float(np.random.rand()), float(torch.rand(()))  # noqa: NPY002
+
+
+@pytest.mark.slow
+def test_seed_everything_makes_dataloader_workers_reproducible_and_distinct() -> None:
+    # each worker's random / NumPy / torch generators follow the seeded base seed
+    def epoch() -> list[list[float]]:
+        loader = torch.utils.data.DataLoader(_RandomTriple(), batch_size=None, num_workers=2)
+        return [list(item) for item in loader]
+
+    tk.seed_everything(11)
+    first = epoch()
+    tk.seed_everything(11)
+    assert epoch() == first
+    tk.seed_everything(12)
+    assert epoch() != first
+    # the two workers (items 0, 2 and 1, 3) draw different numbers in every generator
+    assert all(first[0][k] != first[1][k] for k in range(3))

@@ -198,7 +198,13 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
     With ``deterministic=True`` also asks torch for deterministic kernels (cuDNN benchmark
     off, ``torch.use_deterministic_algorithms`` in warn-only mode, and the cuBLAS workspace
-    setting that deterministic GEMMs need).
+    setting that deterministic GEMMs need; set before CUDA's first GEMM to take effect).
+    These are process-wide settings: ``deterministic=False`` leaves them as they are (it
+    does not undo an earlier ``deterministic=True``, nor a setting you made yourself).
+
+    DataLoader worker processes need no extra step: torch seeds each worker's ``random``,
+    NumPy and torch generators from a base seed drawn from torch's generator, which this
+    call seeds.
 
     Args:
         seed: an integer in ``[0, 2**64 - 1]`` (the range torch's generators accept).
@@ -217,7 +223,9 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     seed = check_seed(seed)
     check_bool(deterministic, "deterministic")
     random.seed(seed)
-    np.random.seed(seed % 2**32)  # noqa: NPY002 - seeds the legacy global generator users rely on
+    # the legacy global generator users rely on takes 32-bit words: a seed below 2**32
+    # as itself (as always), a wider one as two words, so no two seeds share a stream
+    np.random.seed(seed if seed < 2**32 else [seed & 0xFFFFFFFF, seed >> 32])  # noqa: NPY002
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
