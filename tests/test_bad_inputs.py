@@ -1068,6 +1068,31 @@ rows(
             ValueError,
             "num_classes",
         ),
+        (
+            "uint8 target inputs next to float source inputs",
+            lambda: datasets.DomainTask(
+                "t", 2, feats(), labels(), feats(), labels(), _u8(6, 3), feats(), labels(), labels()
+            ),
+            ValueError,
+            "target_x",
+        ),
+        (
+            "target test inputs of another width",
+            lambda: datasets.DomainTask(
+                "t",
+                2,
+                feats(),
+                labels(),
+                feats(),
+                labels(),
+                feats(),
+                feats(6, 4),
+                labels(),
+                labels(),
+            ),
+            ValueError,
+            "target_test_x",
+        ),
     ],
 )
 rows(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -30,3 +32,15 @@ def test_few_shot_rejects_too_many_or_bad_k() -> None:
         task.few_shot(10_000)
     with pytest.raises(ValueError, match="k"):
         task.few_shot(0)
+
+
+def test_domain_task_refuses_domains_of_different_input_formats() -> None:
+    # fails before the fix: a uint8 (0-255) target next to float (0-1) source images, or
+    # target images of another size, made a DomainTask without a word
+    task = D.digits("none", size=8)
+    with pytest.raises(ValueError, match=r"target_x: expected samples shaped \(1, 8, 8\)"):
+        dataclasses.replace(task, target_x=(task.target_x * 255).to(torch.uint8))
+    with pytest.raises(ValueError, match="target_test_x"):
+        dataclasses.replace(task, target_test_x=task.target_test_x[:, :, :7])
+    flat = task.flat()  # flattening keeps the parts consistent
+    assert flat.target_x.shape[1:] == flat.source_x.shape[1:] == (64,)

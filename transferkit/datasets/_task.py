@@ -32,6 +32,9 @@ class DomainTask:
         target_y: the hidden labels of ``target_x``. Unsupervised adaptation must not use
             them; they serve [`few_shot`][] and target-supervised (oracle) baselines.
 
+    All four input tensors share one sample shape and dtype (a ``ValueError`` names the
+    part that differs), so the domains cannot silently differ in format.
+
     Examples:
         >>> from transferkit.datasets import digits
         >>> task = digits("invert", seed=0)
@@ -60,6 +63,14 @@ class DomainTask:
         ):
             x = check_tensor(getattr(self, x_name), x_name, finite=False)
             check_labels(getattr(self, y_name), y_name, num_samples=x.shape[0], num_classes=classes)
+            # one input format for all parts: a uint8 (0-255) target next to float (0-1)
+            # source images, or another image size, would otherwise pass silently
+            if x.shape[1:] != self.source_x.shape[1:] or x.dtype != self.source_x.dtype:
+                raise ValueError(
+                    f"{x_name}: expected samples shaped {tuple(self.source_x.shape[1:])} of "
+                    f"dtype {self.source_x.dtype} like source_x, got "
+                    f"{tuple(x.shape[1:])} of dtype {x.dtype}"
+                )
 
     @property
     def input_shape(self) -> tuple[int, ...]:
