@@ -1498,6 +1498,12 @@ rows(
             "norm",
         ),
         (
+            "input with no tokens",
+            lambda: tk.ClassifierHead(3, 2)(torch.randn(2, 0, 3)),
+            ValueError,
+            "input",
+        ),
+        (
             "token mask left-padded",
             lambda: tk.ClassifierHead(3, 2, pool="token")(
                 torch.randn(2, 4, 3), torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])

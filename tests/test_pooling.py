@@ -210,3 +210,19 @@ def test_head_pools_channels_last_maps_like_contiguous_ones(mode: str) -> None:
     np.testing.assert_allclose(
         head_pool(last, mode).numpy(), numpy_pool(x.numpy(), mode), rtol=1e-6
     )
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", [(2, 0, 6), (2, 6, 0, 3)], ids=["no tokens", "empty map"])
+def test_empty_sequences_and_maps_raise_instead_of_pooling_to_nan(
+    mode: str, shape: tuple[int, ...]
+) -> None:
+    # failed before the fix: "avg" of an (N, 0, D) sequence or an (N, C, 0, W) map was NaN
+    # in heads and features alike, silently ("max" and "token" raised IndexError)
+    if mode == "token" and len(shape) == 4:
+        pytest.skip("token pooling of a map is an error anyway")
+    x = torch.randn(*shape)
+    with pytest.raises(ValueError, match="input: nothing to pool"):
+        head_pool(x, mode)
+    with pytest.raises(ValueError, match="layer 'output': nothing to pool"):
+        features_pool(x, mode)

@@ -12,6 +12,7 @@ Rules (the same for heads and features):
 * features ``(N, D)``: one position, so avg = max = token = the features
   (``"avgmax"`` gives ``[x, x]``).
 * ``None``: no pooling.
+* an empty sequence (``T = 0``) or map (a spatial size 0) raises: its mean would be NaN.
 
 Averages are accumulated and returned in float32 for half/bfloat16 input (float64 stays
 float64), also under autocast; maxima and tokens keep the input dtype (they are exact).
@@ -122,6 +123,15 @@ def pool(
         _check_mask(x, mask)
     if mode is None:
         return x.clone() if copy else x
+    pooled_dims = x.shape[1:2] if x.dim() == 3 else x.shape[2:]
+    if x.dim() >= 3 and 0 in pooled_dims:
+        # the mean of nothing is NaN (and the max an IndexError): say what is empty
+        what = (
+            "the token sequence (N, T, D) has T = 0"
+            if x.dim() == 3
+            else f"the map has an empty spatial size {tuple(pooled_dims)}"
+        )
+        raise ValueError(f"{name}: nothing to pool, {what} (shape {tuple(x.shape)})")
     if x.dim() <= 2:
         if mode == "avgmax":
             return torch.cat([x, x], dim=1)
