@@ -206,3 +206,21 @@ def test_a_fixed_bandwidth_below_the_fp32_range_gives_the_float64_values(
         assert float(value) == pytest.approx(
             float(tk.losses.mmd(x.double(), y.double(), kernel, estimator)), abs=1e-6
         )
+
+
+def test_gaussian_multipliers_reassigned_after_construction_are_the_ones_used() -> None:
+    # The tiled MMD engine used to decide at construction whether one exp serves every
+    # bandwidth (multipliers halving each other): after `kernel.multipliers = (1, 3)` it
+    # kept that shortcut with the new largest multiplier and returned a wrong MMD
+    # (0.3225 instead of 0.3161), while kernel(x, y) used the new multipliers.
+    gen = torch.Generator().manual_seed(0)
+    s = torch.randn(20, 4, generator=gen, dtype=torch.float64)
+    t = torch.randn(15, 4, generator=gen, dtype=torch.float64) + 0.5
+    kernel = GaussianKernel(bandwidth=1.0)  # the default multipliers halve each other
+    kernel.multipliers = (1.0, 3.0)
+    fresh = GaussianKernel(bandwidth=1.0, multipliers=(1.0, 3.0))
+    for estimator in ("biased", "unbiased"):
+        torch.testing.assert_close(
+            tk.losses.mmd(s, t, kernel, estimator), tk.losses.mmd(s, t, fresh, estimator)
+        )
+    torch.testing.assert_close(kernel(s, t), fresh(s, t))

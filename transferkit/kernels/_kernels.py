@@ -203,8 +203,6 @@ class GaussianKernel(Kernel):
                 f"got {multipliers!r}"
             )
         self.multipliers = tuple(check_positive(m, "multipliers") for m in multipliers)
-        order = sorted(self.multipliers, reverse=True)
-        self._halving = all(a == 2.0 * b for a, b in itertools.pairwise(order))
 
     def __repr__(self) -> str:
         return f"GaussianKernel(bandwidth={self.bandwidth}, multipliers={self.multipliers})"
@@ -239,8 +237,10 @@ class GaussianKernel(Kernel):
         ``exp`` serves all bandwidths: ``exp(-d / (m sigma^2)) = exp(-d / (2 m sigma^2))^2``,
         at a relative rounding error of at most ``2^(M-1)`` ulps (about ``2e-6`` in fp32).
         """
+        # Read from the attribute at every call (not cached at construction): a kernel
+        # whose multipliers were reassigned must not take the halving path of the old ones.
         order = sorted(self.multipliers, reverse=True)
-        if self._halving:
+        if all(a == 2.0 * b for a, b in itertools.pairwise(order)):
             # dk/dd = c (p + 2 p^2 + 4 p^4 + ...) with c = -1 / (2 m_max sigma^2): the
             # powers of two are exact, so one multiplication by c comes last.
             coef = state.reciprocal().mul_(-0.5 / order[0])
