@@ -115,3 +115,24 @@ def test_gradient_reversal_state_dict_refuses_schedule_into_fixed_coeff() -> Non
     scheduled = tk.GradientReversal(tk.WarmStartSchedule(10))
     with pytest.raises(ValueError, match="schedule"):
         tk.GradientReversal(1.0).load_state_dict(scheduled.state_dict())
+
+
+def test_gradient_reversal_used_twice_in_a_step_reverses_both_with_the_same_coefficient() -> None:
+    # Guard: the layer never advances its schedule itself (not in forward, backward,
+    # eval() or under no_grad), so DANN on two target batches per step, or an
+    # evaluation pass in between, leaves the ramp where the training loop put it.
+    schedule = tk.WarmStartSchedule(max_steps=10)
+    schedule.step()
+    schedule.step()
+    grl = tk.GradientReversal(schedule)
+    coeff = schedule.value
+    first = torch.randn(3, 2, requires_grad=True)
+    second = torch.randn(4, 2, requires_grad=True)
+    (grl(first).sum() + 2.0 * grl(second).sum()).backward()
+    grl.eval()
+    with torch.no_grad():
+        grl(torch.randn(3, 2))
+    grl.train()
+    assert schedule.step_count == 2 and grl.coeff == coeff
+    assert torch.equal(first.grad, torch.full((3, 2), -coeff))
+    assert torch.equal(second.grad, torch.full((4, 2), -2.0 * coeff))

@@ -245,3 +245,16 @@ def test_bad_input_raises_a_clear_error(
 ) -> None:
     with pytest.raises(error, match=match):
         call()
+
+
+def test_l2sp_refuses_a_model_moved_after_construction_until_it_follows() -> None:
+    # Guard: anchors stay where L2SP was built; a model moved alone (here to the meta
+    # device, which every machine has) is refused with the remedy, not computed against
+    # anchors on another device.
+    net = TwoLayer()
+    reg = L.L2SP(net)
+    net.to("meta")
+    with pytest.raises(ValueError, match=r"anchor is on cpu; move the loss module too"):
+        reg()
+    reg.to("meta")
+    assert reg().device.type == "meta"
