@@ -595,6 +595,31 @@ add(
     ValueError,
     "dropout",
 )
+rows(
+    "adversarial.DomainDiscriminator",
+    [
+        (
+            "input of the wrong width",
+            lambda: adversarial.DomainDiscriminator(4, hidden=8)(feats(5, 3)),
+            ValueError,
+            "x",
+        ),
+        (
+            # (N, T, D) with T == hidden ran through BatchNorm1d over the wrong axis and
+            # returned (N, T) logits without error
+            "3-D input",
+            lambda: adversarial.DomainDiscriminator(4, hidden=8)(torch.randn(5, 8, 4)),
+            ValueError,
+            "x",
+        ),
+        (
+            "integer input",
+            lambda: adversarial.DomainDiscriminator(4)(torch.ones(5, 4, dtype=torch.long)),
+            TypeError,
+            "x",
+        ),
+    ],
+)
 add(
     "adversarial.GradientReversal",
     "coeff is a string",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .._validation import check_positive
+from .._validation import check_positive, check_tensor
 
 
 class DomainDiscriminator(nn.Module):
@@ -59,6 +59,17 @@ class DomainDiscriminator(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Domain logits, ``(N,)``."""
+        """Domain logits, ``(N,)``.
+
+        Raises:
+            ValueError: ``x`` is not ``(N, in_features)``.
+            TypeError: ``x`` is not a floating tensor.
+        """
+        check_tensor(x, "x", ndim=2, floating=True, finite=False)
+        if x.shape[1] != self.in_features:
+            raise ValueError(
+                f"x: expected {self.in_features} features per sample (in_features), got shape "
+                f"{tuple(x.shape)}"
+            )
         out: Tensor = self.layers(x)
         return out.squeeze(-1)
