@@ -265,3 +265,20 @@ def test_auxiliary_classifiers_left_at_the_old_class_count_are_named(
         tk.replace_head(model, 5)  # same class count: nothing to say
     assert caplog.text == ""
     assert model.AuxLogits.fc.out_features == 5 and model.AuxLogits.fc.in_features == 6
+
+
+def test_lazy_heads_are_sized_by_their_first_input_not_as_zero() -> None:
+    # failed before the fix: an nn.LazyLinear head that had not run yet reported
+    # in_features = 0, so replace_head(model, 5) built Linear(0, 5) (shape error in forward)
+    # and a given nn.LazyLinear(5) was refused as taking "0 features"
+    x = torch.randn(2, 4, dtype=torch.float64)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.LazyLinear(3)).double().eval()
+    head = tk.replace_head(model, 5)
+    assert isinstance(head, nn.LazyLinear) and not head.training
+    assert model(x).shape == (2, 5) and (head.in_features, head.weight.dtype) == (8, torch.float64)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    head = tk.replace_head(model, nn.LazyLinear(5))
+    assert model(x).shape == (2, 5) and head.in_features == 8 and model[2] is head
+    # a sized head is still checked
+    with pytest.raises(ValueError, match="takes 7 features but '2' receives 8"):
+        tk.replace_head(model, nn.Linear(7, 2))

@@ -6,6 +6,7 @@ import logging
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from .._domain_bn import DomainSpecificBatchNorm
 from .._surgery import find_ddp, find_head, last_linear, replace_module, unwrap_model
@@ -16,7 +17,15 @@ from ._classifier import ClassifierHead
 logger = logging.getLogger("transferkit.heads")
 
 
-def _in_features(head: nn.Module, name: str) -> int:
+def _is_unsized(module: nn.Module) -> bool:
+    """A lazy module (``nn.LazyLinear``) that has not seen an input yet: sizes are 0."""
+    return isinstance(module, LazyModuleMixin) and module.has_uninitialized_params()
+
+
+def _in_features(head: nn.Module, name: str) -> int | None:
+    """The head's input size; ``None`` for a lazy head that has not run yet."""
+    if any(_is_unsized(m) for m in head.modules()):
+        return None
     if isinstance(head, (nn.Linear, ClassifierHead)):
         return int(head.in_features)
     if isinstance(head, nn.Conv2d):
@@ -182,9 +191,11 @@ def replace_head(
 
     With an ``int``, the new head is ``nn.Linear(in_features, num_classes)`` where
     ``in_features`` is read from the old head (its ``in_features``, or that of its first
-    ``nn.Linear``). A given module is used as it is (a mismatching ``in_features``
-    attribute raises). The new head is moved to the model's device and dtype and put in
-    the training mode of the old head (a model in ``eval()`` gets a head in eval mode).
+    ``nn.Linear``); a lazy head that has not run yet (``nn.LazyLinear``) is replaced by
+    an ``nn.LazyLinear(num_classes)``. A given module is used as it is (a mismatching
+    ``in_features`` attribute raises; a lazy one sizes itself). The new head is moved to
+    the model's device and dtype and put in the training mode of the old head (a model
+    in ``eval()`` gets a head in eval mode).
     A head with weights registered under several names (``model.fc =
     model.classifier[-1]``) is replaced under all of them. Class
     counts kept on the model are updated: timm's ``num_classes``, Hugging Face's
@@ -328,11 +339,22 @@ def replace_head(
         )
     if isinstance(head_or_num_classes, int):
         num_classes = int(check_positive(head_or_num_classes, "head_or_num_classes", integer=True))
-        new: nn.Module = nn.Linear(in_features, num_classes)
+        # a lazy old head has no size yet: the new one sizes itself on the first input
+        new: nn.Module = (
+            nn.LazyLinear(num_classes)
+            if in_features is None
+            else nn.Linear(in_features, num_classes)
+        )
     else:
         new = head_or_num_classes
         given = getattr(new, "in_features", None)
-        if isinstance(given, int) and given != in_features and not isinstance(old, nn.Conv2d):
+        if (
+            isinstance(given, int)
+            and in_features is not None
+            and not _is_unsized(new)
+            and given != in_features
+            and not isinstance(old, nn.Conv2d)
+        ):
             raise ValueError(
                 f"head_or_num_classes: the new head takes {given} features but {name!r} "
                 f"receives {in_features}"
