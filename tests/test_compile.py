@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import transferkit as tk
 
@@ -74,3 +76,26 @@ def test_validation_still_rejects_nan_outside_compile() -> None:
         tk.losses.coral(source, target)
     with pytest.raises(ValueError, match="target_logits"):
         tk.losses.mcc(source)
+
+
+def test_scheduled_reversal_between_separately_compiled_parts_compiles_once() -> None:
+    # The pattern GradientReversal's docstring recommends with a WarmStartSchedule: the
+    # discriminator compiled alone, the reversal (whose coefficient changes every step)
+    # in eager between, so the ramp never recompiles anything; gradients follow the ramp.
+    torch._dynamo.reset()
+    counters.clear()
+    schedule = tk.WarmStartSchedule(max_steps=10)
+    criterion = tk.DomainAdversarialLoss(
+        tk.DomainDiscriminator(4, hidden=8, dropout=0.0), grl=tk.GradientReversal(schedule)
+    )
+    eager = copy.deepcopy(criterion)
+    criterion.discriminator = torch.compile(criterion.discriminator, backend="eager")
+    for _ in range(10):
+        x = torch.randn(6, 4)
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        criterion(a[:3], a[3:]).backward()
+        eager(b[:3], b[3:]).backward()
+        torch.testing.assert_close(a.grad, b.grad)
+        schedule.step()
+        eager.grl.schedule.step()
+    assert counters["stats"]["unique_graphs"] == 1

@@ -73,6 +73,14 @@ class GradientReversal(nn.Module):
     the module's ``state_dict`` holds the schedule's state (as extra state), so saving the
     model or the loss that owns this layer also saves the ramp's position.
 
+    Under ``torch.compile`` the coefficient is a Python number read at trace time: a
+    fixed one compiles once, but a schedule's value changes every step, so each step
+    recompiles the graph around the layer until torch's recompile limit (8 by default)
+    sends that frame back to eager execution, with a warning. Gradients stay exact
+    either way; to keep the rest compiled, compile the feature extractor and the
+    discriminator separately (e.g. ``criterion.discriminator =
+    torch.compile(criterion.discriminator)``), so that the layer runs between them.
+
     Args:
         coeff: a non-negative number or a [`WarmStartSchedule`][].
 
