@@ -403,3 +403,54 @@ def test_cdan_seed_fixes_the_random_map_without_touching_the_global_generator() 
         assert moved.random_features is not None
         assert moved.random_features.device.type == "cuda"
         assert torch.equal(moved.random_features.cpu(), first.random_features)
+
+
+def test_losses_leave_every_input_tensor_unchanged() -> None:
+    # Guard across the losses, kernels and adversarial criteria: no call writes into the
+    # caller's features, logits or weights (fp32 and fp16 inputs, with gradients on).
+    from transferkit import kernels as K
+    from transferkit import losses as L
+
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float16):
+        s, t = torch.randn(6, 3, generator=gen), torch.randn(5, 3, generator=gen) + 1.0
+        gs, gt = torch.randn(6, 4, generator=gen), torch.randn(5, 4, generator=gen)
+        ws, wt = torch.rand(6, generator=gen) + 0.1, torch.rand(5, generator=gen) + 0.1
+        inputs = [x.to(dtype).requires_grad_() for x in (s, t, gs, gt)]
+        s, t, gs, gt = inputs
+        snapshot = [x.detach().clone() for x in (s, t, gs, gt, ws, wt)]
+        torch.manual_seed(0)
+        dann = tk.DomainAdversarialLoss(tk.DomainDiscriminator(3, hidden=8))
+        cdan = tk.ConditionalDomainAdversarialLoss(
+            tk.DomainDiscriminator(8, hidden=8),
+            num_classes=4,
+            feature_dim=3,
+            entropy_conditioning=True,
+            randomized=True,
+            randomized_dim=8,
+            seed=0,
+        )
+        mdd = tk.MarginDisparityDiscrepancy(nn.Linear(3, 4))
+        outputs = [
+            L.mmd(s, t, source_weights=ws, target_weights=wt),
+            L.mmd(s, t, K.LaplacianKernel(), "biased"),
+            L.mmd(s[:5], t, K.PolynomialKernel(), "linear"),
+            L.joint_mmd([s, gs], [t, gt], [K.GaussianKernel(), K.LinearKernel()]),
+            L.coral(s, t),
+            L.distillation(gs[:5], gt, 2.0),
+            L.entropy(gs),
+            L.mcc(gs),
+            L.bnm(gs),
+            L.adaptive_feature_norm(s),
+            L.adaptive_feature_norm(s, radius=2.0),
+            L.bss(s),
+            K.GaussianKernel()(s, t).sum(),
+            K.pairwise_squared_distances(s, t).sum(),
+            dann(s, t, source_weights=ws, target_weights=wt),
+            cdan(gs, s, gt, t, source_weights=ws, target_weights=wt),
+            mdd(gs, s, gt, t),
+            tk.grad_reverse(s, 0.5).sum(),
+        ]
+        torch.stack([o.float() for o in outputs]).sum().backward()
+        for before, after in zip(snapshot, (s, t, gs, gt, ws, wt), strict=True):
+            assert torch.equal(before, after.detach())
