@@ -14,6 +14,7 @@ live on the wrapper, so the inner module holds no trainable parameters to select
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from fnmatch import fnmatchcase
 
@@ -166,6 +167,59 @@ def _last_linear(container: nn.Module, prefix: str) -> tuple[str, nn.Module] | N
     return last_linear(container, prefix)
 
 
+def _sizes(module: nn.Module) -> tuple[int | None, int | None]:
+    """``(in, out)`` feature sizes of a head candidate, where its ``nn.Linear`` layers say."""
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    if not linears or any(m.in_features == 0 for m in linears):  # none, or lazy
+        return None, None
+    return int(linears[0].in_features), int(linears[-1].out_features)
+
+
+def _latest(candidates: list[tuple[str, nn.Module]]) -> tuple[str, nn.Module]:
+    """The head among several head-like attributes: the one the others feed.
+
+    ``fc = Linear(2048, 512)`` and ``classifier = Linear(512, 10)`` on one model: ``fc``
+    is a projection whose output ``classifier`` takes, so ``classifier`` is the head,
+    whatever the order of the names in ``_HEAD_ATTRIBUTES``. Without such evidence the
+    first in that order is kept, with a warning naming the alternatives.
+    """
+    unique: list[tuple[str, nn.Module]] = []
+    for name, module in candidates:
+        if all(module is not other for _, other in unique):
+            unique.append((name, module))
+    chosen = unique[0]
+    if len(unique) == 1:
+        return chosen
+    sizes = {id(module): _sizes(module) for _, module in unique}
+    for _ in unique:  # follow the chain: each step moves to a candidate fed by the last
+        size_in, size_out = sizes[id(chosen[1])]
+        fed = [
+            (name, module)
+            for name, module in unique
+            if module is not chosen[1]
+            and size_out is not None
+            and sizes[id(module)][0] == size_out
+            and sizes[id(module)][1] != size_in
+        ]
+        if len(fed) != 1:
+            break
+        chosen = fed[0]
+    chosen_in, chosen_out = sizes[id(chosen[1])]
+    fed_by_another = chosen_in is not None and any(
+        sizes[id(module)][1] == chosen_in and sizes[id(module)][0] != chosen_out
+        for _, module in unique
+        if module is not chosen[1]
+    )
+    if not fed_by_another:
+        logging.getLogger("transferkit.heads").warning(
+            "find_head: %s are all head-like; using %r (pass the head's name where a "
+            "function takes one, e.g. replace_head(model, n, name=...))",
+            [name for name, _ in unique],
+            chosen[0],
+        )
+    return chosen
+
+
 def find_head(model: nn.Module) -> tuple[str, nn.Module]:
     """Find the final classifier of a model: ``(qualified name, module)``.
 
@@ -180,6 +234,11 @@ def find_head(model: nn.Module) -> tuple[str, nn.Module]:
        A Sequential that ends in ``nn.Identity`` (a headless model) has that identity as
        its head.
     3. A plain ``nn.Sequential`` model: its last ``nn.Linear``.
+
+    When a model has several of these attributes, the one the others feed is the head
+    (``fc = Linear(2048, 512)`` then ``classifier = Linear(512, 10)``: ``classifier``);
+    without that evidence the first in the order above is taken and a warning names the
+    others.
 
     Args:
         model: the network (``DataParallel``/DDP/``torch.compile`` wrappers are unwrapped).
@@ -211,6 +270,7 @@ def find_head(model: nn.Module) -> tuple[str, nn.Module]:
             if name is not None:
                 return name, classifier
     children = dict(_children(model))
+    candidates: list[tuple[str, nn.Module]] = []
     for attribute in _HEAD_ATTRIBUTES:
         candidate = children.get(attribute)
         if candidate is None:
@@ -218,9 +278,11 @@ def find_head(model: nn.Module) -> tuple[str, nn.Module]:
         if type(candidate) is nn.Sequential:
             found = _last_linear(candidate, attribute)
             if found is not None:
-                return found
+                candidates.append(found)
             continue
-        return attribute, candidate
+        candidates.append((attribute, candidate))
+    if candidates:
+        return _latest(candidates)
     if isinstance(model, nn.Sequential):
         found = _last_linear(model, "")
         if found is not None:

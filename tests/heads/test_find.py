@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from torch import nn
 
@@ -47,3 +49,44 @@ def test_find_head_sees_a_shared_module_at_its_last_place() -> None:
     net.neck = nn.Identity()
     net.fc = net.neck
     assert tk.find_head(net)[0] == "fc"
+
+
+def two_heads(order: list[str]) -> nn.Module:
+    layers = {
+        "fc": nn.Linear(16, 6),  # a projection ...
+        "classifier": nn.Linear(6, 3),  # ... feeding the classifier
+        "head": nn.Sequential(nn.ReLU(), nn.Linear(6, 3)),
+    }
+    model = nn.Module()
+    model.body = nn.Linear(4, 16)
+    for name in order:
+        setattr(model, name, layers[name])
+    return model
+
+
+@pytest.mark.parametrize(
+    ("order", "expected"),
+    [
+        (["fc", "classifier"], "classifier"),
+        (["classifier", "fc"], "classifier"),
+        (["fc", "head"], "head.1"),
+    ],
+)
+def test_find_head_skips_a_projection_that_feeds_the_classifier(
+    order: list[str], expected: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # failed before the fix: ``fc`` comes first in the names looked up, so the projection
+    # Linear(16, 6) was "the head" and replace_head(model, n) replaced it, silently
+    with caplog.at_level(logging.WARNING, logger="transferkit.heads"):
+        assert tk.find_head(two_heads(order))[0] == expected
+    assert caplog.text == ""
+
+
+def test_find_head_warns_when_several_head_like_attributes_are_ambiguous(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model = nn.Module()
+    model.fc, model.head = nn.Linear(3, 3), nn.Linear(3, 3)
+    with caplog.at_level(logging.WARNING, logger="transferkit.heads"):
+        assert tk.find_head(model)[0] == "fc"
+    assert "['fc', 'head'] are all head-like; using 'fc'" in caplog.text
