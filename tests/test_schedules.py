@@ -353,7 +353,7 @@ def run(
     return seen
 
 
-@pytest.mark.parametrize("name", GU_SCHEDULERS)
+@pytest.mark.parametrize("name", list(SCHEDULERS))
 def test_gradual_unfreezing_with_scheduler_follows_schedule_and_resumes(
     name: str, tmp_path: Path
 ) -> None:
