@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -62,3 +63,49 @@ def test_mnist_m_lite_is_a_real_domain_shift_for_a_pixel_classifier() -> None:
     shifted = clf.score(task.target_test_x.numpy(), task.target_test_y.numpy())
     assert in_domain > 0.8
     assert shifted < in_domain - 0.3
+
+
+def _index_of(images: torch.Tensor) -> dict[bytes, int]:
+    return {bytes(row): i for i, row in enumerate(images[:, 0].flatten(1).numpy())}
+
+
+def _rows(x: torch.Tensor, index: dict[bytes, int]) -> list[int]:
+    grey = (x[:, 0] * 255).round().to(torch.uint8).flatten(1).numpy()
+    return [index[bytes(row)] for row in grey]
+
+
+@needs_mnist
+def test_image_tasks_pair_each_mnist_image_with_its_own_label_and_never_reuse_it() -> None:
+    # source parts are MNIST images: find each one in MNIST and compare the labels; the
+    # source and its test split come from MNIST's train and test splits, no row twice
+    data = tk.datasets.mnist()
+    train_index, test_index = _index_of(data.train_images), _index_of(data.test_images)
+    for task in (
+        tk.datasets.mnist_to_mnist_m_lite(source_size=300, target_size=200, test_size=100, seed=3),
+        tk.datasets.mnist_to_digits(source_size=300, source_test_size=100, seed=3),
+    ):
+        rows = _rows(task.source_x, train_index)
+        assert task.source_y.tolist() == data.train_labels[rows].tolist()
+        assert len(set(rows)) == len(rows)
+        test_rows = _rows(task.source_test_x, test_index)
+        assert task.source_test_y.tolist() == data.test_labels[test_rows].tolist()
+        assert len(set(test_rows)) == len(test_rows)
+
+
+@needs_mnist
+def test_mnist_to_digits_target_parts_are_disjoint_labelled_digits() -> None:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    small = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)
+    reference = torch.nn.functional.interpolate(small, size=(28, 28), mode="bilinear")
+    key = {
+        bytes(r.clamp(0, 1).flatten().numpy()): int(y)
+        for r, y in zip(reference, bunch.target, strict=True)
+    }
+    task = tk.datasets.mnist_to_digits(source_size=50, source_test_size=20, seed=2)
+    train = [bytes(r.flatten().numpy()) for r in task.target_x]
+    test = [bytes(r.flatten().numpy()) for r in task.target_test_x]
+    assert [key[k] for k in train] == task.target_y.tolist()
+    assert [key[k] for k in test] == task.target_test_y.tolist()
+    assert set(train).isdisjoint(test) and len(set(train)) + len(set(test)) == 1797

@@ -93,3 +93,35 @@ def test_rotate_points_round_trip_and_preserves_distances(
 
 def test_top_level_exposes_datasets() -> None:
     assert tk.datasets.digits is D.digits
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_digits_parts_are_disjoint_and_each_image_keeps_its_label(seed: int) -> None:
+    # an independent reference: scikit-learn's digits, keyed by their 64 pixel values
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    label_of = {
+        bytes(row.astype(np.uint8)): int(y) for row, y in zip(bunch.data, bunch.target, strict=True)
+    }
+    assert len(label_of) == 1797  # the digits hold no duplicate image
+    task = D.digits("none", size=8, seed=seed)
+    parts = [
+        (task.source_x, task.source_y),
+        (task.source_test_x, task.source_test_y),
+        (task.target_x, task.target_y),
+        (task.target_test_x, task.target_test_y),
+    ]
+    seen: set[bytes] = set()
+    for x, y in parts:
+        keys = [bytes((row * 16).round().to(torch.uint8).flatten().numpy()) for row in x]
+        assert [label_of[k] for k in keys] == y.tolist()  # image and label stay paired
+        assert seen.isdisjoint(keys)  # no image in two parts (no train/test leak)
+        seen.update(keys)
+    assert len(seen) == 1797
+    # a shift transforms the images in place in the order: labels stay aligned
+    inverted = D.digits("invert", size=8, seed=seed)
+    torch.testing.assert_close(inverted.target_x, 1.0 - task.target_x)
+    torch.testing.assert_close(inverted.target_test_x, 1.0 - task.target_test_x)
+    assert torch.equal(inverted.target_y, task.target_y)
+    assert torch.equal(inverted.source_x, task.source_x)
