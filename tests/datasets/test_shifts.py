@@ -48,3 +48,28 @@ def test_source_shift_changes_the_source_domain() -> None:
     plain = D.digits("none")
     assert torch.allclose(task.source_x, 1 - plain.source_x, atol=1e-6)
     assert task.name == "digits[invert->none]"
+
+
+def test_rotate_turns_counter_clockwise_and_translate_moves_right_and_down() -> None:
+    import numpy as np
+
+    image = np.zeros((1, 9, 9))
+    image[0, 4, 7] = 1.0  # right of the centre pixel (4, 4)
+    turned = D.rotate(90).apply(image, 1.0, np.random.default_rng(0))
+    assert np.argwhere(turned[0] > 0.5).tolist() == [[1, 4]]  # now above the centre
+    moved = D.translate(0.5).apply(image, 2.0, np.random.default_rng(0))  # 0.5 px of 8 at 2x
+    assert np.argwhere(moved[0] > 0.5).tolist() == [[5, 8]]
+
+
+@pytest.mark.parametrize("shift", [D.rotate(30), D.blur(1.0), D.translate(1.5), D.invert()])
+def test_deterministic_shifts_treat_each_image_on_its_own(shift: D.Shift) -> None:
+    # a shift of a batch equals the shift of each image alone: nothing mixes across the
+    # batch axis (a wrong rotation axis or a blur over the batch would)
+    import numpy as np
+
+    batch = np.random.default_rng(0).random((5, 12, 12))
+    together = shift.apply(batch, 1.5, np.random.default_rng(0))
+    alone = np.concatenate(
+        [shift.apply(batch[i : i + 1], 1.5, np.random.default_rng(0)) for i in range(5)]
+    )
+    np.testing.assert_allclose(together, alone, atol=1e-12)
