@@ -1230,6 +1230,18 @@ rows(
             ValueError,
             "rank",
         ),
+        (
+            "rank a bool",
+            lambda: distributed.shard_indices(10, rank=True, world_size=2),
+            TypeError,
+            "rank",
+        ),
+        (
+            "rank 0.5",
+            lambda: distributed.shard_indices(10, rank=0.5, world_size=2),
+            TypeError,
+            "rank",
+        ),
     ],
 )
 module_rows("distributed.unwrap_model", distributed.unwrap_model, "model")

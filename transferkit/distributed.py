@@ -163,6 +163,9 @@ def shard_indices(length: int, rank: int | None = None, world_size: int | None =
         [[0, 1, 2], [3, 4]]
     """
     check_positive(length, "length", strict=False, integer=True)
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):
+        # a bool would silently pick shard 0 or 1
+        raise TypeError(f"rank: expected an integer or None, got {type(rank).__name__} {rank!r}")
     rank = get_rank() if rank is None else rank
     world_size = get_world_size() if world_size is None else world_size
     check_positive(world_size, "world_size", integer=True)
