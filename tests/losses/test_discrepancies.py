@@ -68,6 +68,34 @@ def test_weighted_mmd_matches_numpy_reference(name: str, estimator: str) -> None
     np.testing.assert_allclose(float(got), ref_mmd(name, s, t, estimator, ws, wt), rtol=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("dtype", "scale"),
+    [(torch.float64, 1e-50), (torch.float64, 1e40), (torch.float32, 3e38)],
+    ids=["f64-1e-50", "f64-1e40", "f32-3e38"],
+)
+@pytest.mark.parametrize("estimator", ["biased", "unbiased"])
+def test_weights_are_scale_free_at_any_magnitude(
+    dtype: torch.dtype, scale: float, estimator: str
+) -> None:
+    # Weights are normalised, so only their ratios matter. float64 weights of 1e-50 or
+    # 1e40 under fp32 features used to become 0 or inf in the cast (NaN MMD), and fp32
+    # weights near 3e38 overflowed their sum (every weight became 0: a wrong number).
+    gen = torch.Generator().manual_seed(2)
+    s, t = torch.randn(7, 3, generator=gen), torch.randn(6, 3, generator=gen) + 0.5
+    ws = torch.rand(7, generator=gen, dtype=torch.float64) * 0.9 + 0.1
+    wt = torch.rand(6, generator=gen, dtype=torch.float64) * 0.9 + 0.1
+    expected = L.mmd(s, t, None, estimator, source_weights=ws.float(), target_weights=wt.float())
+    got = L.mmd(
+        s,
+        t,
+        None,
+        estimator,
+        source_weights=(ws * scale).to(dtype),
+        target_weights=(wt * scale).to(dtype),
+    )
+    assert float(got) == pytest.approx(float(expected), rel=1e-5, abs=1e-6)
+
+
 def test_uniform_weights_give_the_unweighted_estimate() -> None:
     s, t = torch.randn(12, 3), torch.randn(8, 3)
     plain = L.mmd(s, t)

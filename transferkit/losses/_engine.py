@@ -275,8 +275,16 @@ def check_weights(weights: Tensor | None, name: str, count: int, like: Tensor) -
         raise ValueError(f"{name}: expected a tensor on {like.device}, got {weights.device}")
     if bool((weights < 0).any()) or not bool((weights > 0).any()):
         raise ValueError(f"{name}: expected non-negative weights with a positive sum")
-    weights = weights.to(like.dtype)
-    return weights / weights.sum()
+    cast = weights.to(like.dtype)
+    info = torch.finfo(like.dtype)
+    if not info.tiny * 2.0**24 <= float(cast.amax()) <= info.max / count:
+        # The cast to the compute dtype (float64 weights of 1e-50 or 1e40 under fp32
+        # features) or the sum (fp32 weights near 3e38) would underflow or overflow into
+        # 0 / 0 or x / inf: divide by the largest weight first, in the weights' own
+        # dtype, so that the values are in [0, 1] with a 1 among them. Weights of
+        # ordinary magnitude keep the plain (bit-identical) path.
+        cast = (weights / weights.amax()).to(like.dtype)
+    return cast / cast.sum()
 
 
 def assemble(
