@@ -287,3 +287,33 @@ def test_leep_reports_nan_before_negative_values_and_negative_values_before_bad_
         selection.leep(p, np.where(np.arange(len(y)) == 3, -1, y))
     with pytest.raises(ValueError, match=f"labels: expected {len(y)} labels"):
         selection.leep(p, y[:-1])
+
+
+@pytest.mark.filterwarnings("ignore:(leep|nce).*in-sample estimate")
+@given(seed=st.integers(0, 10_000))
+def test_empirical_scores_ignore_sample_order_class_names_and_input_precision(seed: int) -> None:
+    """Guard: the paper's in-sample LEEP and NCE (and "auto") are invariant to the order
+    of the samples and the source columns, to gaps and names of the labels, and give the
+    float64 value for float32 tensors (up to float32 rounding of the inputs)."""
+    rng = np.random.default_rng(seed)
+    n, z = 40, int(rng.integers(2, 12))
+    y = rng.integers(0, 3, size=n)
+    p = softmax(rng.normal(size=(n, z)) * 2)
+    order, columns = rng.permutation(n), rng.permutation(z)
+    renamed = np.array([9, 0, 4])[y]
+    for estimator in ("empirical", "auto"):
+        value = selection.leep(p, y, estimator=estimator)  # type: ignore[arg-type]
+        moved = selection.leep(p[order][:, columns], renamed[order], estimator=estimator)  # type: ignore[arg-type]
+        assert moved == pytest.approx(value, rel=1e-9)
+        single = selection.leep(
+            torch.from_numpy(p).float(), torch.from_numpy(y), estimator=estimator
+        )  # type: ignore[arg-type]
+        assert single == pytest.approx(value, rel=1e-5)
+        hard = p.argmax(1)
+        value = selection.nce(hard, y, estimator=estimator)  # type: ignore[arg-type]
+        assert selection.nce(hard[order] * 5 + 2, renamed[order], estimator=estimator) == (  # type: ignore[arg-type]
+            pytest.approx(value, rel=1e-9, abs=1e-12)
+        )
+        assert selection.nce(torch.from_numpy(p), torch.from_numpy(y), estimator=estimator) == (  # type: ignore[arg-type]
+            pytest.approx(value, rel=1e-9, abs=1e-12)
+        )
