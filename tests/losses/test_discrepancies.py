@@ -319,6 +319,47 @@ def test_joint_mmd_matches_numpy_product_kernel_reference() -> None:
     np.testing.assert_allclose(float(got), unbiased, rtol=1e-6)
 
 
+@pytest.mark.parametrize("estimator", ["biased", "linear"])
+def test_two_layer_joint_mmd_matches_numpy_for_the_other_estimators(estimator: str) -> None:
+    # Guard: the product kernel of the linear-time estimator pairs the same samples in
+    # every layer ((s_2i, s_2i+1), (t_2i, t_2i+1), (s_2i, t_2i+1), (s_2i+1, t_2i)), and the
+    # biased estimator keeps the diagonals; only the unbiased JMMD had a reference.
+    rng = np.random.default_rng(11)
+    s1, t1 = rng.normal(size=(10, 4)), rng.normal(size=(10, 4)) + 0.3
+    s2, t2 = softmax(rng.normal(size=(10, 3)), 1), softmax(rng.normal(size=(10, 3)), 1)
+    z1 = np.concatenate([s1, t1])
+    d1 = cdist(z1, z1, "sqeuclidean")
+    sigma2 = d1[~np.eye(20, dtype=bool)].mean()
+
+    def k(a1: np.ndarray, a2: np.ndarray, b1: np.ndarray, b2: np.ndarray) -> np.ndarray:
+        first = sum(np.exp(-cdist(a1, b1, "sqeuclidean") / (2 * m * sigma2)) for m in MULTIPLIERS)
+        return first * np.exp(-cdist(a2, b2, "sqeuclidean") / (2 * 0.92**2))
+
+    if estimator == "biased":
+        expected = (
+            k(s1, s2, s1, s2).mean() + k(t1, t2, t1, t2).mean() - 2 * k(s1, s2, t1, t2).mean()
+        )
+    else:
+        terms = []
+        for i in range(5):
+            a, b = slice(2 * i, 2 * i + 1), slice(2 * i + 1, 2 * i + 2)
+            terms.append(
+                k(s1[a], s2[a], s1[b], s2[b])
+                + k(t1[a], t2[a], t1[b], t2[b])
+                - k(s1[a], s2[a], t1[b], t2[b])
+                - k(s1[b], s2[b], t1[a], t2[a])
+            )
+        expected = float(np.mean(terms))
+    kernels: list[Kernel] = [GaussianKernel(), GaussianKernel(bandwidth=0.92, multipliers=(1.0,))]
+    got = L.joint_mmd(
+        [torch.from_numpy(s1), torch.from_numpy(s2)],
+        [torch.from_numpy(t1), torch.from_numpy(t2)],
+        kernels,
+        estimator,
+    )
+    np.testing.assert_allclose(float(got), expected, rtol=1e-6)
+
+
 def test_joint_mmd_with_one_layer_equals_mmd() -> None:
     s, t = torch.randn(12, 5, dtype=torch.float64), torch.randn(12, 5, dtype=torch.float64)
     for estimator in ESTIMATORS:
