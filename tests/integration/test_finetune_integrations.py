@@ -337,6 +337,22 @@ def test_torchvision_auxiliary_classifiers_are_named_and_replaceable(
 
 
 @pytest.mark.vision
+def test_crossvit_branch_heads_are_reset_together() -> None:
+    # failed before the fix: get_classifier() is an nn.ModuleList of one head per branch;
+    # replace_head(model, 5) put one Linear in its place and forward() broke
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("crossvit_tiny_240", pretrained=False, num_classes=10).eval()
+    head = tk.replace_head(model, 5)
+    assert model.head[0] is head and model.num_classes == 5
+    assert [(h.out_features, h.training) for h in model.head] == [(5, False), (5, False)]
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 240, 240)).shape == (1, 5)
+    with pytest.raises(ValueError, match=r"2 classifiers \['head.0', 'head.1'\]"):
+        tk.replace_head(model, nn.Linear(96, 5))
+
+
+@pytest.mark.vision
 def test_a_module_for_one_of_deits_two_heads_needs_a_name() -> None:
     # failed before the fix: replace_head(deit, module) replaced "head" only, and every
     # prediction stayed the average of the new head and the old distillation head

@@ -150,13 +150,24 @@ def _warn_auxiliary_heads(model: nn.Module, old_classes: int, classes: int) -> N
 
 
 def _timm_classifiers(model: nn.Module) -> list[nn.Module]:
-    """What timm's ``get_classifier()`` returns, as a list (distilled models give two)."""
+    """What timm's ``get_classifier()`` returns, as a list.
+
+    Distilled models (DeiT, LeViT) give a tuple of two; CrossViT an ``nn.ModuleList``
+    of one head per branch (``forward`` averages them): both count as several heads.
+    """
     try:
         found = model.get_classifier()  # type: ignore[operator]
     except Exception:  # a user method
         return []
-    found = list(found) if isinstance(found, (tuple, list)) else [found]
+    found = list(found) if isinstance(found, (tuple, list, nn.ModuleList)) else [found]
     return [m for m in found if isinstance(m, nn.Module)]
+
+
+def _is_one_of(old: nn.Module, classifiers: list[nn.Module]) -> bool:
+    """``old`` is one of timm's classifiers, or the ModuleList holding them."""
+    if any(module is old for module in classifiers):
+        return True
+    return isinstance(old, nn.ModuleList) and bool(classifiers) and list(old) == classifiers
 
 
 def _timm_disabled_pool(model: nn.Module) -> str | None:
@@ -207,10 +218,11 @@ def replace_head(
     ``global_pool=''`` gets its class's default pool back (logged as a warning), since a
     classifier needs pooled features. timm's distilled models (DeiT, LeViT: both heads
     are reset, the first is returned) and 1x1-conv heads (BiT ``ResNetV2``) also go
-    through ``reset_classifier``; a given module for a distilled model raises (its other
-    head would keep its old weights in every prediction) unless ``name`` picks the head
-    to replace. A torchvision model whose head was set to
-    ``nn.Identity()`` gets a ``Linear`` sized by the output of the last layer with
+    through ``reset_classifier``, and so do CrossViT's per-branch heads (an
+    ``nn.ModuleList``); a given module for such a model raises (its other head would keep
+    its old weights in every prediction) unless ``name`` picks the head to replace. A
+    torchvision model whose head was set to ``nn.Identity()`` gets a ``Linear`` sized by
+    the output of the last layer with
     weights before it (512 for ResNet-18; the ``fc`` of ResNet/RegNet/ShuffleNet, the
     last item of a ``classifier``/``heads`` Sequential). That guess assumes the identity
     receives pooled, flattened features of that size: when a whole block is replaced
@@ -295,7 +307,7 @@ def replace_head(
     if (
         isinstance(head_or_num_classes, int)
         and callable(reset)
-        and any(module is old for module in classifiers)
+        and _is_one_of(old, classifiers)
         and (headless or len(classifiers) > 1 or isinstance(old, nn.Conv2d))
     ):
         # timm's own way: it also rebuilds pooling/pre-logits bookkeeping for num_classes,
@@ -327,15 +339,16 @@ def replace_head(
             f"model: {type(model).__name__}.reset_classifier({num_classes}) did not give a "
             f"head with {num_classes} outputs; pass the head module yourself"
         )
-    if not given_name and len(classifiers) > 1 and any(m is old for m in classifiers):
+    if not given_name and len(classifiers) > 1 and _is_one_of(old, classifiers):
         # DeiT/LeViT average their head with a distillation head in forward(): replacing
         # one would keep the other's old weights in every prediction, silently
         names = [n for n, m in model.named_modules() if any(m is c for c in classifiers)]
         raise ValueError(
             f"head_or_num_classes: {type(model).__name__} has {len(classifiers)} classifiers "
-            f"{names} whose outputs it combines; a given module would replace only "
-            f"{name!r} and the others would keep their old weights. Pass a number of "
-            "classes (all are reset), or replace each one yourself with name=..."
+            f"{names} whose outputs it combines; one given module cannot stand in for all "
+            f"of them (in place of {name!r} the others would keep their old weights, or "
+            "forward would break). Pass a number of classes (all are reset), or replace "
+            "each one yourself with name=..."
         )
     if isinstance(head_or_num_classes, int):
         num_classes = int(check_positive(head_or_num_classes, "head_or_num_classes", integer=True))
