@@ -306,3 +306,22 @@ def test_seed_everything_makes_dataloader_workers_reproducible_and_distinct() ->
     assert epoch() != first
     # the two workers (items 0, 2 and 1, 3) draw different numbers in every generator
     assert all(first[0][k] != first[1][k] for k in range(3))
+
+
+def test_to_device_moves_a_packed_sequence_keeping_batch_sizes_on_the_cpu() -> None:
+    # fails before the fix: the PackedSequence was rebuilt field by field with batch_sizes
+    # on the target device, which torch refuses ("batch_sizes should always be on CPU");
+    # the meta device stands in for a GPU on machines without one
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    packed = pack_padded_sequence(
+        torch.randn(3, 4, 2), torch.tensor([4, 2, 3]), batch_first=True, enforce_sorted=False
+    )
+    moved = tk.to_device({"tokens": packed, "ids": [torch.arange(3)]}, torch.device("meta"))
+    out = moved["tokens"]
+    assert type(out) is type(packed)
+    assert out.data.device.type == "meta" and out.sorted_indices.device.type == "meta"
+    assert out.batch_sizes.device.type == "cpu"
+    assert torch.equal(out.batch_sizes, packed.batch_sizes)
+    assert moved["ids"][0].device.type == "meta"
+    assert packed.data.device.type == "cpu"  # the input was not touched

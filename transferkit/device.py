@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.utils.rnn import PackedSequence
 
-from ._batch import map_tensors
+from ._batch import children, rebuild
 from ._validation import check_bool, check_seed
 
 __all__ = ["autocast", "dataloader_kwargs", "resolve_device", "seed_everything", "to_device"]
@@ -96,8 +97,10 @@ def to_device(obj: Any, device: DeviceLike, non_blocking: bool = True) -> Any:
 
     Handles tensors, modules' usual batch containers (``dict`` and other mappings,
     ``list``, ``tuple``, ``namedtuple``) and dataclass instances, rebuilding each container
-    with its own type. Other values (strings, numbers, ``None``, arrays) are returned
-    unchanged. The input is never modified in place.
+    with its own type. A ``PackedSequence`` moves with its own ``.to`` (its
+    ``batch_sizes`` stay on the CPU, as recurrent layers require). Other values
+    (strings, numbers, ``None``, arrays) are returned unchanged. The input is never
+    modified in place.
 
     ``non_blocking=True`` overlaps host-to-GPU copies with compute when the source tensor is
     in pinned memory (see [`dataloader_kwargs`][]); it is ignored for other transfers.
@@ -122,9 +125,17 @@ def to_device(obj: Any, device: DeviceLike, non_blocking: bool = True) -> Any:
 
 
 def _move(obj: Any, device: torch.device, non_blocking: bool) -> Any:
-    return map_tensors(
-        obj, lambda t: t.to(device, non_blocking=non_blocking and t.device.type == "cpu")
-    )
+    if isinstance(obj, PackedSequence):
+        # its batch_sizes must stay on the CPU (torch refuses a PackedSequence otherwise)
+        packed: Any = obj  # torch types PackedSequence.to with Tensor.to's first overload only
+        return packed.to(device, non_blocking=non_blocking and obj.data.device.type == "cpu")
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=non_blocking and obj.device.type == "cpu")
+    node = children(obj)
+    if node is None:
+        return obj
+    kind, items = node
+    return rebuild(obj, kind, [(key, _move(value, device, non_blocking)) for key, value in items])
 
 
 def _cuda_bf16_native(device: torch.device) -> bool:
