@@ -1051,6 +1051,12 @@ rows(
         ("same topics", lambda: datasets.tweet_topics("airline", "airline"), ValueError, "target"),
         ('progress="no"', lambda: datasets.tweet_topics(progress="no"), TypeError, "progress"),
         ('encoder="minilm"', lambda: datasets.tweet_topics(encoder="minilm"), TypeError, "encoder"),
+        (
+            "max_per_domain a float above both topics' sizes",
+            lambda: datasets.tweet_topics("claritin", "self-driving", max_per_domain=5000.5),
+            TypeError,
+            "max_per_domain",
+        ),
     ],
 )
 rows(

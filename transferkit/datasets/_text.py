@@ -344,6 +344,8 @@ def tweet_topics(
         raise ValueError(f"target: expected a topic other than the source {source!r}")
     check_in_range(test_fraction, "test_fraction", 0.05, 0.95)
     check_bool(progress, "progress")
+    if max_per_domain is not None:  # checked whether or not a topic is larger than it
+        check_positive(max_per_domain, "max_per_domain", integer=True)
     if encoder is not None and not callable(encoder):
         raise TypeError(
             "encoder: expected a function from a list of texts to an (N, D) array, or None, "
@@ -356,7 +358,6 @@ def tweet_topics(
         labels = labels_t.numpy()
         keep = np.arange(len(labels))
         if max_per_domain is not None and len(labels) > max_per_domain:
-            check_positive(max_per_domain, "max_per_domain", integer=True)
             keep = stratified_subset(labels, max_per_domain, rng)
         train, test = stratified_split(labels[keep], test_fraction, rng)
         return [texts[i] for i in keep], labels[keep], train, test
