@@ -158,3 +158,13 @@ def test_norm_without_hidden_layers_is_an_error_not_ignored() -> None:
             tk.ClassifierHead(8, 3, hidden=(), norm=norm)  # type: ignore[arg-type]
     head = tk.ClassifierHead(8, 3, hidden=(4,), norm="layer", pool=None)
     assert sum(isinstance(m, nn.LayerNorm) for m in head.modules()) == 1
+
+
+def test_a_one_dimensional_map_is_pooled_over_its_length_once_transposed() -> None:
+    """Guard: (N, C, L) is not a token layout; the error says to transpose, and the
+    transposed map pools over L like an (N, C, L, 1) map pools over its spatial size."""
+    x = torch.randn(2, 6, 9)  # C = 6 channels, L = 9
+    head = tk.ClassifierHead(6, 3, hidden=(), dropout=0.0, pool="avgmax")
+    with pytest.raises(ValueError, match=r"for a 1-D map \(N, C, L\) pass x.transpose\(1, 2\)"):
+        head(x)
+    torch.testing.assert_close(head.pool(x.transpose(1, 2)), head.pool(x.unsqueeze(-1)))

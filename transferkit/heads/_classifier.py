@@ -53,6 +53,9 @@ class ClassifierHead(nn.Module):
       (``"avgmax"`` gives ``[x, x]``).
     * ``pool=None``: no pooling; the input must be ``(N, in_features)``.
 
+    A 1-D convolutional map ``(N, C, L)`` has the rank of a token sequence: transpose it
+    to ``(N, L, C)`` first (when ``L = C`` nothing could tell the two apart).
+
     This is the pooling of [`transferkit.FeatureExtractor`][] (features pooled there
     and here agree exactly): averages are accumulated in float32 for float16/bfloat16
     input (then returned in the input's dtype), and an ``attention_mask`` ``(N, T)``
@@ -148,9 +151,15 @@ class ClassifierHead(nn.Module):
         channels = x.shape[1] if x.dim() in (2, 4) else x.shape[2]
         if channels != self.in_features:
             axis = "C (dim 1)" if x.dim() == 4 else "D (last dim)"
+            hint = ""
+            if x.dim() == 3 and x.shape[1] == self.in_features:
+                hint = (
+                    "; 3-D input is read as tokens (N, T, D): for a 1-D map (N, C, L) "
+                    "pass x.transpose(1, 2)"
+                )
             raise ValueError(
                 f"input: expected {axis} = in_features = {self.in_features}, got shape "
-                f"{tuple(x.shape)}"
+                f"{tuple(x.shape)}{hint}"
             )
         mode = self.pool_type
         if mode is None and x.dim() != 2:
