@@ -325,3 +325,22 @@ def test_to_device_moves_a_packed_sequence_keeping_batch_sizes_on_the_cpu() -> N
     assert torch.equal(out.batch_sizes, packed.batch_sizes)
     assert moved["ids"][0].device.type == "meta"
     assert packed.data.device.type == "cpu"  # the input was not touched
+
+
+def test_to_device_copies_asynchronously_only_from_the_host_to_cuda(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # fails before the fix: every copy from the CPU asked for non_blocking, also to MPS,
+    # where torch's asynchronous copy can read a freed source and corrupt data silently
+    # (pytorch/pytorch#189690). The meta device stands in for a non-CUDA accelerator.
+    seen: list[bool] = []
+    original = torch.Tensor.to
+
+    def spy(self: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        seen.append(bool(kwargs.get("non_blocking", False)))
+        return original(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    moved = tk.to_device({"x": torch.ones(2), "y": [torch.zeros(1)]}, torch.device("meta"))
+    assert moved["x"].device.type == "meta"
+    assert seen == [False, False]

@@ -102,8 +102,10 @@ def to_device(obj: Any, device: DeviceLike, non_blocking: bool = True) -> Any:
     (strings, numbers, ``None``, arrays) are returned unchanged. The input is never
     modified in place.
 
-    ``non_blocking=True`` overlaps host-to-GPU copies with compute when the source tensor is
-    in pinned memory (see [`dataloader_kwargs`][]); it is ignored for other transfers.
+    ``non_blocking=True`` overlaps host-to-CUDA copies with compute when the source tensor
+    is in pinned memory (see [`dataloader_kwargs`][]); it is ignored for other transfers
+    (to MPS, whose asynchronous copies from the CPU can silently corrupt data in current
+    torch releases; from a GPU back to the CPU, which would be readable too early).
 
     Args:
         obj: a tensor or a nested container of tensors.
@@ -121,7 +123,10 @@ def to_device(obj: Any, device: DeviceLike, non_blocking: bool = True) -> Any:
     """
     check_bool(non_blocking, "non_blocking")
     target = resolve_device(device)
-    return _move(obj, target, non_blocking)
+    # asynchronous copies only host -> CUDA: CPU -> MPS non_blocking copies can read the
+    # source after it is freed and silently corrupt data (pytorch/pytorch#189690), and a
+    # non_blocking device -> host copy may be read before it has landed
+    return _move(obj, target, non_blocking and target.type == "cuda")
 
 
 def _move(obj: Any, device: torch.device, non_blocking: bool) -> Any:
