@@ -109,3 +109,22 @@ def test_mnist_to_digits_target_parts_are_disjoint_labelled_digits() -> None:
     assert [key[k] for k in train] == task.target_y.tolist()
     assert [key[k] for k in test] == task.target_test_y.tolist()
     assert set(train).isdisjoint(test) and len(set(train)) + len(set(test)) == 1797
+
+
+@needs_mnist
+def test_mnist_m_tasks_accept_the_largest_seed() -> None:
+    # fails before the fix: the test split's crops used seed + 1, which check_seed refused
+    # for seed = 2**64 - 1 ("seed: expected an integer in [0, 2**64 - 1], got 2**64")
+    top = 2**64 - 1
+    data = tk.datasets.mnist_m_lite(seed=top, train_size=20, test_size=10)
+    assert data.test_images.shape == (10, 3, 28, 28)
+    task = tk.datasets.mnist_to_mnist_m_lite(source_size=20, target_size=20, test_size=10, seed=top)
+    assert task.target_test_x.shape == (10, 3, 28, 28)
+    # and the test crops stay those of seed + 1 for every other seed
+    again = tk.datasets.mnist_m_lite(seed=4, train_size=20, test_size=10)
+    blend = tk.datasets.mnist_m_blend
+    digits = tk.datasets.mnist()
+    rng = np.random.default_rng(4)
+    rng.choice(60_000, size=20, replace=False)
+    test = np.sort(rng.choice(10_000, size=10, replace=False))
+    assert torch.equal(again.test_images, blend(digits.test_images[test], seed=5))

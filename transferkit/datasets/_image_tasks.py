@@ -141,5 +141,7 @@ def mnist_to_mnist_m_lite(
         source=_take(data.train_images, data.train_labels, source_index, grey3),
         source_test=_take(data.test_images, data.test_labels, source_test, grey3),
         target=_take(data.train_images, data.train_labels, target_index, blended(seed)),
-        target_test=_take(data.test_images, data.test_labels, target_test, blended(seed + 1)),
+        target_test=_take(
+            data.test_images, data.test_labels, target_test, blended((seed + 1) % 2**64)
+        ),
     )

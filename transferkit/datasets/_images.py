@@ -357,6 +357,6 @@ def mnist_m_lite(
         classes=DIGIT_CLASSES,
         train_images=mnist_m_blend(source.train_images[train], seed=seed),
         train_labels=source.train_labels[train].clone(),
-        test_images=mnist_m_blend(source.test_images[test], seed=seed + 1),
+        test_images=mnist_m_blend(source.test_images[test], seed=(seed + 1) % 2**64),
         test_labels=source.test_labels[test].clone(),
     )
