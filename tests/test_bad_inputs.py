@@ -944,6 +944,7 @@ rows(
         ("angle nan", lambda: datasets.moons(NAN), ValueError, "angle"),
         ("n_samples 1", lambda: datasets.moons(n_samples=1), ValueError, "n_samples"),
         ("noise negative", lambda: datasets.moons(noise=-1.0), ValueError, "noise"),
+        ("seed past scikit-learn's range", lambda: datasets.moons(seed=2**32), ValueError, "seed"),
     ],
 )
 rows(

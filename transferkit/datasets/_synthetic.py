@@ -150,7 +150,9 @@ def moons(
         angle: rotation of the target domain, in degrees.
         n_samples: samples per domain (before the train/test split).
         noise: standard deviation of the Gaussian noise of ``make_moons``.
-        seed: the same seed gives the same task.
+        seed: the same seed gives the same task; in ``[0, 2**32 - 10001]`` (the source
+            is drawn with scikit-learn's ``random_state=seed``, the target with
+            ``seed + 10000``).
         test_fraction: fraction of each domain held out for testing.
 
     Returns:
@@ -170,6 +172,8 @@ def moons(
     check_positive(noise, "noise", strict=False)
     check_in_range(test_fraction, "test_fraction", 0.05, 0.95)
     rng = np.random.default_rng(check_seed(seed))
+    if seed + 10_000 >= 2**32:  # scikit-learn's random_state is 32-bit
+        raise ValueError(f"seed: expected an integer in [0, 2**32 - 10001] for moons, got {seed}")
     source, source_labels = make_moons(n_samples, noise=noise, random_state=seed)
     target, target_labels = make_moons(n_samples, noise=noise, random_state=seed + 10_000)
     target = rotate_points(target, angle)
