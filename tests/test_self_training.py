@@ -645,3 +645,17 @@ def test_augmentations_keep_01_images_in_range_for_any_channels_and_aspect(
     out = AUGMENTS[name](x, torch.Generator().manual_seed(1))
     assert out.shape == x.shape
     assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0 + 1e-6
+
+
+def test_weak_view_shifts_by_at_most_a_sixteenth_of_the_size() -> None:
+    # the weak view's documented bound: up to 0.0625 * 28 = 1.75 pixels along each axis
+    x = torch.zeros(200, 1, 28, 28, dtype=torch.float64)
+    x[:, 0, 14, 14] = 1.0
+    out = tk.augment.weak(x, generator=torch.Generator().manual_seed(0))
+    rows = torch.arange(28, dtype=torch.float64)
+    mass = out[:, 0].sum(dim=(1, 2))
+    cy = (out[:, 0].sum(2) * rows).sum(1) / mass
+    cx = (out[:, 0].sum(1) * rows).sum(1) / mass
+    shift = torch.stack([cy - 14, cx - 14], 1).abs()
+    assert float(shift.max()) <= 1.75 + 1e-6
+    assert float(shift.max()) > 1.5  # the bound is reached, not a smaller one

@@ -13,7 +13,7 @@ device the batch lives.
   MNIST-M-lite).
 * [`cutout`][] -- one zeroed square per sample, at a random position.
 * [`weak`][] and [`strong`][] -- the two views used in the benchmarks for 28x28
-  digits: ``weak`` shifts by up to 2 pixels; ``strong`` rotates, shifts and zooms more.
+  digits: ``weak`` shifts by up to 1.75 pixels; ``strong`` rotates, shifts and zooms more.
 
 Every function takes an optional ``torch.Generator``: with a seeded generator the output
 is deterministic (random numbers are drawn on the generator's device and moved to the
@@ -272,7 +272,7 @@ def cutout(
 
 
 def weak(x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
-    """The weak view: a random shift of up to 2 pixels of 28 (``translate=0.0625``).
+    """The weak view: a random shift of up to 1.75 pixels of 28 (``translate=0.0625``).
 
     Args:
         x: images.
