@@ -216,3 +216,24 @@ def test_encode_texts_reuses_a_cache_file_under_the_original_key(tmp_path: Path)
     np.save(tmp_path / f"minilm-{digest.hexdigest()[:20]}.npy", stored)
     got = tk.datasets.encode_texts(texts, max_length=64, cache=tmp_path, device="cpu")
     np.testing.assert_array_equal(got, stored)
+
+
+@needs_tweets
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tweet_topics_never_puts_one_text_in_both_train_and_test(seed: int) -> None:
+    # failed before the fix: retweets were kept, and with seed 0 47 of the 493 "apple"
+    # test tweets also sat in its train part (a target-supervised model saw them)
+    ids: dict[str, int] = {}
+
+    def encoder(batch: list[str]) -> np.ndarray:
+        return np.array([[ids.setdefault(t, len(ids))] for t in batch], dtype=np.float64)
+
+    task = tk.datasets.tweet_topics(
+        "coachella", "apple", max_per_domain=None, seed=seed, encoder=encoder
+    )
+    for train, test in ((task.source_x, task.source_test_x), (task.target_x, task.target_test_x)):
+        train_ids, test_ids = train[:, 0].long().tolist(), test[:, 0].long().tolist()
+        assert len(set(train_ids)) == len(train_ids) and len(set(test_ids)) == len(test_ids)
+        assert not set(train_ids) & set(test_ids)
+    texts, _ = tk.datasets.tweets("apple")
+    assert len(task.target_x) + len(task.target_test_x) == len(set(texts)) - 2  # 2 ambiguous
