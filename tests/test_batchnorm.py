@@ -15,8 +15,10 @@ from torch.utils.data import DataLoader, TensorDataset
 import transferkit as tk
 
 
-def _net() -> nn.Sequential:
+def _net(*, final_bn: bool = True) -> nn.Sequential:
+    """Two conv-BN blocks and a Linear (plus a BatchNorm1d after it unless told not to)."""
     torch.manual_seed(0)
+    tail = [nn.BatchNorm1d(6)] if final_bn else []
     return nn.Sequential(
         nn.Conv2d(2, 3, 3, padding=1),
         nn.BatchNorm2d(3),
@@ -26,7 +28,7 @@ def _net() -> nn.Sequential:
         nn.BatchNorm2d(4),
         nn.Flatten(),
         nn.Linear(4 * 5 * 5, 6),
-        nn.BatchNorm1d(6),
+        *tail,
     )
 
 

