@@ -20,14 +20,33 @@ from ._validation import check_option, did_you_mean
 __all__ = ["DomainSpecificBatchNorm"]
 
 AffineMode = Literal["shared", "separate"]
-# id(layer) -> the domain it returns to when every open bn_domain block on it closes
-# (set when the outermost block opens): copies made inside a block rest like the model.
-_RESTING: dict[int, str] = {}
+# id(layer) -> (the domain it returns to when its bn_domain blocks close, open blocks).
+# A domain chosen on purpose: adapt_batchnorm warns when it re-estimates the default
+# domain outside any block; copies made inside a block rest like the model (ModelEMA).
+_OPEN_BLOCKS: dict[int, tuple[str, int]] = {}
+
+
+def enter_block(layer: DomainSpecificBatchNorm) -> None:
+    """Count one more open [`bn_domain`][] block on ``layer`` (before it switches)."""
+    resting, count = _OPEN_BLOCKS.get(id(layer), (layer.domain, 0))
+    _OPEN_BLOCKS[id(layer)] = (resting, count + 1)
+
+
+def leave_block(layer: DomainSpecificBatchNorm) -> None:
+    """Count one block on ``layer`` closed; forget it when none is left open."""
+    resting, count = _OPEN_BLOCKS.pop(id(layer), (layer.domain, 1))
+    if count > 1:
+        _OPEN_BLOCKS[id(layer)] = (resting, count - 1)
+
+
+def in_block(layer: DomainSpecificBatchNorm) -> bool:
+    """Whether a [`bn_domain`][] block on ``layer`` is open."""
+    return id(layer) in _OPEN_BLOCKS
 
 
 def resting_domain(layer: DomainSpecificBatchNorm) -> str:
     """The domain ``layer`` has outside every open [`bn_domain`][] block."""
-    return _RESTING.get(id(layer), layer.domain)
+    return _OPEN_BLOCKS.get(id(layer), (layer.domain, 0))[0]
 
 
 _PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)

@@ -27,11 +27,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._adabn import _batches, _ddp_group, _Moments, _sum_ranks
 from ._domain_bn import (
-    _RESTING,
     AffineMode,
     DomainSpecificBatchNorm,
     _check_domain,
     _check_domains,
+    enter_block,
+    in_block,
+    leave_block,
 )
 from ._public import publish
 from ._surgery import find_ddp, unwrap_model
@@ -46,10 +48,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-# id(layer) -> open bn_domain blocks: a domain chosen on purpose (adapt_batchnorm warns
-# when it re-estimates the default domain outside any block)
-_OPEN_BLOCKS: dict[int, int] = {}
 
 
 def convert_domain_bn(
@@ -184,19 +182,13 @@ def bn_domain(model: nn.Module, domain: str) -> Iterator[nn.Module]:
     previous = [layer.domain for layer in layers]
     try:
         for layer in layers:
-            if id(layer) not in _OPEN_BLOCKS:
-                _RESTING[id(layer)] = layer.domain
+            enter_block(layer)
             layer.domain = domain
-            _OPEN_BLOCKS[id(layer)] = _OPEN_BLOCKS.get(id(layer), 0) + 1
         yield model
     finally:
         for layer, name in zip(layers, previous, strict=True):
             layer.domain = name
-            left = _OPEN_BLOCKS.pop(id(layer), 1) - 1
-            if left > 0:
-                _OPEN_BLOCKS[id(layer)] = left
-            else:
-                _RESTING.pop(id(layer), None)
+            leave_block(layer)
 
 
 # --------------------------------------------------------------------------- AdaBN
@@ -276,7 +268,7 @@ def _warn_default_domain(model: nn.Module) -> None:
     layers = [
         layer
         for layer in _domain_layers(model)
-        if id(layer) not in _OPEN_BLOCKS and layer.domain == layer.domains[0]
+        if not in_block(layer) and layer.domain == layer.domains[0]
     ]
     if layers:
         first = layers[0]
